@@ -1,0 +1,158 @@
+"""Honest measurement: parameters, MACs counted at the dispatcher, and measured throughput/latency.
+
+MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2) with timm's fused attention
+switched off while counting, because the counter does not see CPU fused SDPA kernels; attention matmuls (bmm)
+are reported separately from linear layers (mm/addmm) and the patch-embedding convolution.
+Throughput follows the usual protocol: warm-up, device synchronize, ``inference_mode``, fixed shapes, median
+of repeats, device and dtype recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .events import Callback, CancelToken, check, progress
+
+_ATTENTION_OPS = {
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+}
+_LINEAR_OPS = {"mm", "addmm"}
+_CONV_OPS = {"convolution", "_convolution"}
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def unfused_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Temporarily use timm's explicit attention math (counted exactly, supports double backward)."""
+    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    try:
+        for m, _ in saved:
+            m.fused_attn = False
+        yield
+    finally:
+        for m, v in saved:
+            m.fused_attn = v
+
+
+def count_macs(model: torch.nn.Module, input_size: Sequence[int], *, batch_size: int = 1) -> dict[str, int]:
+    """MACs of one forward pass per image, split into attention matmuls, linear layers and convolutions."""
+    device = next(model.parameters()).device
+    x = torch.zeros(batch_size, *input_size[-3:], device=device)
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with unfused_attention(model), torch.inference_mode(), counter:
+        model(x)
+    model.train(was_training)
+    by_op: dict[str, int] = {}
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[1] if "." in str(op) else str(op)
+        by_op[name] = by_op.get(name, 0) + int(n)
+    total = sum(by_op.values()) // 2 // batch_size
+    attention = sum(v for k, v in by_op.items() if k in _ATTENTION_OPS) // 2 // batch_size
+    linear = sum(v for k, v in by_op.items() if k in _LINEAR_OPS) // 2 // batch_size
+    conv = sum(v for k, v in by_op.items() if k in _CONV_OPS) // 2 // batch_size
+    return {
+        "total": total,
+        "attention": attention,
+        "linear": linear,
+        "conv": conv,
+        "other": total - attention - linear - conv,
+    }
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    """Measured speed of one model at one batch size."""
+
+    batch_size: int
+    images_per_s: float
+    latency_ms: float  # median time of one batch
+    latency_ms_p90: float
+    device: str
+    dtype: str
+    repeats: int
+    warmup: int
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(
+    model: torch.nn.Module,
+    input_size: Sequence[int],
+    *,
+    batch_size: int = 1,
+    warmup: int = 10,
+    repeats: int = 30,
+    dtype: torch.dtype | None = None,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> ThroughputResult:
+    """Median wall time of ``repeats`` forward passes after ``warmup`` ones (SLS protocol: 50 + 100 at batch 1).
+
+    Args:
+        dtype: autocast dtype (e.g. ``torch.bfloat16`` on CUDA); None measures float32.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_size[-3:], device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    times: list[float] = []
+    with torch.inference_mode(), autocast:
+        for i in range(warmup + repeats):
+            check(cancel)
+            _sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            progress(callbacks, f"throughput bs{batch_size}", i + 1, warmup + repeats)
+    model.train(was_training)
+    med = statistics.median(times)
+    p90 = sorted(times)[max(0, round(0.9 * len(times)) - 1)]
+    return ThroughputResult(
+        batch_size=batch_size,
+        images_per_s=batch_size / med,
+        latency_ms=med * 1e3,
+        latency_ms_p90=p90 * 1e3,
+        device=str(device),
+        dtype=str(dtype or torch.float32).removeprefix("torch."),
+        repeats=repeats,
+        warmup=warmup,
+    )
+
+
+def profile(model: torch.nn.Module, input_size: Sequence[int]) -> dict[str, int]:
+    """Params and MACs in one dict (``params``, ``macs``, ``macs_attention``, ``macs_linear``, ``macs_conv``)."""
+    macs = count_macs(model, input_size)
+    return {
+        "params": count_params(model),
+        "macs": macs["total"],
+        "macs_attention": macs["attention"],
+        "macs_linear": macs["linear"],
+        "macs_conv": macs["conv"],
+    }

@@ -1,0 +1,135 @@
+"""Analytic parameters and MACs of a plan's pruned structure, without building or running the model.
+
+Exact by construction for what :func:`studio.surgery.apply_plan` builds: ``params`` equals
+``sum(p.numel() for p in pruned.parameters())`` and the MACs equal what :func:`studio.bench.count_macs` counts
+at the dispatcher (``FlopCounterMode``, explicit attention): the patch-embedding convolution, every linear layer
+(``mm``/``addmm``, biases not counted) and the two attention matmuls ``q·kᵀ`` and ``attn·v``
+(``2·heads·N²·head_dim`` per block). Norms, softmax, GELU and the residual index ops are not counted, as by the
+counter. Cheap enough to call in a bisection loop (pass ``facts`` to skip reading the base architecture).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .plan import BaseArch, PrunePlan
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """What the plan's :class:`~studio.plan.BaseArch` does not say but the costs need, read from timm."""
+
+    tokens: int  # sequence length N through the blocks
+    patches: int
+    patch_pixels: int  # in_chans * patch_h * patch_w
+    patch_bias: bool
+    pos_rows: int  # rows of pos_embed (0 without one)
+    token_rows: int  # learned prefix tokens: cls + reg + dist
+    stem_norm_pc: int  # params per channel of patch_embed.norm + norm_pre + norm + fc_norm together
+    norm1_pc: int
+    norm2_pc: int
+    qkv_bias: bool
+    proj_bias: bool
+    fc1_bias: bool
+    fc2_bias: bool
+    layer_scale: bool
+    qk_norm_pc: int  # params per head-dim channel of q_norm + k_norm
+    heads_out: int  # classifier heads reading the features (2 for distilled DeiT)
+    head_bias: bool
+
+
+def _pc(module: nn.Module, width: int) -> int:
+    return sum(p.numel() for p in module.parameters()) // width
+
+
+def arch_facts(base: BaseArch) -> ArchFacts:
+    """Build the base on the meta device (no memory, ~0.1 s) and read its structural facts."""
+    from .models import create_vit
+
+    with torch.device("meta"):
+        m = create_vit(base.arch, **base.kwargs)
+    E = base.embed_dim
+    conv = m.patch_embed.proj
+    blk = m.blocks[0]
+    heads = [h for h in (m.head, getattr(m, "head_dist", None)) if isinstance(h, nn.Linear)]
+    return ArchFacts(
+        tokens=m.patch_embed.num_patches + m.num_prefix_tokens,
+        patches=m.patch_embed.num_patches,
+        patch_pixels=conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
+        patch_bias=conv.bias is not None,
+        pos_rows=0 if m.pos_embed is None else m.pos_embed.shape[1],
+        token_rows=sum(
+            getattr(m, n).shape[1]
+            for n in ("cls_token", "reg_token", "dist_token")
+            if isinstance(getattr(m, n, None), torch.Tensor)
+        ),
+        stem_norm_pc=sum(_pc(n, E) for n in (m.patch_embed.norm, m.norm_pre, m.norm, m.fc_norm)),
+        norm1_pc=_pc(blk.norm1, E),
+        norm2_pc=_pc(blk.norm2, E),
+        qkv_bias=blk.attn.qkv.bias is not None,
+        proj_bias=blk.attn.proj.bias is not None,
+        fc1_bias=blk.mlp.fc1.bias is not None,
+        fc2_bias=blk.mlp.fc2.bias is not None,
+        layer_scale=isinstance(blk.ls1, nn.Module) and hasattr(blk.ls1, "gamma"),
+        qk_norm_pc=(_pc(blk.attn.q_norm, base.head_dim) + _pc(blk.attn.k_norm, base.head_dim)),
+        heads_out=len(heads),
+        head_bias=bool(heads) and heads[0].bias is not None,
+    )
+
+
+def plan_cost(plan: PrunePlan, facts: ArchFacts | None = None) -> dict[str, int]:
+    """Params and per-image MACs of the model ``apply_plan(base, plan)`` builds.
+
+    Returns ``params``, ``macs`` (total), ``macs_attention``, ``macs_linear``, ``macs_conv``.
+    """
+    f = facts or arch_facts(plan.base)
+    base = plan.base
+    E = base.embed_dim if plan.embed is None else len(plan.embed)
+    N, C = f.tokens, base.num_classes
+    params = (
+        E * f.patch_pixels + (E if f.patch_bias else 0) + E * (f.pos_rows + f.token_rows) + E * f.stem_norm_pc
+    )
+    params += f.heads_out * (C * E + (C if f.head_bias else 0))
+    conv = f.patches * E * f.patch_pixels
+    linear = f.heads_out * C * E
+    attention = 0
+    for b in plan.blocks:
+        k = plan.kept(b.index)
+        H, d, M = k["heads"], k["head_dim"], k["mlp"]
+        A = H * d
+        a_in, a_out, m_in, m_out = (
+            E if v is None else len(v) for v in (b.attn_in, b.attn_out, b.mlp_in, b.mlp_out)
+        )
+        params += a_in * f.norm1_pc + 3 * A * a_in + (3 * A if f.qkv_bias else 0) + d * f.qk_norm_pc
+        params += a_out * A + (a_out if f.proj_bias else 0) + (a_out if f.layer_scale else 0)
+        params += m_in * f.norm2_pc + M * m_in + (M if f.fc1_bias else 0)
+        params += m_out * M + (m_out if f.fc2_bias else 0) + (m_out if f.layer_scale else 0)
+        linear += N * (3 * A * a_in + A * a_out + M * m_in + M * m_out)
+        attention += 2 * H * N * N * d
+    return {
+        "params": params,
+        "macs": conv + linear + attention,
+        "macs_attention": attention,
+        "macs_linear": linear,
+        "macs_conv": conv,
+    }
+
+
+def with_summary(plan: PrunePlan, facts: ArchFacts | None = None) -> PrunePlan:
+    """``plan`` with ``summary`` filled: params/MACs before and after (and the MACs fraction kept)."""
+    f = facts or arch_facts(plan.base)
+    before = plan_cost(PrunePlan.dense(plan.base), f)
+    after = plan_cost(plan, f)
+    summary = {
+        **plan.summary,
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "macs_before": before["macs"],
+        "macs_after": after["macs"],
+        "macs_fraction": round(after["macs"] / before["macs"], 6),
+        "params_fraction": round(after["params"] / before["params"], 6),
+    }
+    return plan.with_(summary=summary)

@@ -1,0 +1,370 @@
+"""Labelled image data: the embedded digits demo, ImageFolder trees and VTAB-1k list files.
+
+Eval transforms come from the model's data config (timm ``create_transform``). Bad input is reported with the
+file (and line) at fault; ``skip_bad_files`` drops unreadable images instead, and lists what it dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import StudioError
+from .registry import Registry
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs with a message instead of a warning
+DATASETS: Registry[Callable[[DataSpec, str], ImageList]] = Registry("dataset kind")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data: ``kind`` is ``demo``, ``imagefolder`` or ``vtab``; ``path`` for the latter two."""
+
+    kind: str = "demo"
+    path: str | None = None
+    skip_bad_files: bool = False
+    limit: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, **kw: Any) -> DataSpec:
+        """``demo``, ``imagefolder:PATH`` or ``vtab:PATH``."""
+        kind, _, path = text.partition(":")
+        if kind not in DATASETS:
+            DATASETS.get(kind)  # raises listing valid kinds
+        if kind != "demo" and not path:
+            raise StudioError(f"Data '{text}' needs a path: use {kind}:PATH.")
+        return cls(kind=kind, path=path or None, **{k: v for k, v in kw.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "skip_bad_files": self.skip_bad_files,
+            "limit": self.limit,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else f"{self.kind}:{self.path}"
+
+
+@dataclass
+class ImageList(Dataset):
+    """A split as (image source, label) pairs; images are PIL-decoded lazily, then transformed.
+
+    ``items`` hold either a path or an in-memory uint8 array (the demo).
+    """
+
+    items: list[tuple[Any, int]]
+    class_names: list[str]
+    transform: Callable[[Image.Image], torch.Tensor] | None = None
+    origin: list[str] = field(default_factory=list)  # "file:line" for list-file datasets
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([y for _, y in self.items], dtype=np.int64)
+
+    def image(self, i: int) -> Image.Image:
+        src, _ = self.items[i]
+        if isinstance(src, np.ndarray):
+            return Image.fromarray(src).convert("RGB")
+        return _open_image(Path(src))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.image(i)
+        x = (
+            self.transform(img)
+            if self.transform is not None
+            else torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+        )
+        return x, self.items[i][1]
+
+    def with_transform(self, transform: Callable[[Image.Image], torch.Tensor]) -> ImageList:
+        return ImageList(self.items, self.class_names, transform, self.origin, self.skipped)
+
+    def subset(self, n: int | None, seed: int = 0) -> ImageList:
+        if n is None or n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return ImageList(
+            [self.items[i] for i in idx],
+            self.class_names,
+            self.transform,
+            [self.origin[i] for i in idx] if self.origin else [],
+            self.skipped,
+        )
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise StudioError(
+                    f"{path} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit. "
+                    "Downscale it or remove it."
+                )
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise StudioError(f"Image {path} does not exist.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise StudioError(
+            f"Image {path} cannot be decoded ({str(e)[:100]}). Remove or replace it, or pass "
+            "--skip-bad-files to skip unreadable images."
+        ) from None
+
+
+def _drop_bad(items: list[tuple[Any, int]], origin: list[str]) -> tuple[list, list, list[str]]:
+    keep, keep_origin, skipped = [], [], []
+    for i, (src, y) in enumerate(items):
+        try:
+            _open_image(Path(src))
+        except StudioError as e:
+            skipped.append(str(e).split(" (")[0])
+            continue
+        keep.append((src, y))
+        if origin:
+            keep_origin.append(origin[i])
+    return keep, keep_origin, skipped
+
+
+# --------------------------------------------------------------------------------------------------- demo
+def _digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's 8x8 digits as uint8 images, split 70/15/15 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    idx = np.arange(len(images))
+    train, rest = train_test_split(idx, test_size=0.3, stratify=d.target, random_state=0)
+    val, test = train_test_split(rest, test_size=0.5, stratify=d.target[rest], random_state=0)
+    return {
+        s: (images[i], d.target[i].astype(np.int64))
+        for s, i in (("train", train), ("val", val), ("test", test))
+    }
+
+
+@DATASETS.register("demo")
+def _demo(spec: DataSpec, split: str) -> ImageList:
+    images, labels = _digits_splits()[split]
+    return ImageList([(im, int(y)) for im, y in zip(images, labels)], [str(i) for i in range(10)])
+
+
+# -------------------------------------------------------------------------------------------- imagefolder
+@DATASETS.register("imagefolder")
+def _imagefolder(spec: DataSpec, split: str) -> ImageList:
+    root = Path(spec.path or "").expanduser()
+    if not root.is_dir():
+        raise StudioError(f"ImageFolder root {root} does not exist or is not a folder.")
+    folder = root / split
+    if not folder.is_dir():
+        if split == "test" and (root / "val").is_dir():
+            folder = root / "val"  # optional test/: evaluate on val, as documented
+        else:
+            raise StudioError(
+                f"ImageFolder {root} has no '{split}/' folder. Expected {root}/train/<class>/*.png, "
+                f"{root}/val/<class>/*.png and optionally {root}/test/."
+            )
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise StudioError(f"{folder} has no class folders: put images in {folder}/<class name>/.")
+    train_classes = (
+        sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        if (root / "train").is_dir()
+        else classes
+    )
+    if split != "train" and set(classes) - set(train_classes):
+        raise StudioError(
+            f"{folder} has classes not in train/: {sorted(set(classes) - set(train_classes))[:5]}."
+        )
+    items: list[tuple[Any, int]] = []
+    for c in classes:
+        files = sorted(p for p in (folder / c).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not files:
+            raise StudioError(
+                f"Class folder {folder / c} has no images ({', '.join(sorted(IMAGE_EXTS))}). "
+                "Add images or remove the folder."
+            )
+        items += [(str(f), train_classes.index(c)) for f in files]
+    return ImageList(items, train_classes)
+
+
+# --------------------------------------------------------------------------------------------------- vtab
+VTAB_LISTS = {
+    "train": "train800.txt",
+    "val": "val200.txt",
+    "test": "test.txt",
+    "trainval": "train800val200.txt",
+}
+
+
+@DATASETS.register("vtab")
+def _vtab(spec: DataSpec, split: str) -> ImageList:
+    root = Path(spec.path or "").expanduser()
+    if not root.is_dir():
+        raise StudioError(f"VTAB-1k folder {root} does not exist.")
+    if split not in VTAB_LISTS:
+        raise StudioError(f"VTAB split '{split}' is unknown; use one of {', '.join(VTAB_LISTS)}.")
+    list_file = root / VTAB_LISTS[split]
+    if not list_file.is_file():
+        raise StudioError(
+            f"{list_file} is missing. A VTAB-1k folder holds {', '.join(VTAB_LISTS.values())} "
+            "with lines 'relative/path label'."
+        )
+    items, origin = [], []
+    for n, line in enumerate(list_file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        where = f"{list_file.name} line {n}"
+        if len(parts) != 2:
+            raise StudioError(f"{where}: expected 'relative/path label', got {line.strip()[:80]!r}.")
+        rel, label = parts
+        try:
+            y = int(label)
+        except ValueError:
+            raise StudioError(f"{where}: label {label!r} is not an integer.") from None
+        if y < 0:
+            raise StudioError(f"{where}: label {y} is negative.")
+        path = root / rel
+        if not path.is_file() and not spec.skip_bad_files:
+            raise StudioError(
+                f"{where}: image {rel} does not exist under {root}. Fix the list or pass --skip-bad-files."
+            )
+        items.append((str(path), y))
+        origin.append(where)
+    if not items:
+        raise StudioError(f"{list_file} lists no images.")
+    n_classes = max(y for _, y in items) + 1
+    return ImageList(items, [str(i) for i in range(n_classes)], origin=origin)
+
+
+# ------------------------------------------------------------------------------------------------ public
+def load_split(
+    spec: DataSpec, split: str, data_config: Mapping[str, Any] | None = None, *, train_transform: bool = False
+) -> ImageList:
+    """One split with the model's eval transform (or timm's train transform), checked for bad files."""
+    ds = DATASETS.get(spec.kind)(spec, split)
+    if spec.skip_bad_files and spec.kind != "demo":
+        items, origin, skipped = _drop_bad(ds.items, ds.origin)
+        if not items:
+            raise StudioError(f"Every image of split '{split}' was unreadable; nothing left to use.")
+        ds = ImageList(items, ds.class_names, None, origin, skipped)
+    ds = ds.subset(spec.limit, spec.seed)
+    if data_config is not None:
+        ds = ds.with_transform(make_transform(data_config, train=train_transform))
+    return ds
+
+
+def check_labels(ds: ImageList, num_classes: int, split: str = "") -> None:
+    """Refuse labels the model cannot predict, naming the first offending entry."""
+    for i, (_, y) in enumerate(ds.items):
+        if not 0 <= y < num_classes:
+            where = ds.origin[i] if ds.origin else f"sample {i}"
+            raise StudioError(
+                f"{where}{' of ' + split if split else ''}: label {y} is out of range for a "
+                f"{num_classes}-class model. Use --num-classes {max(ds.labels) + 1} --reset-head, or fix the label."
+            )
+
+
+def make_transform(cfg: Mapping[str, Any], *, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=tuple(cfg["input_size"]),
+        is_training=train,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg.get("interpolation", "bicubic"),
+        crop_pct=cfg.get("crop_pct", 1.0),
+        crop_mode=cfg.get("crop_mode", "center"),
+    )
+
+
+def tensorize(ds: ImageList, *, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and transform a whole (small) split once into memory: ``(images, labels)``."""
+    xs, ys = [], []
+    for x, y in make_loader(ds, batch_size=batch_size, shuffle=False):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise StudioError("The split is empty.")
+    return torch.cat(xs), torch.cat(ys)
+
+
+class TensorData(Dataset):
+    """An in-memory split (from :func:`tensorize`), so repeated epochs skip image decoding."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] = ()) -> None:
+        self.images, self.labels, self.class_names = images, labels, list(class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+def in_memory(ds: ImageList) -> TensorData:
+    x, y = tensorize(ds)
+    return TensorData(x, y, ds.class_names)
+
+
+def make_loader(
+    ds: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    sampler: Any = None,
+) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        generator=gen,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        sampler=sampler,
+        persistent_workers=num_workers > 0,
+    )
+
+
+IN_MEMORY_MAX = 20_000  # splits up to this size are decoded once and kept as tensors
+
+
+def prepare(
+    spec: DataSpec,
+    split: str,
+    data_config: Mapping[str, Any],
+    num_classes: int,
+    *,
+    train_transform: bool = False,
+) -> Dataset:
+    """A split ready for a model: its transform, labels checked against the classifier, small splits in memory."""
+    ds = load_split(spec, split, data_config, train_transform=train_transform)
+    check_labels(ds, num_classes, split)
+    if len(ds) <= IN_MEMORY_MAX and not train_transform:
+        return in_memory(ds)
+    return ds

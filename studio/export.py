@@ -1,0 +1,263 @@
+"""The one export format: ``model.safetensors`` + ``manifest.json``, loaded without any pickle.
+
+The manifest records the base timm architecture and its kwargs, the applied plan, the data config, class
+names, metrics and library versions. Loading rebuilds the base, applies the plan (same surgery as pruning),
+then loads the weights strictly — so a pruned model reloads in a fresh process with identical logits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from .device import resolve_device
+from .errors import StudioError
+from .plan import BaseArch, PrunePlan
+from .runs import atomic_path, write_json
+
+MANIFEST_SCHEMA = "pruning-studio/model"
+MANIFEST_VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def library_versions() -> dict[str, str]:
+    import torch_pruning
+
+    from . import __version__
+
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "?"),
+        "studio": __version__,
+    }
+
+
+def export(
+    model: torch.nn.Module,
+    base: BaseArch,
+    folder: str | Path,
+    *,
+    plan: PrunePlan | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    class_names: list[str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/manifest.json`` atomically; return the folder.
+
+    Args:
+        model: the (pruned) timm model whose weights are saved.
+        base: the unpruned architecture the plan refers to.
+        plan: the plan applied to ``base`` to obtain ``model``'s structure (None: unpruned).
+        dtype: optionally store floating weights in a smaller dtype (e.g. ``torch.float16``).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "version": MANIFEST_VERSION,
+        "base": base.to_dict(),
+        "plan": None if plan is None else plan.to_dict(),
+        "data_config": dict(data_config or {}),
+        "class_names": list(class_names or [str(i) for i in range(base.num_classes)]),
+        "metrics": dict(metrics or {}),
+        "versions": library_versions(),
+        "weights_dtype": str(dtype or "float32").removeprefix("torch."),
+        **dict(extra or {}),
+    }
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt", "schema": MANIFEST_SCHEMA})
+    write_json(folder / MANIFEST, manifest)
+    return folder
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudioError(f"{folder} has no {MANIFEST}: it is not an exported studio model.") from None
+    except json.JSONDecodeError as e:
+        raise StudioError(
+            f"{path} is not valid JSON (line {e.lineno}): the export is damaged; export again."
+        ) from None
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise StudioError(f"{path} is not a Pruning Studio manifest (schema should be '{MANIFEST_SCHEMA}').")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise StudioError(
+            f"{path} has manifest version {manifest.get('version')}; this studio reads {MANIFEST_VERSION}."
+        )
+    return manifest
+
+
+def build_from_manifest(manifest: Mapping[str, Any]) -> tuple[torch.nn.Module, BaseArch, PrunePlan | None]:
+    """Rebuild the (pruned) architecture of an export with random weights: base -> plan surgery."""
+    from .models import create_vit
+
+    if not isinstance(manifest.get("base"), dict):
+        raise StudioError(
+            f"{MANIFEST} has no 'base' architecture: the export is damaged; export the model again."
+        )
+    base = BaseArch.from_dict(manifest["base"])
+    model = create_vit(base.arch, **base.kwargs)
+    plan = None
+    if manifest.get("plan") is not None:
+        try:
+            plan = PrunePlan.from_dict(manifest["plan"])
+        except StudioError as e:
+            raise StudioError(f"{MANIFEST}: its plan is invalid: {e}") from None
+        if plan.base.to_dict() != base.to_dict():
+            raise StudioError(
+                "The manifest's plan was made for another base architecture than the manifest's "
+                f"({plan.base.arch} {plan.base.depth}x{plan.base.embed_dim} vs {base.arch} "
+                f"{base.depth}x{base.embed_dim}). Export the model again."
+            )
+        from .surgery import apply_plan
+
+        try:
+            model = apply_plan(model, plan)
+        except StudioError as e:
+            raise StudioError(f"{MANIFEST}: the plan does not fit its base architecture: {e}") from None
+    return model, base, plan
+
+
+def _refuse_pickle(path: Path) -> None:
+    """Pickles (``torch.save`` zip archives or raw pickle streams) can run code when loaded: refuse them."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise StudioError(
+            f"{path} is a pickled PyTorch file. Exports are loaded without pickles (they can run code): "
+            "use an exported folder (manifest.json + model.safetensors), or load a plain state dict "
+            "with --model FILE --arch ARCH (read with weights_only=True)."
+        )
+
+
+def load_exported(
+    folder: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    data_overrides: Mapping[str, Any] | None = None,
+):
+    """Load an exported model folder (no pickle anywhere); returns a :class:`~studio.models.LoadedModel`."""
+    from .models import LoadedModel, data_config
+
+    folder = Path(folder)
+    if folder.is_file():
+        _refuse_pickle(folder)
+        raise StudioError(
+            f"{folder} is a file; load_exported takes an exported folder (manifest.json + {WEIGHTS})."
+        )
+    manifest = read_manifest(folder)
+    weights = folder / WEIGHTS
+    if not weights.exists():
+        raise StudioError(f"{folder} has a manifest but no {WEIGHTS}; export the model again.")
+    _refuse_pickle(weights)
+    model, base, plan = build_from_manifest(manifest)
+    try:
+        sd = load_file(str(weights))
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise StudioError(
+            f"{weights} is damaged or not a safetensors file ({str(e)[:120]}). Export again."
+        ) from None
+    own = model.state_dict()
+    sd = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in sd.items()}
+    bad = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if bad:
+        raise StudioError(
+            f"{weights.name} does not match the structure its manifest describes (e.g. {bad[0]}). "
+            "The plan or the weights were changed after export; export again."
+        )
+    model.load_state_dict(sd, strict=True)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model.eval().to(dev)
+    cfg = dict(manifest.get("data_config") or {}) or data_config(model)
+    for k, v in (data_overrides or {}).items():
+        cfg[k] = v
+    return LoadedModel(
+        model=model,
+        base=base,
+        data_config=cfg,
+        class_names=list(manifest.get("class_names") or []),
+        device=dev,
+        plan=plan,
+        source=str(folder),
+        metrics=dict(manifest.get("metrics") or {}),
+        meta={
+            k: v
+            for k, v in manifest.items()
+            if k not in ("base", "plan", "data_config", "class_names", "metrics")
+        },
+    )
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    input_size: Sequence[int],
+    *,
+    opset: int = 17,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> dict[str, Any]:
+    """Write an ONNX graph of ``model`` (dynamic batch) and, when onnxruntime is importable, check its parity.
+
+    Uses the TorchScript exporter (``dynamo=False``): it needs no ``onnxscript`` and handles timm's fused SDPA.
+    Returns ``{"path", "checked", "max_abs_diff"}``; raises :class:`StudioError` if the parity check fails.
+    """
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, *input_size[-3:], generator=torch.Generator().manual_seed(0)).to(device)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (x,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    result: dict[str, Any] = {"path": str(path), "checked": False, "max_abs_diff": None}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        model.train(was_training)
+        return result
+    if check:
+        xc = torch.randn(3, *input_size[-3:], generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            ref = model(xc.to(device)).float().cpu()
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = torch.from_numpy(sess.run(None, {"images": xc.numpy()})[0])
+        diff = float((out - ref).abs().max())
+        result.update(checked=True, max_abs_diff=diff)
+        if not diff <= atol:
+            raise StudioError(
+                f"The ONNX export of {path.name} differs from PyTorch by {diff:.3g} (> {atol}). "
+                "Use the safetensors export, or report the model configuration."
+            )
+    model.train(was_training)
+    return result

@@ -1,0 +1,332 @@
+"""Loading fine-tuned timm ViT/DeiT models from every supported source, with errors that say how to fix them.
+
+Sources (``ModelSpec.source``):
+- ``demo``: the embedded digits ViT (``assets/demo/finetuned``); ``demo-backbone``: its backbone pre-trained on
+  procedural shapes, before fine-tuning (SLS, P3B and SPLoRA start from a frozen/pre-trained backbone);
+- a checkpoint file with ``arch``: ``.safetensors``, ``.pth``/``.pt``/``.bin`` (state dict, ``weights_only=True``;
+  nested ``model``/``state_dict`` keys unwrapped), or Google's original ViT ``.npz``;
+- an exported studio model folder (``manifest.json`` + ``model.safetensors``), pruned or not.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from .device import resolve_device
+from .errors import StudioError
+from .plan import BaseArch, PrunePlan
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_DIR = ASSETS / "demo"
+DEMO_SOURCES = {"demo": DEMO_DIR / "finetuned", "demo-backbone": DEMO_DIR / "backbone"}
+
+# The embedded demo: 12 blocks so depth analyses mean something, small enough to train on 2 CPU cores.
+DEMO_ARCH = "vit_tiny_patch16_224"
+DEMO_KWARGS: dict[str, Any] = dict(img_size=32, patch_size=8, embed_dim=96, depth=12, num_heads=3)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. ``None`` fields are resolved from the checkpoint or the model's own config.
+
+    Attributes:
+        source: ``demo``, ``demo-backbone``, a checkpoint file, or an exported model folder.
+        arch: timm architecture name (needed for checkpoint files).
+        num_classes: classifier size; inferred from the checkpoint's head when omitted.
+        img_size: input resolution, when it differs from the architecture's default.
+        reset_head: drop the checkpoint's classifier and start a fresh one of ``num_classes``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        data: data-config overrides (``mean``, ``std``, ``interpolation``, ``crop_pct``).
+        kwargs: extra timm constructor arguments (``patch_size``, ``embed_dim``, ...).
+    """
+
+    source: str = "demo"
+    arch: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    reset_head: bool = False
+    device: str = "auto"
+    data: Mapping[str, Any] = field(default_factory=dict)
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "img_size": self.img_size,
+            "reset_head": self.reset_head,
+            "device": self.device,
+            "data": dict(self.data),
+            "kwargs": dict(self.kwargs),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def with_(self, **changes: Any) -> ModelSpec:
+        return replace(self, **changes)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine: the module (eval mode, on its device) and everything needed to rebuild it."""
+
+    model: VisionTransformer
+    base: BaseArch
+    data_config: dict[str, Any]
+    class_names: list[str]
+    device: torch.device
+    plan: PrunePlan | None = None
+    source: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.source
+
+
+# ---------------------------------------------------------------------------------------------------------
+def describe_base(model: VisionTransformer, arch: str, kwargs: Mapping[str, Any]) -> BaseArch:
+    """The unpruned architecture of a timm ViT, as a plan refers to it."""
+    blocks = list(model.blocks)
+    return BaseArch(
+        arch=arch,
+        kwargs=dict(kwargs),
+        depth=len(blocks),
+        embed_dim=int(model.embed_dim),
+        num_heads=tuple(int(b.attn.num_heads) for b in blocks),
+        head_dim=int(blocks[0].attn.head_dim),
+        mlp_hidden=tuple(int(b.mlp.fc1.out_features) for b in blocks),
+        num_classes=int(model.num_classes),
+        num_prefix_tokens=int(model.num_prefix_tokens),
+    )
+
+
+def data_config(model: torch.nn.Module, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """timm's data config of the model (input size, mean/std, interpolation, crop), with user overrides."""
+    cfg = timm.data.resolve_model_data_config(model)
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    input_size = [3, *img] if img else list(cfg["input_size"])  # timm's cfg keeps the preset size
+    out = {
+        "input_size": input_size,
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": str(cfg.get("interpolation", "bicubic")),
+        "crop_pct": float(cfg.get("crop_pct", 1.0)),
+        "crop_mode": str(cfg.get("crop_mode", "center")),
+    }
+    for k, v in (overrides or {}).items():
+        if k not in out:
+            raise StudioError(f"Unknown data-config override '{k}'. Valid: {', '.join(out)}.")
+        out[k] = list(v) if isinstance(v, list | tuple) else v
+    return out
+
+
+def create_vit(arch: str, **kwargs: Any) -> VisionTransformer:
+    """``timm.create_model`` restricted to VisionTransformer-family models, with a clear refusal otherwise."""
+    try:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+            raise StudioError(
+                f"timm has no architecture '{arch}'. Similar names: {', '.join(close) or 'none'}."
+            ) from None
+        raise
+    except TypeError as e:
+        raise StudioError(f"Architecture '{arch}' does not accept these options ({e}).") from None
+    if not isinstance(model, VisionTransformer):
+        raise StudioError(
+            f"'{arch}' is a {type(model).__name__}, not a Vision Transformer. Pruning Studio prunes timm "
+            "VisionTransformer models (ViT, DeiT, DeiT-distilled); pick one of those architectures."
+        )
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file without unpickling arbitrary objects."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError) as e:
+                raise StudioError(
+                    f"{path.name} is not a readable safetensors file ({e}). Re-export it."
+                ) from None
+        if suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise StudioError(
+                    f"{path.name} contains pickled Python objects, which are refused because loading them can run "
+                    "code. Save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file. "
+                    f"({str(e).splitlines()[0][:120]})"
+                ) from None
+            except (RuntimeError, EOFError, OSError) as e:
+                raise StudioError(
+                    f"{path.name} is not a readable PyTorch checkpoint ({str(e)[:160]}). "
+                    "It may be truncated; save it again."
+                ) from None
+            return _unwrap_state_dict(obj, path)
+    except StudioError:
+        raise
+    raise StudioError(
+        f"Unsupported checkpoint type '{suffix}' ({path.name}). Use .safetensors, .pth/.pt or .npz."
+    )
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "model_state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise StudioError(f"{path.name} does not hold a state dict of tensors (found {type(obj).__name__}).")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
+    w = sd.get("head.weight")
+    return int(w.shape[0]) if w is not None and w.ndim == 2 else None
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load the model ``spec`` describes, in eval mode on its device."""
+    device = resolve_device(spec.device)
+    src = spec.source
+    if src in DEMO_SOURCES:
+        folder = DEMO_SOURCES[src]
+        if not (folder / "manifest.json").exists():
+            raise StudioError(
+                f"The embedded demo model is missing ({folder}). Rebuild it: python -m studio demo build"
+            )
+        return _load_folder(folder, spec, device, name=src)
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not (path / "manifest.json").exists():
+            raise StudioError(
+                f"{path} is a folder without manifest.json: point --model at an exported studio model "
+                "or at a checkpoint file."
+            )
+        return _load_folder(path, spec, device, name=str(path))
+    if not path.exists():
+        raise StudioError(
+            f"Model '{src}' not found: give 'demo', 'demo-backbone', a checkpoint file or an exported folder."
+        )
+    if not spec.arch:
+        raise StudioError(
+            f"{path.name} is a bare checkpoint: also give its timm architecture, e.g. "
+            "--arch vit_small_patch16_224 (see `timm.list_models('vit_*')`)."
+        )
+    return _load_checkpoint(path, spec, device)
+
+
+def _ctor_kwargs(spec: ModelSpec, num_classes: int | None) -> dict[str, Any]:
+    kwargs = dict(spec.kwargs)
+    if spec.img_size is not None:
+        kwargs["img_size"] = spec.img_size
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return kwargs
+
+
+def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> LoadedModel:
+    assert spec.arch is not None
+    if path.suffix.lower() == ".npz":
+        kwargs = _ctor_kwargs(spec, spec.num_classes)
+        model = create_vit(spec.arch, **kwargs)
+        try:
+            model.load_pretrained(str(path))
+        except (KeyError, ValueError, RuntimeError, OSError) as e:
+            raise StudioError(
+                f"{path.name} does not fit '{spec.arch}' as a Google ViT .npz checkpoint "
+                f"({str(e)[:160]}). Check --arch and --img-size."
+            ) from None
+    else:
+        sd = read_state_dict(path)
+        ckpt_classes = _head_classes(sd)
+        if spec.reset_head:
+            sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
+            if spec.num_classes is None:
+                raise StudioError("--reset-head needs --num-classes N (the size of the new classifier).")
+        elif spec.num_classes is not None and ckpt_classes is not None and ckpt_classes != spec.num_classes:
+            raise StudioError(
+                f"{path.name} has a classifier for {ckpt_classes} classes but {spec.num_classes} were asked for. "
+                f"Use --num-classes {ckpt_classes}, or --reset-head to train a new {spec.num_classes}-class head."
+            )
+        num_classes = spec.num_classes if spec.num_classes is not None else ckpt_classes
+        kwargs = _ctor_kwargs(spec, num_classes)
+        model = create_vit(spec.arch, **kwargs)
+        _load_strict(model, sd, path, allow_missing_head=spec.reset_head)
+    model.eval().to(device)
+    base = describe_base(model, spec.arch, kwargs)
+    return LoadedModel(
+        model=model,
+        base=base,
+        data_config=data_config(model, spec.data),
+        class_names=[str(i) for i in range(model.num_classes)],
+        device=device,
+        source=str(path),
+    )
+
+
+def _load_strict(
+    model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, *, allow_missing_head: bool
+) -> None:
+    own = model.state_dict()
+    missing = [
+        k for k in own if k not in sd and not (allow_missing_head and k.startswith(("head.", "head_dist.")))
+    ]
+    unexpected = [k for k in sd if k not in own]
+    shape = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shape:
+        parts = []
+        if shape:
+            parts.append(f"shape mismatch: {'; '.join(shape[:3])}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        raise StudioError(
+            f"{path.name} does not fit the architecture: {'; '.join(parts)}. Check --arch, --img-size and the "
+            "timm kwargs (patch size, width, depth); for a different classifier use --num-classes N --reset-head."
+        )
+    model.load_state_dict(sd, strict=not allow_missing_head)
+
+
+def _load_folder(folder: Path, spec: ModelSpec, device: torch.device, *, name: str) -> LoadedModel:
+    from .export import load_exported
+
+    loaded = load_exported(folder, device=device, data_overrides=spec.data)
+    loaded.source = name
+    if spec.num_classes is not None and spec.num_classes != loaded.base.num_classes and not spec.reset_head:
+        raise StudioError(
+            f"{name} classifies {loaded.base.num_classes} classes but {spec.num_classes} were asked for. "
+            f"Use --num-classes {loaded.base.num_classes}, or add --reset-head."
+        )
+    if spec.reset_head:
+        if spec.num_classes is None:
+            raise StudioError("--reset-head needs --num-classes N (the size of the new classifier).")
+        loaded.model.reset_classifier(spec.num_classes)
+        loaded.model.to(device).eval()
+        loaded.base = replace(loaded.base, num_classes=spec.num_classes)
+        loaded.class_names = [str(i) for i in range(spec.num_classes)]
+    return loaded

@@ -1,0 +1,189 @@
+"""Pruning methods: every method turns (model, calibration batches, parameters) into a :class:`PrunePlan`.
+
+A method is registered by name in :data:`METHODS` with the options it takes, declared as data
+(:class:`Option`), so the CLI adds a flag per option (``prune --method X --OPTION V`` or ``--param OPTION=V``)
+and the UI can draw a widget per option, without either being edited. Adding a method::
+
+    from studio.prune import METHODS, Method, Option, PruneRequest
+
+    def my_method(req: PruneRequest, *, callbacks=(), cancel=None) -> PrunePlan: ...
+
+    METHODS.add("mine", Method("mine", my_method, "one line for --help",
+                               options=(Option("alpha", float, 0.5, "threshold"),), needs_data=True))
+
+Every module of this package is imported by :func:`load_methods`, so a new file here is all it takes.
+The common budget parameters ``target_macs``, ``ratio`` and ``round_to`` (:data:`COMMON_OPTIONS`) are always
+present in ``PruneRequest.params``; a method that has no use for one ignores it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import StudioError
+from ..events import Callback, CancelToken
+from ..models import LoadedModel
+from ..plan import PrunePlan
+from ..registry import Registry
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One parameter of a method: CLI flag ``--name`` (underscores as dashes) and a UI widget."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+    def parse(self, value: Any) -> Any:
+        """Convert a CLI/JSON value to the option's type, checking choices; raise naming the option."""
+        if value is None:
+            return None
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                v: Any = value.lower() in ("1", "true", "yes")
+            else:
+                v = self.type(value)
+        except (TypeError, ValueError):
+            raise StudioError(f"Option '{self.name}' needs a {self.type.__name__}, got {value!r}.") from None
+        if self.choices is not None and v not in self.choices:
+            raise StudioError(
+                f"Option '{self.name}' must be one of {', '.join(map(str, self.choices))}, not {v!r}."
+            )
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type.__name__,
+            "default": self.default,
+            "help": self.help,
+            "choices": None if self.choices is None else list(self.choices),
+        }
+
+
+COMMON_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "target_macs", float, None, "fraction of the base MACs to keep (e.g. 0.5); solved for, within ±2%"
+    ),
+    Option(
+        "ratio", float, None, "fraction of units to remove in each pruned scope (ignored with target_macs)"
+    ),
+    Option(
+        "round_to", int, 1, "round kept widths (MLP, head dims, embedding) up to a multiple of this, e.g. 8"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """What a method receives.
+
+    Attributes:
+        loaded: the unpruned model (never mutated by a method: deep-copy it to compute gradients).
+        params: the method's options and the common ones, resolved (defaults filled in).
+        batches: calibration batches ``(images, labels)`` on the model's device; empty if the method needs none.
+        seed: seed for anything random.
+    """
+
+    loaded: LoadedModel
+    params: Mapping[str, Any] = field(default_factory=dict)
+    batches: Sequence[Batch] = ()
+    seed: int = 0
+
+
+class MethodFn(Protocol):
+    def __call__(
+        self, req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
+    ) -> PrunePlan: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered pruning method.
+
+    Attributes:
+        name: registry name (``prune --method NAME``).
+        fn: ``fn(request, *, callbacks, cancel) -> PrunePlan``.
+        summary: one line shown in ``--help`` and the UI.
+        options: the method's own parameters (beyond :data:`COMMON_OPTIONS`).
+        needs_data: whether it needs calibration batches (labels included).
+    """
+
+    name: str
+    fn: MethodFn
+    summary: str
+    options: tuple[Option, ...] = ()
+    needs_data: bool = False
+
+    def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults + given values (parsed), refusing names that are not options of this method."""
+        opts = {o.name: o for o in (*COMMON_OPTIONS, *self.options)}
+        unknown = sorted(set(given) - set(opts))
+        if unknown:
+            raise StudioError(
+                f"Method '{self.name}' has no option '{unknown[0]}'. Its options: {', '.join(sorted(opts))}."
+            )
+        return {n: o.parse(given[n]) if given.get(n) is not None else o.default for n, o in opts.items()}
+
+
+METHODS: Registry[Method] = Registry("pruning method")
+
+
+def load_methods() -> Registry[Method]:
+    """Import every module of this package (each registers its methods) and return :data:`METHODS`."""
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    return METHODS
+
+
+def get_method(name: str) -> Method:
+    return load_methods().get(name)
+
+
+def make_plan(
+    name: str, req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
+) -> PrunePlan:
+    """Run method ``name`` with its options resolved, validate the plan and fill its summary (params/MACs)."""
+    from ..costs import with_summary
+
+    method = get_method(name)
+    params = method.resolve(req.params)
+    if method.needs_data and not req.batches:
+        raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
+    if req.loaded.plan is not None:
+        raise StudioError(
+            "This model is already pruned (it was loaded from a pruned export). Methods plan on an "
+            "unpruned model: load its base checkpoint, or export the unpruned model first."
+        )
+    plan = method.fn(
+        PruneRequest(req.loaded, params, req.batches, req.seed), callbacks=callbacks, cancel=cancel
+    )
+    return with_summary(plan.validate())
+
+
+def all_options() -> dict[str, Option]:
+    """Every option of every registered method by name (same name, same type: one CLI flag)."""
+    out: dict[str, Option] = {o.name: o for o in COMMON_OPTIONS}
+    for name in load_methods():
+        for o in METHODS.get(name).options:
+            if o.name in out and out[o.name].type is not o.type:
+                raise StudioError(
+                    f"Option '{o.name}' of method '{name}' clashes with another method's option of "
+                    f"type {out[o.name].type.__name__}; rename it."
+                )
+            out.setdefault(o.name, o)
+    return out

@@ -1,0 +1,185 @@
+"""Run directories: how the CLI, background jobs and the studio talk (``runs/<id>/``).
+
+Layout: ``spec.json`` (what was asked), ``events.jsonl`` (appended progress/metrics), ``results.json``,
+``status.json``, ``plan.json``, ``export/`` and checkpoints. Every whole-file write is atomic (temp + rename),
+so a reader never sees half a file and a crash never leaves one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import StudioError
+from .events import Event
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudioError(f"{path} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise StudioError(
+            f"{path} is not valid JSON (line {e.lineno}: {e.msg}). Fix or regenerate it."
+        ) from None
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def new_run_id(prefix: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{prefix}"
+
+
+class RunDir:
+    """One run's folder. Safe to open from several processes: readers tolerate a partial last event line."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not _RUN_ID.match(self.path.name):
+            raise StudioError(
+                f"Run name '{self.path.name}' is not allowed: use letters, digits, '-', '_' or '.' (at most 100)."
+            )
+
+    @classmethod
+    def create(cls, path: str | Path, spec: dict[str, Any], *, exist_ok: bool = False) -> RunDir:
+        run = cls(path)
+        if (run.path / "spec.json").exists() and not exist_ok:
+            raise StudioError(f"Run folder {run.path} already exists. Pick another --out or delete it.")
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_json(run.spec_file, spec)
+        return run
+
+    # files
+    @property
+    def spec_file(self) -> Path:
+        return self.path / "spec.json"
+
+    @property
+    def events_file(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def cancel_file(self) -> Path:
+        return self.path / "CANCEL"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.path / "checkpoint.safetensors"
+
+    def spec(self) -> dict[str, Any]:
+        return read_json(self.spec_file)
+
+    def results(self) -> dict[str, Any] | None:
+        return read_json(self.results_file) if self.results_file.exists() else None
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_json(self.results_file, results)
+
+    def status(self) -> dict[str, Any]:
+        return read_json(self.status_file) if self.status_file.exists() else {"state": "created"}
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        write_json(self.status_file, {"state": state, "time": time.time(), **extra})
+
+    # events
+    def log_event(self, event: Event) -> None:
+        """Append one event as a JSON line (a callback: ``callbacks=[run.log_event]``)."""
+        line = json.dumps(event.to_dict(), default=_json_default)
+        with open(self.events_file, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.events_file.exists():
+            return []
+        out = []
+        for line in self.events_file.read_text(encoding="utf-8").splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written right now
+            if kind is None or ev.get("kind") == kind:
+                out.append(ev)
+        return out
+
+
+def list_runs(root: str | Path) -> list[RunDir]:
+    """Every run folder under ``root`` (newest first)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [
+        RunDir(p)
+        for p in root.iterdir()
+        if p.is_dir() and (p / "spec.json").exists() and _RUN_ID.match(p.name)
+    ]
+    return sorted(runs, key=lambda r: r.spec_file.stat().st_mtime, reverse=True)

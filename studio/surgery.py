@@ -1,0 +1,425 @@
+"""The one surgery: physically remove what a :class:`~studio.plan.PrunePlan` drops from a timm ViT.
+
+Every method ends with a plan and every plan is applied here, so pruning, export reloading and CLI replay share
+one code path. What is sliced (``index_select`` on the weights, in base-model indices):
+
+- depth: blocks absent from the plan are dropped (``model.blocks = nn.Sequential(kept)``);
+- heads and head dims: ``qkv`` rows of q, k and v of the kept (head, dim) pairs, ``proj`` input columns;
+  ``num_heads``, ``head_dim``, ``attn_dim`` and ``scale`` are updated (timm's ``Attention.forward`` reads them,
+  so no forward is replaced);
+- MLP neurons: ``fc1`` rows (+bias), ``fc2`` columns;
+- embedding channels: ``patch_embed.proj`` output channels, ``cls_token`` / ``reg_token`` / ``dist_token`` /
+  ``pos_embed`` as data, every LayerNorm, the ``qkv``/``fc1`` input columns, ``proj``/``fc2`` output rows,
+  LayerScale, and the input columns of ``head`` (and ``head_dist`` of distilled DeiT);
+- per-block residual subsets (P3B): the block becomes a :class:`ResidualSubsetBlock` that reads and writes only
+  its channels of the residual stream.
+
+Why plain ``index_select`` and not torch-pruning's DependencyGraph: the plan already names every kept index, so
+there is nothing to discover; tracing timm ViTs has known failures (unwrapped ``cls_token``/``pos_embed``,
+fused attention, forward signature drift — see research/anchors.md §2) and its replay is not bit-deterministic
+across versions. Explicit slicing is exact, deterministic, and the same on every device.
+
+Attention temperature after head-dim pruning: timm's fused SDPA ignores ``attn.scale`` and always uses
+``1/sqrt(head_dim)``. To keep the base temperature (``scale_policy="keep"``) the factor
+``sqrt(d_new)/sqrt(d_old)`` is folded into the q rows of ``qkv`` and ``attn.scale`` is set to ``d_new**-0.5``,
+so the fused and the explicit paths compute the same function. ``"reset"`` uses ``1/sqrt(d_new)`` unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from .errors import StudioError
+from .plan import BaseArch, BlockPlan, PrunePlan
+
+Index = Sequence[int] | None
+
+
+# ----------------------------------------------------------------------------------------------- modules
+class ResidualSubsetBlock(nn.Module):
+    """A pre-norm ViT block whose branches read and write subsets of the residual stream (P3B).
+
+    ``x_sub = x[..., in_idx]`` -> LayerNorm over the kept channels -> branch -> ``x[..., out_idx] += y``.
+    ``attn_in``/``attn_out``/``mlp_in``/``mlp_out`` are positions among the model's kept embedding channels,
+    stored as buffers (they travel in ``state_dict`` and safetensors); a ``None`` buffer means "all channels".
+    The write is a gather from ``[y, 0]`` (``Gather`` in ONNX, dynamic batch) rather than ``index_add``, whose
+    ONNX export fixes the batch size. Submodule names are those of timm's ``Block``, so weight keys match.
+    """
+
+    attn_in: torch.Tensor | None
+    attn_out: torch.Tensor | None
+    mlp_in: torch.Tensor | None
+    mlp_out: torch.Tensor | None
+
+    def __init__(self, block: Block, idx: dict[str, torch.Tensor | None], width: int) -> None:
+        super().__init__()
+        for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
+            setattr(self, name, getattr(block, name))
+        for name in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            self.register_buffer(name, idx.get(name))
+        for name in ("attn_out", "mlp_out"):
+            self.register_buffer(f"{name}_gather", _scatter_map(idx.get(name), width), persistent=False)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        h = x if self.attn_in is None else x.index_select(-1, self.attn_in)
+        y = self.drop_path1(self.ls1(self.attn(self.norm1(h), attn_mask=attn_mask, is_causal=is_causal)))
+        x = x + _spread(y, self.attn_out_gather)
+        h = x if self.mlp_in is None else x.index_select(-1, self.mlp_in)
+        y = self.drop_path2(self.ls2(self.mlp(self.norm2(h))))
+        return x + _spread(y, self.mlp_out_gather)
+
+
+def _scatter_map(out_idx: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """For each of ``width`` channels, its position in ``out_idx``, or ``len(out_idx)`` (a zero column)."""
+    if out_idx is None:
+        return None
+    m = torch.full((width,), len(out_idx), dtype=torch.long, device=out_idx.device)
+    m[out_idx] = torch.arange(len(out_idx), device=out_idx.device)
+    return m
+
+
+def _spread(y: torch.Tensor, gather: torch.Tensor | None) -> torch.Tensor:
+    if gather is None:
+        return y
+    return torch.cat([y, y.new_zeros(*y.shape[:-1], 1)], dim=-1).index_select(-1, gather)
+
+
+class SubsetNorm(nn.Module):
+    """Normalise only channels ``idx`` (statistics over them alone) and output zeros elsewhere.
+
+    Used by :func:`mask_model`: a dense model whose norms see exactly the channels a pruned model keeps, so the
+    masked and the pruned model compute the same function.
+    """
+
+    idx: torch.Tensor
+
+    def __init__(self, norm: nn.Module, idx: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("idx", torch.as_tensor(list(idx), dtype=torch.long, device=_device_of(norm)))
+        self.norm = _slice_norm(copy.deepcopy(norm), self.idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x).index_copy(-1, self.idx, self.norm(x.index_select(-1, self.idx)))
+
+
+# --------------------------------------------------------------------------------------------- checking
+def check_supported(model: nn.Module) -> VisionTransformer:
+    """Refuse models the surgery cannot slice exactly, saying what is unsupported."""
+    if not isinstance(model, VisionTransformer):
+        raise StudioError(f"Surgery needs a timm VisionTransformer, got {type(model).__name__}.")
+    if getattr(model, "attn_pool", None) is not None:
+        raise StudioError(
+            "Models with attention pooling (global_pool='map') are not supported by the surgery; "
+            "use a ViT/DeiT with token or average pooling."
+        )
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (Block, ResidualSubsetBlock):
+            raise StudioError(
+                f"Block {i} is a {type(blk).__name__}; the surgery supports timm's pre-norm `Block` "
+                "only (ViT, DeiT, DeiT-distilled)."
+            )
+        if type(blk.attn) is not Attention or not isinstance(blk.mlp, Mlp):
+            raise StudioError(
+                f"Block {i} uses {type(blk.attn).__name__}/{type(blk.mlp).__name__}; the surgery "
+                "supports timm's standard Attention and Mlp."
+            )
+        if getattr(blk.attn, "gate", None) is not None:
+            raise StudioError(f"Block {i} uses gated attention, which the surgery does not support.")
+    return model
+
+
+def check_fits(model: nn.Module, base: BaseArch) -> None:
+    """Refuse a model whose structure is not the (unpruned) base the plan refers to."""
+    from .models import describe_base
+
+    vit = check_supported(model)
+    if any(isinstance(b, ResidualSubsetBlock) for b in vit.blocks):
+        raise StudioError(
+            "This model is already pruned; a plan applies to its unpruned base. Load the base model "
+            "(or an unpruned export) and apply the plan to it."
+        )
+    have = describe_base(vit, base.arch, base.kwargs)
+    fields = ("depth", "embed_dim", "num_heads", "head_dim", "mlp_hidden", "num_classes", "num_prefix_tokens")
+    bad = [f for f in fields if getattr(have, f) != getattr(base, f)]
+    if bad:
+        f = bad[0]
+        raise StudioError(
+            f"The plan does not fit this model: plan base has {f}={getattr(base, f)}, the model has "
+            f"{getattr(have, f)}. Apply the plan to the model it was made for ({base.arch}), "
+            "or make a new plan for this model."
+        )
+
+
+# --------------------------------------------------------------------------------------------- slicing
+def _device_of(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _as_index(idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(list(idx), dtype=torch.long, device=like.device)
+
+
+def _sliced(p: torch.Tensor, dim: int, idx: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(p.detach().index_select(dim, idx.to(p.device)).clone(), requires_grad=p.requires_grad)
+
+
+def _slice_linear(lin: nn.Module, out_idx: Index = None, in_idx: Index = None) -> None:
+    if not isinstance(lin, nn.Linear):
+        return  # nn.Identity heads (num_classes=0)
+    if out_idx is not None:
+        i = _as_index(out_idx, lin.weight)
+        lin.weight = _sliced(lin.weight, 0, i)
+        if lin.bias is not None:
+            lin.bias = _sliced(lin.bias, 0, i)
+        lin.out_features = len(i)
+    if in_idx is not None:
+        i = _as_index(in_idx, lin.weight)
+        lin.weight = _sliced(lin.weight, 1, i)
+        lin.in_features = len(i)
+
+
+def _slice_norm(norm: nn.Module, idx: Index) -> nn.Module:
+    if idx is None or isinstance(norm, nn.Identity):
+        return norm
+    if not hasattr(norm, "normalized_shape"):
+        raise StudioError(
+            f"Cannot slice a {type(norm).__name__} norm layer; the surgery supports LayerNorm/RmsNorm."
+        )
+    ref = next(iter(norm.parameters()), None)
+    i = _as_index(idx, ref if ref is not None else torch.empty(0))
+    for name in ("weight", "bias"):
+        p = getattr(norm, name, None)
+        if isinstance(p, torch.Tensor):
+            setattr(norm, name, _sliced(p, 0, i))
+    norm.normalized_shape = (len(i),)
+    return norm
+
+
+def _slice_param(module: nn.Module, name: str, idx: Index, dim: int = -1) -> None:
+    p = getattr(module, name, None)
+    if idx is None or not isinstance(p, torch.Tensor):
+        return
+    setattr(module, name, _sliced(p, dim, _as_index(idx, p)))
+
+
+def _attn_rows(
+    attn_dim: int, head_dim: int, heads: Sequence[int], dims: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """(qkv rows, proj columns) of the kept (head, dim) pairs; qkv rows are ordered q | k | v like timm."""
+    cols = [h * head_dim + j for h in heads for j in dims]
+    return [part * attn_dim + c for part in range(3) for c in cols], cols
+
+
+def _prune_attention(attn: Attention, b: BlockPlan, read: Index, write: Index, scale_policy: str) -> None:
+    H, d = attn.num_heads, attn.head_dim
+    heads = list(range(H)) if b.heads is None else list(b.heads)
+    dims = list(range(d)) if b.head_dims is None else list(b.head_dims)
+    if b.head_dims is not None and not isinstance(attn.q_norm, nn.Identity):
+        raise StudioError(
+            "Head-dim pruning of attention with q/k normalisation (qk_norm) is not supported: it "
+            "changes the norm's statistics. Prune whole heads instead."
+        )
+    if (b.heads is not None or b.head_dims is not None) and not isinstance(attn.norm, nn.Identity):
+        raise StudioError("Head pruning of attention with an output norm (scale_norm) is not supported.")
+    rows, cols = _attn_rows(attn.attn_dim, d, heads, dims)
+    pruned = b.heads is not None or b.head_dims is not None
+    _slice_linear(attn.qkv, rows if pruned else None, read)
+    _slice_linear(attn.proj, write, cols if pruned else None)
+    new_d = len(dims)
+    attn.num_heads, attn.head_dim, attn.attn_dim = len(heads), new_d, len(heads) * new_d
+    if b.head_dims is not None:
+        old_scale = float(attn.scale)
+        attn.scale = new_d**-0.5
+        if scale_policy == "keep":
+            # SDPA divides by sqrt(new_d); fold the rest of the base temperature into q.
+            with torch.no_grad():
+                r = old_scale / attn.scale
+                attn.qkv.weight[: attn.attn_dim].mul_(r)
+                if attn.qkv.bias is not None:
+                    attn.qkv.bias[: attn.attn_dim].mul_(r)
+
+
+def _prune_block(
+    blk: Block, b: BlockPlan, embed: list[int] | None, width: int, scale_policy: str
+) -> nn.Module:
+    """Slice one block in place; wrap it in a :class:`ResidualSubsetBlock` if it reads/writes a subset."""
+    sub = {n: getattr(b, n) for n in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+    ch = {n: (list(v) if v is not None else embed) for n, v in sub.items()}  # base indices (None: all)
+    blk.norm1 = _slice_norm(blk.norm1, ch["attn_in"])
+    _prune_attention(blk.attn, b, ch["attn_in"], ch["attn_out"], scale_policy)
+    _slice_param(blk.ls1, "gamma", ch["attn_out"])
+    blk.norm2 = _slice_norm(blk.norm2, ch["mlp_in"])
+    if b.mlp is not None and not isinstance(blk.mlp.norm, nn.Identity):
+        raise StudioError(
+            "MLP-neuron pruning of an MLP with a hidden norm (scale_mlp_norm) is not supported."
+        )
+    _slice_linear(blk.mlp.fc1, b.mlp, ch["mlp_in"])
+    _slice_linear(blk.mlp.fc2, ch["mlp_out"], b.mlp)
+    _slice_param(blk.ls2, "gamma", ch["mlp_out"])
+    kept = embed if embed is not None else list(range(width))
+    if all(v is None or list(v) == kept for v in sub.values()):
+        return blk
+    pos = {c: i for i, c in enumerate(kept)}
+    dev = _device_of(blk)
+    idx = {
+        n: None
+        if v is None or list(v) == kept
+        else torch.tensor([pos[c] for c in v], dtype=torch.long, device=dev)
+        for n, v in sub.items()
+    }
+    return ResidualSubsetBlock(blk, idx, len(kept))
+
+
+def _prune_embed(model: VisionTransformer, embed: list[int]) -> None:
+    pe = model.patch_embed
+    conv = pe.proj
+    i = _as_index(embed, conv.weight)
+    conv.weight = _sliced(conv.weight, 0, i)
+    if conv.bias is not None:
+        conv.bias = _sliced(conv.bias, 0, i)
+    conv.out_channels = len(embed)
+    pe.norm = _slice_norm(pe.norm, embed)
+    for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        _slice_param(model, name, embed)
+    model.norm_pre = _slice_norm(model.norm_pre, embed)
+    model.norm = _slice_norm(model.norm, embed)
+    model.fc_norm = _slice_norm(model.fc_norm, embed)
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if head is not None:
+            _slice_linear(head, None, embed)
+    width = len(embed)
+    model.embed_dim = model.num_features = width
+    if hasattr(model, "head_hidden_size"):
+        model.head_hidden_size = width
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
+    """Physically prune ``model`` **in place** to the structure ``plan`` keeps, and return it.
+
+    ``model`` must be the unpruned base the plan refers to (deep-copy a cached/pristine model first). A plan that
+    keeps everything returns a model computing the same logits bit for bit.
+    """
+    plan.validate()
+    check_fits(model, plan.base)
+    vit: VisionTransformer = model  # type: ignore[assignment]
+    embed = None if plan.embed is None else list(plan.embed)
+    old = list(vit.blocks)
+    kept = [_prune_block(old[b.index], b, embed, plan.base.embed_dim, plan.scale_policy) for b in plan.blocks]
+    if embed is not None:
+        _prune_embed(vit, embed)
+    vit.blocks = nn.Sequential(*kept)
+    reduction = vit.patch_embed.feat_ratio() if hasattr(vit.patch_embed, "feat_ratio") else 16
+    vit.feature_info = [
+        dict(module=f"blocks.{i}", num_chs=vit.embed_dim, reduction=reduction) for i in range(len(kept))
+    ]
+    return vit
+
+
+# ------------------------------------------------------------------------------------------------ masks
+@torch.no_grad()
+def mask_model(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
+    """A dense copy of ``model`` computing what ``apply_plan(model, plan)`` computes, with dropped units zeroed.
+
+    The reference for parity tests. Exactness (up to float summation order) holds because every dropped unit
+    contributes an exact zero: heads / head dims zero their q, k, v rows (bias too) and ``proj`` columns; MLP
+    neurons zero ``fc1`` rows+bias and ``fc2`` columns; a removed block zeroes ``proj`` and ``fc2`` (weight and
+    bias) so it adds exactly 0; dropped embedding channels are zeroed where they are created (patch conv, tokens,
+    ``pos_embed``) and written (``proj``/``fc2`` rows+bias), so they stay 0 in the residual stream. Zeroing a norm's
+    weights would *not* be exact (its statistics still see the dropped channels), so norms that read a subset are
+    replaced by :class:`SubsetNorm`, which normalises over exactly the kept channels.
+    """
+    plan.validate()
+    check_fits(model, plan.base)
+    vit: VisionTransformer = copy.deepcopy(model)  # type: ignore[assignment]
+    base = plan.base
+    E = base.embed_dim
+    embed = None if plan.embed is None else list(plan.embed)
+    drop_e = [] if embed is None else sorted(set(range(E)) - set(embed))
+
+    def zero(p: torch.Tensor | None, idx: Sequence[int], dim: int) -> None:
+        if p is not None and len(idx):
+            p.index_fill_(dim, _as_index(idx, p), 0.0)
+
+    for i, blk in enumerate(vit.blocks):
+        attn, mlp = blk.attn, blk.mlp
+        b = plan.block(i)
+        if b is None:
+            for lin in (attn.proj, mlp.fc2):
+                lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            continue
+        H, d, A = attn.num_heads, attn.head_dim, attn.attn_dim
+        heads = set(range(H)) if b.heads is None else set(b.heads)
+        dims = set(range(d)) if b.head_dims is None else set(b.head_dims)
+        drop_cols = [h * d + j for h in range(H) for j in range(d) if h not in heads or j not in dims]
+        zero(attn.qkv.weight, [p * A + c for p in range(3) for c in drop_cols], 0)
+        zero(attn.qkv.bias, [p * A + c for p in range(3) for c in drop_cols], 0)
+        zero(attn.proj.weight, drop_cols, 1)
+        if b.head_dims is not None and plan.scale_policy == "reset":
+            r = math.sqrt(d / len(dims))  # dense SDPA divides by sqrt(d); reset wants sqrt(len(dims))
+            attn.qkv.weight[:A].mul_(r)
+            if attn.qkv.bias is not None:
+                attn.qkv.bias[:A].mul_(r)
+        if b.mlp is not None:
+            drop_m = sorted(set(range(mlp.fc1.out_features)) - set(b.mlp))
+            zero(mlp.fc1.weight, drop_m, 0)
+            zero(mlp.fc1.bias, drop_m, 0)
+            zero(mlp.fc2.weight, drop_m, 1)
+        for norm_name, read in (("norm1", b.attn_in), ("norm2", b.mlp_in)):
+            read = read if read is not None else embed
+            if read is not None:
+                setattr(blk, norm_name, SubsetNorm(getattr(blk, norm_name), read))
+        for lin, write in ((attn.proj, b.attn_out), (mlp.fc2, b.mlp_out)):
+            write = write if write is not None else embed
+            if write is not None:
+                drop_w = sorted(set(range(E)) - set(write))
+                zero(lin.weight, drop_w, 0)
+                zero(lin.bias, drop_w, 0)
+    if embed is not None:
+        zero(vit.patch_embed.proj.weight, drop_e, 0)
+        zero(vit.patch_embed.proj.bias, drop_e, 0)
+        for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+            p = getattr(vit, name, None)
+            if isinstance(p, torch.Tensor):
+                zero(p, drop_e, p.ndim - 1)
+        for name in ("norm_pre", "norm", "fc_norm"):
+            if not isinstance(getattr(vit, name), nn.Identity):
+                setattr(vit, name, SubsetNorm(getattr(vit, name), embed))
+        if not isinstance(vit.patch_embed.norm, nn.Identity):
+            vit.patch_embed.norm = SubsetNorm(vit.patch_embed.norm, embed)
+    return vit
+
+
+def pruned_widths(model: nn.Module) -> list[dict[str, int]]:
+    """Per kept block: heads, head_dim, MLP hidden and residual read/write widths (for display and tests)."""
+    vit = check_supported(model)
+    out = []
+    for blk in vit.blocks:
+        a = blk.attn
+        out.append(
+            {
+                "heads": a.num_heads,
+                "head_dim": a.head_dim,
+                "mlp": blk.mlp.fc1.out_features,
+                "attn_in": a.qkv.in_features,
+                "attn_out": a.proj.out_features,
+                "mlp_in": blk.mlp.fc1.in_features,
+                "mlp_out": blk.mlp.fc2.out_features,
+            }
+        )
+    return out

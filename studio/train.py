@@ -1,0 +1,364 @@
+"""The one training loop: demo build, retraining, P3B, SPLoRA and distributed recovery all use it.
+
+AdamW with linear warm-up and cosine decay (per step), bf16 autocast on CUDA, a choice of trainable parameters,
+model selection on the validation split, checkpoint + exact resume (the data order is a pure function of seed
+and epoch, and RNG state is saved, so a resumed run equals an uninterrupted one on CPU), a cancel token checked
+every step, and two kinds of attachments:
+
+- ``callbacks`` observe (progress and metric events for the CLI, the UI and ``events.jsonl``);
+- ``hooks`` participate: objects with any of ``loss(model, x, y, state)``, ``after_backward(state)``,
+  ``after_step(state)``, ``on_epoch_end(state)``, ``param_groups()``, ``state_dict()``/``load_state_dict()``
+  (P3B's gates and probes, SPLoRA's masks, distillation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import Cancelled, StudioError
+from .evaluate import evaluate, logits_of
+from .events import Callback, CancelToken, emit, progress
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation settings. ``trainable`` is ``all``, ``head``, or ``re:<regex>`` over parameter names."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.0
+    trainable: str = "all"
+    seed: int = 0
+    amp: bool = True
+    grad_clip: float | None = None
+    select: str = "val"  # "val": keep the best validation epoch; "last": keep the final weights
+    early_stop: int | None = None  # stop after this many epochs without validation improvement
+    num_workers: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainSpec:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrainState:
+    """What hooks see: the live model, optimizer, position, the current batch and its loss."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    spec: TrainSpec
+    epoch: int = 0
+    step: int = 0  # global optimizer steps done
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    batch: tuple[torch.Tensor, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs_run: int
+    steps: int
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    best_val_top1: float | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, sharded by rank, optionally skipping batches already done (resume)."""
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool = True,
+        skip: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+        per_rank = math.ceil(n / world)
+        order = (order + order[: per_rank * world - n])[rank::world]  # pad like DistributedSampler
+        self.indices = order[skip:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def select_trainable(model: torch.nn.Module, rule: str) -> list[str]:
+    """Set ``requires_grad`` by rule and return the trainable parameter names."""
+    if rule == "all":
+        pattern = None
+    elif rule == "head":
+        pattern = re.compile(r"^(head|head_dist|fc_norm)\.")
+    elif rule.startswith("re:"):
+        try:
+            pattern = re.compile(rule[3:])
+        except re.error as e:
+            raise StudioError(f"Trainable pattern {rule!r} is not a valid regex ({e}).") from None
+    else:
+        raise StudioError(f"Unknown trainable rule {rule!r}: use all, head or re:<regex>.")
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(pattern is None or bool(pattern.search(name)))
+        if p.requires_grad:
+            names.append(name)
+    if not names:
+        raise StudioError(f"Trainable rule {rule!r} selects no parameter of the model.")
+    return names
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (
+            no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay
+        ).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, spec: TrainSpec, steps_per_epoch: int) -> float:
+    """Linear warm-up then cosine decay to ``min_lr``, per optimizer step."""
+    total = max(1, spec.epochs * steps_per_epoch)
+    warm = min(total - 1, int(spec.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return spec.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return spec.min_lr + (spec.lr - spec.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _call(hooks: Sequence[Any], name: str, *args: Any) -> list[Any]:
+    return [getattr(h, name)(*args) for h in hooks if hasattr(h, name)]
+
+
+def fit(
+    model: torch.nn.Module,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    spec: TrainSpec,
+    *,
+    hooks: Sequence[Any] = (),
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    ddp_model: torch.nn.Module | None = None,
+) -> TrainResult:
+    """Train ``model`` in place and return its history; on cancel, save ``checkpoint`` and raise Cancelled.
+
+    Args:
+        ddp_model: the DistributedDataParallel wrapper to run forward/backward through (multi-process runs);
+            ``model`` is then the wrapped module, used for evaluation and checkpoints.
+    """
+    device = next(model.parameters()).device
+    torch.manual_seed(spec.seed)
+    select_trainable(model, spec.trainable)
+    groups = _param_groups(model, spec.weight_decay)
+    for extra in _call(hooks, "param_groups"):
+        groups += extra
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr)
+    for g in optimizer.param_groups:
+        g.setdefault("base_lr", g["lr"])
+        g["lr_scale"] = g["base_lr"] / spec.lr
+    n = len(train_data)  # type: ignore[arg-type]
+    steps_per_epoch = max(1, math.ceil(math.ceil(n / world) / spec.batch_size))
+    state = TrainState(
+        model, optimizer, spec, steps_per_epoch=steps_per_epoch, total_steps=spec.epochs * steps_per_epoch
+    )
+    best: dict[str, Any] = {"epoch": None, "top1": None, "weights": None}
+    start_epoch, skip = 0, 0
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        start_epoch, skip = _load_checkpoint(ckpt_path, state, hooks, best)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if spec.amp and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    net = ddp_model or model
+    t0 = time.time()
+    since_best = 0
+    emit(
+        callbacks, "status", state="training", epochs=spec.epochs, steps=state.total_steps, device=str(device)
+    )
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, spec.epochs):
+            state.epoch = epoch
+            sampler = EpochSampler(
+                n, seed=spec.seed, epoch=epoch, skip=skip * spec.batch_size, rank=rank, world=world
+            )
+            loader = DataLoader(
+                train_data, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.num_workers
+            )
+            net.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for i, (x, y) in enumerate(loader, start=skip):
+                if cancel is not None and cancel.is_set:
+                    raise Cancelled(f"cancelled at epoch {epoch} step {i}")
+                x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr_at(state.step, spec, steps_per_epoch) * g["lr_scale"]
+                state.batch = (x, y)
+                with autocast:
+                    custom = [v for v in _call(hooks, "loss", net, x, y, state) if v is not None]
+                    if custom:
+                        loss = custom[0]
+                    else:
+                        logits = logits_of(net, x)
+                        state.logits = logits
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise StudioError(
+                        f"Training diverged (loss {loss.item()}) at epoch {epoch} step {i}. "
+                        "Lower the learning rate."
+                    )
+                state.loss = loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                _call(hooks, "after_backward", state)
+                if spec.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], spec.grad_clip
+                    )
+                optimizer.step()
+                state.step += 1
+                _call(hooks, "after_step", state)
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                if state.logits is not None:
+                    correct += int((state.logits.argmax(1) == y).sum())
+                state.logits = None
+                progress(
+                    callbacks, "train", state.step, state.total_steps, epoch=epoch, loss=float(loss.detach())
+                )
+            skip = 0
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(1, seen),
+                "lr": optimizer.param_groups[0]["lr"],
+                "time": time.time() - t0,
+            }
+            if correct:
+                record["train_top1"] = correct / max(1, seen)
+            if val_data is not None and rank == 0:
+                ev = evaluate(model, val_data, batch_size=max(256, spec.batch_size))
+                record.update(val_top1=ev.top1, val_loss=ev.loss)
+                if best["top1"] is None or ev.top1 > best["top1"]:
+                    best.update(
+                        epoch=epoch,
+                        top1=ev.top1,
+                        weights={k: v.detach().clone() for k, v in model.state_dict().items()},
+                    )
+                    since_best = 0
+                else:
+                    since_best += 1
+            for extra in _call(hooks, "on_epoch_end", state):
+                if isinstance(extra, dict):
+                    record.update(extra)
+            state.history.append(record)
+            emit(callbacks, "metric", **record)
+            if ckpt_path is not None and rank == 0:
+                _save_checkpoint(ckpt_path, state, hooks, best, epoch + 1, 0)
+            if spec.early_stop and since_best >= spec.early_stop:
+                emit(callbacks, "log", message=f"early stop: no validation gain for {since_best} epochs")
+                break
+    except Cancelled:
+        if ckpt_path is not None and rank == 0:
+            done_in_epoch = state.step - epoch * steps_per_epoch
+            _save_checkpoint(ckpt_path, state, hooks, best, epoch, done_in_epoch)
+        emit(callbacks, "status", state="cancelled", epoch=epoch, step=state.step)
+        raise
+    if spec.select == "val" and best["weights"] is not None:
+        model.load_state_dict(best["weights"])
+    return TrainResult(
+        epochs_run=len(state.history),
+        steps=state.step,
+        history=state.history,
+        best_epoch=best["epoch"],
+        best_val_top1=best["top1"],
+        seconds=time.time() - t0,
+    )
+
+
+def _save_checkpoint(
+    path: Path, state: TrainState, hooks: Sequence[Any], best: dict[str, Any], epoch: int, skip: int
+) -> None:
+    """Everything needed for an exact resume; read back with ``weights_only=True`` (no pickled objects)."""
+    from .runs import atomic_path
+
+    payload = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "epoch": epoch,
+        "skip": skip,
+        "step": state.step,
+        "rng": torch.get_rng_state(),
+        "history": copy.deepcopy(state.history),
+        "best_epoch": -1 if best["epoch"] is None else best["epoch"],
+        "best_top1": -1.0 if best["top1"] is None else best["top1"],
+        "best_weights": best["weights"] or {},
+        "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")],
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_checkpoint(
+    path: Path, state: TrainState, hooks: Sequence[Any], best: dict[str, Any]
+) -> tuple[int, int]:
+    try:
+        payload = torch.load(path, map_location=next(state.model.parameters()).device, weights_only=True)
+    except Exception as e:  # damaged or foreign file
+        raise StudioError(
+            f"Checkpoint {path} cannot be read ({str(e)[:120]}). Delete it to start over."
+        ) from None
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.step = int(payload["step"])
+    state.history = list(payload["history"])
+    torch.set_rng_state(payload["rng"])
+    if payload["best_epoch"] >= 0:
+        best.update(
+            epoch=int(payload["best_epoch"]),
+            top1=float(payload["best_top1"]),
+            weights=payload["best_weights"],
+        )
+    for h, sd in zip([h for h in hooks if hasattr(h, "load_state_dict")], payload["hooks"]):
+        h.load_state_dict(sd)
+    return int(payload["epoch"]), int(payload["skip"])
