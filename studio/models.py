@@ -145,6 +145,11 @@ def create_vit(arch: str, **kwargs: Any) -> VisionTransformer:
             ) from None
         raise
     except TypeError as e:
+        if "vision_transformer" not in timm.models.model_entrypoint(arch).__module__ and "deit" not in arch:
+            raise StudioError(
+                f"'{arch}' is not a Vision Transformer; Pruning Studio prunes timm VisionTransformer "
+                "models (ViT, DeiT, DeiT-distilled)."
+            ) from None
         raise StudioError(f"Architecture '{arch}' does not accept these options ({e}).") from None
     if not isinstance(model, VisionTransformer):
         raise StudioError(
@@ -172,6 +177,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             try:
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
+                if "global" not in str(e).lower():  # no object reference seen: damaged, or a raw pickle
+                    raise StudioError(
+                        f"{path.name} cannot be read safely: it is damaged (e.g. truncated) or is a raw pickled "
+                        "Python object, which is refused because loading it can run code. Save a plain state "
+                        "dict with torch.save(model.state_dict(), ...) or a .safetensors file."
+                    ) from None
                 raise StudioError(
                     f"{path.name} contains pickled Python objects, which are refused because loading them can run "
                     "code. Save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file. "

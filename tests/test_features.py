@@ -1,0 +1,31 @@
+"""The feature bank captures what the model computes."""
+
+from __future__ import annotations
+
+import torch
+
+from studio.data import TensorData
+from studio.features import cached_extract, extract
+
+
+def test_last_block_cls_is_prenorm_cls_token(tiny_vit):
+    x = torch.randn(10, 3, 32, 32)
+    data = TensorData(x, torch.arange(10) % 5)
+    bank = extract(tiny_vit, data, batch_size=4, with_inputs=True)
+    assert bank.cls.shape == (3, 10, 48) and bank.labels.tolist() == (torch.arange(10) % 5).tolist()
+    with torch.inference_mode():
+        tokens = tiny_vit.blocks(tiny_vit.norm_pre(tiny_vit._pos_embed(tiny_vit.patch_embed(x))))
+    assert torch.allclose(bank.cls[-1], tokens[:, 0], atol=1e-6)
+    assert torch.allclose(bank.patch_mean[-1], tokens[:, 1:].mean(1), atol=1e-6)
+    assert torch.allclose(bank.inputs_cls[1], bank.cls[0])  # block 1 reads what block 0 wrote
+
+
+def test_cache_hit_returns_same_bank_and_misses_on_new_weights(tiny_vit, tmp_path):
+    data = TensorData(torch.randn(6, 3, 32, 32), torch.zeros(6, dtype=torch.long))
+    a = cached_extract(tiny_vit, data, {"data": "x"})
+    b = cached_extract(tiny_vit, data, {"data": "x"})
+    assert torch.equal(a.cls, b.cls)
+    with torch.no_grad():
+        tiny_vit.blocks[0].mlp.fc2.bias += 1.0
+    c = cached_extract(tiny_vit, data, {"data": "x"})
+    assert not torch.equal(a.cls[0], c.cls[0])
