@@ -160,6 +160,12 @@ class PrunePlan:
     def depth(self) -> int:
         return len(self.blocks)
 
+    @property
+    def is_dense(self) -> bool:
+        """True if the plan keeps every block and unit (applying it changes nothing)."""
+        return (self.embed is None and len(self.blocks) == self.base.depth
+                and all(b.is_dense for b in self.blocks))
+
     # validation ---------------------------------------------------------------------------------------
     def validate(self) -> PrunePlan:
         """Check every index against the base; raise :class:`StudioError` naming the bad field."""

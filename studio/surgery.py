@@ -16,8 +16,9 @@ one code path. What is sliced (``index_select`` on the weights, in base-model in
 
 Why plain ``index_select`` and not torch-pruning's DependencyGraph: the plan already names every kept index, so
 there is nothing to discover; tracing timm ViTs has known failures (unwrapped ``cls_token``/``pos_embed``,
-fused attention, forward signature drift — see research/anchors.md §2) and its replay is not bit-deterministic
-across versions. Explicit slicing is exact, deterministic, and the same on every device.
+fused attention, forward-signature drift — see research/anchors.md §2), and replaying its pruning history needs
+a re-trace of the model. Explicit slicing is exact, deterministic, needs no example input, and is the same on
+every device; the coupling it encodes (which weights share an index) is written out once, here.
 
 Attention temperature after head-dim pruning: timm's fused SDPA ignores ``attn.scale`` and always uses
 ``1/sqrt(head_dim)``. To keep the base temperature (``scale_policy="keep"``) the factor
@@ -172,7 +173,7 @@ def _as_index(idx: Sequence[int], like: torch.Tensor) -> torch.Tensor:
 
 
 def _sliced(p: torch.Tensor, dim: int, idx: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(p.detach().index_select(dim, idx.to(p.device)).clone(), requires_grad=p.requires_grad)
+    return nn.Parameter(p.detach().index_select(dim, idx.to(p.device)), requires_grad=p.requires_grad)
 
 
 def _slice_linear(lin: nn.Module, out_idx: Index = None, in_idx: Index = None) -> None:

@@ -164,7 +164,7 @@ def make_plan(
     params = method.resolve(req.params)
     if method.needs_data and not req.batches:
         raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
-    if req.loaded.plan is not None:
+    if req.loaded.plan is not None and not req.loaded.plan.is_dense:
         raise StudioError(
             "This model is already pruned (it was loaded from a pruned export). Methods plan on an "
             "unpruned model: load its base checkpoint, or export the unpruned model first."

@@ -1,0 +1,303 @@
+"""CLI: ``prune``, ``export``, ``apply`` and ``plan show|diff``.
+
+``prune --method NAME`` dispatches on the method registry (:data:`studio.prune.METHODS`): every option a method
+declares becomes a flag here (``--scope``, ``--norm``, ...) and any option can also be given as
+``--param NAME=VALUE``, so a new method plugs in without editing this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..errors import StudioError
+from ..plan import PrunePlan, diff
+from ..runs import RunDir, new_run_id
+from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..prune import COMMON_OPTIONS, METHODS, all_options, load_methods
+
+    load_methods()
+    p = sub.add_parser(
+        "prune",
+        help="make a pruning plan with a method, apply it, measure and export",
+        description="Methods: " + "; ".join(f"{n}: {METHODS.get(n).summary}" for n in METHODS),
+    )
+    add_model_args(p)
+    add_data_args(p, default=None)  # demo data by default only for the demo model (see cmd_prune)
+    add_common(p)
+    p.add_argument("--method", required=True, choices=METHODS.names(), help="pruning method")
+    g = p.add_argument_group("budget")
+    for o in COMMON_OPTIONS:
+        _add_option(g, o, None)
+    g = p.add_argument_group("method options (see each method)")
+    for o in all_options().values():
+        if o not in COMMON_OPTIONS:
+            users = [n for n in METHODS if any(x.name == o.name for x in METHODS.get(n).options)]
+            _add_option(g, o, users)
+    g.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any method option, e.g. --param scope=heads,mlp (repeatable)",
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run folder (default runs/<time>-prune-<method>)")
+    g.add_argument("--calib-split", default="train", help="split drawn for calibration batches")
+    g.add_argument("--calib-batches", type=int, default=8, help="calibration batches for data-driven methods")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
+    g.add_argument("--no-bench", action="store_true", help="skip throughput before/after")
+    g.add_argument("--bench-batch-sizes", type=int, nargs="+", default=[1, 64])
+    g.add_argument("--bench-repeats", type=int, default=10)
+    g.add_argument("--no-export", action="store_true", help="do not write the pruned model")
+    g.add_argument("--onnx", action="store_true", help="also export ONNX (checked for parity)")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "export", help="export a model (optionally pruned by a plan) as safetensors + manifest"
+    )
+    add_model_args(p)
+    add_common(p)
+    p.add_argument("--plan", help="plan.json to apply before exporting (omit to export the model as is)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for parity")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("apply", help="replay a plan on a model: counted params/MACs vs the plan's")
+    add_model_args(p)
+    add_common(p)
+    p.add_argument("--plan", required=True, help="plan.json")
+    p.add_argument("--out", help="also export the pruned model to this folder")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("plan", help="read pruning plans")
+    psub = p.add_subparsers(dest="plan_command", required=True, metavar="ACTION")
+    s = psub.add_parser("show", help="the kept structure of a plan")
+    s.add_argument("plan")
+    add_common(s)
+    s.set_defaults(func=cmd_plan_show)
+    s = psub.add_parser("diff", help="differences between two plans")
+    s.add_argument("a")
+    s.add_argument("b")
+    add_common(s)
+    s.set_defaults(func=cmd_plan_diff)
+
+
+def _add_option(g: argparse._ArgumentGroup, o: Any, users: list[str] | None) -> None:
+    extra = f" [{', '.join(users)}]" if users else ""
+    default = f" (default {o.default})" if o.default is not None else ""
+    g.add_argument(
+        "--" + o.name.replace("_", "-"),
+        dest=o.name,
+        default=None,
+        type=str if o.type is bool else o.type,
+        help=(o.help + default + extra).replace("%", "%%"),
+    )
+
+
+def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """Options given on the command line (flags and ``--param``), checked against the method's options."""
+    from ..prune import COMMON_OPTIONS, get_method
+
+    m = get_method(method)
+    own = {o.name for o in (*COMMON_OPTIONS, *m.options)}
+    given: dict[str, Any] = {}
+    from ..prune import all_options
+
+    for name in all_options():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if name not in own:
+            raise StudioError(
+                f"--{name.replace('_', '-')} is not an option of method '{method}'. Its options: "
+                f"{', '.join('--' + n.replace('_', '-') for n in sorted(own))}."
+            )
+        given[name] = v
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise StudioError(f"--param expects NAME=VALUE, got {item!r}.")
+        given[key.strip().replace("-", "_")] = value
+    return m.resolve(given)
+
+
+def cmd_prune(args: argparse.Namespace) -> Output:
+    from ..prune.pipeline import PruneSpec, run_prune
+
+    params = method_params(args, args.method)
+    if args.data is None and args.model in ("demo", "demo-backbone"):
+        args.data = "demo"
+    spec = PruneSpec(
+        model=model_spec(args),
+        method=args.method,
+        params=params,
+        data=data_spec(args) if args.data else None,
+        eval_split=args.split,
+        calib_split=args.calib_split,
+        calib_batches=args.calib_batches,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        evaluate=not args.no_eval,
+        bench=not args.no_bench,
+        bench_batch_sizes=tuple(args.bench_batch_sizes),
+        bench_repeats=args.bench_repeats,
+        export=not args.no_export,
+        onnx=args.onnx,
+    )
+    out = Path(args.out or Path("runs") / new_run_id(f"prune-{args.method}"))
+    run = RunDir.create(out, spec.to_dict())
+    run.set_status("running")
+    try:
+        result = run_prune(spec, run=run, callbacks=[stderr_progress()])
+    except BaseException as e:
+        run.set_status("failed", error=str(e)[:500])
+        raise
+    run.set_status("done")
+    data = {"run": str(run.path), **result.to_dict()}
+    return Output(data, _prune_text(data, result.plan))
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{a:,} -> {b:,} ({b / a:.1%})"
+
+
+def _prune_text(d: dict[str, Any], plan: PrunePlan) -> str:
+    b, a = d["before"], d["after"]
+    lines = [
+        plan.describe(),
+        "",
+        f"params  {_pct(b['params'], a['params'])}",
+        f"MACs    {_pct(b['macs'], a['macs'])}   (ideal speed-up x{d['ideal_speedup']:.2f})",
+    ]
+    if "top1" in a:
+        lines.append(f"top-1   {b['top1']:.4f} -> {a['top1']:.4f} (no recovery training)")
+    rows = [
+        {
+            "batch": bs,
+            "base img/s": b["throughput"][bs]["images_per_s"],
+            "pruned img/s": a["throughput"][bs]["images_per_s"],
+            "speed-up": s,
+        }
+        for bs, s in d["speedup"].items()
+    ]
+    if rows:
+        lines += ["", table(rows)]
+    if d.get("export"):
+        lines.append(f"\nexported to {d['export']}" + (" (+ model.onnx)" if d.get("onnx") else ""))
+    lines.append(f"run folder {d['run']}")
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace):
+    from ..models import load_model
+
+    loaded = load_model(model_spec(args))
+    if loaded.plan is not None and not loaded.plan.is_dense:
+        raise StudioError(
+            f"{args.model} is already pruned; plans apply to the unpruned base model. Give the base "
+            "checkpoint with --model."
+        )
+    return loaded
+
+
+def _pruned(loaded, plan: PrunePlan):
+    from ..costs import with_summary
+    from ..surgery import apply_plan
+
+    return apply_plan(copy.deepcopy(loaded.model), plan).eval(), with_summary(plan)
+
+
+def cmd_export(args: argparse.Namespace) -> Output:
+    import torch
+
+    from ..bench import profile
+    from ..export import export, export_onnx
+
+    loaded = _load(args)
+    plan = PrunePlan.load(args.plan) if args.plan else None
+    model, plan = _pruned(loaded, plan) if plan is not None else (loaded.model, None)
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    prof = profile(model, loaded.data_config["input_size"])
+    folder = export(
+        model,
+        loaded.base,
+        args.out,
+        plan=plan,
+        data_config=loaded.data_config,
+        class_names=loaded.class_names,
+        metrics={**loaded.metrics, **prof},
+        dtype=dtype,
+    )
+    data: dict[str, Any] = {"export": str(folder), **prof, "onnx": None}
+    if args.onnx:
+        data["onnx"] = export_onnx(model, Path(folder) / "model.onnx", loaded.data_config["input_size"])
+    text = f"exported {loaded.base.arch} ({prof['params']:,} params, {prof['macs']:,} MACs) to {folder}"
+    if data["onnx"]:
+        o = data["onnx"]
+        text += f"\nONNX: {o['path']}" + (f" (max |diff| {o['max_abs_diff']:.2e})" if o["checked"] else "")
+    return Output(data, text)
+
+
+def cmd_apply(args: argparse.Namespace) -> Output:
+    from ..bench import profile
+    from ..export import export
+
+    loaded = _load(args)
+    plan = PrunePlan.load(args.plan)
+    model, summarized = _pruned(loaded, plan)
+    prof = profile(model, loaded.data_config["input_size"])
+    s = summarized.summary
+    data: dict[str, Any] = {
+        **prof,
+        "plan_params": s["params_after"],
+        "plan_macs": s["macs_after"],
+        "matches_plan": prof["params"] == s["params_after"] and prof["macs"] == s["macs_after"],
+        "stored_summary_matches": all(
+            plan.summary.get(k) == s[k] for k in ("params_after", "macs_after") if k in plan.summary
+        ),
+        "export": None,
+    }
+    if args.out:
+        export(
+            model,
+            loaded.base,
+            args.out,
+            plan=summarized,
+            data_config=loaded.data_config,
+            class_names=loaded.class_names,
+            metrics=prof,
+        )
+        data["export"] = str(args.out)
+    text = (
+        summarized.describe()
+        + f"\ncounted: params {prof['params']:,}, MACs {prof['macs']:,} — "
+        + ("matches the plan" if data["matches_plan"] else "DIFFERS from the plan's analytic cost")
+    )
+    if data["export"]:
+        text += f"\nexported to {data['export']}"
+    return Output(data, text)
+
+
+def cmd_plan_show(args: argparse.Namespace) -> Output:
+    from ..costs import with_summary
+
+    plan = with_summary(PrunePlan.load(args.plan))
+    return Output(plan.to_dict(), plan.describe())
+
+
+def cmd_plan_diff(args: argparse.Namespace) -> Output:
+    a, b = PrunePlan.load(args.a), PrunePlan.load(args.b)
+    lines = diff(a, b)
+    return Output(
+        {"a": args.a, "b": args.b, "same": not lines, "differences": lines},
+        "\n".join(lines) if lines else "same structure",
+    )

@@ -1,0 +1,149 @@
+"""From unit importance scores and a pruning ratio to a :class:`PrunePlan` (shared by every score-based method).
+
+Units are heads, head dims (shared by q, k, v of all heads of a block), MLP neurons and embedding channels.
+``uniform`` removes the same fraction in every block; ``global`` ranks the units of a scope across all blocks
+(torch-pruning's ``global_pruning``) while keeping at least one unit per block. Kept widths of head dims, MLP
+and embedding can be rounded *up* to a multiple of ``round_to`` (hardware-friendly GEMMs); heads are not
+rounded. The kept set is always the top-scored units (ties: lower index), listed in increasing order, so
+plans are nested as the ratio grows and MACs fall monotonically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..errors import StudioError
+from ..plan import BaseArch, BlockPlan, PrunePlan
+
+SCOPES = ("heads", "head_dims", "mlp", "embed")
+MODES = ("uniform", "global")
+PerBlock = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class UnitScores:
+    """Importance (higher = keep) of every unit of the base model; ``None`` for scopes not scored."""
+
+    heads: PerBlock | None = None  # per base block, shape (num_heads,)
+    head_dims: PerBlock | None = None  # per base block, shape (head_dim,)
+    mlp: PerBlock | None = None  # per base block, shape (mlp_hidden,)
+    embed: torch.Tensor | None = None  # shape (embed_dim,)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> UnitScores:
+        """Apply ``fn`` to every score tensor (e.g. ``torch.sqrt`` to turn sums of squares into L2 norms)."""
+
+        def per(v: PerBlock | None) -> PerBlock | None:
+            return None if v is None else tuple(fn(t) for t in v)
+
+        return replace(
+            self,
+            heads=per(self.heads),
+            head_dims=per(self.head_dims),
+            mlp=per(self.mlp),
+            embed=None if self.embed is None else fn(self.embed),
+        )
+
+
+def parse_scopes(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"heads,mlp"`` -> ``("heads", "mlp")``, refusing unknown names."""
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    bad = [s for s in items if s not in SCOPES]
+    if bad or not items:
+        raise StudioError(
+            f"Unknown pruning scope '{bad[0] if bad else text}'. Valid scopes: {', '.join(SCOPES)} "
+            "(comma-separated, e.g. heads,mlp)."
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
+    """Units kept of ``n`` when removing ``ratio`` of them: at least 1, rounded up to ``round_to`` (≤ n)."""
+    k = max(1, n - math.floor(ratio * n + 1e-9))
+    if round_to > 1:
+        k = min(n, math.ceil(k / round_to) * round_to)
+    return k
+
+
+def global_counts(scores: Sequence[torch.Tensor], ratio: float, round_to: int = 1) -> list[int]:
+    """Kept units per group when the lowest-scored ``ratio`` of all units is removed across groups (≥ 1 each)."""
+    sizes = [len(s) for s in scores]
+    n_remove = math.floor(ratio * sum(sizes) + 1e-9)
+    order = sorted((float(v), g, i) for g, s in enumerate(scores) for i, v in enumerate(s.tolist()))
+    kept, removed = list(sizes), 0
+    for _, g, _ in order:
+        if removed >= n_remove:
+            break
+        if kept[g] > 1:
+            kept[g] -= 1
+            removed += 1
+    if round_to > 1:
+        kept = [min(n, math.ceil(k / round_to) * round_to) for k, n in zip(kept, sizes)]
+    return kept
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[int, ...] | None:
+    """Indices of the ``k`` highest scores (ties: lower index first), sorted; ``None`` if all are kept."""
+    if k >= len(scores):
+        return None
+    order = torch.argsort(-scores.double(), stable=True)[:k]
+    return tuple(sorted(int(i) for i in order))
+
+
+def _counts(scores: Sequence[torch.Tensor], ratio: float, mode: str, round_to: int) -> list[int]:
+    if mode == "global":
+        return global_counts(scores, ratio, round_to)
+    return [keep_count(len(s), ratio, round_to) for s in scores]
+
+
+def plan_from_scores(
+    base: BaseArch,
+    scores: UnitScores,
+    ratios: Mapping[str, float],
+    *,
+    mode: str = "uniform",
+    round_to: int = 1,
+    method: str = "manual",
+    params: Mapping[str, Any] | None = None,
+) -> PrunePlan:
+    """The plan keeping the top-scored units when removing ``ratios[scope]`` of each scope.
+
+    Args:
+        ratios: fraction in [0, 1] to remove per scope (``heads``, ``head_dims``, ``mlp``, ``embed``); a scope not
+            given (or 0) is kept whole. 1 keeps one unit per block (the surgery never empties a block).
+        mode: ``uniform`` (same ratio in every block) or ``global`` (ranked across blocks).
+        round_to: round kept head-dim / MLP / embedding widths up to a multiple of this.
+    """
+    if mode not in MODES:
+        raise StudioError(f"Pruning mode '{mode}' is unknown; use {' or '.join(MODES)}.")
+    for scope, r in ratios.items():
+        if scope not in SCOPES:
+            parse_scopes([scope])
+        if not 0.0 <= r <= 1.0:
+            raise StudioError(f"Pruning ratio for '{scope}' must be in [0, 1], got {r}.")
+        if r > 0 and getattr(scores, scope) is None:
+            raise StudioError(f"Scope '{scope}' was not scored by this method; drop it from --scope.")
+    depth = base.depth
+    kept: dict[str, list[tuple[int, ...] | None]] = {}
+    for scope in ("heads", "head_dims", "mlp"):
+        r = ratios.get(scope, 0.0)
+        per: PerBlock | None = getattr(scores, scope)
+        if r <= 0 or per is None:
+            kept[scope] = [None] * depth
+            continue
+        counts = _counts(per, r, mode, 1 if scope == "heads" else round_to)
+        kept[scope] = [top_k(s, k) for s, k in zip(per, counts)]
+    embed = None
+    if ratios.get("embed", 0.0) > 0 and scores.embed is not None:
+        embed = top_k(scores.embed, keep_count(len(scores.embed), ratios["embed"], round_to))
+    blocks = tuple(
+        BlockPlan(i, heads=kept["heads"][i], head_dims=kept["head_dims"][i], mlp=kept["mlp"][i])
+        for i in range(depth)
+    )
+    return PrunePlan(
+        base=base, blocks=blocks, embed=embed, method=method, params=dict(params or {})
+    ).validate()
