@@ -338,6 +338,10 @@ def _load_folder(folder: Path, spec: ModelSpec, device: torch.device, *, name: s
             raise StudioError("--reset-head needs --num-classes N (the size of the new classifier).")
         loaded.model.reset_classifier(spec.num_classes)
         loaded.model.to(device).eval()
-        loaded.base = replace(loaded.base, num_classes=spec.num_classes)
+        loaded.base = replace(
+            loaded.base,
+            num_classes=spec.num_classes,
+            kwargs={**loaded.base.kwargs, "num_classes": spec.num_classes},
+        )
         loaded.class_names = [str(i) for i in range(spec.num_classes)]
     return loaded

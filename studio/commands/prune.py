@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import StudioError
+from ..errors import Cancelled, StudioError
+from ..events import CancelToken
 from ..plan import PrunePlan, diff
 from ..runs import RunDir, new_run_id
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
@@ -57,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bench-batch-sizes", type=int, nargs="+", default=[1, 64])
     g.add_argument("--bench-repeats", type=int, default=10)
     g.add_argument("--no-export", action="store_true", help="do not write the pruned model")
+    g.add_argument("--resume", action="store_true", help="continue a cancelled training method in --out")
     g.add_argument("--onnx", action="store_true", help="also export ONNX (checked for parity)")
     p.set_defaults(func=cmd_prune)
 
@@ -99,6 +102,7 @@ def _add_option(g: argparse._ArgumentGroup, o: Any, users: list[str] | None) -> 
         dest=o.name,
         default=None,
         type=str if o.type is bool else o.type,
+        **({"nargs": "?", "const": "true"} if o.type is bool else {}),  # bare --flag means true
         help=(o.help + default + extra).replace("%", "%%"),
     )
 
@@ -154,10 +158,24 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         onnx=args.onnx,
     )
     out = Path(args.out or Path("runs") / new_run_id(f"prune-{args.method}"))
-    run = RunDir.create(out, spec.to_dict())
-    run.set_status("running")
+    if args.resume:
+        if not (out / "spec.json").exists():
+            raise StudioError(f"Nothing to resume: {out} has no spec.json. Start the run without --resume.")
+        run = RunDir(out)
+    else:
+        run = RunDir.create(out, spec.to_dict())
+    run.set_status("running", pid=os.getpid())
     try:
-        result = run_prune(spec, run=run, callbacks=[stderr_progress()])
+        result = run_prune(
+            spec,
+            run=run,
+            callbacks=[stderr_progress()],
+            cancel=CancelToken(run.cancel_file),
+            resume=args.resume,
+        )
+    except Cancelled:
+        run.set_status("cancelled")
+        raise
     except BaseException as e:
         run.set_status("failed", error=str(e)[:500])
         raise

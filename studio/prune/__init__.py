@@ -120,6 +120,9 @@ class Method:
         summary: one line shown in ``--help`` and the UI.
         options: the method's own parameters (beyond :data:`COMMON_OPTIONS`).
         needs_data: whether it needs calibration batches (labels included).
+        runner: for methods that train while pruning (P3B, SPLoRA): runs the whole job in place of the
+            plan -> surgery -> measure pipeline, with the signature of
+            :func:`studio.prune.pipeline.run_prune` plus ``resume``.
     """
 
     name: str
@@ -127,6 +130,7 @@ class Method:
     summary: str
     options: tuple[Option, ...] = ()
     needs_data: bool = False
+    runner: Any = None
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults + given values (parsed), refusing names that are not options of this method."""

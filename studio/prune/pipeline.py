@@ -160,16 +160,22 @@ def run_prune(
     loaded: LoadedModel | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Plan, prune, measure and export as ``spec`` says (see the module docstring).
+
+    Methods that train while pruning (a registered ``runner``) run their own job instead, with the same
+    arguments; ``resume`` continues such a job from its checkpoint.
 
     Args:
         run: run folder receiving ``plan.json``, ``results.json`` and ``export/``.
         loaded: an already loaded model (e.g. the studio's cached one); never mutated.
     """
     t0 = time.time()
-    callbacks = [*callbacks, run.log_event] if run is not None else list(callbacks)
     method = get_method(spec.method)
+    if method.runner is not None:
+        return method.runner(spec, run=run, loaded=loaded, callbacks=callbacks, cancel=cancel, resume=resume)
+    callbacks = [*callbacks, run.log_event] if run is not None else list(callbacks)
     loaded = loaded or load_model(spec.model)
     batches: list[Batch] = []
     if method.needs_data:

@@ -1,0 +1,193 @@
+"""Adapters: SPLoRA (structured pruning adapters) vs fine-pruning — accuracy vs density, learned parameters vs
+accuracy, and a background job that runs the schedule."""
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from studio import jobs
+from studio.prune.splora import CRITERIA, DENSITY_DEFINITION, at_densities, curve_rows, is_splora_run
+from studio.runs import RunDir, list_runs
+from studio.ui import charts, guide, state
+from studio.ui.charts import human, pct
+from studio.ui.jobs import device_picker, job_panel, start_job_button
+
+st.title("Adapters")
+st.caption(
+    "Structured Pruning Adapters (Hedegaard et al., SPLoRA): the pre-trained backbone stays frozen and shared; "
+    "each task learns low-rank adapters (W₀ + B·A), biases, norms and a head, plus channel masks that make the "
+    "task model smaller. Fine-pruning trains every weight with the same pruning schedule. Unlike the paper's "
+    "code, masks stay enforced during recovery (pruned channels cannot regrow) and every unit group is scored. "
+    "LRP is not offered: its rules in the paper are ResNet-specific and a plain ε-rule is not conservative "
+    "through LayerNorm and attention."
+)
+X_AXES = {"unit density": "unit_density", "weight density": "weight_density", "MACs kept": "macs_fraction"}
+
+root = state.runs_root()
+runs = [r for r in list_runs(root) if is_splora_run(r)]
+
+
+def _show(selected: list[RunDir], x_label: str) -> None:
+    df = pd.DataFrame(curve_rows(selected))
+    if df.empty:
+        st.info("No pruning step recorded yet: the first point appears after the adapter training.")
+        return
+    x = X_AXES[x_label]
+    hover = charts.hover(
+        "%{fullData.name}",
+        **{x_label: "%{x:.3f}"},
+        top1="%{y:.1%}",
+        learned_params="%{customdata[0]:,}",
+        step="%{customdata[1]}",
+    )
+    fig = charts.line(
+        df,
+        x,
+        "top1",
+        color="series",
+        custom_data=["learned_params", "step"],
+        hovertemplate=hover,
+        title=f"Accuracy vs {x_label}",
+        x_title=f"{x_label} (pruning goes right)",
+        y_title="top-1",
+    )
+    fig.update_xaxes(autorange="reversed")
+    fig.update_yaxes(tickformat=".0%")
+    charts.show(fig, df, key="adapters_density", name="splora_curves")
+    fig = charts.line(
+        df,
+        "learned_params",
+        "top1",
+        color="series",
+        log_x=True,
+        custom_data=["unit_density", "step"],
+        hovertemplate=charts.hover(
+            "%{fullData.name}",
+            learned_params="%{x:,}",
+            top1="%{y:.1%}",
+            unit_density="%{customdata[0]:.3f}",
+            step="%{customdata[1]}",
+        ),
+        title="Learned parameters per task vs accuracy",
+        x_title="learned parameters (log)",
+        y_title="top-1",
+    )
+    fig.update_yaxes(tickformat=".0%")
+    charts.show(fig, key="adapters_learned")
+    table = pd.DataFrame(at_densities(df.to_dict("records")))
+    if not table.empty:
+        table = pd.DataFrame(
+            {
+                "series": table["series"],
+                "unit density": table["unit_density"].round(3),
+                "weight density": table["weight_density"].round(3),
+                "MACs kept": table["macs_fraction"].map(pct),
+                "top-1": table["top1"].map(pct),
+                "learned params": table["learned_params"].map(human),
+            }
+        )
+        st.markdown("##### At equal density")
+        st.dataframe(table, hide_index=True, key="adapters_table")
+    st.caption(f"Density: {DENSITY_DEFINITION} Accuracy: test split if evaluated, else validation.")
+    for run in selected:
+        res = run.results() or {}
+        series = res.get("series") or {}
+        cols = st.columns(3)
+        if "splora" in series and "task" in series["splora"]:
+            cols[0].metric(
+                "SPLoRA task file",
+                human(series["splora"]["task"]["bytes"], "B"),
+                help="masks + sliced A/B + biases + norms + head (safetensors)",
+            )
+        if "finetune" in series and "export_bytes" in series["finetune"]:
+            cols[1].metric("Fine-pruned model file", human(series["finetune"]["export_bytes"], "B"))
+        diffs = [s["parity_max_abs_diff"] for s in series.values() if "parity_max_abs_diff" in s]
+        if diffs:
+            cols[2].metric("Fused + pruned vs masked", f"{max(diffs):.1e}", help="max |Δ logits|")
+
+
+st.subheader("Curves", divider="gray")
+if not runs:
+    st.info("No SPLoRA run yet: start one below (a few CPU minutes on the demo).", icon=":material/info:")
+else:
+    names = [r.path.name for r in runs]
+    picked = st.multiselect("Runs", names, default=names[:1], key="adapters_runs")
+    x_label = st.radio("Density axis", list(X_AXES), horizontal=True, key="adapters_x")
+    selected = [r for r in runs if r.path.name in picked]
+    active = any(jobs.job_status(r.path).active for r in selected)
+    if selected:
+        (st.fragment(run_every="3s")(_show) if active else _show)(selected, x_label)
+
+st.subheader("Run SPLoRA", divider="gray")
+m1, m2, m3 = st.columns([2, 1, 1])
+source = m1.text_input(
+    "Backbone",
+    "demo-backbone",
+    key="adapters_model",
+    help="demo-backbone, a checkpoint or an exported folder (its W₀ stays frozen)",
+)
+classes = m2.number_input("Classes", 2, 100_000, 10, key="adapters_classes")
+reset = m3.toggle(
+    "New head", value=True, key="adapters_reset", help="a fresh classifier of that many classes"
+)
+c1, c2, c3, c4 = st.columns(4)
+mode = c1.radio("Train", ["SPLoRA vs fine-pruning", "SPLoRA", "fine-pruning"], key="adapters_mode")
+rank = c2.number_input("Rank r", 1, 256, 8, key="adapters_rank", help="integer rank of B·A per layer")
+init = c2.selectbox("B init range", [1e-3, 1e-4], key="adapters_init", help="B ~ U(±range) (paper: 1e-3)")
+criterion = c3.selectbox("Criterion", CRITERIA, index=CRITERIA.index("taylor"), key="adapters_criterion")
+scope = c3.multiselect(
+    "Units", ["heads", "head_dims", "mlp", "embed"], ["head_dims", "mlp", "embed"], key="adapters_scope"
+)
+target = c4.slider("Target unit density", 0.05, 0.95, 0.3, 0.05, key="adapters_target")
+step = c4.select_slider(
+    "Prune step",
+    [0.05, 0.1, 0.2, 0.25],
+    0.1,
+    key="adapters_step",
+    help="fraction of the ORIGINAL units per step (paper: 0.05)",
+)
+e1, e2, e3 = st.columns(3)
+epochs = e1.number_input("Adapter epochs", 0, 1000, 6, key="adapters_epochs")
+recovery = e2.number_input("Recovery epochs per step", 0, 100, 1, key="adapters_recovery")
+bench = e3.toggle("Measure throughput", value=False, key="adapters_bench")
+device, _ = device_picker("adapters")
+data = state.data_spec()
+st.caption(f"Data: {data} (train to fit and score, val to select, test for the curves).")
+
+
+def argv_for(run: Path) -> list[str]:
+    """The ``python -m studio prune --method splora`` command of this form."""
+    argv = ["prune", "--method", "splora", "--model", source, "--data", str(data), "--out", str(run)]
+    argv += ["--num-classes", str(int(classes))] + (["--reset-head"] if reset else [])
+    argv += ["--rank", str(int(rank)), "--init-range", repr(float(init)), "--criterion", criterion]
+    argv += [
+        "--target-density",
+        repr(float(target)),
+        "--prune-step",
+        repr(float(step)),
+        "--scope",
+        ",".join(scope),
+    ]
+    argv += ["--epochs", str(int(epochs)), "--recovery-epochs", str(int(recovery))]
+    argv += (
+        ["--compare", "true"]
+        if mode.startswith("SPLoRA vs")
+        else ["--mode", "splora" if mode == "SPLoRA" else "finetune"]
+    )
+    if data.limit:
+        argv += ["--limit", str(data.limit)]
+    return argv + ([] if bench else ["--no-bench"])
+
+
+busy = jobs.device_holder(device, root)
+if busy:
+    st.info(f"{device} is busy with job {Path(busy['run']).name}; a new job is refused until it ends.")
+start_job_button(
+    "Start SPLoRA", argv_for, prefix="splora", key="adapters_start", device=device, disabled=not scope
+)
+current = st.session_state.get("adapters_start_run")
+if current:
+    st.subheader("Job", divider="gray")
+    job_panel(current)
+guide.next_step(("pages/8_runs.py", "compare it with your other runs"), ("pages/11_export.py", "export it"))
