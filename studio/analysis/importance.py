@@ -1,0 +1,745 @@
+"""Importance of every head, head dim, MLP neuron and embedding channel of a timm ViT, by several criteria.
+
+Criteria (registered in :data:`CRITERIA`, so a new one never edits this file):
+
+- ``l1`` / ``l2``: torch-pruning's ``GroupMagnitudeImportance(p)``;
+- ``taylor``: torch-pruning's ``GroupTaylorImportance`` (Molchanov et al. 2019; the score Isomorphic pruning ranks)
+  with calibration gradients summed over the batches, as the Isomorphic reference accumulates them;
+- ``taylor2``: SAViT's gate score ``(∂L/∂g)²`` averaged over batches (heads, MLP neurons, embedding channels);
+- ``ablation``: the increase of the calibration loss when one head is removed (its ``proj`` input zeroed) — the
+  ground truth the other criteria are compared with (Spearman rank correlation over all heads).
+
+The grouped criteria score whole dependency groups, not single layers: a head or head dim is scored on the ``qkv``
+rows of q, k and v together with the matching ``proj`` columns, an MLP neuron on ``fc1`` row + ``fc2`` column, an
+embedding channel on everything that reads or writes the residual stream (patch embedding, tokens, every norm and
+linear layer, the classifier input). Scores come straight from torch-pruning's importance objects on its
+DependencyGraph groups (:func:`studio.prune.isomorphic.group_scores`), so the ``taylor`` heat map shows exactly the
+numbers Isomorphic pruning ranks. Heads score as the mean of their channels, head dims as the mean over heads (how
+torch-pruning ranks heads and head dims). Per-unit scores are normalised by their group's mean (torch-pruning's
+default), so blocks are comparable.
+
+The module also holds what the studio's Importance page needs and must not compute itself: rank bins of MLP
+neurons, the units a plan removes (the overlay), plan edits (keep / drop a head or a bin of neurons), plans of each
+method at a MACs budget with each method's calibration work done once (:class:`MethodPlanner`), and one run that
+applies a plan and measures it (:func:`run_plan`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DataSpec
+from ..errors import StudioError
+from ..evaluate import logits_of
+from ..events import Callback, CancelToken, check, emit, progress
+from ..models import LoadedModel, ModelSpec, load_model
+from ..plan import BaseArch, BlockPlan, PrunePlan
+from ..registry import Registry
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Matrix = tuple[tuple[float, ...], ...]
+
+
+# ------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class UnitScores:
+    """One criterion's scores (higher = more important); ``None`` for unit kinds it does not score.
+
+    Attributes:
+        heads: per block, one score per head.
+        head_dims: per block, one score per within-head dim (shared by all heads of the block).
+        mlp: per block, one score per MLP hidden neuron.
+        embed: one score per embedding (residual) channel.
+    """
+
+    criterion: str
+    heads: Matrix
+    head_dims: Matrix | None = None
+    mlp: Matrix | None = None
+    embed: tuple[float, ...] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        def mat(m: Matrix | None) -> list[list[float]] | None:
+            return None if m is None else [list(r) for r in m]
+
+        return {
+            "criterion": self.criterion,
+            "heads": mat(self.heads),
+            "head_dims": mat(self.head_dims),
+            "mlp": mat(self.mlp),
+            "embed": None if self.embed is None else list(self.embed),
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UnitScores:
+        def mat(m: Any) -> Matrix | None:
+            return None if m is None else tuple(tuple(float(v) for v in r) for r in m)
+
+        return cls(
+            criterion=str(d["criterion"]),
+            heads=mat(d["heads"]) or (),
+            head_dims=mat(d.get("head_dims")),
+            mlp=mat(d.get("mlp")),
+            embed=None if d.get("embed") is None else tuple(float(v) for v in d["embed"]),
+            seconds=float(d.get("seconds", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class ImportanceResult:
+    """Scores of every criterion asked for, and each one's rank correlation with the ablation ground truth.
+
+    ``correlation[c]`` is Spearman's ρ between criterion ``c``'s head scores and the ablation Δloss over all
+    heads of all blocks (None without ablation, or when either is constant).
+    """
+
+    base: BaseArch
+    scores: tuple[UnitScores, ...]
+    correlation: dict[str, float | None]
+    batches: int
+    samples: int
+
+    @property
+    def criteria(self) -> list[str]:
+        return [s.criterion for s in self.scores]
+
+    def get(self, criterion: str) -> UnitScores:
+        for s in self.scores:
+            if s.criterion == criterion:
+                return s
+        raise StudioError(f"Criterion '{criterion}' was not computed; computed: {', '.join(self.criteria)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base.to_dict(),
+            "criteria": self.criteria,
+            "scores": {s.criterion: s.to_dict() for s in self.scores},
+            "correlation": dict(self.correlation),
+            "batches": self.batches,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ImportanceResult:
+        return cls(
+            base=BaseArch.from_dict(d["base"]),
+            scores=tuple(UnitScores.from_dict(d["scores"][c]) for c in d["criteria"]),
+            correlation=dict(d.get("correlation") or {}),
+            batches=int(d["batches"]),
+            samples=int(d["samples"]),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ criteria
+CriterionFn = Callable[..., UnitScores]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A registered importance criterion: ``fn(loaded, batches, *, seed, callbacks, cancel) -> UnitScores``."""
+
+    name: str
+    fn: CriterionFn
+    summary: str
+    needs_data: bool = True
+
+
+CRITERIA: Registry[Criterion] = Registry("importance criterion")
+
+
+def _rows(ts: Sequence[torch.Tensor]) -> Matrix:
+    return tuple(tuple(float(v) for v in t.flatten().tolist()) for t in ts)
+
+
+def _grouped(
+    loaded: LoadedModel, criterion: str, importance: str, grads: Mapping[str, torch.Tensor] | None
+) -> UnitScores:
+    """Scores from torch-pruning's ``importance`` on the model's dependency groups."""
+    from ..prune.isomorphic import group_scores, make_importance, with_grads
+
+    t0 = time.time()
+    g = group_scores(with_grads(loaded.model, grads), make_importance(importance))
+    return UnitScores(
+        criterion,
+        heads=_rows(g["heads"]),
+        head_dims=_rows(g["head_dims"]),
+        mlp=_rows(g["mlp"]),
+        embed=tuple(float(v) for v in g["embed"].tolist()),
+        seconds=time.time() - t0,
+    )
+
+
+def _magnitude(p: int) -> CriterionFn:
+    def fn(loaded: LoadedModel, batches: Sequence[Batch], **_: Any) -> UnitScores:
+        return _grouped(loaded, f"l{p}", f"l{p}", None)
+
+    return fn
+
+
+def taylor_criterion(
+    loaded: LoadedModel,
+    batches: Sequence[Batch],
+    *,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    **_: Any,
+) -> UnitScores:
+    """torch-pruning's GroupTaylorImportance with gradients summed over ``batches``."""
+    from ..prune.isomorphic import accumulate_gradients
+
+    t0 = time.time()
+    grads = accumulate_gradients(loaded.model, batches, callbacks=callbacks, cancel=cancel)
+    s = _grouped(loaded, "taylor", "taylor", grads)
+    return UnitScores("taylor", s.heads, s.head_dims, s.mlp, s.embed, time.time() - t0)
+
+
+def taylor2_criterion(
+    loaded: LoadedModel,
+    batches: Sequence[Batch],
+    *,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    **_: Any,
+) -> UnitScores:
+    """SAViT's squared gate gradients (no Hessian-vector products: they only matter for SAViT's allocation)."""
+    from ..prune.savit import savit_scores
+
+    t0 = time.time()
+    s = savit_scores(
+        loaded.model, loaded.base, batches, hvp_every=0, seed=seed, callbacks=callbacks, cancel=cancel
+    )
+    return UnitScores("taylor2", heads=s.heads, mlp=s.mlp, embed=s.embed, seconds=time.time() - t0)
+
+
+@torch.inference_mode()
+def head_ablation(
+    loaded: LoadedModel,
+    batches: Sequence[Batch],
+    *,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> tuple[Matrix, float]:
+    """Δ(mean cross-entropy over ``batches``) when each head alone is removed, and the unablated loss.
+
+    A head is removed by zeroing its ``d`` columns of the ``proj`` input — what pruning it does (its q, k, v
+    rows no longer matter), on a copy of the model.
+    """
+    model = copy.deepcopy(loaded.model).eval()
+    device = next(model.parameters()).device
+    data = [(x.to(device), torch.as_tensor(y).to(device).long()) for x, y in batches]
+    masks = []
+    for blk in model.blocks:
+        a = blk.attn
+        mask = torch.ones(a.num_heads * a.head_dim, device=device)
+        masks.append(mask)
+        blk.attn.proj.register_forward_pre_hook(lambda _m, args, mask=mask: (args[0] * mask, *args[1:]))
+
+    def loss() -> float:
+        total, n = 0.0, 0
+        for x, y in data:
+            total += float(F.cross_entropy(logits_of(model, x).float(), y, reduction="sum"))
+            n += len(y)
+        return total / max(n, 1)
+
+    base = loss()
+    out: list[list[float]] = []
+    todo = sum(blk.attn.num_heads for blk in model.blocks)
+    done = 0
+    for mask, blk in zip(masks, model.blocks):
+        d = blk.attn.head_dim
+        row = []
+        for h in range(blk.attn.num_heads):
+            check(cancel)
+            mask[h * d : (h + 1) * d] = 0.0
+            row.append(loss() - base)
+            mask[h * d : (h + 1) * d] = 1.0
+            done += 1
+            progress(callbacks, "head ablation", done, todo)
+        out.append(row)
+    return tuple(tuple(r) for r in out), base
+
+
+def ablation_criterion(
+    loaded: LoadedModel,
+    batches: Sequence[Batch],
+    *,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    **_: Any,
+) -> UnitScores:
+    t0 = time.time()
+    heads, _ = head_ablation(loaded, batches, callbacks=callbacks, cancel=cancel)
+    return UnitScores("ablation", heads=heads, seconds=time.time() - t0)
+
+
+CRITERIA.add("l1", Criterion("l1", _magnitude(1), "L1 norm of each unit's grouped weights", needs_data=False))
+CRITERIA.add("l2", Criterion("l2", _magnitude(2), "L2 norm of each unit's grouped weights", needs_data=False))
+CRITERIA.add(
+    "taylor", Criterion("taylor", taylor_criterion, "grouped Taylor |w·g| (torch-pruning, Isomorphic)")
+)
+CRITERIA.add("taylor2", Criterion("taylor2", taylor2_criterion, "SAViT gate score (∂L/∂g)²"))
+CRITERIA.add(
+    "ablation", Criterion("ablation", ablation_criterion, "Δloss when one head is removed (ground truth)")
+)
+DEFAULT_CRITERIA = ("l1", "l2", "taylor", "taylor2", "ablation")
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None if either side is constant."""
+    from scipy.stats import spearmanr
+
+    if len(a) != len(b) or len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    r = spearmanr(a, b).statistic
+    return None if r is None or math.isnan(float(r)) else float(r)
+
+
+def compute_importance(
+    loaded: LoadedModel,
+    batches: Sequence[Batch],
+    criteria: Sequence[str] = DEFAULT_CRITERIA,
+    *,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> ImportanceResult:
+    """Scores of ``criteria`` for ``loaded``'s model over the calibration ``batches`` (model never changed)."""
+    from ..surgery import check_fits
+
+    if loaded.plan is not None and not loaded.plan.is_dense:
+        raise StudioError(
+            "Importance is computed on an unpruned model; load the base checkpoint of this export."
+        )
+    check_fits(loaded.model, loaded.base)
+    names = list(dict.fromkeys(criteria))
+    if not names:
+        raise StudioError(f"Give at least one criterion: {', '.join(CRITERIA.names())}.")
+    crits = [CRITERIA.get(n) for n in names]
+    if any(c.needs_data for c in crits) and not batches:
+        raise StudioError("These criteria need calibration data: give --data and --batches > 0.")
+    scores = []
+    for c in crits:
+        check(cancel)
+        emit(callbacks, "log", message=f"importance: {c.name}")
+        scores.append(c.fn(loaded, batches, seed=seed, callbacks=callbacks, cancel=cancel))
+    by = {s.criterion: s for s in scores}
+    corr: dict[str, float | None] = {}
+    if "ablation" in by:
+        truth = [v for r in by["ablation"].heads for v in r]
+        corr = {
+            s.criterion: spearman([v for r in s.heads for v in r], truth)
+            for s in scores
+            if s.criterion != "ablation"
+        }
+    return ImportanceResult(
+        base=loaded.base,
+        scores=tuple(scores),
+        correlation=corr,
+        batches=len(batches),
+        samples=sum(len(y) for _, y in batches),
+    )
+
+
+@dataclass(frozen=True)
+class ImportanceSpec:
+    """What ``analyze importance`` computes: model, calibration data and criteria."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec | None = field(default_factory=lambda: DataSpec("demo"))
+    criteria: tuple[str, ...] = DEFAULT_CRITERIA
+    batches: int = 4
+    batch_size: int = 64
+    split: str = "train"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "importance",
+            "model": self.model.to_dict(),
+            "data": None if self.data is None else self.data.to_dict(),
+            "criteria": list(self.criteria),
+            "batches": self.batches,
+            "batch_size": self.batch_size,
+            "split": self.split,
+            "seed": self.seed,
+        }
+
+
+def calibration(
+    loaded: LoadedModel, data: DataSpec | None, split: str, n: int, batch_size: int, seed: int = 0
+) -> list[Batch]:
+    """``n`` seeded batches of a split (none without data)."""
+    if data is None or n <= 0:
+        return []
+    if batch_size < 1:
+        raise StudioError(f"--batch-size must be at least 1, got {batch_size}.")
+    from ..prune.pipeline import calibration_batches
+
+    return calibration_batches(loaded, data, split, n, batch_size, seed)
+
+
+def run_importance(
+    spec: ImportanceSpec,
+    *,
+    loaded: LoadedModel | None = None,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> ImportanceResult:
+    """Load (or reuse) the model, draw the calibration batches and score every criterion of ``spec``."""
+    for n in spec.criteria:
+        CRITERIA.get(n)
+    loaded = loaded or load_model(spec.model)
+    batches = calibration(loaded, spec.data, spec.split, spec.batches, spec.batch_size, spec.seed)
+    return compute_importance(
+        loaded, batches, spec.criteria, seed=spec.seed, callbacks=callbacks, cancel=cancel
+    )
+
+
+# ----------------------------------------------------------------------------------------- page helpers
+def neuron_bins(mlp: Matrix, n_bins: int) -> tuple[list[list[float]], list[list[tuple[int, ...]]]]:
+    """Rank bins of each block's MLP neurons: bin 0 holds the highest-scored ``1/n_bins`` of the block.
+
+    Returns the mean score of each (block, bin) and the neuron indices in it. Neuron indices carry no order,
+    so the heat map bins by rank: a row shows how a block's importance is spread.
+    """
+    if n_bins < 1:
+        raise StudioError("Use at least one neuron bin.")
+    values, members = [], []
+    for row in mlp:
+        t = torch.tensor(row, dtype=torch.float64)
+        order = torch.argsort(-t, stable=True)
+        chunks = [c for c in torch.tensor_split(order, min(n_bins, len(row))) if len(c)]
+        members.append([tuple(sorted(int(i) for i in c)) for c in chunks])
+        values.append([float(t[c].mean()) for c in chunks])
+    return values, members
+
+
+def cells(z: Sequence[Sequence[float]]) -> tuple[list[int], list[int], list[float]]:
+    """Column, row and value of every cell of a (block × unit) score matrix (the heat map's click targets)."""
+    pts = [(j, i, float(v)) for i, r in enumerate(z) for j, v in enumerate(r)]
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+
+def marked(mask: Sequence[Sequence[bool]]) -> tuple[list[int], list[int]]:
+    """Column and row of every true cell of a (block × unit) mask (the heat map's × overlay)."""
+    return [j for r in mask for j, v in enumerate(r) if v], [i for i, r in enumerate(mask) for v in r if v]
+
+
+def removed_heads(plan: PrunePlan | None, base: BaseArch) -> list[list[bool]]:
+    """For each block and head, whether ``plan`` removes it (a removed block removes all its heads)."""
+    out = []
+    for i in range(base.depth):
+        H = base.num_heads[i]
+        b = None if plan is None else plan.block(i)
+        if plan is not None and b is None:
+            out.append([True] * H)
+        else:
+            kept = set(range(H)) if b is None or b.heads is None else set(b.heads)
+            out.append([h not in kept for h in range(H)])
+    return out
+
+
+def removed_fraction(
+    plan: PrunePlan | None, base: BaseArch, members: list[list[tuple[int, ...]]]
+) -> list[list[float]]:
+    """For each block and neuron bin, the fraction of its neurons ``plan`` removes."""
+    out = []
+    for i, bins in enumerate(members):
+        b = None if plan is None else plan.block(i)
+        if plan is not None and b is None:
+            out.append([1.0] * len(bins))
+            continue
+        kept = None if b is None or b.mlp is None else set(b.mlp)
+        out.append([0.0 if kept is None else sum(n not in kept for n in m) / max(len(m), 1) for m in bins])
+    return out
+
+
+def _edited(plan: PrunePlan, block: BlockPlan, note: str) -> PrunePlan:
+    blocks = tuple(block if b.index == block.index else b for b in plan.blocks)
+    edits = [*plan.params.get("edits", []), note]
+    method = plan.method if plan.method != "dense" else "manual"
+    return plan.with_(
+        blocks=blocks, method=method, params={**plan.params, "edits": edits}, summary={}
+    ).validate()
+
+
+def _block_of(plan: PrunePlan, index: int) -> BlockPlan:
+    b = plan.block(index)
+    if b is None:
+        raise StudioError(
+            f"Block {index} is removed by this plan; restore the block before editing its units."
+        )
+    return b
+
+
+def set_head(plan: PrunePlan, block: int, head: int, keep: bool) -> PrunePlan:
+    """``plan`` with head ``head`` of ``block`` kept or dropped (the last head of a block cannot be dropped)."""
+    b = _block_of(plan, block)
+    H = plan.base.num_heads[block]
+    if not 0 <= head < H:
+        raise StudioError(f"Block {block} has heads 0..{H - 1}; there is no head {head}.")
+    kept = set(range(H)) if b.heads is None else set(b.heads)
+    kept = kept | {head} if keep else kept - {head}
+    if not kept:
+        raise StudioError(f"Head {head} is the last one of block {block}: a block keeps at least one head.")
+    heads = None if len(kept) == H else tuple(sorted(kept))
+    new = BlockPlan(b.index, heads, b.head_dims, b.mlp, b.attn_in, b.attn_out, b.mlp_in, b.mlp_out)
+    return _edited(plan, new, f"block {block} head {head} {'keep' if keep else 'drop'}")
+
+
+def set_neurons(plan: PrunePlan, block: int, neurons: Sequence[int], keep: bool) -> PrunePlan:
+    """``plan`` with MLP ``neurons`` of ``block`` kept or dropped (a block keeps at least one neuron)."""
+    b = _block_of(plan, block)
+    M = plan.base.mlp_hidden[block]
+    bad = [n for n in neurons if not 0 <= n < M]
+    if bad:
+        raise StudioError(f"Block {block} has MLP neurons 0..{M - 1}; {bad[0]} is out of range.")
+    kept = set(range(M)) if b.mlp is None else set(b.mlp)
+    kept = kept | set(neurons) if keep else kept - set(neurons)
+    if not kept:
+        raise StudioError(f"Dropping these neurons empties the MLP of block {block}; keep at least one.")
+    mlp = None if len(kept) == M else tuple(sorted(kept))
+    new = BlockPlan(b.index, b.heads, b.head_dims, mlp, b.attn_in, b.attn_out, b.mlp_in, b.mlp_out)
+    return _edited(plan, new, f"block {block} {len(neurons)} MLP neurons {'keep' if keep else 'drop'}")
+
+
+def toggle_head(plan: PrunePlan, block: int, head: int) -> PrunePlan:
+    """Keep a removed head, or drop a kept one (a click on the heat map)."""
+    return set_head(plan, block, head, keep=removed_heads(plan, plan.base)[block][head])
+
+
+def unit_labels(base: BaseArch, block: int, members: list[list[tuple[int, ...]]] | None) -> list[str]:
+    """The units of ``block`` an edit can address: ``head h`` and, with neuron bins, ``neuron bin j``."""
+    heads = [f"head {h}" for h in range(base.num_heads[block])]
+    return heads + ([f"neuron bin {j}" for j in range(len(members[block]))] if members else [])
+
+
+def edit_unit(
+    plan: PrunePlan, block: int, unit: str, keep: bool, members: list[list[tuple[int, ...]]] | None = None
+) -> PrunePlan:
+    """Apply a keep/drop of one labelled unit (see :func:`unit_labels`) to ``plan``."""
+    kind, _, idx = unit.rpartition(" ")
+    if kind == "head":
+        return set_head(plan, block, int(idx), keep)
+    if kind == "neuron bin" and members:
+        return set_neurons(plan, block, members[block][int(idx)], keep)
+    raise StudioError(f"Unknown unit '{unit}': use 'head N' or 'neuron bin N'.")
+
+
+def speed_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Measured throughput before/after per batch size, from :func:`run_plan`'s results."""
+    b, a = results["before"], results["after"]
+    return [
+        {
+            "batch size": int(bs),
+            "base images/s": b["throughput"][bs]["images_per_s"],
+            "pruned images/s": a["throughput"][bs]["images_per_s"],
+            "measured speed-up": v,
+        }
+        for bs, v in results["speedup"].items()
+    ]
+
+
+def start_retrain(export: str | Path, data: DataSpec, epochs: int, *, device: str = "cpu") -> str:
+    """Start ``retrain`` of a pruned export as a background job next to its run; returns the job's run folder."""
+    from .. import jobs
+
+    out = Path(export).parent.parent / f"{Path(export).parent.name}-retrain"
+    jobs.start_job(
+        [
+            "retrain",
+            "--model",
+            str(export),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            str(int(epochs)),
+        ],
+        out,
+        device=device,
+    )
+    return str(out)
+
+
+OVERLAY_METHODS = ("savit", "isomorphic", "magnitude", "random")
+
+
+class MethodPlanner:
+    """Plans of several methods at any MACs budget for one model, each method's calibration work done once.
+
+    Isomorphic's summed gradients and SAViT's scores (with the Hessian) are computed on first use and kept, so
+    moving a budget slider only re-runs the cheap part (the pruner's ranking / SAViT's allocation). Plans are
+    memoised per (method, target). One instance per session and model: it holds no shared state.
+    """
+
+    def __init__(self, loaded: LoadedModel, batches: Sequence[Batch], *, seed: int = 0) -> None:
+        self.loaded, self.batches, self.seed = loaded, list(batches), seed
+        self._grads: dict[str, torch.Tensor] | None = None
+        self._savit: Any = None
+        self._plans: dict[tuple[str, float], PrunePlan] = {}
+
+    def plan(
+        self,
+        method: str,
+        target: float,
+        *,
+        callbacks: Sequence[Callback] = (),
+        cancel: CancelToken | None = None,
+    ) -> PrunePlan:
+        """The plan ``method`` makes to keep ``target`` of the MACs (summary filled)."""
+        from ..costs import with_summary
+
+        key = (method, round(float(target), 4))
+        if key not in self._plans:
+            self._plans[key] = with_summary(self._make(method, float(target), callbacks, cancel))
+        return self._plans[key]
+
+    def _make(
+        self, method: str, target: float, callbacks: Sequence[Callback], cancel: CancelToken | None
+    ) -> PrunePlan:
+        loaded, base = self.loaded, self.loaded.base
+        if method == "isomorphic":
+            from ..prune.isomorphic import DEFAULT_RATIOS, IsoRatios, accumulate_gradients, solve_scale
+
+            if self._grads is None:
+                self._grads = accumulate_gradients(
+                    loaded.model, self.batches, callbacks=callbacks, cancel=cancel
+                )
+            st, _, _ = solve_scale(
+                loaded.model,
+                base,
+                self._grads,
+                IsoRatios(*DEFAULT_RATIOS),
+                target,
+                params={"target_macs": target},
+                callbacks=callbacks,
+                cancel=cancel,
+            )
+            return st.plan
+        if method == "savit":
+            from ..prune.savit import savit_plan, savit_scores
+
+            if self._savit is None:
+                self._savit = savit_scores(
+                    loaded.model, base, self.batches, seed=self.seed, callbacks=callbacks, cancel=cancel
+                )
+            plan, _ = savit_plan(base, self._savit, target, params={"target_macs": target})
+            return plan
+        from ..prune import PruneRequest, make_plan
+
+        return make_plan(
+            method,
+            PruneRequest(loaded, {"target_macs": target}, self.batches, self.seed),
+            callbacks=callbacks,
+            cancel=cancel,
+        )
+
+
+def plan_cost_of(plan: PrunePlan | None, base: BaseArch) -> dict[str, Any]:
+    """Params and MACs of ``plan`` (dense if None) and their fractions of the base model."""
+    from ..costs import plan_cost
+
+    dense = plan_cost(PrunePlan.dense(base))
+    now = plan_cost(plan) if plan is not None else dense
+    return {
+        "params": now["params"],
+        "macs": now["macs"],
+        "params_fraction": now["params"] / dense["params"],
+        "macs_fraction": now["macs"] / dense["macs"],
+        "params_base": dense["params"],
+        "macs_base": dense["macs"],
+    }
+
+
+def run_plan(
+    loaded: LoadedModel,
+    plan: PrunePlan,
+    data: DataSpec | None,
+    *,
+    root: str | Path,
+    model_spec: ModelSpec,
+    bench_batch_sizes: tuple[int, ...] = (1, 64),
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Apply ``plan`` to a copy of ``loaded``, measure accuracy and throughput before/after, export the result.
+
+    Everything lands in a new run folder under ``root`` (``plan.json``, ``results.json``, ``export/``), so the
+    Runs/Compare pages and a retraining job (``retrain --model <run>/export``) can pick it up.
+    Returns the :class:`~studio.runs.RunDir` and the results dict.
+    """
+    from ..costs import with_summary
+    from ..data import prepare
+    from ..export import export
+    from ..prune.pipeline import PruneSpec, measure
+    from ..surgery import apply_plan
+    from ..workflow import new_run
+
+    plan = with_summary(plan.validate())
+    spec = PruneSpec(
+        model=model_spec,
+        method=plan.method,
+        params=dict(plan.params),
+        data=data,
+        bench_batch_sizes=bench_batch_sizes,
+        export=True,
+    )
+    run = new_run(root, f"prune-{plan.method}", {**spec.to_dict(), "plan": plan.to_dict()})
+    callbacks = [*callbacks, run.log_event]
+    run.set_status("running")
+    try:
+        t0 = time.time()
+        plan.save(run.plan_file)
+        pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
+        eval_data = (
+            None if data is None else prepare(data, "test", loaded.data_config, loaded.base.num_classes)
+        )
+        before = measure(
+            loaded.model, loaded, spec, eval_data, tag="base", callbacks=callbacks, cancel=cancel
+        )
+        after = measure(pruned, loaded, spec, eval_data, tag="pruned", callbacks=callbacks, cancel=cancel)
+        metrics = {k: after[k] for k in ("top1", "loss", "params", "macs") if k in after}
+        export(
+            pruned,
+            loaded.base,
+            run.export_dir,
+            plan=plan,
+            data_config=loaded.data_config,
+            class_names=loaded.class_names,
+            metrics=metrics,
+        )
+        speedup = {
+            bs: after["throughput"][bs]["images_per_s"] / before["throughput"][bs]["images_per_s"]
+            for bs in after.get("throughput", {})
+        }
+        results = {
+            "method": plan.method,
+            "summary": dict(plan.summary),
+            "params": dict(plan.params),
+            "before": before,
+            "after": after,
+            "speedup": speedup,
+            "ideal_speedup": before["macs"] / after["macs"],
+            "export": str(run.export_dir),
+            "seconds": time.time() - t0,
+        }
+        run.write_results(results)
+    except BaseException as e:
+        run.set_status("failed", error=str(e)[:500])
+        raise
+    run.set_status("done")
+    return run, results
