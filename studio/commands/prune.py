@@ -189,6 +189,8 @@ def _pct(a: float, b: float) -> str:
 
 
 def _prune_text(d: dict[str, Any], plan: PrunePlan) -> str:
+    from ..prune import get_method
+
     b, a = d["before"], d["after"]
     lines = [
         plan.describe(),
@@ -197,7 +199,9 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan) -> str:
         f"MACs    {_pct(b['macs'], a['macs'])}   (ideal speed-up x{d['ideal_speedup']:.2f})",
     ]
     if "top1" in a:
-        lines.append(f"top-1   {b['top1']:.4f} -> {a['top1']:.4f} (no recovery training)")
+        trained = get_method(d["method"]).runner is not None
+        note = "after the method's training" if trained else "no recovery training"
+        lines.append(f"top-1   {b['top1']:.4f} -> {a['top1']:.4f} ({note})")
     rows = [
         {
             "batch": bs,
