@@ -133,7 +133,7 @@ class RunDir:
 
     @property
     def checkpoint_file(self) -> Path:
-        return self.path / "checkpoint.safetensors"
+        return self.path / "checkpoint.pt"  # torch.save payload, read back with weights_only=True
 
     def spec(self) -> dict[str, Any]:
         return read_json(self.spec_file)

@@ -202,9 +202,13 @@ def fit(
     )
     best: dict[str, Any] = {"epoch": None, "top1": None, "weights": None}
     start_epoch, skip = 0, 0
+    # partial-epoch sums and patience, saved with a mid-epoch checkpoint so a resumed history is exact
+    acc: dict[str, Any] = {"loss_sum": 0.0, "correct": 0, "seen": 0, "since_best": 0}
     ckpt_path = Path(checkpoint) if checkpoint else None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        start_epoch, skip = _load_checkpoint(ckpt_path, state, hooks, best)
+        start_epoch, skip = _load_checkpoint(ckpt_path, state, hooks, best, acc)
+        if rank != 0:  # the saved partial sums are the whole group's (see the cancel path)
+            acc.update(loss_sum=0.0, correct=0, seen=0)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if spec.amp and device.type == "cuda"
@@ -212,7 +216,7 @@ def fit(
     )
     net = ddp_model or model
     t0 = time.time()
-    since_best = 0
+    since_best = int(acc["since_best"])
     emit(
         callbacks, "status", state="training", epochs=spec.epochs, steps=state.total_steps, device=str(device)
     )
@@ -223,11 +227,17 @@ def fit(
             sampler = EpochSampler(
                 n, seed=spec.seed, epoch=epoch, skip=skip * spec.batch_size, rank=rank, world=world
             )
+            # an own generator: iterating a DataLoader would otherwise draw from the global RNG, which a
+            # resumed run (new loader mid-epoch) would draw once more than an uninterrupted one
             loader = DataLoader(
-                train_data, batch_size=spec.batch_size, sampler=sampler, num_workers=spec.num_workers
+                train_data,
+                batch_size=spec.batch_size,
+                sampler=sampler,
+                num_workers=spec.num_workers,
+                generator=torch.Generator().manual_seed(spec.seed),
             )
             net.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, correct, seen = float(acc["loss_sum"]), int(acc["correct"]), int(acc["seen"])
             for i, (x, y) in enumerate(loader, start=skip):
                 if cancel is not None and cancel.is_set:
                     raise Cancelled(f"cancelled at epoch {epoch} step {i}")
@@ -264,10 +274,14 @@ def fit(
                 if state.logits is not None:
                     correct += int((state.logits.argmax(1) == y).sum())
                 state.logits = None
+                acc.update(loss_sum=loss_sum, correct=correct, seen=seen)
                 progress(
                     callbacks, "train", state.step, state.total_steps, epoch=epoch, loss=float(loss.detach())
                 )
             skip = 0
+            acc.update(loss_sum=0.0, correct=0, seen=0)
+            if world > 1:  # every rank trained on its shard: report the whole epoch
+                loss_sum, correct, seen = _all_sum(device, loss_sum, correct, seen)
             record: dict[str, Any] = {
                 "epoch": epoch,
                 "train_loss": loss_sum / max(1, seen),
@@ -288,24 +302,39 @@ def fit(
                     since_best = 0
                 else:
                     since_best += 1
+            if world > 1 and val_data is not None:  # rank 0 evaluated: every rank takes the same decision
+                since_best, val = _from_rank0(
+                    since_best, {k: record.get(k) for k in ("val_top1", "val_loss")}
+                )
+                record.update(val)
+            acc["since_best"] = since_best
             for extra in _call(hooks, "on_epoch_end", state):
                 if isinstance(extra, dict):
                     record.update(extra)
             state.history.append(record)
             emit(callbacks, "metric", **record)
             if ckpt_path is not None and rank == 0:
-                _save_checkpoint(ckpt_path, state, hooks, best, epoch + 1, 0)
+                _save_checkpoint(ckpt_path, state, hooks, best, epoch + 1, 0, acc)
             if spec.early_stop and since_best >= spec.early_stop:
                 emit(callbacks, "log", message=f"early stop: no validation gain for {since_best} epochs")
                 break
     except Cancelled:
+        if world > 1:  # all ranks stop at the same step (the token is synchronised): save the group's sums
+            acc["loss_sum"], acc["correct"], acc["seen"] = _all_sum(
+                device, acc["loss_sum"], acc["correct"], acc["seen"]
+            )
         if ckpt_path is not None and rank == 0:
             done_in_epoch = state.step - epoch * steps_per_epoch
-            _save_checkpoint(ckpt_path, state, hooks, best, epoch, done_in_epoch)
+            _save_checkpoint(ckpt_path, state, hooks, best, epoch, done_in_epoch, acc)
         emit(callbacks, "status", state="cancelled", epoch=epoch, step=state.step)
         raise
     if spec.select == "val" and best["weights"] is not None:
         model.load_state_dict(best["weights"])
+    if world > 1 and spec.select == "val" and val_data is not None:  # only rank 0 held the best weights
+        import torch.distributed as dist
+
+        for v in model.state_dict().values():
+            dist.broadcast(v, src=0)
     return TrainResult(
         epochs_run=len(state.history),
         steps=state.step,
@@ -316,8 +345,32 @@ def fit(
     )
 
 
+def _all_sum(device: torch.device, *values: float) -> list[float | int]:
+    """Sum per-rank numbers over the process group (multi-process training)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [v if isinstance(v0, float) else int(v) for v, v0 in zip(t.tolist(), values)]
+
+
+def _from_rank0(since_best: int, val: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Rank 0's validation result and patience counter, on every rank (early stop must agree)."""
+    import torch.distributed as dist
+
+    box = [(since_best, val)]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _save_checkpoint(
-    path: Path, state: TrainState, hooks: Sequence[Any], best: dict[str, Any], epoch: int, skip: int
+    path: Path,
+    state: TrainState,
+    hooks: Sequence[Any],
+    best: dict[str, Any],
+    epoch: int,
+    skip: int,
+    acc: dict[str, Any] | None = None,
 ) -> None:
     """Everything needed for an exact resume; read back with ``weights_only=True`` (no pickled objects)."""
     from .runs import atomic_path
@@ -329,6 +382,8 @@ def _save_checkpoint(
         "skip": skip,
         "step": state.step,
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "acc": {k: float(v) for k, v in (acc or {}).items()},
         "history": copy.deepcopy(state.history),
         "best_epoch": -1 if best["epoch"] is None else best["epoch"],
         "best_top1": -1.0 if best["top1"] is None else best["top1"],
@@ -340,10 +395,15 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    path: Path, state: TrainState, hooks: Sequence[Any], best: dict[str, Any]
+    path: Path,
+    state: TrainState,
+    hooks: Sequence[Any],
+    best: dict[str, Any],
+    acc: dict[str, Any] | None = None,
 ) -> tuple[int, int]:
     try:
-        payload = torch.load(path, map_location=next(state.model.parameters()).device, weights_only=True)
+        # on the CPU: RNG states must stay CPU byte tensors; weights and optimizer state move to their device below
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged or foreign file
         raise StudioError(
             f"Checkpoint {path} cannot be read ({str(e)[:120]}). Delete it to start over."
@@ -353,12 +413,29 @@ def _load_checkpoint(
     state.step = int(payload["step"])
     state.history = list(payload["history"])
     torch.set_rng_state(payload["rng"])
+    if payload.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    if acc is not None:
+        for k, v in payload.get("acc", {}).items():
+            acc[k] = v if k == "loss_sum" else int(v)
     if payload["best_epoch"] >= 0:
         best.update(
             epoch=int(payload["best_epoch"]),
             top1=float(payload["best_top1"]),
             weights=payload["best_weights"],
         )
+    device = next(state.model.parameters()).device
     for h, sd in zip([h for h in hooks if hasattr(h, "load_state_dict")], payload["hooks"]):
-        h.load_state_dict(sd)
+        h.load_state_dict(_to_device(sd, device))
     return int(payload["epoch"]), int(payload["skip"])
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors inside nested dicts/lists moved to ``device`` (hook states are read on the CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

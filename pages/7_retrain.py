@@ -1,0 +1,122 @@
+"""Retrain: recover a pruned model's accuracy as a background job, with optional distillation, and watch it."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from studio import jobs
+from studio.recovery import KD_MODES, infer_teacher, preset_names, resolve_recipe
+from studio.ui import guide, state
+from studio.ui.charts import human, pct
+from studio.ui.jobs import device_picker, job_panel, start_job_button
+
+st.title("Retrain")
+st.caption(
+    "Fine-tune a pruned model to win back accuracy, optionally distilling from the unpruned one. The job runs "
+    "in its own process: close the tab or reload, it keeps going, and the Runs page lists it."
+)
+
+root = state.runs_root()
+exported = [r for r in jobs.exports(root) if r["kind"] != "retrain" or r["status"] == "done"]
+exported.sort(key=lambda r: r["kind"] == "retrain")  # pruned models first (stable: newest first within)
+if not exported:
+    guide.needs(
+        "No pruned model yet: prune one on the Prune page (each prune run exports its model).",
+        "pages/6_prune.py",
+        "Prune a model",
+    )
+    st.stop()
+
+
+def _label(r: dict) -> str:
+    acc = f" · top-1 {pct(r['top1'])}" if r.get("top1") is not None else ""
+    return f"{r['run']} · {r['kind']} {r['method']} · {human(r['params'])} params{acc}"
+
+
+labels = {_label(r): r for r in exported}
+picked = labels[st.selectbox("Pruned model", list(labels), key="retrain_model")]
+model = str(Path(picked["path"]) / "export")
+teacher_spec = infer_teacher(model)
+
+st.markdown("##### Recipe")
+r1, r2 = st.columns([1, 2])
+preset = r1.selectbox(
+    "Preset",
+    preset_names(),
+    key="retrain_preset",
+    help="quick: a few CPU minutes. paper: the recipe of the method that pruned the model.",
+)
+with state.user_errors():
+    recipe = resolve_recipe(preset, picked["method"])
+    r2.caption(f"**{recipe.name}** — {recipe.source}")
+
+    k1, k2, k3 = st.columns(3)
+    kd = k1.radio(
+        "Distillation",
+        KD_MODES,
+        index=KD_MODES.index(recipe.kd),
+        horizontal=True,
+        key="retrain_kd",
+        help="soft: KL to the teacher's softened outputs (Hinton); hard: CE to its argmax (DeiT).",
+    )
+    temperature = k2.number_input(
+        "Temperature T", 0.5, 20.0, float(recipe.temperature), 0.5, key="retrain_t", disabled=kd != "soft"
+    )
+    alpha = k3.slider(
+        "Distillation weight α",
+        0.0,
+        1.0,
+        float(recipe.alpha),
+        0.05,
+        key="retrain_alpha",
+        disabled=kd == "none",
+    )
+    teacher = st.text_input(
+        "Teacher (the unpruned model)",
+        value=teacher_spec.source if teacher_spec else "demo",
+        key="retrain_teacher",
+        disabled=kd == "none",
+    )
+    o1, o2, o3, o4 = st.columns(4)
+    epochs = o1.number_input("Epochs", 1, 1000, recipe.epochs, key="retrain_epochs")
+    lr = o2.number_input("Learning rate", 1e-6, 1.0, recipe.lr, format="%.1e", key="retrain_lr")
+    smoothing = o3.number_input("Label smoothing", 0.0, 0.5, recipe.label_smoothing, 0.05, key="retrain_ls")
+    patience = o4.number_input(
+        "Early stop (epochs, 0 = off)", 0, 100, recipe.early_stop or 0, key="retrain_patience"
+    )
+    device, nproc = device_picker("retrain")
+    data = state.data_spec()
+    st.caption(f"Data: {data} (train to fit, val to select and stop early, test for the final number).")
+
+
+def argv_for(run: Path) -> list[str]:
+    """The ``python -m studio retrain`` command for this form."""
+    argv = ["retrain", "--model", model, "--data", str(data), "--out", str(run), "--preset", preset]
+    argv += ["--kd", kd, "--epochs", str(int(epochs)), "--lr", repr(float(lr))]
+    argv += ["--label-smoothing", repr(float(smoothing)), "--early-stop", str(int(patience))]
+    if kd != "none":
+        argv += [
+            "--teacher",
+            teacher,
+            "--alpha",
+            repr(float(alpha)),
+            "--temperature",
+            repr(float(temperature)),
+        ]
+    if data.limit:
+        argv += ["--limit", str(data.limit)]
+    return argv
+
+
+busy = jobs.device_holder(device, root)
+if busy:
+    st.info(f"{device} is busy with job {Path(busy['run']).name}; this job will be refused until it ends.")
+start_job_button(
+    "Start retraining", argv_for, prefix="retrain", key="retrain_start", device=device, nproc=nproc
+)
+
+current = st.session_state.get("retrain_start_run")
+if current:
+    st.subheader("Job", divider="gray")
+    job_panel(current)
+    guide.next_step(("pages/8_runs.py", "compare it with your other runs"))

@@ -1,0 +1,280 @@
+"""CLI: ``retrain`` (recovery after pruning, optionally distilled, single- or multi-process) and ``jobs``.
+
+``retrain --model runs/P/export --data demo --out runs/R`` fine-tunes a pruned export; ``retrain --run runs/R``
+runs the spec already in a run folder (what background jobs and ``torchrun --nproc_per_node N -m studio retrain
+--run runs/R`` use); ``--resume`` continues from the run's checkpoint. ``jobs list|status|cancel|resume|logs|start``
+manage background jobs (see :mod:`studio.jobs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+from .. import jobs
+from ..errors import StudioError
+from ..events import CancelToken
+from ..models import ModelSpec
+from ..recovery import KD_MODES, RecoverySpec, infer_teacher, preset_names, run_recovery
+from ..runs import RunDir
+from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
+
+_RECIPE_FLAGS = {  # flag -> (type, recipe field, help)
+    "--epochs": (int, "epochs", "training epochs"),
+    "--lr": (float, "lr", "peak learning rate (AdamW)"),
+    "--batch-size": (int, "batch_size", "batch size per process"),
+    "--weight-decay": (float, "weight_decay", "AdamW weight decay"),
+    "--warmup-epochs": (float, "warmup_epochs", "linear warm-up length before the cosine decay"),
+    "--min-lr": (float, "min_lr", "final learning rate of the cosine"),
+    "--label-smoothing": (float, "label_smoothing", "label smoothing of the cross-entropy"),
+    "--temperature": (float, "temperature", "soft distillation temperature T"),
+    "--alpha": (float, "alpha", "distillation weight α (1 − α on the labels)"),
+    "--early-stop": (int, "early_stop", "stop after N epochs without validation gain"),
+    "--trainable": (str, "trainable", "all, head, or re:<regex> over parameter names"),
+}
+
+
+def _runs_root() -> Path:
+    return Path(os.environ.get("STUDIO_RUNS", "runs"))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retrain",
+        help="recover a pruned model: fine-tune with optional distillation (also under torchrun)",
+        description="Fine-tune a pruned model, optionally distilling from the unpruned one. "
+        "Multi-GPU: torchrun --nproc_per_node N -m studio retrain --run runs/NAME",
+    )
+    add_model_args(p)
+    p.set_defaults(model=None)
+    add_data_args(p)
+    add_common(p)
+    g = p.add_argument_group("run")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--out", help="new run folder, e.g. runs/NAME")
+    where.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        help="existing run folder whose spec.json to run (under torchrun write --run-dir: torchrun's own "
+        "parser takes --run for an abbreviation of its --run-path)",
+    )
+    g.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    g.add_argument("--dry-run", action="store_true", help="write the run's spec.json and stop")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")
+    g.add_argument("--no-export", action="store_true", help="do not export the recovered model")
+    r = p.add_argument_group("recipe")
+    r.add_argument("--preset", default="quick", choices=preset_names(), help="recipe preset")
+    r.add_argument("--kd", choices=KD_MODES, help="distillation: none, soft (Hinton) or hard (DeiT)")
+    r.add_argument(
+        "--teacher",
+        help="unpruned model to distil from (default: the model the export was pruned from), or 'none'",
+    )
+    for flag, (typ, _, text) in _RECIPE_FLAGS.items():
+        r.add_argument(flag, type=typ, help=text)
+    p.set_defaults(func=cmd_retrain)
+
+    j = sub.add_parser("jobs", help="background jobs: list, status, cancel, resume, logs, start")
+    jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    a = jsub.add_parser("list", help="every run with its status")
+    a.add_argument("--root", default=None, help="runs folder (default $STUDIO_RUNS or runs)")
+    add_common(a)
+    a.set_defaults(func=cmd_list)
+    for name, fn, text in (
+        ("status", cmd_status, "state, progress, ETA and memory of a run"),
+        ("cancel", cmd_cancel, "ask a job to save a checkpoint and stop"),
+        ("resume", cmd_resume, "run a cancelled or failed job again with --resume"),
+        ("logs", cmd_logs, "the end of a job's stderr (or stdout) log"),
+    ):
+        a = jsub.add_parser(name, help=text)
+        a.add_argument("run", help="run folder, e.g. runs/NAME")
+        add_common(a)
+        if name == "cancel":
+            a.add_argument("--force", action="store_true", help="also send SIGTERM to the job's processes")
+        if name == "logs":
+            a.add_argument("--stream", choices=("stderr", "stdout"), default="stderr")
+            a.add_argument("--lines", type=int, default=100)
+        if name == "resume":
+            a.add_argument("--nproc", type=int, help="processes (GPUs) under torchrun")
+        a.set_defaults(func=fn)
+    a = jsub.add_parser(
+        "start",
+        help="start a studio command in the background, e.g. jobs start -- retrain --run runs/R",
+    )
+    add_common(a)
+    a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (one per GPU)")
+    a.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each process")
+    a.add_argument("argv", nargs=argparse.REMAINDER, help="the command (it must have --out or --run)")
+    a.set_defaults(func=cmd_start)
+
+
+# --------------------------------------------------------------------------------------------- retrain
+def _spec_from_args(args: argparse.Namespace) -> RecoverySpec:
+    if args.model is None:
+        raise StudioError("Give the pruned model with --model (e.g. runs/NAME/export), or a run with --run.")
+    model = model_spec(args)
+    teacher: ModelSpec | None
+    if args.teacher and args.teacher.lower() == "none":
+        teacher = None
+    elif args.teacher:
+        teacher = ModelSpec(source=args.teacher, device=args.device)
+    else:
+        teacher = infer_teacher(args.model)
+        if teacher is not None:
+            teacher = teacher.with_(device=args.device)
+    overrides = {
+        field: getattr(args, flag[2:].replace("-", "_")) for flag, (_, field, _) in _RECIPE_FLAGS.items()
+    }
+    overrides["kd"] = args.kd
+    spec = RecoverySpec(
+        model=model,
+        data=data_spec(args),
+        teacher=teacher,
+        preset=args.preset,
+        overrides={k: v for k, v in overrides.items() if v is not None},
+        seed=args.seed,
+        eval_split=args.split,
+        bench=not args.no_bench,
+        export=not args.no_export,
+    )
+    spec.recipe()  # validate the overrides now, not after loading the model
+    return spec
+
+
+def _without_device(d: dict) -> dict:
+    out = dict(d)
+    for key in ("model", "teacher"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k != "device"}
+    return out
+
+
+def _open_run(args: argparse.Namespace) -> tuple[RunDir, RecoverySpec]:
+    if args.run:
+        run = RunDir(args.run)
+        if not run.spec_file.exists():
+            raise StudioError(
+                f"{run.path} has no spec.json: create the run with retrain ... --out {run.path}."
+            )
+        spec = RecoverySpec.from_dict(run.spec())
+        if not args.resume and (run.checkpoint_file.exists() or run.results_file.exists()):
+            raise StudioError(
+                f"Run {run.path} already trained (it has a checkpoint or results): add --resume to continue "
+                "it, or start a new run with --out."
+            )
+    elif args.out:
+        spec = _spec_from_args(args)
+        run = RunDir(args.out)
+        if args.resume and run.spec_file.exists():
+            saved = RecoverySpec.from_dict(run.spec())
+            if _without_device(saved.to_dict()) != _without_device(spec.to_dict()):
+                raise StudioError(
+                    f"{run.path} was started with other options than these; resume it with the same command "
+                    f"and --resume, or with: retrain --run {run.path} --resume."
+                )
+            spec = saved
+        elif _is_rank0():
+            run = RunDir.create(run.path, spec.to_dict())
+    else:
+        raise StudioError("Give the run folder: --out runs/NAME (a new run) or --run runs/NAME (its spec).")
+    # this attempt's device (a run may be resumed elsewhere); the spec on disk keeps what it was started with
+    teacher = spec.teacher.with_(device=args.device) if spec.teacher is not None else None
+    return run, replace(spec, model=spec.model.with_(device=args.device), teacher=teacher)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_retrain(args: argparse.Namespace) -> Output:
+    run, spec = _open_run(args)
+    if args.dry_run:
+        return Output(
+            {"run": str(run.path), "spec": spec.to_dict()}, f"run {run.path} prepared: {run.spec_file}"
+        )
+    token = CancelToken(run.cancel_file)
+    # SIGTERM (jobs cancel --force, torchrun forwarding a stop) becomes the same clean stop as the CANCEL file
+    signal.signal(signal.SIGTERM, lambda *_: token.set())
+    result = run_recovery(spec, run=run, resume=args.resume, callbacks=[stderr_progress()], cancel=token)
+    if result is None:  # a rank other than 0: rank 0 reports
+        return Output({"rank": int(os.environ.get("RANK", 0))}, "")
+    d = result.to_dict()
+    a, b = d["after"], d["before"]
+    tput = a.get("throughput") or {}
+    speed = "  ".join(f"bs{k}: {v['images_per_s']:.1f} img/s" for k, v in tput.items())
+    text = (
+        f"{run.path}: recovered a {d['method']} model with recipe {d['recipe']['name']} "
+        f"(kd {d['recipe']['kd']}) in {d['train']['epochs_run']} epochs on {d['device']} x{d['world']}\n"
+        f"top-1 {b.get('top1', float('nan')):.4f} -> {a['top1']:.4f} on {a['n']} {spec.eval_split} images "
+        f"(best val {a.get('val_top1') or float('nan'):.4f})\n"
+        f"params {a['params']:,}  MACs {a['macs']:,}  {speed}\n"
+        f"export: {d['export']}"
+    )
+    return Output({"run": str(run.path), **d}, text)
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+def _status_text(s: jobs.JobStatus) -> str:
+    lines = [f"{s.name}: {s.state}" + (f" (pid {s.pid}, {s.device})" if s.pid else "")]
+    if s.progress:
+        p = s.progress
+        lines.append(
+            f"  {p.get('task')} {p.get('done')}/{p.get('total')}"
+            + (f"  epoch {p['epoch']}" if "epoch" in p else "")
+            + (f"  loss {p['loss']:.4g}" if "loss" in p else "")
+            + (f"  ETA {s.eta_s:.0f}s" if s.eta_s is not None else "")
+        )
+    if s.rss_mb is not None:
+        lines.append(f"  memory {s.rss_mb:.0f} MB" + (f", GPU {s.gpu_mem_mb:.0f} MB" if s.gpu_mem_mb else ""))
+    if s.error:
+        lines.append(f"  error: {s.error}")
+    if s.resumable:
+        lines.append(f"  resumable: python -m studio jobs resume {s.run}")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> Output:
+    rows = jobs.run_table(args.root or _runs_root())
+    cols = ["run", "kind", "method", "budget", "top1", "params", "macs", "throughput", "status"]
+    return Output({"runs": rows}, table(rows, cols))
+
+
+def cmd_status(args: argparse.Namespace) -> Output:
+    s = jobs.job_status(args.run)
+    return Output(s.to_dict(), _status_text(s))
+
+
+def cmd_cancel(args: argparse.Namespace) -> Output:
+    s = jobs.cancel_job(args.run, force=args.force)
+    return Output(s.to_dict(), f"cancel requested: {_status_text(s)}")
+
+
+def cmd_resume(args: argparse.Namespace) -> Output:
+    device = None if args.device == "auto" else args.device
+    s = jobs.resume_job(args.run, device=device, nproc=args.nproc)
+    return Output(s.to_dict(), f"resumed: {_status_text(s)}")
+
+
+def cmd_logs(args: argparse.Namespace) -> Output:
+    text = jobs.read_log(args.run, args.stream, args.lines)
+    return Output({"run": args.run, "stream": args.stream, "log": text}, text)
+
+
+def cmd_start(args: argparse.Namespace) -> Output:
+    argv = [a for a in args.argv if a != "--"]
+    run_dir = None
+    for flag in ("--out", "--run"):
+        if flag in argv and argv.index(flag) + 1 < len(argv):
+            run_dir = argv[argv.index(flag) + 1]
+    if not argv or run_dir is None:
+        raise StudioError(
+            "Give the command to start after --, with its run folder: jobs start -- retrain --run R"
+        )
+    device = "cuda:0" if args.device == "auto" and jobs.gpu_count() else args.device
+    device = "cpu" if device == "auto" else device
+    s = jobs.start_job(argv, run_dir, device=device, nproc=args.nproc, threads=args.threads)
+    return Output(s.to_dict(), f"started: {_status_text(s)}")

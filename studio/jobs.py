@@ -1,0 +1,768 @@
+"""Background jobs: long work (retraining, P3B, SPLoRA, prune runs) as separate processes on a run directory.
+
+A job is ``python -m studio <command> ... --out/--run runs/NAME`` started with :func:`start_job` in its own
+session (``start_new_session``: it survives the Streamlit script, a closed tab or a page reload, and its whole
+process group can be signalled), its stdout/stderr going to ``stdout.log``/``stderr.log`` in the run folder and
+its pid, command and device to ``job.json``. Everything else is read back from the folder, so any tab, a later
+session or the CLI (``python -m studio jobs list|status|cancel|logs``) sees the same state:
+
+- :func:`job_status` combines ``job.json``, the command's own ``status.json`` and whether the process is still
+  alive. A process that is gone without having reported an end (killed, out of memory) is ``failed`` with the
+  last error found in its stderr or events, never ``running`` forever.
+- :func:`cancel_job` creates the run's ``CANCEL`` file, which the training loop checks every step (it saves a
+  checkpoint and stops cleanly); ``force`` adds SIGTERM to the process group as a fallback.
+- :func:`resume_job` re-runs the same command with ``--resume``.
+- One job per device: a lock file per device (``<runs root>/.locks/``) holds the pid of the job using it, and
+  a second job on a busy device is refused with a message naming the running one. A lock whose process is gone
+  is stale and taken over.
+- With ``nproc > 1`` the command runs under ``torchrun --standalone --nproc_per_node N`` (one process per GPU,
+  DistributedDataParallel, see :mod:`studio.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StudioError
+from .events import Callback, Event
+from .runs import RunDir, read_json, write_json, write_text
+
+JOB_FILE = "job.json"
+PID_FILE = "job.pid"
+EXIT_FILE = "exit_code"
+# The job runs under a tiny sh that records its exit code (the studio that started it may not be its parent any
+# more, so waitpid cannot tell) and ignores SIGTERM itself, so that a cancel reaches the command and not the
+# bookkeeping. A command killed by signal N exits with 128 + N.
+_WRAPPER = '"$@" & child=$!; trap "" TERM INT; wait "$child"; code=$?; echo "$code" > "$0.tmp"; mv "$0.tmp" "$0"; exit "$code"'
+STDOUT, STDERR = "stdout.log", "stderr.log"
+FINAL_STATES = ("done", "failed", "cancelled")
+ACTIVE_STATES = ("starting", "running", "cancelling")
+LOCK_DIR_ENV = "STUDIO_LOCK_DIR"
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A snapshot of one run as a job (everything read from its folder and ``/proc``).
+
+    Attributes:
+        state: ``created`` (never started as a job), ``starting``, ``running``, ``cancelling``, ``done``,
+            ``failed`` or ``cancelled``.
+        error: for ``failed``: the last error the job reported (or why it is considered failed).
+        progress: the last ``progress`` event's data (``task``, ``done``, ``total``, ``epoch``, ``loss``).
+        eta_s: seconds left for the current task, from the rate of this attempt's progress events.
+        rss_mb: resident memory of the job's processes now (Linux), or the last one it reported.
+        resumable: a checkpoint exists and the run did not finish.
+        epochs: the number of epochs the training loop was asked for (from its status event).
+    """
+
+    run: str
+    name: str
+    state: str
+    command: list[str]
+    device: str
+    nproc: int
+    pid: int | None
+    started: float | None
+    ended: float | None
+    error: str | None
+    progress: dict[str, Any] | None
+    eta_s: float | None
+    rss_mb: float | None
+    gpu_mem_mb: float | None
+    resumable: bool
+    attempt: int
+    epochs: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _has_checkpoint(run: RunDir) -> bool:
+    return run.checkpoint_file.exists()
+
+
+# ------------------------------------------------------------------------------------------------ devices
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def devices() -> list[str]:
+    """Devices a job can be given: ``cpu`` and each visible GPU."""
+    return ["cpu", *(f"cuda:{i}" for i in range(gpu_count()))]
+
+
+def _job_devices(device: str, nproc: int) -> list[str]:
+    """The devices a job occupies (the lock names)."""
+    if device in ("", "auto"):
+        device = "cuda:0" if gpu_count() else "cpu"
+    if device == "cpu":
+        return ["cpu"]
+    if not device.startswith("cuda"):
+        raise StudioError(f"Unknown device '{device}'. Use cpu, cuda or cuda:N.")
+    first = int(device.partition(":")[2] or 0)
+    n = gpu_count()
+    if first + nproc > n:
+        raise StudioError(
+            f"{nproc} GPU(s) from {device} were asked for but {n} are visible. Pick fewer processes or cpu."
+        )
+    return [f"cuda:{first + i}" for i in range(nproc)]
+
+
+# ------------------------------------------------------------------------------------------- processes
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/<pid>/stat`` after the command name (state is [0], start time is [19])."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2 :].split()
+
+
+def _start_time(pid: int) -> int | None:
+    st = _proc_stat(pid)
+    return int(st[19]) if st else None
+
+
+def _reap(pid: int) -> int | None:
+    """The exit code if ``pid`` is our child and has ended (reaping it), else None."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError):
+        return None
+    if done == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+def _read_exit_code(run: Path) -> int | None:
+    try:
+        return int((run / EXIT_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None, start_time: int | None = None) -> bool:
+    """True if process ``pid`` runs (not a zombie, and the same process: its start time matches)."""
+    if not pid:
+        return False
+    st = _proc_stat(pid)
+    if st is not None:
+        if st[0] in ("Z", "X"):
+            return False
+        return start_time is None or int(st[19]) == start_time
+    if Path("/proc/self/stat").exists():  # Linux, and the process has no entry: gone
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _session_rss_mb(sid: int) -> float | None:
+    """Resident memory of every process in session ``sid`` (a job and, under torchrun, its workers)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    page_kb = os.sysconf("SC_PAGE_SIZE") / 1024
+    total_kb, found = 0.0, False
+    for p in proc.iterdir():
+        if not p.name.isdigit():
+            continue
+        st = _proc_stat(int(p.name))
+        if st is None or st[3] != str(sid):  # [3] is the session id
+            continue
+        try:
+            total_kb += int((p / "statm").read_text().split()[1]) * page_kb
+            found = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return round(total_kb / 1024, 1) if found else None
+
+
+# ------------------------------------------------------------------------------------------------- locks
+def lock_dir(root: str | Path) -> Path:
+    """Where device locks live: ``$STUDIO_LOCK_DIR`` or ``<runs root>/.locks``."""
+    return Path(os.environ.get(LOCK_DIR_ENV) or Path(root) / ".locks")
+
+
+def _lock_path(folder: Path, device: str) -> Path:
+    return folder / f"{device.replace(':', '_')}.lock"
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def device_holder(device: str, root: str | Path) -> dict[str, Any] | None:
+    """The live job holding ``device`` (``{"run", "pid", ...}``), or None if it is free."""
+    path = _lock_path(lock_dir(root), device)
+    holder = _read_lock(path)
+    if holder is None:
+        return None
+    return holder if _alive(holder.get("pid"), holder.get("pid_start")) else None
+
+
+def _acquire(devs: Sequence[str], run: Path, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    held: list[Path] = []
+    me = {"run": str(run), "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "time": time.time()}
+    try:
+        for dev in devs:
+            path = _lock_path(folder, dev)
+            for _ in range(3):
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    holder = _read_lock(path)
+                    if holder is None and time.time() - path.stat().st_mtime < 5:
+                        time.sleep(0.2)  # being written by another launcher right now
+                        continue
+                    if holder is not None and _alive(holder.get("pid"), holder.get("pid_start")):
+                        raise StudioError(
+                            f"Device {dev} is busy: job {Path(holder['run']).name} (pid {holder['pid']}) runs "
+                            "on it. Wait for it to finish, cancel it (Runs page, or python -m studio jobs "
+                            f"cancel {holder['run']}), or pick another device."
+                        ) from None
+                    path.unlink(missing_ok=True)  # stale: its job is gone
+                    continue
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({**me, "device": dev}, f)
+                held.append(path)
+                break
+            else:
+                raise StudioError(f"Could not take the lock of device {dev} ({path}); try again.")
+    except BaseException:
+        for p in held:
+            p.unlink(missing_ok=True)
+        raise
+    return held
+
+
+# -------------------------------------------------------------------------------------------------- start
+def _command(argv: Sequence[str], device: str, nproc: int) -> list[str]:
+    args = list(argv)
+    if "--device" not in args:
+        args += ["--device", device if nproc == 1 else device.partition(":")[0]]
+    if nproc == 1:
+        return [sys.executable, "-m", "studio", *args]
+    # torchrun's argparse reads a later --run as an abbreviation of its own --run-path and stops
+    args = ["--run-dir" if a == "--run" else a for a in args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "studio",
+        *args,
+    ]
+
+
+def start_job(
+    argv: Sequence[str],
+    run_dir: str | Path,
+    *,
+    device: str = "cpu",
+    nproc: int = 1,
+    threads: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> JobStatus:
+    """Start ``python -m studio *argv`` in the background on ``run_dir`` and return its first status.
+
+    Args:
+        argv: the command after ``python -m studio`` (it must write into ``run_dir``: ``--out``/``--run``).
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (appended as ``--device`` unless ``argv`` has one).
+        nproc: processes under torchrun (GPUs from ``device`` on; with ``cpu``: gloo processes).
+        threads: ``OMP_NUM_THREADS`` of each process (default: inherited, else cores / nproc).
+        env: extra environment variables.
+
+    Raises:
+        StudioError: the run is already running, or its device is busy with another job.
+    """
+    if nproc < 1:
+        raise StudioError("A job needs at least one process.")
+    run = RunDir(Path(run_dir).resolve())
+    current = job_status(run.path) if (run.path / JOB_FILE).exists() else None
+    if current is not None and current.active:
+        raise StudioError(f"Run {run.path.name} is already running (pid {current.pid}); cancel it first.")
+    devs = _job_devices(device, nproc)
+    launch_device = devs[0] if nproc == 1 else ("cuda" if devs[0] != "cpu" else "cpu")
+    cmd = _command(argv, launch_device, nproc)
+    run.path.mkdir(parents=True, exist_ok=True)
+    locks = _acquire(devs, run.path, lock_dir(run.path.parent))
+    n_threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
+    job_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    job_env.update(
+        OMP_NUM_THREADS=str(n_threads),
+        MKL_NUM_THREADS=str(n_threads),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(p for p in (str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        **dict(env or {}),
+    )
+    if nproc > 1 and devs[0] != "cpu":  # torchrun's workers take GPUs 0..N-1: make those the locked ones
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        index = [int(d.partition(":")[2]) for d in devs]
+        job_env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in index)
+    attempt = (current.attempt if current is not None else 0) + 1
+    try:
+        with (
+            open(run.path / STDOUT, "ab") as out,
+            open(run.path / STDERR, "ab") as err,
+        ):
+            err.write(
+                f"=== attempt {attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode()
+            )
+            err.flush()
+            run.set_status("starting", attempt=attempt)
+            (run.path / EXIT_FILE).unlink(missing_ok=True)
+            wrapped = (
+                ["/bin/sh", "-c", _WRAPPER, str(run.path / EXIT_FILE), *cmd] if os.name == "posix" else cmd
+            )
+            proc = subprocess.Popen(
+                wrapped,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=job_env,
+                start_new_session=True,
+            )
+    except BaseException:
+        for p in locks:
+            p.unlink(missing_ok=True)
+        raise
+    pid_start = _start_time(proc.pid)
+    job = {
+        "command": list(argv),
+        "cmd": cmd,
+        "pid": proc.pid,
+        "pid_start": pid_start,
+        "device": devs[0] if nproc == 1 else ",".join(devs),
+        "devices": devs,
+        "nproc": nproc,
+        "threads": n_threads,
+        "started": time.time(),
+        "attempt": attempt,
+        "locks": [str(p) for p in locks],
+    }
+    write_json(run.path / JOB_FILE, job)
+    write_text(run.path / PID_FILE, f"{proc.pid}\n")
+    for p in locks:
+        write_json(
+            p,
+            {
+                "run": str(run.path),
+                "pid": proc.pid,
+                "pid_start": pid_start,
+                "time": time.time(),
+                "device": p.stem,
+            },
+        )
+    return job_status(run.path)
+
+
+# ------------------------------------------------------------------------------------------------- status
+def _job(run: Path) -> dict[str, Any]:
+    path = run / JOB_FILE
+    if not path.exists():
+        return {}
+    try:
+        return dict(read_json(path))
+    except StudioError:
+        return {}
+
+
+def tail(path: Path, n: int = 50, max_bytes: int = 64_000) -> list[str]:
+    """The last ``n`` lines of a text file (reading at most ``max_bytes`` from its end)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = [ln.rstrip() for ln in data.replace("\r", "\n").split("\n")]
+    return [ln for ln in lines if ln.strip()][-n:]
+
+
+def recent_events(run_dir: str | Path, max_bytes: int = 256_000) -> list[dict[str, Any]]:
+    """The events at the end of ``events.jsonl`` (at most ``max_bytes`` of it): a status poll stays cheap."""
+    path = RunDir(Path(run_dir)).events_file
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    if size > max_bytes:
+        lines = lines[1:]  # the first line is cut
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return out
+
+
+def last_error(run_dir: str | Path) -> str | None:
+    """The most telling error line of a job: the CLI's ``error: ...``, else the end of a traceback."""
+    run = Path(run_dir)
+    lines = tail(run / STDERR, 200)
+    for ln in reversed(lines):
+        if ln.startswith("=== attempt"):
+            break
+        if ln.startswith("error:"):
+            return ln.removeprefix("error:").strip()
+    for ln in reversed(lines):
+        if ln.startswith("=== attempt"):
+            break
+        if ln.startswith(("Traceback", " ")) or "%|" in ln:
+            continue  # traceback frames and progress bars
+        if ln.split(":", 1)[0].endswith(("Error", "Exception", "Interrupt")) or ln.startswith("cancelled"):
+            return ln
+    for ev in reversed([e for e in recent_events(run) if e.get("kind") == "log"][-20:]):
+        msg = str(ev.get("data", {}).get("message", ""))
+        if "error" in msg.lower():
+            return msg
+    return None
+
+
+def _progress(events: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, float | None, dict[str, Any]]:
+    """(last progress data, ETA seconds, facts: the training status event's device/epochs + last resources)."""
+    start, training = 0, {}
+    for i, ev in enumerate(events):
+        if ev.get("kind") == "status" and ev.get("data", {}).get("state") == "training":
+            start, training = i, ev["data"]
+    prog = [ev for ev in events[start:] if ev.get("kind") == "progress"]
+    res = {**training, **next((ev["data"] for ev in reversed(events) if ev.get("kind") == "resource"), {})}
+    if not prog:
+        return None, None, res
+    last = prog[-1]["data"]
+    same = [ev for ev in prog if ev["data"].get("task") == last.get("task")]
+    eta = None
+    if len(same) >= 2:
+        d0, d1 = same[0]["data"].get("done", 0), last.get("done", 0)
+        dt = same[-1]["time"] - same[0]["time"]
+        if d1 > d0 and dt > 0:
+            eta = max(0.0, (last.get("total", d1) - d1) * dt / (d1 - d0))
+    return last, eta, res
+
+
+def job_status(run_dir: str | Path) -> JobStatus:
+    """The state of a run started as a job (or of any run folder), with progress, ETA and memory."""
+    run = RunDir(Path(run_dir).resolve())
+    job = _job(run.path)
+    try:
+        status = run.status()
+    except StudioError:
+        status = {"state": "created"}
+    reported = str(status.get("state", "created"))
+    # a run started from a shell has no job.json, but the retrain command records its pid in status.json
+    pid = job.get("pid") or (status.get("pid") if reported in ACTIVE_STATES else None)
+    alive = _alive(pid, job.get("pid_start"))
+    exit_code = job.get("exit_code")
+    if pid and not alive and exit_code is None and job:
+        exit_code = _read_exit_code(run.path)
+        reaped = _reap(int(pid))  # the wrapper's own status when we are its parent (frees the zombie)
+        exit_code = exit_code if exit_code is not None else reaped
+        if exit_code is not None:
+            job.update(exit_code=exit_code, ended=time.time())
+            write_json(run.path / JOB_FILE, job)
+    error = None
+    if alive:
+        state = "cancelling" if run.cancel_file.exists() else "running"
+    elif reported in FINAL_STATES:
+        state = reported
+        error = status.get("error") if state == "failed" else None
+    elif exit_code == 0 or (exit_code is None and run.results_file.exists()):
+        state = "done"  # a command that writes no status.json of its own
+    elif exit_code == 130:
+        state = "cancelled"
+    elif not pid:  # a folder written by a foreground command, or prepared and never started
+        state = reported
+    else:
+        state = "failed"
+        why = last_error(run.path)
+        signum = -exit_code if exit_code is not None and exit_code < 0 else None
+        if exit_code is not None and exit_code > 128:
+            signum = exit_code - 128
+        if signum is not None:
+            name = signal.Signals(signum).name if signum in signal.valid_signals() else str(signum)
+            ended = f"the job was killed by {name}"
+        else:
+            ended = (
+                f"the job exited with code {exit_code}"
+                if exit_code is not None
+                else f"the job's process (pid {pid}) is gone without reporting an end (killed or crashed)"
+            )
+        error = f"{ended}; last error: {why}" if why else ended
+    if state == "failed" and not error:
+        error = last_error(run.path) or "the job failed without an error message (see its stderr log)"
+    events = recent_events(run.path)
+    prog, eta, res = _progress(events)
+    rss = _session_rss_mb(int(pid)) if alive and pid else None
+    return JobStatus(
+        run=str(run.path),
+        name=run.path.name,
+        state=state,
+        command=list(job.get("command", [])),
+        device=str(job.get("device") or res.get("device") or ""),
+        nproc=int(job.get("nproc", 1)),
+        pid=pid,
+        started=job.get("started"),
+        ended=None if alive else job.get("ended") or status.get("time"),
+        error=error,
+        progress=prog,
+        eta_s=eta if alive else None,
+        rss_mb=rss if rss is not None else res.get("rss_mb"),
+        gpu_mem_mb=res.get("gpu_mem_mb"),
+        epochs=res.get("epochs"),
+        resumable=state in ("cancelled", "failed") and _has_checkpoint(run),
+        attempt=int(job.get("attempt", 0)),
+    )
+
+
+def list_jobs(root: str | Path) -> list[JobStatus]:
+    """Every run under ``root`` (started as a job or not), newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if (
+            not p.is_dir()
+            or p.name.startswith(".")
+            or not ((p / JOB_FILE).exists() or (p / "spec.json").exists())
+        ):
+            continue
+        try:
+            out.append(job_status(p))
+        except StudioError:
+            continue  # a folder name that is not a run name
+    return sorted(out, key=lambda s: s.started or Path(s.run).stat().st_mtime, reverse=True)
+
+
+# ------------------------------------------------------------------------------------- cancel and resume
+def cancel_job(run_dir: str | Path, *, force: bool = False) -> JobStatus:
+    """Ask a job to stop: create its ``CANCEL`` file (checkpoint + clean stop); ``force`` also sends SIGTERM.
+
+    SIGTERM goes to the job's whole process group (torchrun and its workers); the retrain command turns it
+    into the same clean stop, other commands end at once.
+    """
+    run = RunDir(Path(run_dir).resolve())
+    st = job_status(run.path)
+    if not st.active:
+        raise StudioError(f"Run {run.path.name} is not running (it is {st.state}); nothing to cancel.")
+    write_text(run.cancel_file, f"cancel requested at {time.time()}\n")
+    if force and st.pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(st.pid), signal.SIGTERM)
+    return job_status(run.path)
+
+
+def resume_job(
+    run_dir: str | Path, *, device: str | None = None, nproc: int | None = None, threads: int | None = None
+) -> JobStatus:
+    """Run a cancelled or failed job's command again with ``--resume`` (same device unless given)."""
+    run = RunDir(Path(run_dir).resolve())
+    job = _job(run.path)
+    if not job.get("command"):
+        raise StudioError(f"Run {run.path.name} was not started as a job: resume it with its CLI command.")
+    st = job_status(run.path)
+    if st.active:
+        raise StudioError(f"Run {run.path.name} is still running.")
+    if st.state == "done":
+        raise StudioError(f"Run {run.path.name} finished; start a new run instead of resuming it.")
+    argv = list(job["command"])
+    if "--resume" not in argv:
+        argv.append("--resume")
+    devs = job.get("devices") or ["cpu"]
+    return start_job(
+        argv,
+        run.path,
+        device=device or devs[0],
+        nproc=nproc or int(job.get("nproc", 1)),
+        threads=threads or job.get("threads"),
+    )
+
+
+def read_log(run_dir: str | Path, stream: str = "stderr", lines: int = 200) -> str:
+    """The end of a job's ``stderr.log`` or ``stdout.log``."""
+    if stream not in ("stderr", "stdout"):
+        raise StudioError(f"Log stream must be stderr or stdout, not '{stream}'.")
+    return "\n".join(tail(Path(run_dir) / (STDERR if stream == "stderr" else STDOUT), lines, 256_000))
+
+
+# ------------------------------------------------------------------------------------------ event logging
+class RunLogger:
+    """The job side of the run folder: append events to ``events.jsonl``, thinned, with resource readings.
+
+    ``progress`` events are kept at most every ``progress_every`` seconds and ``max_points`` times per task (and
+    the last one of each task), so a 300-epoch run writes a few thousand lines, not one per step, and the studio
+    can re-read the curves every two seconds; every ``resource_every`` seconds a ``resource`` event records
+    resident memory and, on CUDA, allocated GPU memory.
+    """
+
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        progress_every: float = 0.5,
+        max_points: int = 2000,
+        resource_every: float = 5.0,
+    ) -> None:
+        self.run = run
+        self.progress_every, self.max_points, self.resource_every = progress_every, max_points, resource_every
+        self._last_progress: dict[str, tuple[float, int]] = {}
+        self._last_resource = 0.0
+
+    def __call__(self, event: Event) -> None:
+        now = event.time
+        if event.kind == "progress":
+            task = str(event.data.get("task", ""))
+            done, total = int(event.data.get("done", 0)), int(event.data.get("total") or 0)
+            last_time, last_done = self._last_progress.get(task, (0.0, -(10**12)))
+            if done != total and (
+                now - last_time < self.progress_every or done - last_done < total / self.max_points
+            ):
+                return
+            self._last_progress[task] = (now, done)
+        self.run.log_event(event)
+        if now - self._last_resource >= self.resource_every:
+            self._last_resource = now
+            self.run.log_event(Event("resource", resource_usage()))
+
+
+def resource_usage() -> dict[str, Any]:
+    """Resident memory of this process and, when CUDA is in use, its GPU memory."""
+    out: dict[str, Any] = {}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_mb"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        out["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_mem_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+        out["gpu_max_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def curves(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """What a job's charts draw: ``steps`` (step, epoch, loss) and ``epochs`` (the per-epoch records)."""
+    events = RunDir(Path(run_dir)).events()
+    steps = [
+        {"step": ev["data"]["done"], "epoch": ev["data"].get("epoch"), "loss": ev["data"]["loss"]}
+        for ev in events
+        if ev.get("kind") == "progress" and ev.get("data", {}).get("task") == "train" and "loss" in ev["data"]
+    ]
+    epochs: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        d = ev.get("data", {})
+        if ev.get("kind") == "metric" and "epoch" in d and "train_loss" in d:
+            epochs[int(d["epoch"])] = d  # a resumed run repeats no epoch, but keep the latest if it does
+    return {"steps": steps, "epochs": [epochs[k] for k in sorted(epochs)]}
+
+
+# ------------------------------------------------------------------------------------------- run history
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """One row of the run history: kind, method, budget, accuracy, params, MACs, throughput, status."""
+    run = RunDir(Path(run_dir))
+    try:
+        spec = run.spec() if run.spec_file.exists() else {}
+    except StudioError:
+        spec = {}
+    try:
+        res = run.results() or {}
+    except StudioError:
+        res = {}
+    st = job_status(run.path)
+    after = res.get("after") or {}
+    summary = res.get("summary") or {}
+    params = spec.get("params") or {}
+    budget = None
+    if params.get("target_macs") is not None:
+        budget = f"MACs ≤ {float(params['target_macs']):.0%}"
+    elif params.get("ratio") is not None:
+        budget = f"ratio {float(params['ratio']):g}"
+    elif summary.get("macs_fraction") is not None:
+        budget = f"MACs {float(summary['macs_fraction']):.0%}"
+    tput = after.get("throughput") or {}
+    big = max(tput, key=lambda k: int(k), default=None) if tput else None
+    kind = spec.get("kind") or (st.command[0] if st.command else "run")
+    return {
+        "run": run.path.name,
+        "kind": kind,
+        "method": res.get("method") or spec.get("method") or "",
+        "budget": budget,
+        "top1": after.get("top1", res.get("top1")),
+        "params": after.get("params"),
+        "macs": after.get("macs"),
+        "throughput": tput[big]["images_per_s"] if big is not None else None,
+        "throughput_bs": int(big) if big is not None else None,
+        "status": st.state,
+        "error": st.error,
+        "started": st.started or run.path.stat().st_mtime,
+        "path": str(run.path),
+        "has_plan": run.plan_file.exists() or bool(summary),
+        "has_export": (run.export_dir / "manifest.json").exists(),
+    }
+
+
+def run_plan(run_dir: str | Path) -> Any:
+    """The :class:`~studio.plan.PrunePlan` of a run (its ``plan.json``, else its export's), or None."""
+    from .plan import PrunePlan
+
+    run = RunDir(Path(run_dir))
+    if run.plan_file.exists():
+        return PrunePlan.load(run.plan_file)
+    manifest = run.export_dir / "manifest.json"
+    if manifest.exists():
+        plan = read_json(manifest).get("plan")
+        return None if plan is None else PrunePlan.from_dict(plan)
+    return None
+
+
+def run_table(root: str | Path) -> list[dict[str, Any]]:
+    """:func:`run_summary` of every run under ``root``, newest first."""
+    return [run_summary(s.run) for s in list_jobs(root)]
+
+
+def exports(root: str | Path) -> list[dict[str, Any]]:
+    """Finished runs with an exported model (what the retrain page offers), newest first."""
+    return [r for r in run_table(root) if r["has_export"]]
+
+
+def job_logger(run: RunDir) -> Callback:
+    """The callback a command running as a job gives the engine (see :class:`RunLogger`)."""
+    return RunLogger(run)

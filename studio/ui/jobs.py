@@ -1,0 +1,249 @@
+"""Background jobs in the studio: a button that starts one, and a panel that follows one live.
+
+The job itself is a separate process (:mod:`studio.jobs`); these widgets only read its run folder, so a page
+reload, a closed tab or another browser shows the same job. :func:`job_panel` is a fragment re-running every
+two seconds on its own (the rest of the page stays still): status, progress and ETA, device and memory,
+live loss/accuracy curves from ``events.jsonl``, Cancel / Stop now / Resume buttons and the log.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from .. import jobs
+from ..errors import StudioError
+from ..runs import new_run_id
+from . import charts
+from .state import runs_root, user_errors
+
+STATE_ICONS = {
+    "created": ":material/draft:",
+    "starting": ":material/hourglass_top:",
+    "running": ":material/progress_activity:",
+    "cancelling": ":material/hourglass_bottom:",
+    "done": ":material/check_circle:",
+    "failed": ":material/error:",
+    "cancelled": ":material/pause_circle:",
+}
+_MSG_KEY = "studio_job_message"
+
+
+def device_picker(key: str) -> tuple[str, int]:
+    """Device and number of processes for a job; the GPU count appears only when several GPUs are visible."""
+    options = jobs.devices()
+    c1, c2 = st.columns([2, 1])
+    device = c1.selectbox(
+        "Device", options, index=len(options) - 1 if len(options) > 1 else 0, key=f"{key}_device"
+    )
+    nproc = 1
+    n_gpus = len(options) - 1
+    if device.startswith("cuda") and n_gpus > 1:
+        first = int(device.partition(":")[2] or 0)
+        nproc = int(
+            c2.number_input(
+                "GPUs (torchrun, DDP)",
+                1,
+                n_gpus - first,
+                1,
+                key=f"{key}_nproc",
+                help="More than one starts the job under torchrun, one process per GPU.",
+            )
+        )
+    return device, nproc
+
+
+def start_job_button(
+    label: str,
+    argv_for: Callable[[Path], list[str]],
+    *,
+    prefix: str,
+    key: str,
+    device: str = "cpu",
+    nproc: int = 1,
+    root: Path | None = None,
+    disabled: bool = False,
+) -> Path | None:
+    """A primary button starting ``python -m studio <argv_for(run)>`` as a job on a new run folder.
+
+    Args:
+        argv_for: the command for a given run folder (it must write there: ``--out RUN`` or ``--run RUN``).
+        prefix: the run name's prefix (``retrain`` gives ``runs/<time>-retrain-<hex>``).
+    Returns:
+        The new run folder when the button started a job in this run, else None. The last one started from
+        this key is kept in ``st.session_state[f"{key}_run"]`` for the page to follow.
+    """
+    if not st.button(label, type="primary", key=key, disabled=disabled, icon=":material/play_arrow:"):
+        return None
+    run = (root or runs_root()) / f"{new_run_id(prefix)}-{secrets.token_hex(2)}"
+    with user_errors():
+        jobs.start_job(argv_for(run), run, device=device, nproc=nproc)
+        st.session_state[f"{key}_run"] = str(run)
+        st.toast(f"Started {run.name}", icon=":material/play_arrow:")
+        return run
+    return None
+
+
+def _act(action: str, run_dir: str) -> None:
+    """Button callbacks (they run before the fragment redraws, so it shows the new state)."""
+    try:
+        if action == "cancel":
+            jobs.cancel_job(run_dir)
+        elif action == "stop":
+            jobs.cancel_job(run_dir, force=True)
+        elif action == "resume":
+            jobs.resume_job(run_dir)
+        st.session_state.pop(_MSG_KEY, None)
+    except StudioError as e:
+        st.session_state[_MSG_KEY] = str(e)
+
+
+def curves_figure(run_dir: str | Path) -> go.Figure | None:
+    """Training loss per logged step, and per-epoch train loss and validation accuracy (None before any)."""
+    data = jobs.curves(run_dir)
+    steps, epochs = pd.DataFrame(data["steps"]), pd.DataFrame(data["epochs"])
+    if steps.empty and epochs.empty:
+        return None
+    fig = make_subplots(
+        rows=1, cols=2, subplot_titles=("Training loss", "Per epoch"), specs=[[{}, {"secondary_y": True}]]
+    )
+    if not steps.empty:
+        fig.add_trace(
+            go.Scatter(
+                x=steps["step"],
+                y=steps["loss"],
+                mode="lines",
+                name="loss (step)",
+                line=dict(color=charts.COLORS["muted"]),
+                hovertemplate=charts.hover("step %{x}", loss="%{y:.4f}"),
+            ),
+            row=1,
+            col=1,
+        )
+    if not epochs.empty:
+        fig.add_trace(
+            go.Scatter(
+                x=epochs["epoch"],
+                y=epochs["train_loss"],
+                mode="lines+markers",
+                name="train loss",
+                line=dict(color=charts.COLORS["pruned"]),
+                hovertemplate=charts.hover("epoch %{x}", train_loss="%{y:.4f}"),
+            ),
+            row=1,
+            col=2,
+        )
+        if "val_top1" in epochs:
+            fig.add_trace(
+                go.Scatter(
+                    x=epochs["epoch"],
+                    y=epochs["val_top1"],
+                    mode="lines+markers",
+                    name="val top-1",
+                    line=dict(color=charts.COLORS["recovered"]),
+                    hovertemplate=charts.hover("epoch %{x}", val_top1="%{y:.2%}"),
+                ),
+                row=1,
+                col=2,
+                secondary_y=True,
+            )
+            fig.update_yaxes(tickformat=".1%", row=1, col=2, secondary_y=True)
+    fig = charts.style(fig, height=320)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0))
+    fig.update_layout(margin=dict(t=40, b=60))
+    fig.update_xaxes(title="step", row=1, col=1)
+    fig.update_xaxes(title="epoch", row=1, col=2)
+    return fig
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+@st.fragment(run_every="2s")
+def job_panel(run_dir: str | Path) -> None:
+    """Follow one job live (re-runs every 2 s): status, progress, ETA, device, memory, curves, controls."""
+    run_dir = str(run_dir)
+    try:
+        s = jobs.job_status(run_dir)
+    except StudioError as e:
+        st.error(str(e))
+        return
+    key = f"job_{s.name}"
+    st.markdown(
+        f"{STATE_ICONS.get(s.state, '')} **{s.name}** · {s.state}"
+        + (f" · attempt {s.attempt}" if s.attempt > 1 else "")
+    )
+    c = st.columns(4)
+    p = s.progress or {}
+    epoch = f"{int(p['epoch']) + 1}" if "epoch" in p else "–"
+    c[0].metric("Epoch", f"{epoch} / {s.epochs}" if s.epochs and "epoch" in p else epoch)
+    c[1].metric("ETA", _eta(s.eta_s))
+    c[2].metric("Device", (s.device or "–") if s.nproc == 1 else f"{s.nproc}× {s.device}")
+    mem = "–" if s.rss_mb is None else charts.human(s.rss_mb * 2**20, "B")
+    if s.gpu_mem_mb:
+        mem += f" · GPU {charts.human(s.gpu_mem_mb * 2**20, 'B')}"
+    c[3].metric("Memory", mem)
+    if p.get("total"):
+        done, total = int(p.get("done", 0)), int(p["total"])
+        label = f"{p.get('task', '')} {done}/{total}" + (f" · loss {p['loss']:.4f}" if "loss" in p else "")
+        st.progress(min(1.0, done / max(1, total)), text=label)
+    if s.state == "failed":
+        st.error(f"Failed: {s.error}", icon=":material/error:")
+    elif s.state == "cancelled":
+        st.warning(
+            "Cancelled: a checkpoint was saved." if s.resumable else "Cancelled.", icon=":material/pause:"
+        )
+    elif s.state == "done":
+        st.success("Done.", icon=":material/check_circle:")
+    msg = st.session_state.get(_MSG_KEY)
+    if msg:
+        st.error(msg)
+    b = st.columns([1, 1, 1, 3])
+    if s.active:
+        b[0].button(
+            "Cancel",
+            key=f"{key}_cancel",
+            on_click=_act,
+            args=("cancel", run_dir),
+            icon=":material/stop_circle:",
+            help="Saves a checkpoint at the next training step and stops; Resume continues from it.",
+            disabled=s.state == "cancelling",
+        )
+        b[1].button(
+            "Stop now",
+            key=f"{key}_stop",
+            on_click=_act,
+            args=("stop", run_dir),
+            icon=":material/cancel:",
+            help="Also sends SIGTERM to the job's processes.",
+        )
+    if s.resumable:
+        b[2].button(
+            "Resume", key=f"{key}_resume", on_click=_act, args=("resume", run_dir), icon=":material/replay:"
+        )
+    fig = curves_figure(run_dir)
+    if fig is not None:
+        st.plotly_chart(fig, key=f"{key}_curves", config={"displaylogo": False})
+    events = jobs.recent_events(run_dir)
+    with st.expander("Events and log"):
+        shown = [e for e in events if e.get("kind") in ("status", "log", "metric")][-30:]
+        rows = [
+            {
+                "kind": e["kind"],
+                **{k: v for k, v in e.get("data", {}).items() if not isinstance(v, dict | list)},
+            }
+            for e in shown
+        ]
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"{key}_events")
+        st.code(jobs.read_log(run_dir, lines=40) or "(empty log)", language="text")
