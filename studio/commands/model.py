@@ -13,6 +13,7 @@ from ..device import describe_device
 from ..evaluate import evaluate
 from ..features import cached_extract
 from ..models import load_model
+from ..summary import model_summary
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
 
 
@@ -52,40 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--pretrain-images", type=int, default=6000)
     add_common(b)
     b.set_defaults(func=cmd_demo_build)
-
-
-def model_summary(loaded) -> dict:
-    """Architecture table, params and MACs of a loaded model (also used by the studio's Model page)."""
-    m = loaded.model
-    macs = count_macs(m, loaded.data_config["input_size"])
-    blocks = [
-        {
-            "block": i,
-            "heads": int(b.attn.num_heads) if hasattr(b, "attn") else None,
-            "head_dim": int(b.attn.head_dim) if hasattr(b, "attn") else None,
-            "mlp": int(b.mlp.fc1.out_features) if hasattr(b, "mlp") else None,
-            "params": sum(p.numel() for p in b.parameters()),
-        }
-        for i, b in enumerate(m.blocks)
-    ]
-    return {
-        "source": loaded.source,
-        "arch": loaded.base.arch,
-        "depth": len(blocks),
-        "embed_dim": int(m.embed_dim),
-        "num_classes": int(m.num_classes),
-        "input_size": loaded.data_config["input_size"],
-        "params": count_params(m),
-        "macs": macs["total"],
-        "macs_attention": macs["attention"],
-        "macs_linear": macs["linear"],
-        "macs_conv": macs["conv"],
-        "pruned": loaded.plan is not None and loaded.plan.method != "dense",
-        "device": describe_device(loaded.device),
-        "blocks": blocks,
-        "data_config": loaded.data_config,
-        "metrics": loaded.metrics,
-    }
 
 
 def cmd_info(args: argparse.Namespace) -> Output:

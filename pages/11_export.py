@@ -1,0 +1,132 @@
+"""Export: download a pruned model (safetensors + manifest), its ONNX graph, plan, model card and CLI command."""
+
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from studio.compare import collect, label
+from studio.export import read_manifest
+from studio.modelcard import export_zip, model_card, reproduce_command
+from studio.runs import RunDir
+from studio.ui import cached, guide, state
+from studio.ui.charts import human, pct
+from studio.workflow import export_onnx_for, export_plan_run
+
+st.title("Export")
+st.caption(
+    "An export is `model.safetensors` + `manifest.json` (base architecture, the plan, data config, classes, "
+    "metrics, versions). Loading rebuilds the base, applies the plan and loads the weights: no pickle anywhere."
+)
+
+with state.user_errors():
+    plan = state.active_plan()
+    if plan is not None:
+        c1, c2 = st.columns([3, 1])
+        c1.markdown(f"Active plan: **{plan.method}**, {plan.depth}/{plan.base.depth} blocks.")
+        if c2.button("Export the active plan", key="export_active", icon=":material/ios_share:"):
+            bar = state.StreamlitProgress("Exporting")
+            run = export_plan_run(
+                state.pristine_model(), plan, root=state.runs_root(), model_spec=state.model_spec().to_dict()
+            )
+            bar.done()
+            st.session_state["export_run"] = str(run.path)  # select it below
+    every = st.toggle("Runs of every model (not only the current one)", key="export_all_models")
+    rows = [
+        r
+        for r in collect(state.runs_root(), model=None if every else state.model_spec().source)
+        if r["has_export"]
+    ]
+    if not rows:
+        guide.needs(
+            "Nothing exported yet: prune the model first (or export the active plan above).",
+            "pages/6_prune.py",
+            "Prune",
+        )
+        st.stop()
+    names = {r["path"]: f"{label(r)} · {r['run']}" for r in rows}
+    if st.session_state.get("export_run") not in names:
+        st.session_state.pop("export_run", None)  # a run of another model, or deleted
+    pick = st.selectbox("Model to export", list(names), format_func=names.get, key="export_run")
+    run = RunDir(pick)
+    manifest = read_manifest(run.export_dir)
+    spec, results = run.spec(), run.results() or {}
+    metrics = results.get("after") or manifest.get("metrics") or {}
+    k = st.columns(4)
+    k[0].metric("Params", human(metrics.get("params")))
+    k[1].metric("MACs / image", human(metrics.get("macs")))
+    k[2].metric("Test accuracy", pct(metrics.get("top1")))
+    k[3].metric("Weights", f"{(run.export_dir / 'model.safetensors').stat().st_size / 2**20:.1f} MB")
+
+    plan_file = str(run.plan_file) if run.plan_file.exists() else None
+    command = reproduce_command(spec, out=f"runs/{run.path.name}-replay", plan_file=plan_file)
+    card = model_card(manifest, name=run.path.name, spec=spec, results=results, command=command)
+    plan_json = json.dumps(manifest["plan"], indent=1) if manifest.get("plan") else None
+
+    st.subheader("Downloads", divider="gray")
+    d = st.columns(3)
+    extra = {"README.md": card} | ({"plan.json": plan_json} if plan_json else {})
+    d[0].download_button(
+        "Model (zip: safetensors + manifest + card)",
+        export_zip(run.export_dir, extra),
+        f"{run.path.name}.zip",
+        "application/zip",
+        key="export_zip",
+        type="primary",
+        icon=":material/download:",
+    )
+    d[1].download_button(
+        "Model card (markdown)",
+        card,
+        "README.md",
+        "text/markdown",
+        key="export_card",
+        icon=":material/description:",
+    )
+    if plan_json:
+        d[2].download_button(
+            "Plan (JSON)",
+            plan_json,
+            "plan.json",
+            "application/json",
+            key="export_plan",
+            icon=":material/account_tree:",
+        )
+
+    st.subheader("ONNX", divider="gray")
+    onnx_file, onnx_check = run.export_dir / "model.onnx", run.export_dir / "onnx.json"
+    if st.button(
+        "Export ONNX and check parity",
+        key="export_onnx",
+        icon=":material/swap_horiz:",
+        disabled=onnx_file.exists(),
+    ):
+        with st.spinner("Tracing and checking with onnxruntime…"):
+            export_onnx_for(run.export_dir, cached.run_model(run.export_dir))
+    if onnx_file.exists():
+        parity = json.loads(onnx_check.read_text()) if onnx_check.exists() else {}
+        if parity.get("checked"):
+            st.success(
+                f"ONNX matches PyTorch: max |logit difference| {parity['max_abs_diff']:.2e} "
+                "(onnxruntime, CPU, random inputs).",
+                icon=":material/check_circle:",
+            )
+        else:
+            st.info("ONNX written; onnxruntime is not installed, so its parity was not checked.")
+        st.download_button(
+            "model.onnx",
+            onnx_file.read_bytes(),
+            "model.onnx",
+            "application/octet-stream",
+            key="export_onnx_file",
+            icon=":material/download:",
+        )
+
+    st.subheader("Load it, reproduce it", divider="gray")
+    st.code(
+        f'from studio.export import load_exported\nmodel = load_exported("{Path(run.export_dir)}").model',
+        language="python",
+    )
+    st.code(command, language="bash")
+    with st.expander("Model card preview"):
+        st.markdown(card)

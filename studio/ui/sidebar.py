@@ -1,0 +1,65 @@
+"""The sidebar every page shares: the current model, data, device and the active plan with its MACs/params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from ..errors import StudioError
+from ..plan import PrunePlan
+from . import cached, guide, state
+from .charts import human, pct
+
+PLAN_KEYS = ("params_before", "params_after", "macs_before", "macs_after")
+
+
+def model_label(source: str) -> str:
+    """A short name for a model source (``demo``, a file name, or an export's run folder)."""
+    if source in ("demo", "demo-backbone"):
+        return f"{source} (digits ViT)"
+    p = Path(source)
+    return f"{p.parent.name}/{p.name}" if p.name == "export" else p.name
+
+
+def plan_summary(plan: PrunePlan) -> dict:
+    """The plan's params/MACs before and after (computed from its structure when the plan lacks them)."""
+    if all(k in plan.summary for k in PLAN_KEYS):
+        return dict(plan.summary)
+    from ..costs import with_summary
+
+    return dict(with_summary(plan).summary)
+
+
+def render() -> None:
+    """Draw the selection summary into ``st.sidebar`` (below the navigation)."""
+    with st.sidebar:
+        st.markdown("##### Current selection")
+        try:
+            loaded = state.pristine_model()
+            s = cached.summary()
+        except StudioError as e:
+            st.error(f"The model cannot be loaded: {e}")
+            guide.link("pages/1_model.py", "Pick another model", ":material/neurology:")
+            return
+        st.markdown(
+            f":material/neurology: **{model_label(loaded.source)}**  \n"
+            f"{s['arch']} · {s['depth']} blocks · width {s['embed_dim']}  \n"
+            f"{human(s['params'])} params · {human(s['macs'])} MACs"
+        )
+        st.markdown(f":material/dataset: **Data** {state.data_spec()}")
+        st.markdown(f":material/memory: **Device** {s['device']}")
+        plan = state.active_plan()
+        if plan is None:
+            st.caption("No active plan yet: make one on the Prune page.")
+            return
+        ps = plan_summary(plan)
+        st.markdown(
+            f":material/content_cut: **Active plan** `{plan.method}`  \n"
+            f"MACs {human(ps['macs_after'])} ({pct(ps['macs_after'] / ps['macs_before'])})  \n"
+            f"params {human(ps['params_after'])} ({pct(ps['params_after'] / ps['params_before'])})  \n"
+            f"{plan.depth}/{plan.base.depth} blocks"
+        )
+        if st.button("Clear plan", key="sidebar_clear_plan", type="tertiary", icon=":material/close:"):
+            state.set_active_plan(None)
+            st.rerun()

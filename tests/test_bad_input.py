@@ -1,0 +1,388 @@
+"""Bad input the studio must refuse with a clear message (a StudioError shown as ``st.error``), never a traceback.
+
+Most cases go through the Model page in AppTest exactly as a user would (pick a source, type a path, press Load)
+and check the message the page shows, that no exception element appears and that the previous selection stays.
+The rest call the engine function behind the widget (budgets, plan files, uploads) because the widget itself
+cannot produce the bad value (a bounded slider) or AppTest cannot drive it (file uploads).
+
+``python tests/test_bad_input.py`` rewrites docs/results/bad_input.md from the messages these cases produce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+TINY_JSON = json.dumps({k: v for k, v in TINY.items() if k != "img_size"})
+
+
+@contextlib.contextmanager
+def _roots(folder: Path) -> Iterator[None]:
+    old = os.environ.get("STUDIO_DATA_ROOTS")
+    os.environ["STUDIO_DATA_ROOTS"] = str(folder)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("STUDIO_DATA_ROOTS", None)
+        else:
+            os.environ["STUDIO_DATA_ROOTS"] = old
+
+
+def _tiny_state(num_classes: int = 5) -> dict[str, torch.Tensor]:
+    from studio.models import create_vit
+
+    torch.manual_seed(0)
+    return create_vit("vit_tiny_patch16_224", num_classes=num_classes, **TINY).state_dict()
+
+
+def model_page(
+    tmp: Path,
+    *,
+    source: str = "checkpoint",
+    path: str = "",
+    arch: str = "vit_tiny_patch16_224",
+    classes: int = 0,
+    kwargs: str = TINY_JSON,
+    data: str = "demo",
+    data_path: str = "",
+) -> str:
+    """Drive the Model page's picker and return the error it shows (asserting no traceback, selection kept)."""
+    with _roots(tmp):
+        at = AppTest.from_file(APP, default_timeout=180).run()
+        at.radio(key="pick_model_source").set_value(source).run()
+        if source == "checkpoint":
+            at.text_input(key="pick_ckpt_path").set_value(path)
+            at.text_input(key="pick_arch").set_value(arch)
+            at.number_input(key="pick_classes").set_value(classes)
+            at.number_input(key="pick_img").set_value(32)
+            at.text_input(key="pick_kwargs").set_value(kwargs)
+        elif source == "export":
+            at.text_input(key="pick_export_path").set_value(path)
+        at.radio(key="pick_data_kind").set_value(data).run()
+        if data != "demo":
+            at.text_input(key="pick_data_path").set_value(data_path)
+        at.button(key="pick_load").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["studio_model_spec"].source == "demo", "a failed load must keep the old selection"
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def engine(fn: Callable[[], object]) -> str:
+    from studio.errors import StudioError
+
+    with pytest.raises(StudioError) as e:
+        fn()
+    return str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ the cases
+def corrupt_safetensors(tmp: Path) -> str:
+    (tmp / "m.safetensors").write_bytes(os.urandom(4096))
+    return model_page(tmp, path=str(tmp / "m.safetensors"))
+
+
+def truncated_pth(tmp: Path) -> str:
+    torch.save(_tiny_state(), tmp / "full.pth")
+    data = (tmp / "full.pth").read_bytes()
+    (tmp / "m.pth").write_bytes(data[: len(data) // 2])
+    return model_page(tmp, path=str(tmp / "m.pth"))
+
+
+class _Payload:
+    """Unpickling this would create a file: the test checks it never appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def pickled_object_pth(tmp: Path) -> str:
+    torch.save({"model": _Payload(tmp / "PWNED")}, tmp / "m.pth")
+    msg = model_page(tmp, path=str(tmp / "m.pth"))
+    assert not (tmp / "PWNED").exists(), "the pickled payload ran"
+    return msg
+
+
+def raw_pickle_pth(tmp: Path) -> str:
+    (tmp / "m.pth").write_bytes(pickle.dumps(_Payload(tmp / "PWNED")))
+    msg = model_page(tmp, path=str(tmp / "m.pth"))
+    assert not (tmp / "PWNED").exists(), "the pickled payload ran"
+    return msg
+
+
+def non_vit_arch(tmp: Path) -> str:
+    save_file(_tiny_state(), str(tmp / "m.safetensors"))
+    return model_page(tmp, path=str(tmp / "m.safetensors"), arch="resnet18", kwargs="{}")
+
+
+def unknown_arch(tmp: Path) -> str:
+    save_file(_tiny_state(), str(tmp / "m.safetensors"))
+    return model_page(tmp, path=str(tmp / "m.safetensors"), arch="vit_enormous_patch3_999")
+
+
+def class_count_mismatch(tmp: Path) -> str:
+    save_file(_tiny_state(5), str(tmp / "m.safetensors"))
+    return model_page(tmp, path=str(tmp / "m.safetensors"), classes=10)
+
+
+def missing_keys(tmp: Path) -> str:
+    sd = {k: v for k, v in _tiny_state().items() if not k.startswith("blocks.1.")}
+    save_file(sd, str(tmp / "m.safetensors"))
+    return model_page(tmp, path=str(tmp / "m.safetensors"))
+
+
+def weights_of_another_width(tmp: Path) -> str:
+    save_file(_tiny_state(), str(tmp / "m.safetensors"))
+    return model_page(
+        tmp, path=str(tmp / "m.safetensors"), kwargs=json.dumps({**json.loads(TINY_JSON), "embed_dim": 96})
+    )
+
+
+def bad_kwargs_json(tmp: Path) -> str:
+    save_file(_tiny_state(), str(tmp / "m.safetensors"))
+    return model_page(tmp, path=str(tmp / "m.safetensors"), kwargs="{patch_size: 8")
+
+
+def path_outside_roots(tmp: Path) -> str:
+    return model_page(tmp, path=str(ROOT / "README.md"))
+
+
+def missing_file(tmp: Path) -> str:
+    return model_page(tmp, path=str(tmp / "nope.safetensors"))
+
+
+def export_with_damaged_manifest(tmp: Path) -> str:
+    (tmp / "export").mkdir()
+    (tmp / "export" / "manifest.json").write_text('{"schema": "pruning-studio/model", "version": 1,')
+    return model_page(tmp, source="export", path=str(tmp / "export"))
+
+
+def _png(path: Path, size: tuple[int, int] = (8, 8), mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size).save(path)
+
+
+def empty_class_folder(tmp: Path) -> str:
+    for split in ("train", "test"):
+        _png(tmp / "imgs" / split / "0" / "a.png")
+        (tmp / "imgs" / split / "1").mkdir(parents=True)
+    return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
+
+
+def corrupt_image(tmp: Path) -> str:
+    for split in ("train", "test"):
+        _png(tmp / "imgs" / split / "0" / "a.png")
+        _png(tmp / "imgs" / split / "1" / "b.png")
+    (tmp / "imgs" / "train" / "1" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
+
+
+def decompression_bomb(tmp: Path) -> str:
+    for split in ("train", "test"):
+        _png(tmp / "imgs" / split / "0" / "a.png")
+    _png(tmp / "imgs" / "train" / "0" / "huge.png", (10_000, 10_000), mode="1")  # 100 Mpx in ~15 kB
+    return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
+
+
+def imagefolder_without_train(tmp: Path) -> str:
+    _png(tmp / "imgs" / "test" / "0" / "a.png")
+    return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
+
+
+def _vtab(tmp: Path, lines: list[str]) -> str:
+    root = tmp / "vtab"
+    _png(root / "images" / "a.png")
+    for name in ("train800.txt", "val200.txt", "test.txt"):
+        (root / name).write_text("\n".join(lines) + "\n")
+    return model_page(tmp, source="demo", data="vtab", data_path=str(root))
+
+
+def vtab_missing_file(tmp: Path) -> str:
+    return _vtab(tmp, ["images/a.png 0", "images/missing.png 1"])
+
+
+def vtab_bad_label(tmp: Path) -> str:
+    return _vtab(tmp, ["images/a.png 0", "images/a.png three"])
+
+
+def vtab_label_out_of_range(tmp: Path) -> str:
+    return _vtab(tmp, ["images/a.png 0", "images/a.png 12"])
+
+
+def _plan_request(target: float):
+    from studio.models import ModelSpec, load_model
+    from studio.prune import PruneRequest, make_plan
+
+    loaded = load_model(ModelSpec("demo", device="cpu"))
+    return lambda: make_plan("magnitude", PruneRequest(loaded, {"target_macs": target}))
+
+
+def budget_zero(tmp: Path) -> str:
+    return engine(_plan_request(0.0))
+
+
+def budget_above_one(tmp: Path) -> str:
+    return engine(_plan_request(1.5))
+
+
+def _demo_base():
+    from studio.models import ModelSpec, load_model
+
+    return load_model(ModelSpec("demo", device="cpu")).base
+
+
+def plan_not_json(tmp: Path) -> str:
+    from studio.workflow import load_plan_text
+
+    return engine(lambda: load_plan_text('{"schema": "pruning-studio/plan", "blocks": [', _demo_base()))
+
+
+def plan_index_out_of_range(tmp: Path) -> str:
+    from studio.plan import PrunePlan
+    from studio.workflow import load_plan_text
+
+    d = PrunePlan.dense(_demo_base()).to_dict()
+    d["blocks"][0]["heads"] = [0, 7]
+    return engine(lambda: load_plan_text(json.dumps(d), _demo_base()))
+
+
+def plan_for_another_model(tmp: Path) -> str:
+    from dataclasses import replace
+
+    from studio.plan import PrunePlan
+    from studio.workflow import load_plan_text
+
+    other = replace(_demo_base(), num_classes=100)
+    return engine(lambda: load_plan_text(PrunePlan.dense(other).to_json(), _demo_base()))
+
+
+def upload_too_large(tmp: Path) -> str:
+    from studio.safety import save_upload
+
+    old = os.environ.get("STUDIO_MAX_UPLOAD_MB")
+    os.environ["STUDIO_MAX_UPLOAD_MB"] = "1"
+    try:
+        return engine(lambda: save_upload("big.safetensors", b"\0" * (2 * 2**20)))
+    finally:
+        os.environ.pop("STUDIO_MAX_UPLOAD_MB") if old is None else os.environ.__setitem__(
+            "STUDIO_MAX_UPLOAD_MB", old
+        )
+
+
+def upload_wrong_type(tmp: Path) -> str:
+    from studio.safety import save_upload
+
+    return engine(lambda: save_upload("weights.exe", b"MZ" + os.urandom(64)))
+
+
+@dataclass(frozen=True)
+class Case:
+    fn: Callable[[Path], str]
+    what: str  # the input, for the table
+    where: str  # where the user meets it
+    expect: str  # a fragment of the message
+
+
+CASES = [
+    Case(
+        corrupt_safetensors, "`.safetensors` file of random bytes", "Model page", "not a readable safetensors"
+    ),
+    Case(truncated_pth, "`.pth` state dict cut in half", "Model page", "truncated"),
+    Case(
+        pickled_object_pth, "`.pth` holding a pickled object (would create a file)", "Model page", "pickled"
+    ),
+    Case(raw_pickle_pth, "raw `pickle.dumps` payload named `.pth`", "Model page", "refused"),
+    Case(non_vit_arch, "architecture `resnet18`", "Model page", "not a Vision Transformer"),
+    Case(unknown_arch, "architecture `vit_enormous_patch3_999`", "Model page", "has no architecture"),
+    Case(class_count_mismatch, "5-class checkpoint, 10 classes asked", "Model page", "5 classes but 10"),
+    Case(missing_keys, "checkpoint without `blocks.1.*`", "Model page", "missing keys"),
+    Case(weights_of_another_width, "width-48 weights for a width-96 model", "Model page", "shape mismatch"),
+    Case(bad_kwargs_json, "timm kwargs `{patch_size: 8`", "Model page", "not valid JSON"),
+    Case(path_outside_roots, "a path outside `STUDIO_DATA_ROOTS`", "Model page", "outside the folders"),
+    Case(missing_file, "a checkpoint path that does not exist", "Model page", "does not exist"),
+    Case(
+        export_with_damaged_manifest,
+        "exported folder with a truncated manifest.json",
+        "Model page",
+        "not valid JSON",
+    ),
+    Case(empty_class_folder, "ImageFolder with an empty class folder", "Model page (data)", "has no images"),
+    Case(corrupt_image, "ImageFolder with a corrupt PNG", "Model page (data)", "cannot be decoded"),
+    Case(decompression_bomb, "10 000 × 10 000 PNG (decompression bomb)", "Model page (data)", "pixel limit"),
+    Case(
+        imagefolder_without_train, "ImageFolder without `train/`", "Model page (data)", "no 'train/' folder"
+    ),
+    Case(vtab_missing_file, "VTAB list naming a missing image", "Model page (data)", "does not exist under"),
+    Case(vtab_bad_label, "VTAB list with label `three`", "Model page (data)", "is not an integer"),
+    Case(vtab_label_out_of_range, "VTAB label 12 for a 10-class model", "Model page (data)", "out of range"),
+    Case(budget_zero, "target MACs 0", "CLI / engine (the slider stops at 0.1)", "fraction in (0, 1]"),
+    Case(budget_above_one, "target MACs 1.5", "CLI / engine (the slider stops at 1.0)", "fraction in (0, 1]"),
+    Case(plan_not_json, "plan file that is not JSON", "Prune page, plan upload", "not valid JSON"),
+    Case(plan_index_out_of_range, "plan keeping head 7 of 3", "Prune page, plan upload", "out of range 0..2"),
+    Case(plan_for_another_model, "plan made for a 100-class model", "Prune page, plan upload", "made for"),
+    Case(upload_too_large, "2 MB upload with a 1 MB limit", "Model page, upload", "over the 1 MB limit"),
+    Case(upload_wrong_type, "upload named `weights.exe`", "Model page, upload", "accepted"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.fn.__name__ for c in CASES])
+def test_bad_input_is_a_clear_message(case: Case, tmp_path):
+    msg = case.fn(tmp_path)
+    assert case.expect in msg, msg
+    assert "Traceback" not in msg and len(msg) < 600
+
+
+def test_there_are_at_least_15_cases_and_the_table_lists_them():
+    assert len(CASES) >= 15
+    table = (ROOT / "docs" / "results" / "bad_input.md").read_text(encoding="utf-8")
+    for c in CASES:
+        assert c.what in table, (
+            f"docs/results/bad_input.md lacks '{c.what}': run python tests/test_bad_input.py"
+        )
+
+
+def write_table(path: Path) -> None:
+    """Run every case and write the markdown table of inputs and the messages users see."""
+    lines = [
+        "# Bad input: what the user sees",
+        "",
+        "Every row is a test in `tests/test_bad_input.py` (regenerate this file with "
+        "`OMP_NUM_THREADS=1 .venv/bin/python tests/test_bad_input.py`). Model-page rows were produced by driving "
+        "the page in Streamlit's AppTest: the message is the `st.error` the page shows, no traceback appears and "
+        "the previous model stays selected.",
+        "",
+        "| # | input | where | what the user sees |",
+        "|---|---|---|---|",
+    ]
+    for i, c in enumerate(CASES, 1):
+        with tempfile.TemporaryDirectory() as d:
+            msg = (
+                c.fn(Path(d)).replace(d, "/tmp/…").replace("|", "\\|").replace("\n", " ").replace("\x1b", "␛")
+            )
+        lines.append(f"| {i} | {c.what} | {c.where} | {msg} |")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_table(ROOT / "docs" / "results" / "bad_input.md")
+    print("wrote docs/results/bad_input.md")
