@@ -11,6 +11,7 @@ Sources (``ModelSpec.source``):
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -185,12 +186,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                     ) from None
                 raise StudioError(
                     f"{path.name} contains pickled Python objects, which are refused because loading them can run "
-                    "code. Save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file. "
-                    f"({str(e).splitlines()[0][:120]})"
+                    "code. Save a plain state dict (torch.save(model.state_dict(), ...)) or a .safetensors file."
                 ) from None
             except (RuntimeError, EOFError, OSError) as e:
                 raise StudioError(
-                    f"{path.name} is not a readable PyTorch checkpoint ({str(e)[:160]}). "
+                    f"{path.name} is not a readable PyTorch checkpoint ({_plain(e)}). "
                     "It may be truncated; save it again."
                 ) from None
             return _unwrap_state_dict(obj, path)
@@ -199,6 +199,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise StudioError(
         f"Unsupported checkpoint type '{suffix}' ({path.name}). Use .safetensors, .pth/.pt or .npz."
     )
+
+
+def _plain(e: BaseException, limit: int = 120) -> str:
+    """The first line of a library error, without terminal colour codes."""
+    first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return (first[0] if first else type(e).__name__)[:limit]
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -265,7 +271,7 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
         except (KeyError, ValueError, RuntimeError, OSError) as e:
             raise StudioError(
                 f"{path.name} does not fit '{spec.arch}' as a Google ViT .npz checkpoint "
-                f"({str(e)[:160]}). Check --arch and --img-size."
+                f"({_plain(e)}). Check --arch and --img-size."
             ) from None
     else:
         sd = read_state_dict(path)
