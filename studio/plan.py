@@ -163,8 +163,11 @@ class PrunePlan:
     @property
     def is_dense(self) -> bool:
         """True if the plan keeps every block and unit (applying it changes nothing)."""
-        return (self.embed is None and len(self.blocks) == self.base.depth
-                and all(b.is_dense for b in self.blocks))
+        return (
+            self.embed is None
+            and len(self.blocks) == self.base.depth
+            and all(b.is_dense for b in self.blocks)
+        )
 
     # validation ---------------------------------------------------------------------------------------
     def validate(self) -> PrunePlan:

@@ -70,14 +70,20 @@ def panel(e: LayerEmbedding, feats: LayerFeatures, *, legend: bool) -> go.Figure
         custom_data=["sample", "label"],
         category_orders={"label": order},
         color_discrete_sequence=px.colors.qualitative.Safe,
-        render_mode="webgl",
+        render_mode="svg",  # a dozen WebGL contexts overflow the browser: panels go blank
     )
     fig.update_traces(
         marker=dict(size=4), hovertemplate=charts.hover("sample %{customdata[0]}", label="%{customdata[1]}")
     )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    return charts.style(fig, title=f"layer {e.block + 1} · SC {e.silhouette:.3f}", height=250, legend=legend)
+    fig = charts.style(fig, title=f"layer {e.block + 1} · SC {e.silhouette:.3f}", height=250, legend=legend)
+    fig.update_layout(
+        legend=dict(orientation="v", x=1.02, y=1.0, yanchor="top", font=dict(size=10), title="class")
+    )
+    if legend:
+        fig.update_layout(margin=dict(r=60))
+    return fig
 
 
 def curve_frame(curve: FastCurve, silhouettes: list[float | None], method: str) -> pd.DataFrame:

@@ -1,0 +1,175 @@
+"""CLI: ``analyze sls`` — per-layer CLS separability and the SLS depth cut (Han & Tang, ECCV 2024).
+
+``python -m studio analyze sls --model demo --data demo --alpha 0.3 --embed tsne --samples 1000 --json`` prints
+per-layer scores (kNN accuracy, high-dimensional silhouette, 2-D embedding silhouette) and the cut. With
+``--apply`` it also runs the paper's pipeline on the cut (retrain, measure, export) in a run folder — the
+command the studio's Layer separability page starts as a background job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sls",
+        help="per-layer CLS separability (t-SNE silhouette) and the SLS depth cut",
+        description="SLS (Han & Tang, ECCV 2024): score every layer's CLS tokens, cut where the score falls "
+        "below alpha x the last layer's.",
+    )
+    add_model_args(p)
+    add_data_args(p)
+    add_common(p)
+    g = p.add_argument_group("analysis")
+    g.add_argument("--analysis-split", default="train", help="split analysed (SLS: the training split)")
+    g.add_argument("--samples", type=int, default=1000, help="seeded subset size (0: the whole split)")
+    g.add_argument("--alpha", type=float, default=0.3, help="threshold factor (paper: 0.3)")
+    g.add_argument(
+        "--embed",
+        choices=["tsne", "umap", "pca", "none"],
+        default="tsne",
+        help="2-D embedding scored by the silhouette (none: fast scores only)",
+    )
+    g.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (paper: 30)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--lazy",
+        action="store_true",
+        help="embed only the layers the top-down scan reads (as the paper's code)",
+    )
+    g.add_argument("--points", action="store_true", help="include the 2-D points in the JSON output")
+    g = p.add_argument_group("apply (cut, retrain, measure, export)")
+    g.add_argument("--apply", action="store_true", help="also cut the model, retrain and measure")
+    g.add_argument("--keep", type=int, help="blocks to keep instead of the alpha rule (skips the analysis)")
+    g.add_argument(
+        "--retrain",
+        choices=["auto", "paper", "cpu", "none"],
+        default="auto",
+        help="SLS recipe: paper = 100 epochs, cpu = 20; auto = paper on a GPU, else cpu",
+    )
+    g.add_argument(
+        "--trainable",
+        default="auto",
+        choices=["auto", "head", "head+norm", "head+norm+last", "adapters", "lora"],
+        help="what retrains (auto: adapters + head if the model has them, else head + final norm)",
+    )
+    g.add_argument("--epochs", type=int, help="override the preset's epochs")
+    g.add_argument("--no-bench", action="store_true", help="skip throughput")
+    g.add_argument("--out", help="run folder for --apply (default runs/<time>-sls)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted --apply run's retraining")
+    p.set_defaults(func=cmd_analyze_sls)
+
+
+def _fmt(v: Any) -> Any:
+    return "" if v is None else round(float(v), 4)
+
+
+def cmd_analyze_sls(args: argparse.Namespace) -> Output:
+    if args.apply or args.keep is not None:
+        return _apply(args)
+    from ..analysis.separability import SeparabilitySpec, analyze
+
+    spec = SeparabilitySpec(
+        model=model_spec(args),
+        data=data_spec(args),
+        split=args.analysis_split,
+        samples=args.samples or None,
+        embed=args.embed,
+        alpha=args.alpha,
+        perplexity=args.perplexity,
+        seed=args.seed,
+        lazy=args.lazy,
+    )
+    res = analyze(spec, callbacks=[stderr_progress()])
+    d = res.to_dict(points=args.points)
+    cut = res.suggested
+    rows = [
+        {
+            "layer": r["layer"],
+            "kNN acc": _fmt(r["knn"]),
+            "silhouette (high-dim)": _fmt(r["silhouette_hd"]),
+            f"silhouette ({args.embed})": _fmt(r["silhouette"]),
+            "kept": "yes" if r["kept"] else "",
+        }
+        for r in d["layers"]
+    ]
+    text = "\n".join(
+        [
+            f"{res.samples} {res.split} images, {res.depth} layers, embedding {args.embed}, alpha {args.alpha}",
+            table(rows),
+            "",
+            ("cut: " if res.cut is not None else "cut (fast preview, no 2-D embedding): ") + cut.reason,
+            f"keep {cut.keep} of {res.depth} blocks; "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items()),
+        ]
+    )
+    return Output(d, text)
+
+
+def run_spec(args: argparse.Namespace):
+    """The :class:`~studio.prune.sls.SLSRunSpec` of ``analyze sls --apply`` arguments."""
+    from ..prune.sls import SLSRunSpec
+
+    return SLSRunSpec(
+        model=model_spec(args),
+        data=data_spec(args),
+        keep=args.keep,
+        alpha=args.alpha,
+        embed=args.embed,
+        samples=args.samples or None,
+        analysis_split=args.analysis_split,
+        perplexity=args.perplexity,
+        retrain=args.retrain,
+        trainable=args.trainable,
+        epochs=args.epochs,
+        eval_split=args.split,
+        seed=args.seed,
+        bench=not args.no_bench,
+    )
+
+
+def _apply(args: argparse.Namespace) -> Output:
+    from ..errors import Cancelled
+    from ..events import CancelToken
+    from ..prune.sls import run_sls
+    from ..runs import RunDir, new_run_id
+
+    spec = run_spec(args)
+    out = Path(args.out or Path("runs") / new_run_id("sls"))
+    prepared = (out / "spec.json").exists() and not (out / "results.json").exists()  # by a job launcher
+    run = RunDir.create(out, spec.to_dict(), exist_ok=prepared or args.resume)
+    run.set_status("running", pid=os.getpid())
+    try:
+        res = run_sls(
+            spec,
+            run=run,
+            resume=args.resume,
+            callbacks=[stderr_progress()],
+            cancel=CancelToken(run.cancel_file),
+        )
+    except Cancelled:
+        run.set_status("cancelled")
+        raise
+    except BaseException as e:
+        run.set_status("failed", error=str(e)[:500])
+        raise
+    run.set_status("done")
+    d = {"run": str(run.path), **res.to_dict()}
+    lines = []
+    if res.cut is not None:
+        lines += [res.cut.reason, ""]
+    lines.append(table(res.table()))
+    if res.speedup:
+        lines.append(
+            "speed-up of the cut: "
+            + ", ".join(f"x{v:.2f} at batch {k}" for k, v in res.speedup.items())
+            + f" (ideal from MACs x{res.ideal_speedup:.2f})"
+        )
+    lines += [*res.notes, f"run folder {run.path}"]
+    return Output(d, "\n".join(lines))

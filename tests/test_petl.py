@@ -1,0 +1,113 @@
+"""PETL: LoRA adapters on a frozen ViT train through studio.train.fit, are seen by the feature bank, survive an
+SLS depth cut and fuse back into a plain timm model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from studio.errors import StudioError
+from studio.petl import (
+    ADAPTER_TRAINABLE,
+    LoRALinear,
+    LoRASpec,
+    add_lora,
+    fuse_lora,
+    has_lora,
+    lora_parameters,
+)
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+def test_fresh_adapters_change_nothing_and_only_they_train(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = tiny_vit(x)
+    model = copy.deepcopy(tiny_vit)
+    names = add_lora(model, LoRASpec(rank=4, targets=("qkv", "proj", "fc1", "fc2")))
+    assert len(names) == 3 * 4 and has_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=0)
+    assert lora_parameters(model) == sum(
+        4 * (m.in_features + m.out_features) for m in model.modules() if isinstance(m, LoRALinear)
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert add_lora(model, LoRASpec(rank=4)) == []  # already adapted: nothing added twice
+
+
+def test_fused_model_is_plain_timm_and_computes_the_same(tiny_vit):
+    from studio.models import create_vit
+
+    model = copy.deepcopy(tiny_vit)
+    add_lora(model, LoRASpec(rank=2))
+    _perturb(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        adapted = model(x)
+        assert (adapted - tiny_vit(x)).abs().max() > 1e-3  # the adapters do something
+        fused = fuse_lora(model)
+        torch.testing.assert_close(fused(x), adapted, rtol=1e-5, atol=1e-5)
+    assert not has_lora(fused)
+    fresh = create_vit("vit_tiny_patch16_224", **TINY)
+    fresh.load_state_dict(fused.state_dict(), strict=True)  # the export format stays plain timm
+
+
+def test_fit_trains_adapters_and_head_only(tiny_vit):
+    from studio.data import TensorData
+    from studio.train import TrainSpec, fit
+
+    model = copy.deepcopy(tiny_vit)
+    add_lora(model, LoRASpec(rank=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    data = TensorData(torch.randn(32, 3, 32, 32, generator=g), torch.arange(32) % 5)
+    fit(model, data, None, TrainSpec(epochs=1, batch_size=16, trainable=ADAPTER_TRAINABLE, select="last"))
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert any(k.endswith("lora_B") for k in changed) and "head.weight" in changed
+    assert all(k.endswith(("lora_A", "lora_B")) or k.startswith("head.") for k in changed)
+
+
+def test_feature_bank_sees_adapted_blocks_and_depth_cut_keeps_adapters(tiny_vit):
+    from studio.data import TensorData
+    from studio.features import extract
+    from studio.models import describe_base
+    from studio.prune.sls import sls_plan
+    from studio.surgery import apply_plan
+
+    model = copy.deepcopy(tiny_vit)
+    add_lora(model, LoRASpec(rank=2))
+    _perturb(model, 1)
+    data = TensorData(torch.randn(8, 3, 32, 32), torch.arange(8) % 5)
+    plain, adapted = extract(tiny_vit, data), extract(model, data)
+    assert (plain.cls[-1] - adapted.cls[-1]).abs().max() > 1e-3
+    cut = apply_plan(copy.deepcopy(model), sls_plan(describe_base(model, "vit_tiny_patch16_224", TINY), 2))
+    assert len(cut.blocks) == 2 and isinstance(cut.blocks[1].attn.qkv, LoRALinear)
+    x = data.images
+    with torch.no_grad():
+        ref = cut(x)
+        torch.testing.assert_close(fuse_lora(copy.deepcopy(cut))(x), ref, rtol=1e-5, atol=1e-5)
+        # block outputs captured by the bank equal the cut model's (the cut reuses blocks as they are)
+        h = cut.blocks(cut._pos_embed(cut.patch_embed(x)))
+    torch.testing.assert_close(h[:, 0], adapted.cls[1], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_specs_are_refused(tiny_vit):
+    with pytest.raises(StudioError, match="rank"):
+        LoRASpec(rank=0).validate()
+    with pytest.raises(StudioError, match="target"):
+        LoRASpec(targets=("head",)).validate()
+    with pytest.raises(StudioError, match="out of range"):
+        add_lora(copy.deepcopy(tiny_vit), LoRASpec(blocks=(7,)))
