@@ -83,6 +83,28 @@ def export(
     return folder
 
 
+def export_loaded(
+    model: torch.nn.Module,
+    loaded: Any,
+    folder: str | Path,
+    *,
+    plan: PrunePlan | None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """:func:`export` of ``model``, a pruned form of ``loaded`` (a LoadedModel): its base, data config and classes."""
+    return export(
+        model,
+        loaded.base,
+        folder,
+        plan=plan,
+        data_config=loaded.data_config,
+        class_names=loaded.class_names,
+        metrics=metrics,
+        extra=extra,
+    )
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST

@@ -316,6 +316,10 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
     """
     plan.validate()
     check_fits(model, plan.base)
+    if any(not b.is_dense for b in plan.blocks) or plan.embed is not None:
+        from .petl import check_unfused
+
+        check_unfused(model)  # LoRA adapters would not be sliced with their base weights
     vit: VisionTransformer = model  # type: ignore[assignment]
     embed = None if plan.embed is None else list(plan.embed)
     old = list(vit.blocks)

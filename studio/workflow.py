@@ -66,7 +66,7 @@ def export_plan_run(
     """Apply ``plan`` (None: export as is) to a copy of ``loaded`` and export it to a new run folder."""
     from .bench import profile
     from .costs import with_summary
-    from .export import export
+    from .export import export_loaded
     from .surgery import apply_plan
 
     spec = {"kind": "export", "model": model_spec, "plan": None if plan is None else plan.to_dict()}
@@ -79,15 +79,7 @@ def export_plan_run(
             model = apply_plan(copy.deepcopy(loaded.model), plan).eval()
             plan.save(run.plan_file)
         prof = profile(model, loaded.data_config["input_size"])
-        export(
-            model,
-            loaded.base,
-            run.export_dir,
-            plan=plan,
-            data_config=loaded.data_config,
-            class_names=loaded.class_names,
-            metrics=prof,
-        )
+        export_loaded(model, loaded, run.export_dir, plan=plan, metrics=prof)
         run.write_results(
             {"method": plan.method if plan else "dense", "after": prof, "export": str(run.export_dir)}
         )

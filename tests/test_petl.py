@@ -111,3 +111,20 @@ def test_bad_specs_are_refused(tiny_vit):
         LoRASpec(targets=("head",)).validate()
     with pytest.raises(StudioError, match="out of range"):
         add_lora(copy.deepcopy(tiny_vit), LoRASpec(blocks=(7,)))
+
+
+def test_width_surgery_refuses_unfused_lora_but_depth_cut_works():
+    from studio.models import create_vit, describe_base
+    from studio.petl import add_lora
+    from studio.plan import BlockPlan, PrunePlan
+    from studio.surgery import apply_plan
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+    model = create_vit("vit_tiny_patch16_224", **kw)
+    base = describe_base(model, "vit_tiny_patch16_224", kw)
+    add_lora(model)
+    heads = PrunePlan.dense(base).with_(blocks=(BlockPlan(0, heads=(0, 1)), BlockPlan(1), BlockPlan(2)))
+    with pytest.raises(StudioError, match="fuse them first"):
+        apply_plan(copy.deepcopy(model), heads)
+    cut = PrunePlan.dense(base).with_(blocks=(BlockPlan(0), BlockPlan(1)))
+    assert len(apply_plan(model, cut).blocks) == 2

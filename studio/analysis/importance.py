@@ -684,8 +684,8 @@ def run_plan(
     """
     from ..costs import with_summary
     from ..data import prepare
-    from ..export import export
-    from ..prune.pipeline import PruneSpec, measure
+    from ..export import export_loaded
+    from ..prune.pipeline import PruneSpec, compare, measure
     from ..surgery import apply_plan
     from ..workflow import new_run
 
@@ -713,19 +713,8 @@ def run_plan(
         )
         after = measure(pruned, loaded, spec, eval_data, tag="pruned", callbacks=callbacks, cancel=cancel)
         metrics = {k: after[k] for k in ("top1", "loss", "params", "macs") if k in after}
-        export(
-            pruned,
-            loaded.base,
-            run.export_dir,
-            plan=plan,
-            data_config=loaded.data_config,
-            class_names=loaded.class_names,
-            metrics=metrics,
-        )
-        speedup = {
-            bs: after["throughput"][bs]["images_per_s"] / before["throughput"][bs]["images_per_s"]
-            for bs in after.get("throughput", {})
-        }
+        export_loaded(pruned, loaded, run.export_dir, plan=plan, metrics=metrics)
+        speedup = compare(before, after, plan)
         results = {
             "method": plan.method,
             "summary": dict(plan.summary),

@@ -39,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("method options (see each method)")
     for o in all_options().values():
         if o not in COMMON_OPTIONS:
-            users = [n for n in METHODS if any(x.name == o.name for x in METHODS.get(n).options)]
+            users = {
+                n: x for n in METHODS for x in METHODS.get(n).options if x.name == o.name
+            }  # methods sharing a flag may differ in meaning and default: say each one's
             _add_option(g, o, users)
     g.add_argument(
         "--param",
@@ -94,16 +96,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_plan_diff)
 
 
-def _add_option(g: argparse._ArgumentGroup, o: Any, users: list[str] | None) -> None:
-    extra = f" [{', '.join(users)}]" if users else ""
-    default = f" (default {o.default})" if o.default is not None else ""
+def _add_option(g: argparse._ArgumentGroup, o: Any, users: dict[str, Any] | None) -> None:
+    if users and len(users) > 1:  # one flag, several methods: each one's meaning and default
+        text = "; ".join(f"{n}: {x.help} (default {x.default})" for n, x in users.items())
+    else:
+        text = o.help + (f" (default {o.default})" if o.default is not None else "")
+        text += f" [{', '.join(users)}]" if users else ""
     g.add_argument(
         "--" + o.name.replace("_", "-"),
         dest=o.name,
         default=None,
         type=str if o.type is bool else o.type,
         **({"nargs": "?", "const": "true"} if o.type is bool else {}),  # bare --flag means true
-        help=(o.help + default + extra).replace("%", "%%"),
+        help=text.replace("%", "%%"),
     )
 
 
@@ -271,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> Output:
 
 def cmd_apply(args: argparse.Namespace) -> Output:
     from ..bench import profile
-    from ..export import export
+    from ..export import export_loaded
 
     loaded = _load(args)
     plan = PrunePlan.load(args.plan)
@@ -289,15 +294,7 @@ def cmd_apply(args: argparse.Namespace) -> Output:
         "export": None,
     }
     if args.out:
-        export(
-            model,
-            loaded.base,
-            args.out,
-            plan=summarized,
-            data_config=loaded.data_config,
-            class_names=loaded.class_names,
-            metrics=prof,
-        )
+        export_loaded(model, loaded, args.out, plan=summarized, metrics=prof)
         data["export"] = str(args.out)
     text = (
         summarized.describe()

@@ -965,7 +965,7 @@ def run_p3b(
     from ..models import load_model
     from ..surgery import apply_plan
     from ..train import TrainSpec, fit
-    from .pipeline import PruneResult, measure
+    from .pipeline import PruneResult, compare, measure
 
     t0 = time.time()
     callbacks = list(callbacks)
@@ -1055,13 +1055,7 @@ def run_p3b(
     emit(callbacks, "status", state="measuring")
     before = measure(loaded.model, loaded, spec, test, tag="start", callbacks=callbacks, cancel=cancel)
     after = measure(pruned, loaded, spec, test, tag="pruned", callbacks=callbacks, cancel=cancel)
-    after["matches_plan"] = (
-        after["params"] == plan.summary["params_after"] and after["macs"] == plan.summary["macs_after"]
-    )
-    speedup = {
-        bs: after["throughput"][bs]["images_per_s"] / before["throughput"][bs]["images_per_s"]
-        for bs in after.get("throughput", {})
-    }
+    speedup = compare(before, after, plan)
     export_dir = None
     if spec.export and run is not None:
         from ..export import export

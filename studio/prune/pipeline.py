@@ -153,6 +153,18 @@ def measure(
     return out
 
 
+def compare(before: dict[str, Any], after: dict[str, Any], plan: PrunePlan) -> dict[str, float]:
+    """Mark whether the measured params/MACs equal the plan's (``after["matches_plan"]``); return the measured
+    speed-up per batch size."""
+    after["matches_plan"] = (
+        after["params"] == plan.summary["params_after"] and after["macs"] == plan.summary["macs_after"]
+    )
+    return {
+        bs: after["throughput"][bs]["images_per_s"] / before["throughput"][bs]["images_per_s"]
+        for bs in after.get("throughput", {})
+    }
+
+
 def run_prune(
     spec: PruneSpec,
     *,
@@ -210,27 +222,13 @@ def run_prune(
     emit(callbacks, "status", state="measuring")
     before = measure(loaded.model, loaded, spec, eval_data, tag="base", callbacks=callbacks, cancel=cancel)
     after = measure(pruned, loaded, spec, eval_data, tag="pruned", callbacks=callbacks, cancel=cancel)
-    after["matches_plan"] = (
-        after["params"] == plan.summary["params_after"] and after["macs"] == plan.summary["macs_after"]
-    )
-    speedup = {
-        bs: after["throughput"][bs]["images_per_s"] / before["throughput"][bs]["images_per_s"]
-        for bs in after.get("throughput", {})
-    }
+    speedup = compare(before, after, plan)
     export_dir, onnx = None, None
     if spec.export and run is not None:
-        from ..export import export, export_onnx
+        from ..export import export_loaded, export_onnx
 
         metrics = {k: after[k] for k in ("top1", "loss", "params", "macs") if k in after}
-        export(
-            pruned,
-            loaded.base,
-            run.export_dir,
-            plan=plan,
-            data_config=loaded.data_config,
-            class_names=loaded.class_names,
-            metrics=metrics,
-        )
+        export_loaded(pruned, loaded, run.export_dir, plan=plan, metrics=metrics)
         export_dir = str(run.export_dir)
         if spec.onnx:
             onnx = export_onnx(pruned, run.export_dir / "model.onnx", loaded.data_config["input_size"])

@@ -54,7 +54,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -1106,21 +1106,13 @@ def plan_splora(
     )
 
 
-@dataclass(frozen=True)
-class TrainingMethod(Method):
-    """A method that trains while pruning: ``runner`` runs the whole job in place of the plan → surgery pipeline
-    (same signature and result type as :func:`studio.prune.pipeline.run_prune`)."""
-
-    runner: Callable[..., PruneResult] | None = None
-
-
 METHODS.add(
     "splora",
-    TrainingMethod(
+    Method(
         "splora",
         plan_splora,
         "SPLoRA (Hedegaard et al.): low-rank adapters over a frozen backbone + iterative channel pruning; "
-        "--mode finetune / --compare true for the fine-pruning baseline",
+        "--mode finetune / --compare for the fine-pruning baseline",
         options=OPTIONS,
         needs_data=True,
         runner=run_splora,
