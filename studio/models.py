@@ -203,8 +203,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _plain(e: BaseException, limit: int = 120) -> str:
     """The first line of a library error, without terminal colour codes."""
-    first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return (first[0] if first else type(e).__name__)[:limit]
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    sentence = (lines[0] if lines else type(e).__name__).split(". ")[0].rstrip(".")
+    return sentence[:limit]
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
