@@ -96,6 +96,27 @@ class LoadedModel:
     def name(self) -> str:
         return self.source
 
+    @classmethod
+    def from_module(
+        cls,
+        model: VisionTransformer,
+        arch: str,
+        kwargs: Mapping[str, Any],
+        *,
+        data: Mapping[str, Any] | None = None,
+        class_names: list[str] | None = None,
+        source: str = "in-memory",
+    ) -> LoadedModel:
+        """Wrap a timm ViT built in memory with ``timm.create_model(arch, **kwargs)`` (unpruned)."""
+        return cls(
+            model=model,
+            base=describe_base(model, arch, kwargs),
+            data_config=dict(data) if data is not None else data_config(model),
+            class_names=class_names or [str(i) for i in range(model.num_classes)],
+            device=next(model.parameters()).device,
+            source=source,
+        )
+
 
 # ---------------------------------------------------------------------------------------------------------
 def describe_base(model: VisionTransformer, arch: str, kwargs: Mapping[str, Any]) -> BaseArch:

@@ -18,7 +18,7 @@ def finished_run(tmp_path_factory) -> Path:
     """A real (tiny) P3B job in the runs root the page reads (conftest's STUDIO_RUNS)."""
     from studio.data import DataSpec
     from studio.demo import DEMO_DATA_CONFIG
-    from studio.models import LoadedModel, ModelSpec, create_vit, describe_base
+    from studio.models import LoadedModel, ModelSpec, create_vit
     from studio.prune import get_method
     from studio.prune.pipeline import PruneSpec
     from studio.runs import RunDir
@@ -26,13 +26,7 @@ def finished_run(tmp_path_factory) -> Path:
     kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
     torch.manual_seed(0)
     model = create_vit("vit_tiny_patch16_224", **kw).eval()
-    loaded = LoadedModel(
-        model,
-        describe_base(model, "vit_tiny_patch16_224", kw),
-        dict(DEMO_DATA_CONFIG),
-        [str(i) for i in range(10)],
-        torch.device("cpu"),
-    )
+    loaded = LoadedModel.from_module(model, "vit_tiny_patch16_224", kw, data=DEMO_DATA_CONFIG)
     method = get_method("p3b")
     params = method.resolve({"prune_ratio": 0.5, "epochs": 4, "steps_per_update": 2, "probe": "mean"})
     spec = PruneSpec(
