@@ -124,7 +124,8 @@ def describe_base(model: VisionTransformer, arch: str, kwargs: Mapping[str, Any]
     blocks = list(model.blocks)
     return BaseArch(
         arch=arch,
-        kwargs=dict(kwargs),
+        # the head size always travels with the rebuild kwargs, so a reset head reloads at its new size
+        kwargs={**kwargs, "num_classes": int(model.num_classes)},
         depth=len(blocks),
         embed_dim=int(model.embed_dim),
         num_heads=tuple(int(b.attn.num_heads) for b in blocks),

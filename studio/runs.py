@@ -150,6 +150,22 @@ class RunDir:
     def set_status(self, state: str, **extra: Any) -> None:
         write_json(self.status_file, {"state": state, "time": time.time(), **extra})
 
+    @contextmanager
+    def tracking(self, **extra: Any) -> Iterator[RunDir]:
+        """Mark the run ``running`` (with this process's pid), then ``done``, ``cancelled`` or ``failed``."""
+        from .errors import Cancelled
+
+        self.set_status("running", pid=os.getpid(), **extra)
+        try:
+            yield self
+        except Cancelled:
+            self.set_status("cancelled")
+            raise
+        except BaseException as e:
+            self.set_status("failed", error=str(e)[:500])
+            raise
+        self.set_status("done")
+
     # events
     def log_event(self, event: Event) -> None:
         """Append one event as a JSON line (a callback: ``callbacks=[run.log_event]``)."""

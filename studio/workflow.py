@@ -45,13 +45,8 @@ def prune_run(
     from .prune.pipeline import run_prune
 
     run = new_run(root, f"prune-{spec.method}", spec.to_dict())
-    run.set_status("running")
-    try:
+    with run.tracking():
         result = run_prune(spec, run=run, loaded=loaded, callbacks=callbacks, cancel=cancel)
-    except BaseException as e:
-        run.set_status("failed", error=str(e)[:500])
-        raise
-    run.set_status("done")
     return run, result
 
 
@@ -71,8 +66,7 @@ def export_plan_run(
 
     spec = {"kind": "export", "model": model_spec, "plan": None if plan is None else plan.to_dict()}
     run = new_run(root, f"export-{plan.method if plan else 'dense'}", spec)
-    run.set_status("running")
-    try:
+    with run.tracking():
         model = loaded.model
         if plan is not None:
             plan = with_summary(plan)
@@ -83,10 +77,6 @@ def export_plan_run(
         run.write_results(
             {"method": plan.method if plan else "dense", "after": prof, "export": str(run.export_dir)}
         )
-    except BaseException as e:
-        run.set_status("failed", error=str(e)[:500])
-        raise
-    run.set_status("done")
     return run
 
 

@@ -154,3 +154,15 @@ def test_reset_head_for_new_class_count(tiny_vit, tmp_path):
 def test_unknown_model_source():
     with pytest.raises(StudioError, match="not found"):
         load_model(ModelSpec("/no/such/file.pth"))
+
+
+def test_reset_head_export_reloads_at_the_new_size(tmp_path):
+    from studio.export import export_loaded, load_exported
+
+    loaded = load_model(ModelSpec("demo-backbone", num_classes=10, reset_head=True, device="cpu"))
+    assert loaded.base.kwargs["num_classes"] == 10  # the rebuild kwargs follow the new head
+    export_loaded(loaded.model, loaded, tmp_path / "e", plan=None)
+    again = load_exported(tmp_path / "e")
+    assert again.model.head.out_features == 10
+    with torch.inference_mode():
+        assert torch.equal(again.model(X), loaded.model(X))

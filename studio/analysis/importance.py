@@ -700,8 +700,7 @@ def run_plan(
     )
     run = new_run(root, f"prune-{plan.method}", {**spec.to_dict(), "plan": plan.to_dict()})
     callbacks = [*callbacks, run.log_event]
-    run.set_status("running")
-    try:
+    with run.tracking():
         t0 = time.time()
         plan.save(run.plan_file)
         pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
@@ -727,8 +726,4 @@ def run_plan(
             "seconds": time.time() - t0,
         }
         run.write_results(results)
-    except BaseException as e:
-        run.set_status("failed", error=str(e)[:500])
-        raise
-    run.set_status("done")
     return run, results

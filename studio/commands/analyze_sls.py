@@ -9,7 +9,6 @@ command the studio's Layer separability page starts as a background job.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +134,6 @@ def run_spec(args: argparse.Namespace):
 
 
 def _apply(args: argparse.Namespace) -> Output:
-    from ..errors import Cancelled
     from ..events import CancelToken
     from ..prune.sls import run_sls
     from ..runs import RunDir, new_run_id
@@ -144,8 +142,7 @@ def _apply(args: argparse.Namespace) -> Output:
     out = Path(args.out or Path("runs") / new_run_id("sls"))
     prepared = (out / "spec.json").exists() and not (out / "results.json").exists()  # by a job launcher
     run = RunDir.create(out, spec.to_dict(), exist_ok=prepared or args.resume)
-    run.set_status("running", pid=os.getpid())
-    try:
+    with run.tracking():
         res = run_sls(
             spec,
             run=run,
@@ -153,13 +150,6 @@ def _apply(args: argparse.Namespace) -> Output:
             callbacks=[stderr_progress()],
             cancel=CancelToken(run.cancel_file),
         )
-    except Cancelled:
-        run.set_status("cancelled")
-        raise
-    except BaseException as e:
-        run.set_status("failed", error=str(e)[:500])
-        raise
-    run.set_status("done")
     d = {"run": str(run.path), **res.to_dict()}
     lines = []
     if res.cut is not None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, StudioError
+from ..errors import StudioError
 from ..events import CancelToken
 from ..plan import PrunePlan, diff
 from ..runs import RunDir, new_run_id
@@ -169,8 +168,7 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         run = RunDir(out)
     else:
         run = RunDir.create(out, spec.to_dict())
-    run.set_status("running", pid=os.getpid())
-    try:
+    with run.tracking():
         result = run_prune(
             spec,
             run=run,
@@ -178,13 +176,6 @@ def cmd_prune(args: argparse.Namespace) -> Output:
             cancel=CancelToken(run.cancel_file),
             resume=args.resume,
         )
-    except Cancelled:
-        run.set_status("cancelled")
-        raise
-    except BaseException as e:
-        run.set_status("failed", error=str(e)[:500])
-        raise
-    run.set_status("done")
     data = {"run": str(run.path), **result.to_dict()}
     return Output(data, _prune_text(data, result.plan))
 

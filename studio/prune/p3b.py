@@ -49,7 +49,7 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -979,8 +979,7 @@ def run_p3b(
     loaded = loaded or load_model(spec.model)
     if loaded.plan is not None and not loaded.plan.is_dense:
         raise StudioError("P3B starts from an unpruned model; this one is already pruned. Load its base.")
-    # a reset head changes the class count; keep the constructor kwargs in step so exports reload
-    base = replace(loaded.base, kwargs={**loaded.base.kwargs, "num_classes": loaded.base.num_classes})
+    base = loaded.base
     settings = settings_from_params(params, loaded.device, spec.seed)
     ncls = base.num_classes
     emit(callbacks, "log", message="preparing data")

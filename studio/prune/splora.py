@@ -55,7 +55,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -873,14 +873,6 @@ class SploraResult(PruneResult):
         }
 
 
-def _base_of(loaded: LoadedModel) -> BaseArch:
-    # A reset head changes num_classes; the constructor kwargs must agree or the export reloads the old head.
-    base = loaded.base
-    if base.kwargs.get("num_classes", base.num_classes) != base.num_classes:
-        base = replace(base, kwargs={**base.kwargs, "num_classes": base.num_classes})
-    return base
-
-
 def load_splits(loaded: LoadedModel, spec: PruneSpec) -> Splits:
     from ..data import prepare
 
@@ -937,7 +929,7 @@ def run_splora(
                     f"Embedding pruning needs LayerNorms; this model has {type(norm).__name__}. "
                     "Use --scope head_dims,mlp."
                 )
-    base = _base_of(loaded)
+    base = loaded.base
     splits = load_splits(loaded, spec)
     emit(callbacks, "status", state="training", method="splora", series=list(opts.series))
     results: dict[str, SeriesResult] = {}
