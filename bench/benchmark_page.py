@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio.benchmark import Target, benchmark, dtypes_for
 from studio.device import describe_device
-from studio.models import ModelSpec, load_model
+from studio.load import load_model
+from studio.models import ModelSpec
 from studio.prune import PruneRequest, make_plan
 from studio.surgery import apply_plan
 

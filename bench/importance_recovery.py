@@ -14,11 +14,12 @@ import time
 
 import torch
 
+from studio.analysis.criteria import calibration_batches
 from studio.data import DataSpec, prepare
 from studio.evaluate import evaluate
-from studio.models import ModelSpec, load_model
+from studio.load import load_model
+from studio.models import ModelSpec
 from studio.prune import PruneRequest, make_plan
-from studio.prune.pipeline import calibration_batches
 from studio.surgery import apply_plan
 from studio.train import TrainSpec, fit
 

@@ -43,7 +43,8 @@ def main() -> None:
     from studio.data import DataSpec, prepare
     from studio.device import describe_device
     from studio.features import extract
-    from studio.models import ModelSpec, load_model
+    from studio.load import load_model
+    from studio.models import ModelSpec
 
     t0 = time.perf_counter()
     loaded = load_model(ModelSpec("demo", device="cpu"))

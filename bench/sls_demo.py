@@ -21,11 +21,11 @@ from typing import Any
 
 
 def _row(name: str, res: Any) -> dict[str, Any]:
-    s = res.stages
+    s = res.section["stages"]
     last = s.get("retrained", s["cut"])
     return {
         "variant": name,
-        "keep": res.keep,
+        "keep": res.section["keep"],
         "dense_test": s["dense"]["test_top1"],
         "cut_test": s["cut"]["test_top1"],
         "retrained_test": last["test_top1"] if "retrained" in s else None,
@@ -83,9 +83,10 @@ def main() -> None:
     from studio.analysis.sls_cut import sls_cut
     from studio.data import DataSpec, prepare
     from studio.device import describe_device
-    from studio.models import ModelSpec, load_model
+    from studio.flows.sls import SLSRunSpec, run_sls
+    from studio.load import load_model
+    from studio.models import ModelSpec
     from studio.petl import LoRASpec, lora_parameters, petl_finetune
-    from studio.prune.sls import SLSRunSpec, run_sls
     from studio.train import TrainSpec
 
     flags = [
@@ -123,7 +124,7 @@ def main() -> None:
             row = _row(kind, r)
             block["runs"].append(row)
             print(
-                f"   [{kind}] keep {r.keep}: test {row['dense_test']:.4f} -> cut {row['cut_test']:.4f} -> "
+                f"   [{kind}] keep {r.section['keep']}: test {row['dense_test']:.4f} -> cut {row['cut_test']:.4f} -> "
                 f"retrained {row['retrained_test']:.4f} (val {row['retrained_val']:.4f}); speed-up "
                 + ", ".join(f"x{v:.2f} bs{k}" for k, v in r.speedup.items())
                 + f" (ideal x{r.ideal_speedup:.2f}); retrain {row['retrain']}"

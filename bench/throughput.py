@@ -12,7 +12,8 @@ import torch
 
 from studio.bench import count_macs, count_params, measure_throughput
 from studio.device import describe_device, resolve_device
-from studio.models import ModelSpec, create_vit, load_model
+from studio.load import load_model
+from studio.models import ModelSpec, create_vit
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ with state.user_errors():
         if c2.button("Export the active plan", key="export_active", icon=":material/ios_share:"):
             bar = state.StreamlitProgress("Exporting")
             run = export_plan_run(
-                state.pristine_model(), plan, root=state.runs_root(), model_spec=state.model_spec().to_dict()
+                state.pristine_model(), plan, root=state.runs_root(), model_spec=state.model_spec()
             )
             bar.done()
             st.session_state["export_run"] = str(run.path)  # select it below
@@ -58,14 +58,14 @@ with state.user_errors():
     k[2].metric("Test accuracy", pct(metrics.get("top1")))
     k[3].metric("Weights", f"{(run.export_dir / 'model.safetensors').stat().st_size / 2**20:.1f} MB")
 
-    plan_file = str(run.plan_file) if run.plan_file.exists() else None
-    command = reproduce_command(spec, out=f"runs/{run.path.name}-replay", plan_file=plan_file)
+    command = reproduce_command(spec, out=f"runs/{run.path.name}-replay")  # spec.json ships in the zip
     card = model_card(manifest, name=run.path.name, spec=spec, results=results, command=command)
     plan_json = json.dumps(manifest["plan"], indent=1) if manifest.get("plan") else None
 
     st.subheader("Downloads", divider="gray")
     d = st.columns(3)
-    extra = {"README.md": card} | ({"plan.json": plan_json} if plan_json else {})
+    extra = {"README.md": card, "spec.json": json.dumps(spec, indent=1)}
+    extra |= {"plan.json": plan_json} if plan_json else {}
     d[0].download_button(
         "Model (zip: safetensors + manifest + card)",
         export_zip(run.export_dir, extra),

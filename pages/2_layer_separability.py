@@ -5,13 +5,14 @@ import streamlit as st
 from studio import jobs
 from studio.analysis.separability import EMBEDDINGS
 from studio.analysis.sls_cut import sls_cut
-from studio.prune.sls import TRAINABLE, SLSRunSpec, cli_args, preview_cut, run_sls
+from studio.flows import start
+from studio.flows.sls import SLSRunSpec
+from studio.prune.sls import TRAINABLE, preview_cut
 from studio.runs import RunDir
 from studio.ui import cached, charts, guide, state
 from studio.ui import jobs as ui_jobs
 from studio.ui import sls as ui
 from studio.ui.charts import human
-from studio.workflow import new_run
 
 st.title("Layer separability")
 st.caption(
@@ -157,24 +158,17 @@ with cut_box:
         bench=bench,
     )
     with r[3]:
-        if preset == "paper":
+        if preset != "none":  # retraining takes minutes: a job, with progress, cancel and resume
             ui_jobs.start_job_button(
-                f"Prune to {keep} blocks + retrain (job)",
-                lambda run: cli_args(spec, str(run)),
-                prefix="sls",
-                key="sls_job",
-                device=str(loaded.device),
+                f"Prune to {keep} blocks + retrain (job)", spec, key="sls_job", device=str(loaded.device)
             )
         elif st.button(
             f"Prune to {keep} blocks", key="sls_run", type="primary", icon=":material/content_cut:"
         ):
             with state.user_errors():
-                run = new_run(state.runs_root(), "sls", spec.to_dict())
                 bar = state.StreamlitProgress("SLS")
-                st.session_state["sls_last"] = run_sls(
-                    spec, loaded=loaded, run=run, callbacks=[bar]
-                ).to_dict()
-                run.set_status("done")
+                _, result = start(spec, root=state.runs_root(), loaded=loaded, callbacks=[bar])
+                st.session_state["sls_last"] = result.to_dict()
                 bar.done()
     job = st.session_state.get("sls_job_run")
     if job and jobs.job_status(job).state != "done":

@@ -1,7 +1,5 @@
 """Block benefit (P3B): per-block benefit curves over the epochs of a pruning run, and the budget they imply."""
 
-import shlex
-
 import pandas as pd
 import plotly.express as px
 import streamlit as st
@@ -9,7 +7,9 @@ from plotly.colors import sample_colorscale
 
 from studio.analysis import block_benefit as bb
 from studio.errors import StudioError
+from studio.flows.prune import PruneSpec
 from studio.jobs import job_status
+from studio.models import ModelSpec
 from studio.plan import PrunePlan
 from studio.ui import charts, state
 from studio.ui.jobs import device_picker, start_job_button
@@ -49,13 +49,17 @@ with st.expander("Start a P3B run", expanded=not runs, icon=":material/play_arro
     data = state.data_spec()
     device, nproc = device_picker("bb_new")
 
-    def argv_for(run) -> list[str]:
-        return bb.p3b_command(
-            model, str(data), run, prune_ratio=ratio, epochs=epochs, probe=probe, limit=data.limit
-        )
-
-    start_job_button("Start P3B", argv_for, prefix="p3b", key="bb_new_start", device=device)
-    st.code("python -m studio " + shlex.join(argv_for(root / "NAME")), language="bash")
+    spec = PruneSpec(
+        model=ModelSpec.from_dict(model).with_(device=device),
+        method="p3b",
+        params={"prune_ratio": ratio, "epochs": int(epochs), "probe": probe},
+        data=data,
+    )
+    start_job_button("Start P3B", spec, key="bb_new_start", device=device)
+    st.caption(
+        "The same run from a shell: write this spec.json, then `python -m studio run --spec spec.json --out runs/NAME`."
+    )
+    st.json(spec.to_dict(), expanded=False)
 
 if not runs:
     st.info("No P3B run yet: start one above (about 5 minutes on the demo, CPU).", icon=":material/info:")

@@ -8,6 +8,7 @@ import streamlit as st
 from studio.analysis import importance as imp
 from studio.jobs import job_status
 from studio.ui import cached, charts, guide, state
+from studio.ui import importance as vm
 from studio.ui.charts import COLORS, human, pct
 
 st.title("Importance")
@@ -73,15 +74,15 @@ with state.user_errors():
 
     st.subheader("What a method removes at a budget", divider="gray")
     b1, b2, b3 = st.columns([1, 2, 1])
-    method = b1.selectbox("Method", imp.OVERLAY_METHODS, key="imp_method")
+    method = b1.selectbox("Method", vm.OVERLAY_METHODS, key="imp_method")
     target = b2.slider("Budget: fraction of the MACs to keep", 0.2, 0.95, 0.5, 0.05, key="imp_target")
     pkey = f"imp_planner:{mkey}:{dkey}:{n_batches}"
     if pkey not in st.session_state:
         batches = imp.calibration(loaded, data, "train", n_batches, 64)
-        st.session_state[pkey] = imp.MethodPlanner(loaded, batches)
+        st.session_state[pkey] = vm.MethodPlanner(loaded, batches)
     with st.spinner(f"Planning {method} at {pct(target, digits=0)} of the MACs…"):
         proposal = st.session_state[pkey].plan(method, target)
-    cost = imp.plan_cost_of(proposal, base)
+    cost = vm.plan_cost_of(proposal, base)
     help_ = f"{cost['macs']:,} MACs; params {human(cost['params'])} ({pct(cost['params_fraction'])})"
     b3.metric(
         "Planned MACs", human(cost["macs"]), pct(cost["macs_fraction"]), "off", help=help_, delta_arrow="off"
@@ -151,7 +152,7 @@ with state.user_errors():
     if active is None:
         st.info("No active plan yet: use the method's plan, or edit a unit.", icon=":material/info:")
         st.stop()
-    now, edits = imp.plan_cost_of(active, base), active.params.get("edits", [])
+    now, edits = vm.plan_cost_of(active, base), active.params.get("edits", [])
     m1, m2, m3 = st.columns(3)
     for col, key, label in ((m1, "macs", "Active plan MACs"), (m2, "params", "Active plan params")):
         col.metric(label, human(now[key]), pct(now[f"{key}_fraction"]), "off", delta_arrow="off")
@@ -163,12 +164,12 @@ with state.user_errors():
     epochs = int(r2.number_input("Retraining epochs", 1, 300, 5, key="imp_epochs", disabled=not retrain))
     if st.button("Prune with the active plan", type="primary", key="imp_run", icon=":material/content_cut:"):
         bar = state.StreamlitProgress("Pruning and measuring")
-        run, res = imp.run_plan(
+        run, res = vm.run_plan(
             loaded, active, data, root=state.runs_root(), model_spec=state.model_spec(), callbacks=[bar]
         )
         bar.done()
         dev = state.model_spec().device
-        job = imp.start_retrain(res["export"], data, epochs, device=dev) if retrain else None
+        job = vm.start_retrain(res["export"], data, epochs, device=dev) if retrain else None
         st.session_state["imp_last"] = {"run": str(run.path), "results": res, "job": job}
     last = st.session_state.get("imp_last")
     if last:

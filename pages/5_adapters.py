@@ -7,6 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from studio import jobs
+from studio.flows.prune import PruneSpec
+from studio.models import ModelSpec
 from studio.prune.splora import CRITERIA, DENSITY_DEFINITION, at_densities, curve_rows, is_splora_run
 from studio.runs import RunDir, list_runs
 from studio.ui import charts, guide, state
@@ -92,7 +94,7 @@ def _show(selected: list[RunDir], x_label: str) -> None:
     st.caption(f"Density: {DENSITY_DEFINITION} Accuracy: test split if evaluated, else validation.")
     for run in selected:
         res = run.results() or {}
-        series = res.get("series") or {}
+        series = (res.get("splora") or {}).get("series") or {}
         cols = st.columns(3)
         if "splora" in series and "task" in series["splora"]:
             cols[0].metric(
@@ -156,36 +158,34 @@ data = state.data_spec()
 st.caption(f"Data: {data} (train to fit and score, val to select, test for the curves).")
 
 
-def argv_for(run: Path) -> list[str]:
-    """The ``python -m studio prune --method splora`` command of this form."""
-    argv = ["prune", "--method", "splora", "--model", source, "--data", str(data), "--out", str(run)]
-    argv += ["--num-classes", str(int(classes))] + (["--reset-head"] if reset else [])
-    argv += ["--rank", str(int(rank)), "--init-range", repr(float(init)), "--criterion", criterion]
-    argv += [
-        "--target-density",
-        repr(float(target)),
-        "--prune-step",
-        repr(float(step)),
-        "--scope",
-        ",".join(scope),
-    ]
-    argv += ["--epochs", str(int(epochs)), "--recovery-epochs", str(int(recovery))]
-    argv += (
-        ["--compare", "true"]
+params = {
+    "rank": float(int(rank)),
+    "init_range": float(init),
+    "criterion": criterion,
+    "target_density": float(target),
+    "prune_step": float(step),
+    "scope": ",".join(scope),
+    "epochs": int(epochs),
+    "recovery_epochs": int(recovery),
+    **(
+        {"compare": True}
         if mode.startswith("SPLoRA vs")
-        else ["--mode", "splora" if mode == "SPLoRA" else "finetune"]
-    )
-    if data.limit:
-        argv += ["--limit", str(data.limit)]
-    return argv + ([] if bench else ["--no-bench"])
+        else {"mode": "splora" if mode == "SPLoRA" else "finetune"}
+    ),
+}
+spec = PruneSpec(
+    model=ModelSpec(source, num_classes=int(classes), reset_head=bool(reset), device=device),
+    method="splora",
+    params=params,
+    data=data,
+    bench=bool(bench),
+)
 
 
 busy = jobs.device_holder(device, root)
 if busy:
     st.info(f"{device} is busy with job {Path(busy['run']).name}; a new job is refused until it ends.")
-start_job_button(
-    "Start SPLoRA", argv_for, prefix="splora", key="adapters_start", device=device, disabled=not scope
-)
+start_job_button("Start SPLoRA", spec, key="adapters_start", device=device, disabled=not scope)
 current = st.session_state.get("adapters_start_run")
 if current:
     st.subheader("Job", divider="gray")

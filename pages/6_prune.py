@@ -4,10 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from studio.compare import plan_diff, plan_table
-from studio.modelcard import command_args
+from studio.flows.prune import PruneSpec
 from studio.plan import PrunePlan
 from studio.prune import COMMON_OPTIONS, get_method, load_methods
-from studio.prune.pipeline import PruneSpec
 from studio.runs import RunDir
 from studio.ui import charts, forms, guide, state
 from studio.ui import jobs as ui_jobs
@@ -21,32 +20,46 @@ st.caption(
 )
 
 methods = load_methods()
-common = {o.name for o in COMMON_OPTIONS}
 c1, c2 = st.columns([1, 2])
 name = c1.selectbox("Method", methods.names(), index=methods.names().index("magnitude"), key="prune_method")
 method = get_method(name)
 c2.markdown(f"**{name}**: {method.summary}" + ("  \nNeeds calibration data." if method.needs_data else ""))
 
+# The budget widgets are exactly the budgets the method declares (a MACs target, a prune ratio, a density...).
 st.markdown("##### Budget")
 b1, b2, b3 = st.columns([1, 2, 1])
-budget = b1.radio("Budget", ["MACs target", "ratio"], key="prune_budget", help=COMMON_OPTIONS[0].help)
-if budget == "MACs target":
-    value = b2.slider("Fraction of the MACs to keep", 0.1, 1.0, 0.5, 0.05, key="prune_target")
-    params = {"target_macs": value}
-else:
-    value = b2.slider("Fraction of units to remove in each scope", 0.0, 0.95, 0.3, 0.05, key="prune_ratio")
-    params = {"ratio": value}
-if b3.checkbox("Round widths to 8", value=True, key="prune_round8", help=COMMON_OPTIONS[2].help):
+labels = {b.label: b for b in method.budgets}
+chosen = (
+    labels[b1.radio("Budget", list(labels), key=f"prune_budget_{name}")]
+    if len(labels) > 1
+    else method.budgets[0]
+)
+if len(labels) == 1:
+    b1.caption(chosen.label)
+whole = chosen.step >= 1  # a count (blocks to keep), not a fraction
+high = min(chosen.high, state.pristine_model().base.depth) if chosen.option == "keep_blocks" else chosen.high
+value = b2.slider(
+    chosen.label,
+    int(chosen.low) if whole else chosen.low,
+    int(high) if whole else high,
+    int(min(chosen.default, high)) if whole else chosen.default,
+    int(chosen.step) if whole else chosen.step,
+    key=f"prune_value_{name}_{chosen.option}",
+)
+params: dict = {chosen.option: value}
+if method.rounds and b3.checkbox(
+    "Round widths to 8", value=True, key="prune_round8", help=COMMON_OPTIONS[2].help
+):
     params["round_to"] = 8
-own = [o for o in method.options if o.name not in common]
+own = [o for o in method.options if o.name not in {b.option for b in method.budgets}]
 if own:
-    with st.expander(f"{name} options", expanded=True):
+    with st.expander(f"{name} options", expanded=method.trains):
         params.update(forms.option_widgets(own, f"prune_opt_{name}"))
 
 with st.expander("Data and measurement"):
     m1, m2, m3, m4 = st.columns(4)
     calib = m1.number_input(
-        "Calibration batches", 1, 256, 8, key="prune_calib", disabled=not method.needs_data
+        "Calibration batches", 1, 256, 8, key="prune_calib", disabled=not method.needs_data or method.trains
     )
     evaluate = m2.checkbox("Accuracy before/after", True, key="prune_eval")
     bench = m3.checkbox("Measure throughput", True, key="prune_bench")
@@ -63,14 +76,12 @@ spec = PruneSpec(
     bench=bench,
     onnx=onnx,
 )
-if any(o.name == "epochs" for o in method.options):  # a method that trains: minutes or more, so a job
+if method.trains:  # minutes or more: a job that a reload or a closed tab does not stop
     st.info(
         f"{name} trains while it prunes: it runs as a background job that a reload or a closed tab does not stop."
     )
     device, nproc = ui_jobs.device_picker("prune_job")
-    argv = [*command_args(spec.to_dict()), "--out"]
-    ui_jobs.start_job_button("Start", lambda run: [*argv, str(run)], prefix=f"prune-{name}", key="prune_job",
-                             device=device, nproc=nproc)  # fmt: skip
+    ui_jobs.start_job_button("Start", spec, key="prune_job", device=device, nproc=nproc)
     job = st.session_state.get("prune_job_run")
     if job:
         ui_jobs.job_panel(job)
@@ -80,16 +91,24 @@ if any(o.name == "epochs" for o in method.options):  # a method that trains: min
                 "result": RunDir(job).results(),
                 "plan": PrunePlan.load(RunDir(job).plan_file),
             }
-elif st.button("Prune", type="primary", key="prune_run", icon=":material/content_cut:"):
-    with state.user_errors():
-        bar = state.StreamlitProgress(f"Pruning with {name}")
-        run, result = prune_run(spec, root=state.runs_root(), loaded=state.pristine_model(), callbacks=[bar])
-        bar.done()
-        st.session_state["prune_last"] = {
-            "run": str(run.path),
-            "result": result.to_dict(),
-            "plan": result.plan,
-        }
+else:
+    problem = state.problem_of(spec)
+    if problem:
+        st.error(problem, icon=":material/error:")
+    if st.button(
+        "Prune", type="primary", key="prune_run", icon=":material/content_cut:", disabled=problem is not None
+    ):
+        with state.user_errors():
+            bar = state.StreamlitProgress(f"Pruning with {name}")
+            run, result = prune_run(
+                spec, root=state.runs_root(), loaded=state.pristine_model(), callbacks=[bar]
+            )
+            bar.done()
+            st.session_state["prune_last"] = {
+                "run": str(run.path),
+                "result": result.to_dict(),
+                "plan": result.plan,
+            }
 
 with st.expander("Or load a plan (plan.json of an earlier run)"):
     up = st.file_uploader("Plan JSON", type=["json"], key="prune_plan_upload")

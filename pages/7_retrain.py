@@ -5,6 +5,8 @@ from pathlib import Path
 import streamlit as st
 
 from studio import jobs
+from studio.flows.retrain import RecoverySpec
+from studio.models import ModelSpec
 from studio.recovery import KD_MODES, infer_teacher, preset_names, resolve_recipe
 from studio.ui import guide, state
 from studio.ui.charts import human, pct
@@ -89,31 +91,27 @@ with state.user_errors():
     st.caption(f"Data: {data} (train to fit, val to select and stop early, test for the final number).")
 
 
-def argv_for(run: Path) -> list[str]:
-    """The ``python -m studio retrain`` command for this form."""
-    argv = ["retrain", "--model", model, "--data", str(data), "--out", str(run), "--preset", preset]
-    argv += ["--kd", kd, "--epochs", str(int(epochs)), "--lr", repr(float(lr))]
-    argv += ["--label-smoothing", repr(float(smoothing)), "--early-stop", str(int(patience))]
-    if kd != "none":
-        argv += [
-            "--teacher",
-            teacher,
-            "--alpha",
-            repr(float(alpha)),
-            "--temperature",
-            repr(float(temperature)),
-        ]
-    if data.limit:
-        argv += ["--limit", str(data.limit)]
-    return argv
+overrides = {
+    "kd": kd,
+    "epochs": int(epochs),
+    "lr": float(lr),
+    "label_smoothing": float(smoothing),
+    "early_stop": int(patience),
+    **({"alpha": float(alpha), "temperature": float(temperature)} if kd != "none" else {}),
+}
+spec = RecoverySpec(
+    model=ModelSpec(model, device=device),
+    data=data,
+    teacher=ModelSpec(teacher, device=device) if kd != "none" and teacher else None,
+    preset=preset,
+    overrides=overrides,
+)
 
 
 busy = jobs.device_holder(device, root)
 if busy:
     st.info(f"{device} is busy with job {Path(busy['run']).name}; this job will be refused until it ends.")
-start_job_button(
-    "Start retraining", argv_for, prefix="retrain", key="retrain_start", device=device, nproc=nproc
-)
+start_job_button("Start retraining", spec, key="retrain_start", device=device, nproc=nproc)
 
 current = st.session_state.get("retrain_start_run")
 if current:

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "studio.commands.prune",
     "studio.commands.analyze",
     "studio.commands.jobs",
+    "studio.commands.run",
 )
 
 

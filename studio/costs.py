@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .models import create_vit
 from .plan import BaseArch, PrunePlan
 
 
@@ -47,7 +48,6 @@ def _pc(module: nn.Module, width: int) -> int:
 
 def arch_facts(base: BaseArch) -> ArchFacts:
     """Build the base on the meta device (no memory, ~0.1 s) and read its structural facts."""
-    from .models import create_vit
 
     with torch.device("meta"):
         m = create_vit(base.arch, **base.kwargs)

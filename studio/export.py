@@ -18,8 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from .device import resolve_device
 from .errors import StudioError
+from .models import LoadedModel, create_vit, data_config
 from .plan import BaseArch, PrunePlan
 from .runs import atomic_path, write_json
+from .surgery import apply_plan
 
 MANIFEST_SCHEMA = "pruning-studio/model"
 MANIFEST_VERSION = 1
@@ -127,7 +129,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def build_from_manifest(manifest: Mapping[str, Any]) -> tuple[torch.nn.Module, BaseArch, PrunePlan | None]:
     """Rebuild the (pruned) architecture of an export with random weights: base -> plan surgery."""
-    from .models import create_vit
 
     if not isinstance(manifest.get("base"), dict):
         raise StudioError(
@@ -147,7 +148,6 @@ def build_from_manifest(manifest: Mapping[str, Any]) -> tuple[torch.nn.Module, B
                 f"({plan.base.arch} {plan.base.depth}x{plan.base.embed_dim} vs {base.arch} "
                 f"{base.depth}x{base.embed_dim}). Export the model again."
             )
-        from .surgery import apply_plan
 
         try:
             model = apply_plan(model, plan)
@@ -177,7 +177,6 @@ def load_exported(
     data_overrides: Mapping[str, Any] | None = None,
 ):
     """Load an exported model folder (no pickle anywhere); returns a :class:`~studio.models.LoadedModel`."""
-    from .models import LoadedModel, data_config
 
     folder = Path(folder)
     if folder.is_file():

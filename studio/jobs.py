@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StudioError
-from .events import Callback, Event
+from .flows import Spec, create_run
 from .runs import RunDir, read_json, write_json, write_text
 
 JOB_FILE = "job.json"
@@ -385,6 +386,33 @@ def start_job(
     return job_status(run.path)
 
 
+def submit(
+    spec: Spec,
+    run_dir: str | Path,
+    *,
+    device: str = "cpu",
+    nproc: int = 1,
+    threads: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> JobStatus:
+    """Validate ``spec``, write it as the new run folder's ``spec.json`` and start ``python -m studio run RUN``.
+
+    The one way work becomes a job: nothing builds command-line arguments from a spec. A refused spec (bad
+    combination, busy device) raises :class:`StudioError` and leaves no run folder behind.
+    """
+    run = Path(run_dir).resolve()
+    spec.validate()
+    _job_devices(device, nproc)  # an unknown device is refused before the folder exists
+    fresh = not run.exists()
+    create_run(spec, run)
+    try:
+        return start_job(["run", str(run)], run, device=device, nproc=nproc, threads=threads, env=env)
+    except StudioError:
+        if fresh:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
 # ------------------------------------------------------------------------------------------------- status
 def _job(run: Path) -> dict[str, Any]:
     path = run / JOB_FILE
@@ -603,7 +631,7 @@ def resume_job(
         raise StudioError(f"Run {run.path.name} finished; start a new run instead of resuming it.")
     argv = list(job["command"])
     if "--resume" not in argv:
-        argv.append("--resume")
+        argv.append("--resume")  # a spec run: ``run RUN --resume``
     devs = job.get("devices") or ["cpu"]
     return start_job(
         argv,
@@ -619,63 +647,6 @@ def read_log(run_dir: str | Path, stream: str = "stderr", lines: int = 200) -> s
     if stream not in ("stderr", "stdout"):
         raise StudioError(f"Log stream must be stderr or stdout, not '{stream}'.")
     return "\n".join(tail(Path(run_dir) / (STDERR if stream == "stderr" else STDOUT), lines, 256_000))
-
-
-# ------------------------------------------------------------------------------------------ event logging
-class RunLogger:
-    """The job side of the run folder: append events to ``events.jsonl``, thinned, with resource readings.
-
-    ``progress`` events are kept at most every ``progress_every`` seconds and ``max_points`` times per task (and
-    the last one of each task), so a 300-epoch run writes a few thousand lines, not one per step, and the studio
-    can re-read the curves every two seconds; every ``resource_every`` seconds a ``resource`` event records
-    resident memory and, on CUDA, allocated GPU memory.
-    """
-
-    def __init__(
-        self,
-        run: RunDir,
-        *,
-        progress_every: float = 0.5,
-        max_points: int = 2000,
-        resource_every: float = 5.0,
-    ) -> None:
-        self.run = run
-        self.progress_every, self.max_points, self.resource_every = progress_every, max_points, resource_every
-        self._last_progress: dict[str, tuple[float, int]] = {}
-        self._last_resource = 0.0
-
-    def __call__(self, event: Event) -> None:
-        now = event.time
-        if event.kind == "progress":
-            task = str(event.data.get("task", ""))
-            done, total = int(event.data.get("done", 0)), int(event.data.get("total") or 0)
-            last_time, last_done = self._last_progress.get(task, (0.0, -(10**12)))
-            if done != total and (
-                now - last_time < self.progress_every or done - last_done < total / self.max_points
-            ):
-                return
-            self._last_progress[task] = (now, done)
-        self.run.log_event(event)
-        if now - self._last_resource >= self.resource_every:
-            self._last_resource = now
-            self.run.log_event(Event("resource", resource_usage()))
-
-
-def resource_usage() -> dict[str, Any]:
-    """Resident memory of this process and, when CUDA is in use, its GPU memory."""
-    out: dict[str, Any] = {}
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        out["rss_mb"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        import resource
-
-        out["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["gpu_mem_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
-        out["gpu_max_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
 
 
 def curves(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -761,8 +732,3 @@ def run_table(root: str | Path) -> list[dict[str, Any]]:
 def exports(root: str | Path) -> list[dict[str, Any]]:
     """Finished runs with an exported model (what the retrain page offers), newest first."""
     return [r for r in run_table(root) if r["has_export"]]
-
-
-def job_logger(run: RunDir) -> Callback:
-    """The callback a command running as a job gives the engine (see :class:`RunLogger`)."""
-    return RunLogger(run)

@@ -8,7 +8,6 @@ accuracy, throughput, with the device), how to load it (two lines of Python) and
 from __future__ import annotations
 
 import io
-import json
 import shlex
 import zipfile
 from collections.abc import Mapping
@@ -21,103 +20,17 @@ from .plan import PrunePlan
 _PY = "python -m studio"
 
 
-def _model_args(m: Mapping[str, Any]) -> list[str]:
-    out = ["--model", str(m.get("source", "demo"))]
-    for key, flag in (("arch", "--arch"), ("num_classes", "--num-classes"), ("img_size", "--img-size")):
-        if m.get(key) is not None:
-            out += [flag, str(m[key])]
-    if m.get("reset_head"):
-        out.append("--reset-head")
-    if m.get("kwargs"):
-        out += ["--timm-kwargs", json.dumps(dict(m["kwargs"]), separators=(",", ":"))]
-    for key in ("mean", "std"):
-        if (m.get("data") or {}).get(key) is not None:
-            out += [f"--{key}", *(str(v) for v in m["data"][key])]
-    if m.get("device", "auto") != "auto":
-        out += ["--device", str(m["device"])]
-    return out
-
-
-def _data_args(d: Mapping[str, Any] | None) -> list[str]:
-    if not d:
-        return []
-    out = ["--data", str(d["kind"]) + (f":{d['path']}" if d.get("path") else "")]
-    if d.get("skip_bad_files"):
-        out.append("--skip-bad-files")
-    if d.get("limit") is not None:
-        out += ["--limit", str(d["limit"])]
-    return out
-
-
-def _value(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def command_args(spec: Mapping[str, Any], *, plan_file: str | None = None) -> list[str]:
-    """``python -m studio`` arguments that re-run a run's ``spec.json`` (prune, retrain or export), without ``--out``.
-
-    Args:
-        plan_file: for export runs, the plan the run applied (its ``plan.json``).
-    """
-    kind = spec.get("kind")
-    model = spec.get("model") or {}
-    if kind == "prune":
-        args = ["prune", *_model_args(model), *_data_args(spec.get("data")), "--method", str(spec["method"])]
-        for name, v in (spec.get("params") or {}).items():
-            if v is not None and name != "seed":
-                args += [f"--{name.replace('_', '-')}", _value(v)]
-        if spec.get("data"):
-            args += [
-                "--split",
-                str(spec.get("eval_split", "test")),
-                "--calib-split",
-                str(spec.get("calib_split", "train")),
-            ]
-            args += ["--calib-batches", str(spec.get("calib_batches", 8))]
-        args += ["--batch-size", str(spec.get("batch_size", 64)), "--seed", str(spec.get("seed", 0))]
-        args += [
-            flag
-            for key, flag in (("evaluate", "--no-eval"), ("bench", "--no-bench"), ("export", "--no-export"))
-            if spec.get(key) is False
-        ]
-        if spec.get("bench", True):
-            args += ["--bench-batch-sizes", *(str(b) for b in spec.get("bench_batch_sizes", (1, 64)))]
-        if spec.get("onnx"):
-            args.append("--onnx")
-    elif kind == "retrain":
-        args = [
-            "retrain",
-            *_model_args(model),
-            *_data_args(spec.get("data")),
-            "--preset",
-            str(spec.get("preset")),
-        ]
-        teacher = spec.get("teacher")
-        args += ["--teacher", str(teacher["source"]) if teacher else "none"]
-        for name, v in (spec.get("overrides") or {}).items():
-            if v is not None:
-                args += [f"--{name.replace('_', '-')}", _value(v)]
-        args += ["--seed", str(spec.get("seed", 0))]
-        args += [
-            flag
-            for key, flag in (("bench", "--no-bench"), ("export", "--no-export"))
-            if spec.get(key) is False
-        ]
-    elif kind == "export":
-        args = ["export", *_model_args(model)]
-        if spec.get("plan"):
-            args += ["--plan", plan_file or "plan.json"]
-    else:
-        raise StudioError(f"Runs of kind '{kind}' have no reproducible command.")
-    return args
-
-
 def reproduce_command(
-    spec: Mapping[str, Any], *, out: str = "runs/replay", plan_file: str | None = None
+    spec: Mapping[str, Any], *, out: str = "runs/replay", spec_file: str = "spec.json"
 ) -> str:
-    """The shell command that re-runs a run from its ``spec.json``, writing to ``out`` (see :func:`command_args`)."""
-    args = command_args(spec, plan_file=plan_file)
-    return " ".join([_PY, *(shlex.quote(a) for a in args), "--out", shlex.quote(out)])
+    """The shell command that re-runs a run from its ``spec.json`` into a new run folder ``out``.
+
+    Every kind of run has the same command: the spec *is* the work (``python -m studio run --spec``), so no
+    command line is ever rebuilt from it and nothing of the spec can get lost on the way.
+    """
+    if not spec.get("kind"):
+        raise StudioError("This run has no kind in its spec.json: it was not written by the studio.")
+    return " ".join([_PY, "run", "--spec", shlex.quote(spec_file), "--out", shlex.quote(out)])
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -159,10 +160,10 @@ class RunDir:
         try:
             yield self
         except Cancelled:
-            self.set_status("cancelled")
+            self.set_status("cancelled", resumable=any(self.path.glob("*.pt")))
             raise
         except BaseException as e:
-            self.set_status("failed", error=str(e)[:500])
+            self.set_status("failed", error=(str(e) or type(e).__name__)[:500])
             raise
         self.set_status("done")
 
@@ -199,3 +200,60 @@ def list_runs(root: str | Path) -> list[RunDir]:
         if p.is_dir() and (p / "spec.json").exists() and _RUN_ID.match(p.name)
     ]
     return sorted(runs, key=lambda r: r.spec_file.stat().st_mtime, reverse=True)
+
+
+# ------------------------------------------------------------------------------------------ event logging
+class RunLogger:
+    """The job side of the run folder: append events to ``events.jsonl``, thinned, with resource readings.
+
+    ``progress`` events are kept at most every ``progress_every`` seconds and ``max_points`` times per task (and
+    the last one of each task), so a 300-epoch run writes a few thousand lines, not one per step, and the studio
+    can re-read the curves every two seconds; every ``resource_every`` seconds a ``resource`` event records
+    resident memory and, on CUDA, allocated GPU memory.
+    """
+
+    def __init__(
+        self,
+        run: RunDir,
+        *,
+        progress_every: float = 0.5,
+        max_points: int = 2000,
+        resource_every: float = 5.0,
+    ) -> None:
+        self.run = run
+        self.progress_every, self.max_points, self.resource_every = progress_every, max_points, resource_every
+        self._last_progress: dict[str, tuple[float, int]] = {}
+        self._last_resource = 0.0
+
+    def __call__(self, event: Event) -> None:
+        now = event.time
+        if event.kind == "progress":
+            task = str(event.data.get("task", ""))
+            done, total = int(event.data.get("done", 0)), int(event.data.get("total") or 0)
+            last_time, last_done = self._last_progress.get(task, (0.0, -(10**12)))
+            if done != total and (
+                now - last_time < self.progress_every or done - last_done < total / self.max_points
+            ):
+                return
+            self._last_progress[task] = (now, done)
+        self.run.log_event(event)
+        if now - self._last_resource >= self.resource_every:
+            self._last_resource = now
+            self.run.log_event(Event("resource", resource_usage()))
+
+
+def resource_usage() -> dict[str, Any]:
+    """Resident memory of this process and, when CUDA is in use, its GPU memory."""
+    out: dict[str, Any] = {}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_mb"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        out["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_mem_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+        out["gpu_max_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

@@ -39,6 +39,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
+from .models import describe_base
+from .petl import check_unfused
 from .plan import BaseArch, BlockPlan, PrunePlan
 
 Index = Sequence[int] | None
@@ -141,7 +143,6 @@ def check_supported(model: nn.Module) -> VisionTransformer:
 
 def check_fits(model: nn.Module, base: BaseArch) -> None:
     """Refuse a model whose structure is not the (unpruned) base the plan refers to."""
-    from .models import describe_base
 
     vit = check_supported(model)
     if any(isinstance(b, ResidualSubsetBlock) for b in vit.blocks):
@@ -317,8 +318,6 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
     plan.validate()
     check_fits(model, plan.base)
     if any(not b.is_dense for b in plan.blocks) or plan.embed is not None:
-        from .petl import check_unfused
-
         check_unfused(model)  # LoRA adapters would not be sliced with their base weights
     vit: VisionTransformer = model  # type: ignore[assignment]
     embed = None if plan.embed is None else list(plan.embed)

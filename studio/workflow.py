@@ -1,53 +1,39 @@
-"""Short runs the studio does inline (seconds on the demo), recorded in run folders exactly like CLI runs.
+"""Short runs the studio does inline (seconds on the demo), through the same specs and flows as every job.
 
-A prune from the Prune page and an export of the active plan from the Export page each get their own
-``runs/<time>-<kind>-<suffix>/`` with ``spec.json``, ``status.json``, ``events.jsonl``, ``plan.json``,
-``results.json`` and ``export/``, so the Runs, Compare and Export pages and the CLI all see them. Long work
-(retraining) goes through background jobs instead (:mod:`studio.jobs`).
+A prune from the Prune page and an export of the active plan from the Export page are prune runs
+(:class:`~studio.flows.prune.PruneSpec`, the latter with the plan given and no measurement), each in its own
+``runs/<time>-<kind>-<suffix>/`` so the Runs, Compare and Export pages and the CLI all see them. Long work
+goes through background jobs instead (:func:`studio.jobs.submit`).
 """
 
 from __future__ import annotations
 
-import copy
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .costs import with_summary
+from .errors import StudioError
 from .events import Callback, CancelToken
-from .models import LoadedModel
-from .plan import PrunePlan
-from .runs import RunDir, new_run_id
-
-
-def new_run(root: str | Path, prefix: str, spec: dict[str, Any]) -> RunDir:
-    """A fresh run folder under ``root``; the random suffix keeps two sessions in the same second apart."""
-    path = Path(root) / f"{new_run_id(prefix)}-{secrets.token_hex(2)}"
-    return RunDir.create(path, spec)
+from .export import export_onnx
+from .flows import start
+from .flows.prune import PruneSpec
+from .flows.stages import RunResult
+from .models import LoadedModel, ModelSpec
+from .plan import BaseArch, PrunePlan
+from .runs import RunDir, write_json
 
 
 def prune_run(
-    spec: Any,
+    spec: PruneSpec,
     *,
     root: str | Path,
     loaded: LoadedModel | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
-) -> tuple[RunDir, Any]:
-    """:func:`studio.prune.pipeline.run_prune` in a new run folder, with its status recorded.
-
-    Args:
-        spec: a :class:`~studio.prune.pipeline.PruneSpec`.
-        loaded: the (cached, never mutated) model to prune a copy of.
-    Returns:
-        The run folder and the :class:`~studio.prune.pipeline.PruneResult`.
-    """
-    from .prune.pipeline import run_prune
-
-    run = new_run(root, f"prune-{spec.method}", spec.to_dict())
-    with run.tracking():
-        result = run_prune(spec, run=run, loaded=loaded, callbacks=callbacks, cancel=cancel)
-    return run, result
+) -> tuple[RunDir, RunResult]:
+    """Run a prune spec inline in a new run folder under ``root`` (``loaded``: the cached model, never mutated)."""
+    return start(spec, root=root, loaded=loaded, callbacks=callbacks, cancel=cancel)
 
 
 def export_plan_run(
@@ -55,28 +41,13 @@ def export_plan_run(
     plan: PrunePlan | None,
     *,
     root: str | Path,
-    model_spec: dict[str, Any],
+    model_spec: ModelSpec,
     callbacks: Sequence[Callback] = (),
 ) -> RunDir:
-    """Apply ``plan`` (None: export as is) to a copy of ``loaded`` and export it to a new run folder."""
-    from .bench import profile
-    from .costs import with_summary
-    from .export import export_loaded
-    from .surgery import apply_plan
-
-    spec = {"kind": "export", "model": model_spec, "plan": None if plan is None else plan.to_dict()}
-    run = new_run(root, f"export-{plan.method if plan else 'dense'}", spec)
-    with run.tracking():
-        model = loaded.model
-        if plan is not None:
-            plan = with_summary(plan)
-            model = apply_plan(copy.deepcopy(loaded.model), plan).eval()
-            plan.save(run.plan_file)
-        prof = profile(model, loaded.data_config["input_size"])
-        export_loaded(model, loaded, run.export_dir, plan=plan, metrics=prof)
-        run.write_results(
-            {"method": plan.method if plan else "dense", "after": prof, "export": str(run.export_dir)}
-        )
+    """Apply ``plan`` (None: the dense plan) to a copy of ``loaded`` and export it to a new run folder."""
+    plan = with_summary(plan if plan is not None else PrunePlan.dense(loaded.base))
+    spec = PruneSpec(model=model_spec, method=plan.method, plan=plan, evaluate=False, bench=False)
+    run, _ = start(spec, root=root, loaded=loaded, callbacks=callbacks)
     return run
 
 
@@ -86,23 +57,17 @@ def export_onnx_for(folder: str | Path, loaded: LoadedModel) -> dict[str, Any]:
     ``loaded`` is the export loaded back (the model that is traced); the parity is the largest absolute logit
     difference between onnxruntime and PyTorch on random inputs (:func:`studio.export.export_onnx`).
     """
-    from .export import export_onnx
-    from .runs import write_json
-
     folder = Path(folder)
     result = export_onnx(loaded.model, folder / "model.onnx", loaded.data_config["input_size"])
     write_json(folder / "onnx.json", result)
     return result
 
 
-def load_plan_text(text: str | bytes, base: Any) -> PrunePlan:
+def load_plan_text(text: str | bytes, base: BaseArch) -> PrunePlan:
     """A plan uploaded as JSON, validated, and checked to be made for ``base`` (the current model's).
 
     Raises :class:`~studio.errors.StudioError` naming the bad field, or saying which model the plan is for.
     """
-    from .costs import with_summary
-    from .errors import StudioError
-
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")

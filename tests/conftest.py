@@ -32,7 +32,8 @@ def tiny_vit():
 @pytest.fixture(scope="session")
 def demo_loaded():
     """The embedded demo model (read-only: deep-copy before changing it)."""
-    from studio.models import ModelSpec, load_model
+    from studio.load import load_model
+    from studio.models import ModelSpec
 
     return load_model(ModelSpec("demo", device="cpu"))
 

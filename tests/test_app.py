@@ -148,9 +148,10 @@ def test_loading_an_exported_folder_replaces_the_selection_and_clears_the_plan(
     tmp_path, monkeypatch, demo_loaded
 ):
     from studio.plan import PrunePlan
+    from studio.models import ModelSpec
     from studio.workflow import export_plan_run
 
-    run = export_plan_run(demo_loaded, None, root=tmp_path, model_spec={"source": "demo"})
+    run = export_plan_run(demo_loaded, None, root=tmp_path, model_spec=ModelSpec("demo"))
     monkeypatch.setenv("STUDIO_DATA_ROOTS", str(tmp_path))
     at = _app().run()
     at.session_state["studio_active_plan"] = PrunePlan.dense(demo_loaded.base)

@@ -230,7 +230,8 @@ def vtab_label_out_of_range(tmp: Path) -> str:
 
 
 def _plan_request(target: float):
-    from studio.models import ModelSpec, load_model
+    from studio.load import load_model
+    from studio.models import ModelSpec
     from studio.prune import PruneRequest, make_plan
 
     loaded = load_model(ModelSpec("demo", device="cpu"))
@@ -246,7 +247,8 @@ def budget_above_one(tmp: Path) -> str:
 
 
 def _demo_base():
-    from studio.models import ModelSpec, load_model
+    from studio.load import load_model
+    from studio.models import ModelSpec
 
     return load_model(ModelSpec("demo", device="cpu")).base
 

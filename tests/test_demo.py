@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from studio.demo import SHAPES, DemoBuildSpec, build_demo, shapes_dataset
-from studio.models import ModelSpec, load_model
+from studio.load import load_model
+from studio.models import ModelSpec
 
 
 def test_shapes_dataset_is_seeded_and_balanced():

@@ -12,14 +12,12 @@ import torch.nn.functional as F
 from studio.analysis.importance import (
     CRITERIA,
     ImportanceResult,
-    MethodPlanner,
     cells,
     compute_importance,
     edit_unit,
     head_ablation,
     marked,
     neuron_bins,
-    plan_cost_of,
     removed_fraction,
     removed_heads,
     set_head,
@@ -32,6 +30,7 @@ from studio.errors import StudioError
 from studio.models import LoadedModel, create_vit, data_config, describe_base
 from studio.plan import BlockPlan, PrunePlan
 from studio.surgery import apply_plan
+from studio.ui.importance import MethodPlanner, plan_cost_of
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
 

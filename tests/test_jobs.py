@@ -13,7 +13,7 @@ import torch
 from studio import jobs
 from studio.errors import StudioError
 from studio.events import Event
-from studio.recovery import RecoverySpec, run_recovery
+from studio.flows.retrain import RecoverySpec, run_recovery
 from studio.runs import RunDir, read_json, write_json, write_text
 
 # 160 train images / 16 = 10 steps per epoch: a cancel after the first logged steps lands mid-epoch 0

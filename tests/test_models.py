@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from studio.errors import StudioError
-from studio.models import ModelSpec, create_vit, load_model
+from studio.load import load_model
+from studio.models import ModelSpec, create_vit
 from tests.conftest import TINY_KWARGS
 
 ARCH = "vit_tiny_patch16_224"

@@ -10,26 +10,29 @@ import numpy as np
 import pytest
 import torch
 
+from studio.analysis.benefit_budget import (
+    BudgetSettings,
+    importance_from_benefits,
+    soft_clamp,
+    solve_keep_ratios,
+)
 from studio.analysis.block_benefit import BenefitProbes, FeatureTaps, load_history
 from studio.costs import plan_cost
 from studio.data import DataSpec, TensorData
 from studio.errors import Cancelled, StudioError
 from studio.events import CancelToken
+from studio.flows import run_folder
 from studio.models import LoadedModel, ModelSpec, create_vit, describe_base
 from studio.prune import get_method
 from studio.prune.p3b import (
     BranchGates,
-    BudgetSettings,
     P3BPruner,
     P3BSettings,
     Schedule,
-    importance_from_benefits,
     parse_gate_weights,
     parse_keep_ratios,
     ramp,
-    soft_clamp,
     soft_mask,
-    solve_keep_ratios,
     theta_at,
 )
 from studio.runs import RunDir
@@ -339,7 +342,7 @@ def test_pruner_refuses_an_already_pruned_model():
 
 # ----------------------------------------------------------------------------------------------------- job
 def _job_spec(epochs: int = 4, **params):
-    from studio.prune.pipeline import PruneSpec
+    from studio.flows.prune import PruneSpec
 
     p = get_method("p3b").resolve({"prune_ratio": 0.5, "epochs": epochs, "steps_per_update": 2, **params})
     return PruneSpec(
@@ -374,7 +377,7 @@ def _loaded():
 
 def test_method_is_registered_as_a_training_job():
     m = get_method("p3b")
-    assert callable(getattr(m, "runner", None)) and m.needs_data
+    assert m.trains and m.flow == "p3b" and m.fn is None and m.needs_data
     assert m.resolve({"prune_ratio": "0.25"})["prune_ratio"] == 0.25
     with pytest.raises(StudioError, match="one of"):
         m.resolve({"probe": "huge"})
@@ -384,7 +387,7 @@ def test_job_runs_resumes_exactly_and_records_curves(tmp_path):
     loaded = _loaded()
     spec = _job_spec()
     full = RunDir.create(tmp_path / "full", spec.to_dict())
-    get_method("p3b").runner(spec, run=full, loaded=loaded)
+    run_folder(full, spec=spec, loaded=loaded)
     res = full.results()
     assert res["p3b"]["schedule"]["finalize_epoch"] == 2 and res["after"]["matches_plan"]
     assert (
@@ -406,9 +409,9 @@ def test_job_runs_resumes_exactly_and_records_curves(tmp_path):
                 token.set()
 
     with pytest.raises(Cancelled):
-        get_method("p3b").runner(spec, run=part, loaded=loaded, callbacks=[stop], cancel=token)
+        run_folder(part, spec=spec, loaded=loaded, callbacks=[stop], cancel=token)
     assert not part.plan_file.exists()
-    get_method("p3b").runner(spec, run=part, loaded=loaded, resume=True)
+    run_folder(part, spec=spec, loaded=loaded, resume=True)
     assert (
         json.loads(part.plan_file.read_text())["blocks"] == json.loads(full.plan_file.read_text())["blocks"]
     )
@@ -417,7 +420,5 @@ def test_job_runs_resumes_exactly_and_records_curves(tmp_path):
 
 
 def test_job_refuses_a_macs_budget(tmp_path):
-    spec = _job_spec(target_macs=0.5)
-    run = RunDir.create(tmp_path / "r", spec.to_dict())
-    with pytest.raises(StudioError, match="--prune-ratio"):
-        get_method("p3b").runner(spec, run=run, loaded=_loaded())
+    with pytest.raises(StudioError, match=r"no option 'target_macs'.*prune_ratio"):
+        _job_spec(target_macs=0.5)

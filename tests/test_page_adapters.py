@@ -18,9 +18,9 @@ def finished_run(tmp_path_factory) -> Path:
     """A real (tiny) SPLoRA vs fine-pruning run in the runs root the page reads (conftest's STUDIO_RUNS)."""
     from studio.data import DataSpec
     from studio.demo import DEMO_DATA_CONFIG
+    from studio.flows import run_folder
+    from studio.flows.prune import PruneSpec
     from studio.models import LoadedModel, ModelSpec, create_vit
-    from studio.prune.pipeline import PruneSpec
-    from studio.prune.splora import run_splora
     from studio.runs import RunDir
 
     kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
@@ -46,7 +46,7 @@ def finished_run(tmp_path_factory) -> Path:
         bench=False,
     )
     run = RunDir.create(tmp_path_factory.getbasetemp() / "runs" / "splora-tiny", spec.to_dict())
-    run_splora(spec, run=run, loaded=loaded)
+    run_folder(run, spec=spec, loaded=loaded)
     return run.path
 
 

@@ -21,7 +21,7 @@ from studio.runs import RunDir
 
 
 def _pruned_run(root: Path, demo_loaded, target: float = 0.5, *, bench: bool = False):
-    from studio.prune.pipeline import PruneSpec
+    from studio.flows.prune import PruneSpec
     from studio.workflow import prune_run
 
     spec = PruneSpec(
@@ -136,12 +136,13 @@ def test_reproduce_command_replays_the_same_plan(tmp_path, demo_loaded, capsys):
     from studio.modelcard import reproduce_command
 
     run, result = _pruned_run(tmp_path, demo_loaded, 0.6)
-    cmd = reproduce_command(run.spec(), out=str(tmp_path / "replay"))
-    assert cmd.startswith("python -m studio prune --model demo --device cpu --data demo --method magnitude")
-    _cli([*shlex.split(cmd)[3:], "--no-eval", "--no-bench", "--no-export", "--json"], capsys)
+    cmd = reproduce_command(run.spec(), out=str(tmp_path / "replay"), spec_file=str(run.spec_file))
+    assert cmd.startswith("python -m studio run --spec ")
+    replayed = _cli([*shlex.split(cmd)[3:], "--json"], capsys)
     replay = json.loads((tmp_path / "replay" / "plan.json").read_text())
     original = result.plan.to_dict()
     assert replay["blocks"] == original["blocks"] and replay["embed"] == original["embed"]
+    assert replayed["after"]["top1"] == result.after["top1"] and replayed["kind"] == "prune"
 
 
 def test_model_card_zip_and_export_of_the_active_plan(tmp_path, demo_loaded, capsys):
@@ -151,9 +152,9 @@ def test_model_card_zip_and_export_of_the_active_plan(tmp_path, demo_loaded, cap
     from studio.workflow import export_plan_run
 
     _, result = _pruned_run(tmp_path, demo_loaded)
-    run = export_plan_run(demo_loaded, result.plan, root=tmp_path, model_spec=ModelSpec("demo").to_dict())
+    run = export_plan_run(demo_loaded, result.plan, root=tmp_path, model_spec=ModelSpec("demo"))
     manifest = read_manifest(run.export_dir)
-    cmd = reproduce_command(run.spec(), plan_file=str(run.plan_file))
+    cmd = reproduce_command(run.spec())
     card = model_card(manifest, name=run.path.name, spec=run.spec(), results=run.results(), command=cmd)
     assert "`magnitude`" in card and "load_exported" in card and cmd in card
     assert f"{result.after['params']:,}" in card
@@ -173,7 +174,7 @@ def test_model_card_zip_and_export_of_the_active_plan(tmp_path, demo_loaded, cap
 
 
 def test_onnx_of_an_export_records_its_parity(tmp_path, demo_loaded):
-    from studio.models import load_model
+    from studio.load import load_model
     from studio.workflow import export_onnx_for
 
     run, _ = _pruned_run(tmp_path, demo_loaded)
@@ -204,19 +205,3 @@ def test_allowed_roots_and_uploads(tmp_path, monkeypatch):
     assert save_upload("other.pth", b"abc") == a  # content-addressed
     with pytest.raises(StudioError, match="is empty"):
         save_upload("e.safetensors", b"")
-
-
-def test_command_args_round_trip_every_method_through_the_cli_parser(tmp_path):
-    """The flags built for a job or a reproduce command parse back to the same resolved options."""
-    from studio.cli import build_parser
-    from studio.commands.prune import method_params
-    from studio.modelcard import command_args
-    from studio.prune import get_method, load_methods
-    from studio.prune.pipeline import PruneSpec
-
-    for name in load_methods().names():
-        params = get_method(name).resolve({"target_macs": 0.5, "round_to": 8})
-        spec = PruneSpec(model=ModelSpec("demo"), method=name, params=params, data=DataSpec("demo"))
-        args = build_parser().parse_args([*command_args(spec.to_dict()), "--out", str(tmp_path / name)])
-        assert args.method == name and args.data == "demo" and args.model == "demo"
-        assert method_params(args, name) == params, name

@@ -12,16 +12,15 @@ from studio.data import DataSpec, TensorData
 from studio.errors import Cancelled, StudioError
 from studio.events import CancelToken
 from studio.export import export, load_exported
+from studio.flows.retrain import RecoverySpec, run_recovery
 from studio.models import ModelSpec, create_vit, describe_base
 from studio.plan import BlockPlan, PrunePlan
 from studio.recovery import (
     PRESETS,
     Distillation,
-    RecoverySpec,
     infer_teacher,
     kd_loss,
     resolve_recipe,
-    run_recovery,
 )
 from studio.runs import RunDir, read_json, write_json
 from studio.surgery import apply_plan

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from studio.analysis.gate_scores import SavitScores, _normaliser, gated_model, savit_scores
 from studio.bench import unfused_attention
 from studio.costs import arch_facts, plan_cost
 from studio.errors import StudioError
@@ -18,15 +19,11 @@ from studio.plan import BlockPlan, PrunePlan
 from studio.prune import PruneRequest, make_plan
 from studio.prune.savit import (
     CostModel,
-    SavitScores,
-    _normaliser,
     allocate,
-    gated_model,
     max_pruned,
     objective,
     protect,
     savit_plan,
-    savit_scores,
 )
 from studio.surgery import apply_plan
 

@@ -230,20 +230,25 @@ def test_trainable_rules_select_the_right_parameters(tiny_vit):
 # -------------------------------------------------------------------------------------------- on the demo
 @pytest.mark.slow
 def test_run_sls_on_the_demo_cuts_retrains_and_exports(demo_loaded, tmp_path):
-    from studio.models import ModelSpec, load_model
-    from studio.prune.sls import SLSRunSpec, run_sls
-    from studio.runs import RunDir
+    from studio.flows import create_run, run_folder
+    from studio.flows.sls import SLSRunSpec
+    from studio.load import load_model
+    from studio.models import ModelSpec
 
     spec = SLSRunSpec(keep=6, retrain="cpu", epochs=2, bench=False, model=ModelSpec("demo", device="cpu"))
-    run = RunDir.create(tmp_path / "sls-run", spec.to_dict())
-    res = run_sls(spec, loaded=demo_loaded, run=run)
+    run = create_run(spec, tmp_path / "sls-run")
+    sec = run_folder(run, loaded=demo_loaded).section
     assert len(demo_loaded.model.blocks) == 12  # the loaded model is never changed
-    assert [r["stage"] for r in res.table()] == ["dense", "cut", "retrained"]
-    assert res.stages["cut"]["blocks"] == 6 and res.stages["cut"]["params"] < res.stages["dense"]["params"]
-    assert res.stages["retrained"]["val_top1"] >= res.stages["cut"]["val_top1"]
-    assert res.retrain["train_spec"]["weight_decay"] == 1e-4 and res.retrain["train_spec"]["select"] == "val"
+    assert [r["stage"] for r in sec["table"]] == ["dense", "cut", "retrained"]
+    stages = sec["stages"]
+    assert stages["cut"]["blocks"] == 6 and stages["cut"]["params"] < stages["dense"]["params"]
+    assert stages["retrained"]["val_top1"] >= stages["cut"]["val_top1"]
+    assert (
+        sec["retrain"]["train_spec"]["weight_decay"] == 1e-4
+        and sec["retrain"]["train_spec"]["select"] == "val"
+    )
     saved = json.loads((run.path / "results.json").read_text())
-    assert saved["after"]["top1"] == res.stages["retrained"]["test_top1"]
+    assert saved["kind"] == "sls" and saved["after"]["top1"] == stages["retrained"]["test_top1"]
     reloaded = load_model(ModelSpec(str(run.export_dir), device="cpu"))
     assert len(reloaded.model.blocks) == 6 and reloaded.plan.method == "sls"
 
@@ -258,12 +263,11 @@ def test_cli_analyze_sls_prints_one_json_object(capsys):
     assert main(["analyze", "sls", "--alpha", "3", "--device", "cpu"]) == 2
 
 
-def test_job_arguments_round_trip_to_the_same_spec():
-    from studio.cli import build_parser
-    from studio.commands.analyze_sls import run_spec
+def test_sls_spec_round_trips_through_spec_json():
     from studio.data import DataSpec
+    from studio.flows import spec_from_dict
+    from studio.flows.sls import SLSRunSpec
     from studio.models import ModelSpec
-    from studio.prune.sls import SLSRunSpec, cli_args
 
     spec = SLSRunSpec(
         model=ModelSpec("demo-backbone", num_classes=10, reset_head=True, kwargs={"drop_path_rate": 0.1}),
@@ -277,6 +281,6 @@ def test_job_arguments_round_trip_to_the_same_spec():
         epochs=7,
         bench=False,
     )
-    args = build_parser().parse_args(cli_args(spec, "runs/x"))
-    assert args.apply and args.out == "runs/x"
-    assert run_spec(args) == spec
+    assert spec_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(StudioError, match="--alpha"):
+        SLSRunSpec(alpha=3.0).validate()

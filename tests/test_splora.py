@@ -15,10 +15,12 @@ from studio.data import DataSpec, TensorData
 from studio.demo import DEMO_DATA_CONFIG
 from studio.errors import StudioError
 from studio.export import export, load_exported
+from studio.flows import run_folder
+from studio.flows.prune import PruneSpec
+from studio.flows.splora import run_splora
 from studio.models import LoadedModel, ModelSpec, create_vit, describe_base
 from studio.plan import PrunePlan
 from studio.prune import get_method
-from studio.prune.pipeline import PruneSpec
 from studio.prune.splora import (
     MaskHook,
     SeriesResult,
@@ -32,7 +34,6 @@ from studio.prune.splora import (
     parity,
     raw_scores,
     read_curves,
-    run_splora,
     save_task,
     task_tensors,
     weight_density,
@@ -349,7 +350,7 @@ def test_schedule_end_to_end_with_comparison(tmp_path):
         bench=False,
     )
     run = RunDir.create(tmp_path / "run", spec.to_dict())
-    result = run_splora(spec, run=run, loaded=tiny_loaded())
+    result = run_folder(run, spec=spec, loaded=tiny_loaded())
     curves = read_curves(run)
     for name in ("splora", "finetune"):
         steps = [c for c in curves if c["series"] == name]
@@ -361,12 +362,14 @@ def test_schedule_end_to_end_with_comparison(tmp_path):
         assert all(0 <= c["val_top1"] <= 1 and "test_top1" in c for c in steps)
         macs = [c["macs"] for c in steps]
         assert macs == sorted(macs, reverse=True) and macs[-1] < macs[0]
-        assert result.series[name]["parity_max_abs_diff"] <= 1e-5
+        assert result.section["series"][name]["parity_max_abs_diff"] <= 1e-5
     sp = [c for c in curves if c["series"] == "splora"]
     ft = [c for c in curves if c["series"] == "finetune"]
     assert sp[-1]["learned_params"] < ft[-1]["learned_params"]  # the storage argument
     assert sp[-1]["learned_params"] < sp[0]["learned_params"]
     saved = json.loads((run.path / "results.json").read_text())
+    assert saved["kind"] == "splora"
+    saved = {**saved, **saved["splora"]}
     assert set(saved["series"]) == {"splora", "finetune"} and "density_definition" in saved
     assert saved["after"]["matches_plan"] is True
     assert saved["series"]["splora"]["task"]["bytes"] < saved["series"]["finetune"]["export_bytes"]
@@ -391,7 +394,9 @@ def _rebuild(run_path: Path) -> tuple[nn.Module, UnitMasks]:
 def test_needs_data_and_refuses_plan_only_use():
     spec = PruneSpec(model=ModelSpec("demo"), method="splora", params={}, data=None, bench=False)
     with pytest.raises(StudioError, match="--data"):
-        run_splora(spec, loaded=tiny_loaded())
+        spec.validate()
+    with pytest.raises(StudioError, match="--data"):
+        run_splora(spec, run=None, loaded=tiny_loaded())
     from studio.prune import PruneRequest
 
     with pytest.raises(StudioError, match="job"):

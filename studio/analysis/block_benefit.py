@@ -30,7 +30,7 @@ the CLI ``analyze benefit`` and the studio's Block benefit page use it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import StudioError
+from .benefit_budget import BudgetSettings, importance_from_benefits, solve_keep_ratios
 
 PROBES = ("conv", "mean")
 
@@ -395,39 +396,6 @@ def p3b_runs(root: str | Path) -> list[Any]:
     return [r for r in list_runs(root) if is_p3b_run(r)]
 
 
-def p3b_command(
-    model: Mapping[str, Any],
-    data: str,
-    out: str | Path,
-    *,
-    prune_ratio: float = 0.5,
-    epochs: int = 40,
-    probe: str = "auto",
-    limit: int | None = None,
-) -> list[str]:
-    """The ``python -m studio`` arguments of a P3B job (for :func:`studio.jobs.start_job` or a shell).
-
-    Args:
-        model: a :class:`~studio.models.ModelSpec` as a dict (``source``, ``arch``, ``num_classes``,
-            ``reset_head``, ``img_size``, ``kwargs``).
-    """
-    import json
-
-    argv = ["prune", "--method", "p3b", "--model", str(model.get("source", "demo-backbone"))]
-    for key, flag in (("arch", "--arch"), ("num_classes", "--num-classes"), ("img_size", "--img-size")):
-        if model.get(key) is not None:
-            argv += [flag, str(model[key])]
-    if model.get("reset_head"):
-        argv.append("--reset-head")
-    if model.get("kwargs"):
-        argv += ["--timm-kwargs", json.dumps(dict(model["kwargs"]), separators=(",", ":"))]
-    argv += ["--data", data, "--prune-ratio", repr(float(prune_ratio)), "--epochs", str(int(epochs))]
-    argv += ["--probe", probe, "--out", str(out)]
-    if limit:
-        argv += ["--limit", str(limit)]
-    return argv
-
-
 def keep_ratios_at(
     history: BenefitHistory,
     prune_ratio: float,
@@ -442,8 +410,6 @@ def keep_ratios_at(
     run itself smoothed window means over its mask updates, so at its own prune ratio the result is close to,
     not equal to, the ``kappa`` it recorded.
     """
-    from ..prune.p3b import BudgetSettings, importance_from_benefits, solve_keep_ratios
-
     if not history.epochs:
         raise StudioError("The run has not recorded any epoch yet; wait for the first epoch to finish.")
     ep = history.epochs[-1] if epoch is None else int(epoch)

@@ -31,7 +31,6 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +40,12 @@ from ..data import DataSpec
 from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, CancelToken, check, emit, progress
-from ..models import LoadedModel, ModelSpec, load_model
+from ..load import load_model
+from ..models import LoadedModel, ModelSpec
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..registry import Registry
+from .criteria import accumulate_gradients, calibration_batches, group_scores, make_importance, with_grads
+from .gate_scores import savit_scores
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Matrix = tuple[tuple[float, ...], ...]
@@ -166,8 +168,6 @@ def _grouped(
     loaded: LoadedModel, criterion: str, importance: str, grads: Mapping[str, torch.Tensor] | None
 ) -> UnitScores:
     """Scores from torch-pruning's ``importance`` on the model's dependency groups."""
-    from ..prune.isomorphic import group_scores, make_importance, with_grads
-
     t0 = time.time()
     g = group_scores(with_grads(loaded.model, grads), make_importance(importance))
     return UnitScores(
@@ -196,8 +196,6 @@ def taylor_criterion(
     **_: Any,
 ) -> UnitScores:
     """torch-pruning's GroupTaylorImportance with gradients summed over ``batches``."""
-    from ..prune.isomorphic import accumulate_gradients
-
     t0 = time.time()
     grads = accumulate_gradients(loaded.model, batches, callbacks=callbacks, cancel=cancel)
     s = _grouped(loaded, "taylor", "taylor", grads)
@@ -214,8 +212,6 @@ def taylor2_criterion(
     **_: Any,
 ) -> UnitScores:
     """SAViT's squared gate gradients (no Hessian-vector products: they only matter for SAViT's allocation)."""
-    from ..prune.savit import savit_scores
-
     t0 = time.time()
     s = savit_scores(
         loaded.model, loaded.base, batches, hvp_every=0, seed=seed, callbacks=callbacks, cancel=cancel
@@ -385,8 +381,6 @@ def calibration(
         return []
     if batch_size < 1:
         raise StudioError(f"--batch-size must be at least 1, got {batch_size}.")
-    from ..prune.pipeline import calibration_batches
-
     return calibration_batches(loaded, data, split, n, batch_size, seed)
 
 
@@ -550,180 +544,3 @@ def speed_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         }
         for bs, v in results["speedup"].items()
     ]
-
-
-def start_retrain(export: str | Path, data: DataSpec, epochs: int, *, device: str = "cpu") -> str:
-    """Start ``retrain`` of a pruned export as a background job next to its run; returns the job's run folder."""
-    from .. import jobs
-
-    out = Path(export).parent.parent / f"{Path(export).parent.name}-retrain"
-    jobs.start_job(
-        [
-            "retrain",
-            "--model",
-            str(export),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--epochs",
-            str(int(epochs)),
-        ],
-        out,
-        device=device,
-    )
-    return str(out)
-
-
-OVERLAY_METHODS = ("savit", "isomorphic", "magnitude", "random")
-
-
-class MethodPlanner:
-    """Plans of several methods at any MACs budget for one model, each method's calibration work done once.
-
-    Isomorphic's summed gradients and SAViT's scores (with the Hessian) are computed on first use and kept, so
-    moving a budget slider only re-runs the cheap part (the pruner's ranking / SAViT's allocation). Plans are
-    memoised per (method, target). One instance per session and model: it holds no shared state.
-    """
-
-    def __init__(self, loaded: LoadedModel, batches: Sequence[Batch], *, seed: int = 0) -> None:
-        self.loaded, self.batches, self.seed = loaded, list(batches), seed
-        self._grads: dict[str, torch.Tensor] | None = None
-        self._savit: Any = None
-        self._plans: dict[tuple[str, float], PrunePlan] = {}
-
-    def plan(
-        self,
-        method: str,
-        target: float,
-        *,
-        callbacks: Sequence[Callback] = (),
-        cancel: CancelToken | None = None,
-    ) -> PrunePlan:
-        """The plan ``method`` makes to keep ``target`` of the MACs (summary filled)."""
-        from ..costs import with_summary
-
-        key = (method, round(float(target), 4))
-        if key not in self._plans:
-            self._plans[key] = with_summary(self._make(method, float(target), callbacks, cancel))
-        return self._plans[key]
-
-    def _make(
-        self, method: str, target: float, callbacks: Sequence[Callback], cancel: CancelToken | None
-    ) -> PrunePlan:
-        loaded, base = self.loaded, self.loaded.base
-        if method == "isomorphic":
-            from ..prune.isomorphic import DEFAULT_RATIOS, IsoRatios, accumulate_gradients, solve_scale
-
-            if self._grads is None:
-                self._grads = accumulate_gradients(
-                    loaded.model, self.batches, callbacks=callbacks, cancel=cancel
-                )
-            st, _, _ = solve_scale(
-                loaded.model,
-                base,
-                self._grads,
-                IsoRatios(*DEFAULT_RATIOS),
-                target,
-                params={"target_macs": target},
-                callbacks=callbacks,
-                cancel=cancel,
-            )
-            return st.plan
-        if method == "savit":
-            from ..prune.savit import savit_plan, savit_scores
-
-            if self._savit is None:
-                self._savit = savit_scores(
-                    loaded.model, base, self.batches, seed=self.seed, callbacks=callbacks, cancel=cancel
-                )
-            plan, _ = savit_plan(base, self._savit, target, params={"target_macs": target})
-            return plan
-        from ..prune import PruneRequest, make_plan
-
-        return make_plan(
-            method,
-            PruneRequest(loaded, {"target_macs": target}, self.batches, self.seed),
-            callbacks=callbacks,
-            cancel=cancel,
-        )
-
-
-def plan_cost_of(plan: PrunePlan | None, base: BaseArch) -> dict[str, Any]:
-    """Params and MACs of ``plan`` (dense if None) and their fractions of the base model."""
-    from ..costs import plan_cost
-
-    dense = plan_cost(PrunePlan.dense(base))
-    now = plan_cost(plan) if plan is not None else dense
-    return {
-        "params": now["params"],
-        "macs": now["macs"],
-        "params_fraction": now["params"] / dense["params"],
-        "macs_fraction": now["macs"] / dense["macs"],
-        "params_base": dense["params"],
-        "macs_base": dense["macs"],
-    }
-
-
-def run_plan(
-    loaded: LoadedModel,
-    plan: PrunePlan,
-    data: DataSpec | None,
-    *,
-    root: str | Path,
-    model_spec: ModelSpec,
-    bench_batch_sizes: tuple[int, ...] = (1, 64),
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Apply ``plan`` to a copy of ``loaded``, measure accuracy and throughput before/after, export the result.
-
-    Everything lands in a new run folder under ``root`` (``plan.json``, ``results.json``, ``export/``), so the
-    Runs/Compare pages and a retraining job (``retrain --model <run>/export``) can pick it up.
-    Returns the :class:`~studio.runs.RunDir` and the results dict.
-    """
-    from ..costs import with_summary
-    from ..data import prepare
-    from ..export import export_loaded
-    from ..prune.pipeline import PruneSpec, compare, measure
-    from ..surgery import apply_plan
-    from ..workflow import new_run
-
-    plan = with_summary(plan.validate())
-    spec = PruneSpec(
-        model=model_spec,
-        method=plan.method,
-        params=dict(plan.params),
-        data=data,
-        bench_batch_sizes=bench_batch_sizes,
-        export=True,
-    )
-    run = new_run(root, f"prune-{plan.method}", {**spec.to_dict(), "plan": plan.to_dict()})
-    callbacks = [*callbacks, run.log_event]
-    with run.tracking():
-        t0 = time.time()
-        plan.save(run.plan_file)
-        pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
-        eval_data = (
-            None if data is None else prepare(data, "test", loaded.data_config, loaded.base.num_classes)
-        )
-        before = measure(
-            loaded.model, loaded, spec, eval_data, tag="base", callbacks=callbacks, cancel=cancel
-        )
-        after = measure(pruned, loaded, spec, eval_data, tag="pruned", callbacks=callbacks, cancel=cancel)
-        metrics = {k: after[k] for k in ("top1", "loss", "params", "macs") if k in after}
-        export_loaded(pruned, loaded, run.export_dir, plan=plan, metrics=metrics)
-        speedup = compare(before, after, plan)
-        results = {
-            "method": plan.method,
-            "summary": dict(plan.summary),
-            "params": dict(plan.params),
-            "before": before,
-            "after": after,
-            "speedup": speedup,
-            "ideal_speedup": before["macs"] / after["macs"],
-            "export": str(run.export_dir),
-            "seconds": time.time() - t0,
-        }
-        run.write_results(results)
-    return run, results

@@ -539,7 +539,7 @@ def analyze(
         loaded: an already loaded model (never mutated); loaded from ``spec.model`` otherwise.
         on_fast: called with the fast curve as soon as it exists (before the embeddings start).
     """
-    from ..models import load_model
+    from ..load import load_model
 
     spec.validate()
     if spec.split not in SPLITS:

@@ -12,6 +12,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..errors import StudioError
+from ..events import CancelToken
+from ..flows import create_run, run_folder, sigterm_cancels
+from ..flows.sls import SLSRunSpec
+from ..runs import RunDir, new_run_id
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
 
 
@@ -111,10 +116,8 @@ def cmd_analyze_sls(args: argparse.Namespace) -> Output:
     return Output(d, text)
 
 
-def run_spec(args: argparse.Namespace):
-    """The :class:`~studio.prune.sls.SLSRunSpec` of ``analyze sls --apply`` arguments."""
-    from ..prune.sls import SLSRunSpec
-
+def run_spec(args: argparse.Namespace) -> SLSRunSpec:
+    """The :class:`~studio.flows.sls.SLSRunSpec` of ``analyze sls --apply`` arguments."""
     return SLSRunSpec(
         model=model_spec(args),
         data=data_spec(args),
@@ -134,32 +137,29 @@ def run_spec(args: argparse.Namespace):
 
 
 def _apply(args: argparse.Namespace) -> Output:
-    from ..events import CancelToken
-    from ..prune.sls import run_sls
-    from ..runs import RunDir, new_run_id
-
     spec = run_spec(args)
+    spec.validate()
     out = Path(args.out or Path("runs") / new_run_id("sls"))
-    prepared = (out / "spec.json").exists() and not (out / "results.json").exists()  # by a job launcher
-    run = RunDir.create(out, spec.to_dict(), exist_ok=prepared or args.resume)
-    with run.tracking():
-        res = run_sls(
-            spec,
-            run=run,
-            resume=args.resume,
-            callbacks=[stderr_progress()],
-            cancel=CancelToken(run.cancel_file),
-        )
+    if args.resume:
+        if not (out / "spec.json").exists():
+            raise StudioError(f"Nothing to resume: {out} has no spec.json. Start the run without --resume.")
+        run, given = RunDir(out), None
+    else:
+        run, given = create_run(spec, out), spec
+    token = CancelToken(run.cancel_file)
+    sigterm_cancels(token)
+    res = run_folder(run, resume=args.resume, spec=given, callbacks=[stderr_progress()], cancel=token)
     d = {"run": str(run.path), **res.to_dict()}
+    sec = res.section
     lines = []
-    if res.cut is not None:
-        lines += [res.cut.reason, ""]
-    lines.append(table(res.table()))
+    if sec.get("cut"):
+        lines += [sec["cut"]["reason"], ""]
+    lines.append(table(sec["table"]))
     if res.speedup:
         lines.append(
             "speed-up of the cut: "
             + ", ".join(f"x{v:.2f} at batch {k}" for k, v in res.speedup.items())
             + f" (ideal from MACs x{res.ideal_speedup:.2f})"
         )
-    lines += [*res.notes, f"run folder {run.path}"]
+    lines += [*sec["notes"], f"run folder {run.path}"]
     return Output(d, "\n".join(lines))

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 from dataclasses import replace
 from pathlib import Path
 
 from .. import jobs
 from ..errors import StudioError
 from ..events import CancelToken
+from ..flows import run_folder, sigterm_cancels
+from ..flows.retrain import RecoverySpec
 from ..models import ModelSpec
-from ..recovery import KD_MODES, RecoverySpec, infer_teacher, preset_names, run_recovery
+from ..recovery import KD_MODES, infer_teacher, preset_names
 from ..runs import RunDir
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
 
@@ -197,20 +198,19 @@ def cmd_retrain(args: argparse.Namespace) -> Output:
             {"run": str(run.path), "spec": spec.to_dict()}, f"run {run.path} prepared: {run.spec_file}"
         )
     token = CancelToken(run.cancel_file)
-    # SIGTERM (jobs cancel --force, torchrun forwarding a stop) becomes the same clean stop as the CANCEL file
-    signal.signal(signal.SIGTERM, lambda *_: token.set())
-    result = run_recovery(spec, run=run, resume=args.resume, callbacks=[stderr_progress()], cancel=token)
+    sigterm_cancels(token)
+    result = run_folder(run, resume=args.resume, spec=spec, callbacks=[stderr_progress()], cancel=token)
     if result is None:  # a rank other than 0: rank 0 reports
         return Output({"rank": int(os.environ.get("RANK", 0))}, "")
     d = result.to_dict()
-    a, b = d["after"], d["before"]
+    a, b, sec = d["after"], d["before"], d["retrain"]
     tput = a.get("throughput") or {}
     speed = "  ".join(f"bs{k}: {v['images_per_s']:.1f} img/s" for k, v in tput.items())
     text = (
-        f"{run.path}: recovered a {d['method']} model with recipe {d['recipe']['name']} "
-        f"(kd {d['recipe']['kd']}) in {d['train']['epochs_run']} epochs on {d['device']} x{d['world']}\n"
+        f"{run.path}: recovered a {d['method']} model with recipe {sec['recipe']['name']} "
+        f"(kd {sec['recipe']['kd']}) in {sec['train']['epochs_run']} epochs on {d['device']} x{sec['world']}\n"
         f"top-1 {b.get('top1', float('nan')):.4f} -> {a['top1']:.4f} on {a['n']} {spec.eval_split} images "
-        f"(best val {a.get('val_top1') or float('nan'):.4f})\n"
+        f"(best val {sec.get('best_val_top1') or float('nan'):.4f})\n"
         f"params {a['params']:,}  MACs {a['macs']:,}  {speed}\n"
         f"export: {d['export']}"
     )

@@ -12,7 +12,7 @@ from ..data import prepare
 from ..device import describe_device
 from ..evaluate import evaluate
 from ..features import cached_extract
-from ..models import load_model
+from ..load import load_model
 from ..summary import model_summary
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
 

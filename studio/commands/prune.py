@@ -139,7 +139,8 @@ def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> Output:
-    from ..prune.pipeline import PruneSpec, run_prune
+    from ..flows import create_run, run_folder, sigterm_cancels
+    from ..flows.prune import PruneSpec
 
     params = method_params(args, args.method)
     if args.data is None and args.model in ("demo", "demo-backbone"):
@@ -161,21 +162,18 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         export=not args.no_export,
         onnx=args.onnx,
     )
+    spec.validate()
     out = Path(args.out or Path("runs") / new_run_id(f"prune-{args.method}"))
     if args.resume:
         if not (out / "spec.json").exists():
             raise StudioError(f"Nothing to resume: {out} has no spec.json. Start the run without --resume.")
         run = RunDir(out)
+        spec = None  # the run's own spec.json
     else:
-        run = RunDir.create(out, spec.to_dict())
-    with run.tracking():
-        result = run_prune(
-            spec,
-            run=run,
-            callbacks=[stderr_progress()],
-            cancel=CancelToken(run.cancel_file),
-            resume=args.resume,
-        )
+        run = create_run(spec, out)
+    token = CancelToken(run.cancel_file)
+    sigterm_cancels(token)
+    result = run_folder(run, resume=args.resume, callbacks=[stderr_progress()], cancel=token, spec=spec)
     data = {"run": str(run.path), **result.to_dict()}
     return Output(data, _prune_text(data, result.plan))
 
@@ -184,18 +182,18 @@ def _pct(a: float, b: float) -> str:
     return f"{a:,} -> {b:,} ({b / a:.1%})"
 
 
-def _prune_text(d: dict[str, Any], plan: PrunePlan) -> str:
+def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
     from ..prune import get_method
 
     b, a = d["before"], d["after"]
     lines = [
-        plan.describe(),
+        plan.describe() if plan is not None else "",
         "",
         f"params  {_pct(b['params'], a['params'])}",
         f"MACs    {_pct(b['macs'], a['macs'])}   (ideal speed-up x{d['ideal_speedup']:.2f})",
     ]
-    if "top1" in a:
-        trained = get_method(d["method"]).runner is not None
+    if a.get("top1") is not None and b.get("top1") is not None:
+        trained = get_method(d["method"]).trains
         note = "after the method's training" if trained else "no recovery training"
         lines.append(f"top-1   {b['top1']:.4f} -> {a['top1']:.4f} ({note})")
     rows = [
@@ -216,7 +214,7 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from ..models import load_model
+    from ..load import load_model
 
     loaded = load_model(model_spec(args))
     if loaded.plan is not None and not loaded.plan.is_dense:

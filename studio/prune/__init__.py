@@ -1,19 +1,23 @@
-"""Pruning methods: every method turns (model, calibration batches, parameters) into a :class:`PrunePlan`.
+"""Pruning methods: a method either turns (model, calibration batches, parameters) into a :class:`PrunePlan`,
+or declares the flow it trains as (P3B, SPLoRA prune while training: :mod:`studio.flows`).
 
 A method is registered by name in :data:`METHODS` with the options it takes, declared as data
-(:class:`Option`), so the CLI adds a flag per option (``prune --method X --OPTION V`` or ``--param OPTION=V``)
-and the UI can draw a widget per option, without either being edited. Adding a method::
+(:class:`Option`), and the budgets it understands (:class:`Budget`: a MACs target, a prune ratio, a unit
+density, SLS's α ...), so the CLI adds a flag per option (``prune --method X --OPTION V`` or ``--param
+OPTION=V``) and the Prune page draws exactly the method's budget and a widget per option, without either
+being edited. Adding a method::
 
-    from studio.prune import METHODS, Method, Option, PruneRequest
+    from studio.prune import MACS, METHODS, Method, Option, PruneRequest
 
     def my_method(req: PruneRequest, *, callbacks=(), cancel=None) -> PrunePlan: ...
 
-    METHODS.add("mine", Method("mine", my_method, "one line for --help",
+    METHODS.add("mine", Method("mine", my_method, "one line for --help", budgets=(MACS,),
                                options=(Option("alpha", float, 0.5, "threshold"),), needs_data=True))
 
 Every module of this package is imported by :func:`load_methods`, so a new file here is all it takes.
-The common budget parameters ``target_macs``, ``ratio`` and ``round_to`` (:data:`COMMON_OPTIONS`) are always
-present in ``PruneRequest.params``; a method that has no use for one ignores it.
+The common budget options (:data:`COMMON_OPTIONS`: ``target_macs``, ``ratio``, ``round_to``) reach a method
+only if it declares them (its budgets, and ``rounds`` for ``round_to``); giving one it does not take is
+refused with the method's own options listed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -111,31 +115,73 @@ class MethodFn(Protocol):
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A budget a method understands: the option it sets and the range the Prune page offers for it."""
+
+    option: str
+    label: str
+    low: float
+    high: float
+    default: float
+    step: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MACS = Budget("target_macs", "Fraction of the MACs to keep", 0.1, 1.0, 0.5, 0.05)
+RATIO = Budget("ratio", "Fraction of units to remove in each scope", 0.0, 0.95, 0.3, 0.05)
+
+
+@dataclass(frozen=True)
 class Method:
     """A registered pruning method.
 
     Attributes:
         name: registry name (``prune --method NAME``).
-        fn: ``fn(request, *, callbacks, cancel) -> PrunePlan``.
+        fn: ``fn(request, *, callbacks, cancel) -> PrunePlan``; None for a method that trains while it prunes.
         summary: one line shown in ``--help`` and the UI.
         options: the method's own parameters (beyond :data:`COMMON_OPTIONS`).
         needs_data: whether it needs calibration batches (labels included).
-        runner: for methods that train while pruning (P3B, SPLoRA): runs the whole job in place of the
-            plan -> surgery -> measure pipeline, with the signature of
-            :func:`studio.prune.pipeline.run_prune` plus ``resume``.
+        budgets: the budgets it understands, the first being the default the Prune page shows.
+        rounds: whether it honours ``round_to`` (hardware-friendly widths).
+        flow: the flow kind it runs as: ``prune`` (plan -> surgery -> measure), or its own training flow.
     """
 
     name: str
-    fn: MethodFn
+    fn: MethodFn | None
     summary: str
     options: tuple[Option, ...] = ()
     needs_data: bool = False
-    runner: Any = None
+    budgets: tuple[Budget, ...] = (MACS, RATIO)
+    rounds: bool = True
+    flow: str = "prune"
+
+    def __post_init__(self) -> None:
+        if (self.fn is None) == (self.flow == "prune"):
+            raise ValueError(
+                f"method '{self.name}': give a plan function, or the flow it trains as (not both)"
+            )
+        own = {o.name for o in (*COMMON_OPTIONS, *self.options)}
+        missing = [b.option for b in self.budgets if b.option not in own]
+        if not self.budgets or missing:
+            raise ValueError(f"method '{self.name}': budgets must name its options, not {missing}")
+
+    @property
+    def trains(self) -> bool:
+        """Whether it trains while pruning (a job with checkpoints, not a one-shot plan)."""
+        return self.flow != "prune"
+
+    @property
+    def accepted(self) -> tuple[Option, ...]:
+        """Every option it takes: the common ones it declares, then its own."""
+        common = {b.option for b in self.budgets} | ({"round_to"} if self.rounds else set())
+        return (*(o for o in COMMON_OPTIONS if o.name in common), *self.options)
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults + given values (parsed), refusing names that are not options of this method."""
-        opts = {o.name: o for o in (*COMMON_OPTIONS, *self.options)}
-        unknown = sorted(set(given) - set(opts))
+        opts = {o.name: o for o in self.accepted}
+        unknown = sorted(n for n, v in given.items() if n not in opts and v is not None)
         if unknown:
             raise StudioError(
                 f"Method '{self.name}' has no option '{unknown[0]}'. Its options: {', '.join(sorted(opts))}."
@@ -165,6 +211,11 @@ def make_plan(
     from ..costs import with_summary
 
     method = get_method(name)
+    if method.fn is None:
+        raise StudioError(
+            f"Method '{name}' trains while it prunes, so it runs as the '{method.flow}' flow (a job), not as a "
+            f"one-shot plan: python -m studio prune --method {name} --data D --out runs/NAME (or the Prune page)."
+        )
     params = method.resolve(req.params)
     if method.needs_data and not req.batches:
         raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
@@ -183,7 +234,7 @@ def all_options() -> dict[str, Option]:
     """Every option of every registered method by name (same name, same type: one CLI flag)."""
     out: dict[str, Option] = {o.name: o for o in COMMON_OPTIONS}
     for name in load_methods():
-        for o in METHODS.get(name).options:
+        for o in METHODS.get(name).accepted:
             if o.name in out and out[o.name].type is not o.type:
                 raise StudioError(
                     f"Option '{o.name}' of method '{name}' clashes with another method's option of "

@@ -31,29 +31,34 @@ What differs from the reference, and why:
 
 from __future__ import annotations
 
-import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from ..analysis.criteria import (
+    IMPORTANCES,
+    Grads,
+    accumulate_gradients,
+    classifiers,
+    example_inputs,
+    group_scores,
+    make_importance,
+    with_grads,
+)
 from ..costs import arch_facts
 from ..errors import StudioError
-from ..evaluate import logits_of
 from ..events import Callback, CancelToken, check, emit, progress
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_fits
-from . import METHODS, Batch, Method, Option, PruneRequest
+from . import METHODS, Method, Option, PruneRequest
 from .target import TOLERANCE, solve_ratio
 
 DEFAULT_RATIOS = (0.5, 0.5, 0.25)  # the paper's DeiT-4.2G triple (ρ, ρ_head, ρ_headdim)
-IMPORTANCES = ("taylor", "l1", "l2", "random")
-Grads = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -75,100 +80,6 @@ class IsoRatios:
             if not 0.0 <= v < 1.0:
                 raise StudioError(f"Isomorphic --{name.replace('_', '-')} must be in [0, 1), got {v}.")
         return self
-
-
-# ----------------------------------------------------------------------------------------- torch-pruning glue
-def make_importance(name: str) -> tp.importance.Importance:
-    """torch-pruning's grouped importance by name (the reference's ``--pruning-type`` choices)."""
-    if name == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    if name in ("l1", "l2"):
-        return tp.importance.GroupMagnitudeImportance(p=int(name[1]))
-    if name == "random":
-        return tp.importance.RandomImportance()
-    raise StudioError(
-        f"Unknown importance '{name}' for isomorphic pruning; use one of {', '.join(IMPORTANCES)}."
-    )
-
-
-def classifiers(model: nn.Module) -> list[nn.Module]:
-    """The classifier layers, by identity (``head`` and the distilled DeiT's ``head_dist``)."""
-    return [
-        h
-        for h in (getattr(model, "head", None), getattr(model, "head_dist", None))
-        if isinstance(h, nn.Linear)
-    ]
-
-
-def example_inputs(model: nn.Module) -> torch.Tensor:
-    pe = model.patch_embed
-    device = next(model.parameters()).device
-    return torch.zeros(1, pe.proj.in_channels, *pe.img_size, device=device)
-
-
-def accumulate_gradients(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    *,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-) -> dict[str, torch.Tensor]:
-    """∂L/∂w summed over ``batches`` (eval mode, mean cross-entropy per batch, never zeroed: the reference)."""
-    m = copy.deepcopy(model).eval()
-    device = next(m.parameters()).device
-    for p in m.parameters():
-        p.requires_grad_(True)
-        p.grad = None
-    for i, (x, y) in enumerate(batches):
-        check(cancel)
-        with torch.enable_grad():
-            loss = F.cross_entropy(logits_of(m, x.to(device)), torch.as_tensor(y).to(device).long())
-            loss.backward()
-        progress(callbacks, "taylor gradients", i + 1, len(batches), loss=float(loss.detach()))
-    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
-
-
-def with_grads(model: nn.Module, grads: Grads | None) -> nn.Module:
-    """A deep copy of ``model`` whose parameters carry ``grads`` (``deepcopy`` does not copy ``.grad``)."""
-    m = copy.deepcopy(model).eval()
-    for n, p in m.named_parameters():
-        p.requires_grad_(True)
-        g = None if grads is None else grads.get(n)
-        p.grad = None if g is None else g.detach().clone().to(p.device)
-    return m
-
-
-def _graph(m: nn.Module) -> tp.DependencyGraph:
-    with warnings.catch_warnings(), torch.enable_grad():  # DepGraph traces with autograd
-        warnings.filterwarnings("ignore", message="Unwrapped parameters")
-        return tp.DependencyGraph().build_dependency(m, example_inputs=example_inputs(m))
-
-
-def group_scores(model: nn.Module, importance: tp.importance.Importance) -> dict[str, Any]:
-    """Per-unit scores of ``model``'s dependency groups, as torch-pruning computes them inside the pruner.
-
-    ``model`` carries gradients if the importance needs them (see :func:`with_grads`). Returns per block the
-    attention channel scores reshaped to (heads, head_dim), their means over dims (head scores, what the global
-    head ranking uses) and over heads (head-dim scores, what the ``qkv`` scope ranks), the MLP neuron scores, and
-    the embedding channel scores (the residual group), all as float64 CPU tensors.
-    """
-    DG = _graph(model)
-    heads, dims, chans, mlp = [], [], [], []
-    for blk in model.blocks:
-        a = blk.attn
-        A = a.num_heads * a.head_dim
-        g = DG.get_pruning_group(a.proj, tp.prune_linear_in_channels, idxs=list(range(A)))
-        imp = importance(g).detach().double().cpu().view(a.num_heads, a.head_dim)
-        chans.append(imp)
-        heads.append(imp.mean(1))
-        dims.append(imp.mean(0))
-        M = blk.mlp.fc1.out_features
-        g = DG.get_pruning_group(blk.mlp.fc1, tp.prune_linear_out_channels, idxs=list(range(M)))
-        mlp.append(importance(g).detach().double().cpu())
-    D = model.patch_embed.proj.out_channels
-    g = DG.get_pruning_group(model.patch_embed.proj, tp.prune_conv_out_channels, idxs=list(range(D)))
-    embed = importance(g).detach().double().cpu()
-    return {"heads": heads, "head_dims": dims, "channels": chans, "mlp": mlp, "embed": embed}
 
 
 # ------------------------------------------------------------------------------------------------ one run

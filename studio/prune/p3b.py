@@ -45,9 +45,7 @@ Where this differs from the reference code, deliberately (see research notes §2
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -58,166 +56,27 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..analysis.benefit_budget import (
+    BlockBudget,
+    BudgetSettings,
+    solve_keep_ratios,
+)
 from ..analysis.block_benefit import (
     EPOCH_EVENT,
     FINAL_EVENT,
-    SETUP_EVENT,
     BenefitMeter,
     BenefitProbes,
     FeatureTaps,
     block_names,
 )
 from ..errors import StudioError
-from ..events import Callback, CancelToken, Event, emit
+from ..events import Callback, emit
 from ..plan import BaseArch, BlockPlan, PrunePlan
-from . import METHODS, Method, Option, PruneRequest, get_method
+from . import METHODS, Budget, Method, Option
 
 LN9 = math.log(9.0)
 GATES = {"attn": ("attn_in", "qkv", "attn_out"), "mlp": ("mlp_in", "mlp_hid", "mlp_out")}
 DEFAULT_GATE_WEIGHTS = "attn_out:1.5,mlp_hid:0.75,mlp_out:1.5"
-
-
-# ================================================================================================ budget
-@dataclass(frozen=True)
-class BudgetSettings:
-    """The transform and solve parameters (reference defaults: T=10, γ=0.2, α=0.5)."""
-
-    scale: float = 10.0  # T, pr_block_imp_scale
-    gamma: float = 0.2  # EMA weight of the newest window
-    alpha: float = 0.5  # CLS vs patch blend
-    zero_floor: bool = True
-    min_keep: float = 0.0
-    block_params_only: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> BudgetSettings:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def soft_clamp(u: np.ndarray, scale: float = 10.0) -> np.ndarray:
-    """``softplus(1.4u) - softplus(1.4u - T)``: ≈0 for u ≪ 0, 0.69 at 0, saturating at T."""
-    a = 1.4 * np.asarray(u, dtype=np.float64)
-    return np.logaddexp(0.0, a) - np.logaddexp(0.0, a - scale)
-
-
-def transform_benefits(
-    benefit: np.ndarray, kept: np.ndarray, *, scale: float = 10.0, zero_floor: bool = True
-) -> np.ndarray:
-    """One channel's benefits -> importance per kept parameter, normalised to mean 1 (ŵ of the notes §2.4)."""
-    d = np.asarray(benefit, dtype=np.float64)
-    kept = np.asarray(kept, dtype=np.float64)
-    top = d.max()
-    if not np.isfinite(top) or top <= 0:  # Q6: nothing helps; prefer no block
-        return np.ones_like(d)
-    v = soft_clamp(scale * d / top, scale)
-    if zero_floor:
-        v = np.where(d > 0, v, 0.0)
-    w = v / np.maximum(kept, 1.0)
-    return w / w.mean()
-
-
-def importance_from_benefits(
-    benefit_cls: np.ndarray, benefit_patch: np.ndarray, kept: np.ndarray, settings: BudgetSettings
-) -> np.ndarray:
-    """One-shot block importance ``α·ŵ^c + (1-α)·ŵ^p`` (no EMA history)."""
-    wc = transform_benefits(benefit_cls, kept, scale=settings.scale, zero_floor=settings.zero_floor)
-    wp = transform_benefits(benefit_patch, kept, scale=settings.scale, zero_floor=settings.zero_floor)
-    return settings.alpha * wc + (1 - settings.alpha) * wp
-
-
-class BlockBudget:
-    """The EMA of the per-channel importances across mask updates (first update: no EMA)."""
-
-    def __init__(self, settings: BudgetSettings) -> None:
-        self.settings = settings
-        self.cls: np.ndarray | None = None
-        self.patch: np.ndarray | None = None
-
-    def update(self, benefit_cls: np.ndarray, benefit_patch: np.ndarray, kept: np.ndarray) -> np.ndarray:
-        s = self.settings
-        wc = transform_benefits(benefit_cls, kept, scale=s.scale, zero_floor=s.zero_floor)
-        wp = transform_benefits(benefit_patch, kept, scale=s.scale, zero_floor=s.zero_floor)
-        self.cls = wc if self.cls is None else s.gamma * wc + (1 - s.gamma) * self.cls
-        self.patch = wp if self.patch is None else s.gamma * wp + (1 - s.gamma) * self.patch
-        return s.alpha * self.cls + (1 - s.alpha) * self.patch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "cls": None if self.cls is None else torch.from_numpy(self.cls.copy()),
-            "patch": None if self.patch is None else torch.from_numpy(self.patch.copy()),
-        }
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        self.cls = None if sd["cls"] is None else sd["cls"].numpy().astype(np.float64)
-        self.patch = None if sd["patch"] is None else sd["patch"].numpy().astype(np.float64)
-
-
-def solve_keep_ratios(
-    importance: np.ndarray,
-    block_params: np.ndarray,
-    non_block_params: float,
-    prune_ratio: float,
-    *,
-    min_keep: float = 0.0,
-) -> np.ndarray:
-    """Per-block keep ratios κ_b with ``Σ κ_b·W_b + W_non = (1 - prune_ratio)·(Σ W_b + W_non)``.
-
-    ``κ_b = clip(s·I_b, min_keep, 1)``: blocks with importance ≤ 0 get ``min_keep``; ``s`` is found exactly
-    (``Σ κ_b(s)·W_b`` is piecewise linear and non-decreasing in s). If even every positive-importance block kept
-    whole cannot use the budget, the rest is spread uniformly over the zero-importance blocks.
-    """
-    if not 0.0 <= prune_ratio < 1.0:
-        raise StudioError(f"Prune ratio must be in [0, 1), got {prune_ratio}.")
-    if not 0.0 <= min_keep < 1.0:
-        raise StudioError(f"Minimum keep ratio must be in [0, 1), got {min_keep}.")
-    imp = np.clip(np.nan_to_num(np.asarray(importance, dtype=np.float64)), 0.0, None)
-    W = np.asarray(block_params, dtype=np.float64)
-    total = W.sum() + non_block_params
-    target = (1.0 - prune_ratio) * total - non_block_params  # Σ κ_b W_b must equal this
-    if target >= W.sum():
-        return np.ones_like(W)
-    floor = min_keep * W.sum()
-    if target < floor - 1e-9 * total:
-        raise StudioError(
-            f"Prune ratio {prune_ratio} cannot be met: the parameters outside the blocks "
-            f"({int(non_block_params):,}) and the minimum keep ratio {min_keep} already use "
-            f"{(non_block_params + floor) / total:.1%} of the model. Lower the prune ratio (at most "
-            f"{1 - (non_block_params + floor) / total:.3f})."
-        )
-    pos = imp > 0
-    kappa = np.full_like(W, min_keep)
-    if not pos.any() or W[pos].sum() + min_keep * W[~pos].sum() <= target:
-        kappa[pos] = 1.0
-        rest = target - W[pos].sum()
-        if (~pos).any():
-            kappa[~pos] = np.clip(rest / W[~pos].sum(), min_keep, 1.0)
-        return kappa
-
-    def spent(s: float) -> float:
-        return float((np.clip(s * imp[pos], min_keep, 1.0) * W[pos]).sum()) + min_keep * W[~pos].sum()
-
-    breaks = np.unique(np.concatenate([min_keep / imp[pos], 1.0 / imp[pos]]))
-    lo = 0.0
-    for hi in breaks:
-        if spent(hi) >= target:
-            break
-        lo = hi
-    else:  # unreachable: at the last breakpoint every positive block is whole, handled above
-        hi = breaks[-1]
-    mid = 0.5 * (lo + hi)
-    sm = mid * imp
-    low = pos & (sm <= min_keep)
-    high = pos & (sm >= 1.0)
-    free = pos & ~low & ~high
-    fixed = min_keep * W[~pos].sum() + min_keep * W[low].sum() + W[high].sum()
-    denom = (imp[free] * W[free]).sum()
-    s = (target - fixed) / denom if denom > 0 else 0.0
-    kappa[pos] = np.clip(s * imp[pos], min_keep, 1.0)
-    kappa[low], kappa[high] = min_keep, 1.0
-    return kappa
 
 
 def ramp(kappa: np.ndarray, step: int, start: int, sparse: int) -> np.ndarray:
@@ -918,204 +777,15 @@ def settings_from_params(params: Mapping[str, Any], device: torch.device, seed: 
     )
 
 
-def _shift_epochs(callbacks: Sequence[Callback], offset: int, phase: str) -> list[Callback]:
-    """Callbacks that see the fine-tune phase's epochs counted from the start of the whole run."""
-
-    def shifted(cb: Callback) -> Callback:
-        def inner(event: Event) -> None:
-            data = dict(event.data)
-            if "epoch" in data and isinstance(data["epoch"], int):
-                data["epoch"] += offset
-            data.setdefault("phase", phase)
-            cb(Event(event.kind, data, event.time))
-
-        return inner
-
-    return [shifted(cb) for cb in callbacks]
-
-
-def run_p3b(
-    spec: Any,
-    *,
-    run: Any = None,
-    loaded: Any = None,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-    resume: bool = False,
-) -> Any:
-    """The P3B training job: prune while fine-tuning, slice, fine-tune the sliced model, measure, export.
-
-    Same signature and result type as :func:`studio.prune.pipeline.run_prune` (which dispatches here through the
-    method's ``runner``), plus ``resume``.
-
-    Args:
-        spec: a :class:`studio.prune.pipeline.PruneSpec` with ``method="p3b"`` and ``data`` set.
-        run: the :class:`studio.runs.RunDir` receiving events, checkpoints, ``plan.json``, results and the export
-            (without one nothing is saved and the job cannot be resumed).
-        loaded: the starting model (e.g. the studio's cached one); never mutated.
-        resume: continue from the run's checkpoints (finished epochs are not trained again).
-
-    Returns:
-        A :class:`studio.prune.pipeline.PruneResult`; ``results.json`` also has a ``p3b`` section.
-    """
-    from ..costs import with_summary
-    from ..data import prepare
-    from ..device import describe_device
-    from ..evaluate import evaluate
-    from ..models import load_model
-    from ..surgery import apply_plan
-    from ..train import TrainSpec, fit
-    from .pipeline import PruneResult, compare, measure
-
-    t0 = time.time()
-    callbacks = list(callbacks)
-    if run is not None and run.log_event not in callbacks:
-        callbacks.append(run.log_event)
-    params = get_method("p3b").resolve(spec.params)
-    if params.get("target_macs") is not None or params.get("ratio") is not None:
-        raise StudioError("P3B budgets parameters: give --prune-ratio (not --target-macs or --ratio).")
-    if spec.data is None:
-        raise StudioError("P3B fine-tunes while it prunes: give --data (e.g. --data demo).")
-    loaded = loaded or load_model(spec.model)
-    if loaded.plan is not None and not loaded.plan.is_dense:
-        raise StudioError("P3B starts from an unpruned model; this one is already pruned. Load its base.")
-    base = loaded.base
-    settings = settings_from_params(params, loaded.device, spec.seed)
-    ncls = base.num_classes
-    emit(callbacks, "log", message="preparing data")
-    train = prepare(spec.data, "train", loaded.data_config, ncls)
-    val = prepare(spec.data, "val", loaded.data_config, ncls)
-    test = prepare(spec.data, spec.eval_split, loaded.data_config, ncls)
-    model = copy.deepcopy(loaded.model)
-    epochs = int(params["epochs"])
-    spe = max(1, math.ceil(len(train) / spec.batch_size))
-    schedule = Schedule.for_run(
-        epochs,
-        spe,
-        start=params.get("start_epoch"),
-        sparse=params.get("sparse_epoch"),
-        finalize=params.get("finalize_epoch"),
-        steps_per_update=params.get("steps_per_update"),
-    )
-    pruner = P3BPruner(model, base, schedule, settings, callbacks=callbacks)
-    emit(callbacks, SETUP_EVENT, **pruner.setup_record())
-    lr = float(params["lr"])
-    common = dict(
-        batch_size=spec.batch_size,
-        weight_decay=float(params["weight_decay"]),
-        label_smoothing=settings.label_smoothing,
-        seed=spec.seed,
-    )
-    # Q5: the reference prunes at a constant learning rate (no scheduler while a prune ratio is set)
-    phase1 = TrainSpec(
-        epochs=schedule.finalize_epoch, lr=lr, warmup_epochs=0, min_lr=lr, select="last", **common
-    )
-    emit(callbacks, "status", state="pruning", schedule=schedule.to_dict())
-    fit(
-        model,
-        train,
-        val,
-        phase1,
-        hooks=[pruner],
-        callbacks=callbacks,
-        cancel=cancel,
-        checkpoint=None if run is None else run.path / "p3b_prune.pt",
-        resume=resume,
-    )
-    plan = pruner.finalize()
-    masked_top1 = evaluate(model, test).top1  # final hard masks, LN over all channels (Q3)
-    pruner.remove()
-    plan = with_summary(plan)
-    if run is not None:
-        plan.save(run.plan_file)
-    emit(callbacks, "log", message=plan.describe())
-    pruned = apply_plan(model, plan)
-    sliced_top1 = evaluate(pruned, test).top1
-    finetune = epochs - schedule.finalize_epoch
-    best_epoch = None
-    if finetune > 0:
-        ft_lr = float(params.get("finetune_lr") or lr)
-        phase2 = TrainSpec(
-            epochs=finetune, lr=ft_lr, warmup_epochs=0, min_lr=min(ft_lr, 1e-5), select="val", **common
-        )
-        emit(callbacks, "status", state="finetuning", epochs=finetune)
-        res = fit(
-            pruned,
-            train,
-            val,
-            phase2,
-            callbacks=_shift_epochs(callbacks, schedule.finalize_epoch, "finetune"),
-            cancel=cancel,
-            checkpoint=None if run is None else run.path / "p3b_finetune.pt",
-            resume=resume,
-        )
-        best_epoch = None if res.best_epoch is None else res.best_epoch + schedule.finalize_epoch
-    pruned.eval()
-    emit(callbacks, "status", state="measuring")
-    before = measure(loaded.model, loaded, spec, test, tag="start", callbacks=callbacks, cancel=cancel)
-    after = measure(pruned, loaded, spec, test, tag="pruned", callbacks=callbacks, cancel=cancel)
-    speedup = compare(before, after, plan)
-    export_dir = None
-    if spec.export and run is not None:
-        from ..export import export
-
-        metrics = {k: after[k] for k in ("top1", "loss", "params", "macs") if k in after}
-        export(
-            pruned,
-            base,
-            run.export_dir,
-            plan=plan,
-            data_config=loaded.data_config,
-            class_names=loaded.class_names,
-            metrics=metrics,
-            extra={"method": "p3b"},
-        )
-        export_dir = str(run.export_dir)
-    result = PruneResult(
-        method="p3b",
-        plan=plan,
-        before=before,
-        after=after,
-        speedup=speedup,
-        ideal_speedup=before["macs"] / after["macs"],
-        export=export_dir,
-        onnx=None,
-        device=describe_device(loaded.device),
-        seconds=time.time() - t0,
-    )
-    extra = {
-        "masked_top1": masked_top1,
-        "sliced_top1": sliced_top1,
-        "final_top1": after.get("top1"),
-        "best_epoch": best_epoch,
-        "schedule": schedule.to_dict(),
-        "probe": settings.patch_probe,
-        "params_fraction": after["params"] / before["params"],
-        "budget_params": (1 - settings.prune_ratio) * before["params"],
-    }
-    if run is not None:
-        run.write_results({**result.to_dict(), "p3b": extra})
-    emit(callbacks, "status", state="done")
-    return result
-
-
-def _plan_only(
-    req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
-) -> PrunePlan:
-    raise StudioError(
-        "P3B prunes while fine-tuning, so it runs as a training job, not as a one-shot plan from calibration "
-        "batches: python -m studio prune --method p3b --prune-ratio 0.5 --epochs N --out runs/NAME (or the Block "
-        "benefit page)."
-    )
-
-
 METHOD = Method(
     "p3b",
-    _plan_only,
+    None,
     "Pruning by Block Benefit: probe-measured block benefit sets per-block budgets while fine-tuning (a training job)",
     options=OPTIONS,
     needs_data=True,
-    runner=run_p3b,
+    budgets=(Budget("prune_ratio", "Fraction of the parameters to remove", 0.05, 0.9, 0.5, 0.05),),
+    rounds=False,
+    flow="p3b",
 )
 
 if "p3b" not in METHODS:

@@ -41,234 +41,18 @@ embedding they differ by design (gated LayerNorms still normalise over all chann
 
 from __future__ import annotations
 
-import copy
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..bench import unfused_attention
+from ..analysis.gate_scores import SavitScores, savit_scores
 from ..costs import ArchFacts, arch_facts, plan_cost
 from ..errors import StudioError
-from ..evaluate import logits_of
-from ..events import Callback, CancelToken, check, emit, progress
+from ..events import Callback, CancelToken, emit
 from ..plan import BaseArch, BlockPlan, PrunePlan
-from ..surgery import check_supported
-from . import METHODS, Batch, Method, Option, PruneRequest
-
-TYPES = ("heads", "mlp", "embed")
-
-
-# ------------------------------------------------------------------------------------------------- gates
-class SavitGates(nn.Module):
-    """The gate parameters of one model: per block a head gate and an MLP gate, and one residual gate."""
-
-    def __init__(self, base: BaseArch, device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        self.heads = nn.ParameterList([nn.Parameter(torch.ones(h, device=device)) for h in base.num_heads])
-        self.mlp = nn.ParameterList([nn.Parameter(torch.ones(m, device=device)) for m in base.mlp_hidden])
-        self.res = nn.Parameter(torch.ones(base.embed_dim, device=device))
-
-    def of(self, kind: int, block: int) -> nn.Parameter:
-        """Gate of type ``kind`` (0 heads, 1 mlp, 2 residual) in ``block`` (the residual gate is shared)."""
-        if kind == 0:
-            return self.heads[block]
-        if kind == 1:
-            return self.mlp[block]
-        return self.res
-
-    def flat(self) -> list[nn.Parameter]:
-        return [*self.heads, *self.mlp, self.res]
-
-    @torch.no_grad()
-    def set_plan(self, plan: PrunePlan) -> None:
-        """Gates at 0 for every head, neuron and embedding channel ``plan`` drops (blocks must all be kept)."""
-        if plan.depth != plan.base.depth:
-            raise StudioError("SAViT gates cannot express removed blocks; use a plan that keeps every block.")
-        for g in self.flat():
-            g.fill_(1.0)
-        for b in plan.blocks:
-            if b.heads is not None:
-                keep = torch.zeros_like(self.heads[b.index])
-                keep[list(b.heads)] = 1.0
-                self.heads[b.index].copy_(keep)
-            if b.mlp is not None:
-                keep = torch.zeros_like(self.mlp[b.index])
-                keep[list(b.mlp)] = 1.0
-                self.mlp[b.index].copy_(keep)
-        if plan.embed is not None:
-            keep = torch.zeros_like(self.res)
-            keep[list(plan.embed)] = 1.0
-            self.res.copy_(keep)
-
-
-class _GatedBlock(nn.Module):
-    """A timm ``Block`` whose two residual sums are multiplied by the shared residual gate (SAViT's placement)."""
-
-    def __init__(self, block: nn.Module, res_gate: nn.Parameter) -> None:
-        super().__init__()
-        self.block = block
-        self.__dict__["res_gate"] = res_gate  # shared with every block: not registered here
-
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
-        b, g = self.block, self.res_gate
-        x = g * (x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=attn_mask, is_causal=is_causal))))
-        return g * (x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))))
-
-
-def gated_model(model: nn.Module, base: BaseArch) -> tuple[nn.Module, SavitGates]:
-    """A frozen deep copy of ``model`` with SAViT's gates installed (the original is not touched).
-
-    Head gate: forward-pre-hook on ``attn.proj`` scaling each head's ``d`` input columns (the position of the
-    reference's ``attn_gate``, so the same gradient); MLP gate: forward hook on ``fc1`` (pre-GELU); residual
-    gate: after ``pos_drop`` (position embedding added) and inside every block after each residual sum.
-    """
-    vit = check_supported(copy.deepcopy(model))
-    device = next(vit.parameters()).device
-    for p in vit.parameters():
-        p.requires_grad_(False)
-    gates = SavitGates(base, device)
-    d = base.head_dim
-
-    def head_hook(gate: nn.Parameter):
-        def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-            return (args[0] * gate.repeat_interleave(d), *args[1:])
-
-        return hook
-
-    def scale_hook(gate: nn.Parameter):
-        def hook(_mod: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
-            return out * gate
-
-        return hook
-
-    for i, blk in enumerate(vit.blocks):
-        blk.attn.proj.register_forward_pre_hook(head_hook(gates.heads[i]))
-        blk.mlp.fc1.register_forward_hook(scale_hook(gates.mlp[i]))
-    vit.pos_drop.register_forward_hook(scale_hook(gates.res))
-    vit.blocks = nn.Sequential(*[_GatedBlock(b, gates.res) for b in vit.blocks])
-    vit.savit_gates = gates  # registered, so .to(device) moves the gates too
-    return vit.eval(), gates
-
-
-# ------------------------------------------------------------------------------------------------ scores
-@dataclass(frozen=True)
-class SavitScores:
-    """Taylor2 importance of every gate unit and the 3×3 interaction matrix (order: heads, mlp, embed).
-
-    Scores are averages over ``batches``; ``hessian`` is the identity when no HVP was computed.
-    """
-
-    heads: tuple[tuple[float, ...], ...]
-    mlp: tuple[tuple[float, ...], ...]
-    embed: tuple[float, ...]
-    hessian: tuple[tuple[float, float, float], ...]
-    batches: int
-    hvp_batches: int
-    hessian_embed: float = 6.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "heads": [list(h) for h in self.heads],
-            "mlp": [list(m) for m in self.mlp],
-            "embed": list(self.embed),
-            "hessian": [list(r) for r in self.hessian],
-            "batches": self.batches,
-            "hvp_batches": self.hvp_batches,
-            "hessian_embed": self.hessian_embed,
-        }
-
-
-def _normaliser(base: BaseArch, hessian_embed: float) -> np.ndarray:
-    a = base.num_heads[0] * base.head_dim
-    b = base.mlp_hidden[0]
-    c = base.embed_dim * base.depth * hessian_embed
-    s = np.array([a, b, c], dtype=np.float64)
-    return np.outer(s, s)
-
-
-def savit_scores(
-    model: nn.Module,
-    base: BaseArch,
-    batches: Sequence[Batch],
-    *,
-    hvp_every: int = 1,
-    hessian_embed: float = 6.0,
-    seed: int = 0,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-) -> SavitScores:
-    """Taylor2 gate scores and the Hessian interaction matrix over ``batches`` (SAViT §3, see module doc).
-
-    Args:
-        hvp_every: compute the 9 Hessian-vector products on every k-th batch (0: none, ``Ĥ`` = identity).
-        hessian_embed: the reference's normaliser knob for the shared residual gate.
-    """
-    if not batches:
-        raise StudioError("SAViT needs calibration batches: give --data and --calib-batches > 0.")
-    if hvp_every < 0:
-        raise StudioError(f"--hvp-every must be ≥ 0 (0 disables the Hessian), got {hvp_every}.")
-    gm, gates = gated_model(model, base)
-    device = next(gm.parameters()).device
-    params = gates.flat()
-    L = base.depth
-    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    hess = np.zeros((3, 3), dtype=np.float64)
-    Z = _normaliser(base, hessian_embed)
-    rng = random.Random(seed)
-    n_hvp = 0
-    index = {id(p): k for k, p in enumerate(params)}
-    with unfused_attention(gm):
-        for t, (x, y) in enumerate(batches):
-            check(cancel)
-            x, y = x.to(device), torch.as_tensor(y).to(device).long()
-            do_h = hvp_every > 0 and t % hvp_every == 0
-            with torch.enable_grad():
-                loss = F.cross_entropy(logits_of(gm, x).float(), y)
-                grads = torch.autograd.grad(loss, params, create_graph=do_h)
-                for a, g in zip(acc, grads):
-                    a += g.detach().double() ** 2
-                if do_h:
-                    l1 = rng.randrange(L)
-                    for i in range(3):
-                        gi = grads[index[id(gates.of(i, l1))]]
-                        for j in range(3):
-                            l2 = rng.randint(0, l1)
-                            target = gates.of(j, l2)
-                            (h,) = torch.autograd.grad(
-                                gi.sum(), target, retain_graph=True, allow_unused=True
-                            )  # v = gate values = ones, so (∂L/∂g_i)·v is a plain sum
-                            if h is not None:
-                                hess[i, j] += float(h.detach().double().sum()) / Z[i, j]
-                    n_hvp += 1
-            progress(callbacks, "savit scores", t + 1, len(batches), loss=float(loss.detach()))
-    T = len(batches)
-    scores = [(a / T).cpu() for a in acc]
-    if n_hvp:
-        hess /= n_hvp
-    else:
-        hess = np.eye(3)
-    if not np.all(np.isfinite(hess)) or not all(torch.isfinite(s).all() for s in scores):
-        raise StudioError(
-            "SAViT scores are not finite (the loss or its curvature overflowed). Use fewer or smaller "
-            "calibration batches, or check the model's accuracy on the data first."
-        )
-    return SavitScores(
-        heads=tuple(tuple(s.tolist()) for s in scores[:L]),
-        mlp=tuple(tuple(s.tolist()) for s in scores[L : 2 * L]),
-        embed=tuple(scores[-1].tolist()),
-        hessian=tuple(tuple(float(v) for v in row) for row in hess),  # type: ignore[misc]
-        batches=T,
-        hvp_batches=n_hvp,
-        hessian_embed=hessian_embed,
-    )
+from . import MACS, METHODS, Method, Option, PruneRequest
 
 
 def protect(scores: Sequence[float], fraction: float) -> np.ndarray:
@@ -608,5 +392,6 @@ METHODS.add(
         "SAViT: taylor2 gate scores + Hessian interaction, heads/MLP/embedding allocated under a MACs target",
         options=(HESSIAN_EMBED, HVP_EVERY, PROTECT, FLOPS_TOL),
         needs_data=True,
+        budgets=(MACS,),
     ),
 )

@@ -81,8 +81,7 @@ from ..splora import (
     trainable_rule,
     zero_pruned,
 )
-from . import METHODS, Method, Option, PruneRequest
-from .pipeline import PruneResult, PruneSpec
+from . import METHODS, Budget, Method, Option
 
 CRITERIA = ("weight", "grad", "taylor")
 MODES = ("splora", "finetune")
@@ -171,15 +170,7 @@ class SploraOptions:
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, batch_size: int = 64, seed: int = 0) -> SploraOptions:
         """Check the method's options (and the common budget options) and say how to fix bad ones."""
-        if params.get("target_macs") is not None:
-            raise StudioError(
-                "SPLoRA prunes to a unit density: use --target-density F (e.g. 0.3), not --target-macs."
-            )
         given = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None}
-        if params.get("ratio") is not None and params.get("target_density") is None:
-            given["target_density"] = 1.0 - float(params["ratio"])
-        if int(params.get("round_to") or 1) > 1:
-            raise StudioError("SPLoRA prunes single channels and does not round widths: drop --round-to.")
         if "scope" in given:
             given["scope"] = parse_scope(given["scope"])
         opts = cls(**{**given, "batch_size": batch_size, "seed": seed})
@@ -819,7 +810,8 @@ def load_task(folder: str | Path, backbone: LoadedModel | None = None) -> tuple[
     """
     from safetensors.torch import load_file
 
-    from ..models import ModelSpec, load_model
+    from ..load import load_model
+    from ..models import ModelSpec
     from ..runs import read_json
 
     folder = Path(folder)
@@ -856,186 +848,7 @@ def load_task(folder: str | Path, backbone: LoadedModel | None = None) -> tuple[
     return model.eval(), plan
 
 
-# ------------------------------------------------------------------------------------------ entry point
-@dataclass(frozen=True)
-class SploraResult(PruneResult):
-    """A prune result (before = dense adapted model, after = fused + pruned) plus every series' curve."""
-
-    series: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **super().to_dict(),
-            "series": self.series,
-            "options": self.options,
-            "density_definition": DENSITY_DEFINITION,
-        }
-
-
-def load_splits(loaded: LoadedModel, spec: PruneSpec) -> Splits:
-    from ..data import prepare
-
-    if spec.data is None:
-        raise StudioError("SPLoRA trains while it prunes: give --data (e.g. --data demo).")
-    n = loaded.base.num_classes
-    return Splits(
-        train=prepare(spec.data, "train", loaded.data_config, n),
-        val=prepare(spec.data, "val", loaded.data_config, n),
-        test=prepare(spec.data, spec.eval_split, loaded.data_config, n) if spec.evaluate else None,
-    )
-
-
-def run_splora(
-    spec: PruneSpec,
-    *,
-    run: RunDir | None = None,
-    loaded: LoadedModel | None = None,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-    resume: bool = False,
-) -> SploraResult:
-    """The whole SPLoRA job: schedule(s), fused + pruned export, compact task, measurements (see module docstring).
-
-    Same signature and result shape as :func:`studio.prune.pipeline.run_prune` (which dispatches here through the
-    method's ``runner``), plus ``resume``: continue from the run's per-series checkpoints (``splora-<series>.pt``,
-    written after the initial training and after every pruning step). Without ``cancel``, the run's ``CANCEL``
-    file stops the job (between optimizer steps).
-    """
-    from ..bench import count_params
-    from ..device import describe_device
-    from ..export import export, export_onnx
-    from ..models import load_model
-    from .pipeline import measure
-
-    t0 = time.time()
-    callbacks = list(callbacks)
-    if run is not None and run.log_event not in callbacks:
-        callbacks.append(run.log_event)
-    if run is not None and cancel is None:
-        if resume:
-            run.cancel_file.unlink(missing_ok=True)
-        cancel = CancelToken(run.cancel_file)
-    params = METHODS.get("splora").resolve(spec.params)
-    opts = SploraOptions.from_params(params, batch_size=spec.batch_size, seed=spec.seed)
-    torch.manual_seed(spec.seed)
-    loaded = loaded or load_model(spec.model)
-    if loaded.plan is not None and not loaded.plan.is_dense:
-        raise StudioError("SPLoRA starts from an unpruned backbone; this model is already pruned.")
-    if "embed" in opts.scope:
-        for _, norm in _stream_norms(loaded.model):
-            if not isinstance(norm, nn.LayerNorm | nn.Identity):
-                raise StudioError(
-                    f"Embedding pruning needs LayerNorms; this model has {type(norm).__name__}. "
-                    "Use --scope head_dims,mlp."
-                )
-    base = loaded.base
-    splits = load_splits(loaded, spec)
-    emit(callbacks, "status", state="training", method="splora", series=list(opts.series))
-    results: dict[str, SeriesResult] = {}
-    for name in opts.series:
-        ckpt = None if run is None else run.path / f"splora-{name}.pt"
-        results[name] = run_series(
-            loaded,
-            base,
-            splits,
-            name,
-            opts,
-            callbacks=callbacks,
-            cancel=cancel,
-            checkpoint=ckpt,
-            resume=resume,
-        )
-    emit(callbacks, "status", state="exporting")
-    x = next(iter(torch.utils.data.DataLoader(splits.val, batch_size=64)))[0].to(loaded.device)
-    summary: dict[str, Any] = {}
-    primary = opts.series[0]
-    pruned_primary = plan_primary = None
-    for name, res in results.items():
-        pruned, plan = fused_pruned(res, base, params={**opts.to_dict(), "series": name})
-        info: dict[str, Any] = {
-            "steps": res.steps,
-            "plan_summary": dict(plan.summary),
-            "parity_max_abs_diff": parity(res.model, pruned, x),
-            "final": res.steps[-1] if res.steps else None,
-        }
-        if name == "splora":
-            info["learned"] = count_learned(res.model).to_dict()
-        else:
-            info["learned"] = {"total": count_params(pruned)}
-        if run is not None:
-            folder = run.export_dir if name == primary else run.path / f"export-{name}"
-            metrics = {k: res.steps[-1][k] for k in ("val_top1", "test_top1") if k in res.steps[-1]}
-            export(
-                pruned,
-                base,
-                folder,
-                plan=plan,
-                data_config=loaded.data_config,
-                class_names=loaded.class_names,
-                metrics=metrics,
-                extra={"splora": {"series": name, "options": opts.to_dict()}},
-            )
-            info["export"] = str(folder)
-            info["export_bytes"] = (Path(folder) / "model.safetensors").stat().st_size
-            if name == "splora":
-                info["task"] = save_task(
-                    run.path / TASK_DIR,
-                    res.model,
-                    res.masks,
-                    backbone=spec.model.to_dict(),
-                    opts=opts,
-                    plan=plan,
-                )
-        summary[name] = info
-        if name == primary:
-            pruned_primary, plan_primary = pruned, plan
-    assert pruned_primary is not None and plan_primary is not None
-    if run is not None:
-        plan_primary.save(run.plan_file)
-    emit(callbacks, "status", state="measuring")
-    dense = results[primary].dense
-    assert dense is not None
-    before = measure(
-        dense, loaded, spec, splits.test, tag="dense adapted", callbacks=callbacks, cancel=cancel
-    )
-    after = measure(
-        pruned_primary, loaded, spec, splits.test, tag="pruned", callbacks=callbacks, cancel=cancel
-    )
-    after["matches_plan"] = (
-        after["params"] == plan_primary.summary["params_after"]
-        and after["macs"] == plan_primary.summary["macs_after"]
-    )
-    speedup = {
-        bs: after["throughput"][bs]["images_per_s"] / before["throughput"][bs]["images_per_s"]
-        for bs in after.get("throughput", {})
-    }
-    onnx = None
-    if spec.onnx and run is not None:
-        onnx = export_onnx(pruned_primary, run.export_dir / "model.onnx", loaded.data_config["input_size"])
-    result = SploraResult(
-        method="splora",
-        plan=plan_primary,
-        before=before,
-        after=after,
-        speedup=speedup,
-        ideal_speedup=before["macs"] / after["macs"],
-        export=str(run.export_dir) if run is not None else None,
-        onnx=onnx,
-        device=describe_device(loaded.device),
-        seconds=time.time() - t0,
-        series=summary,
-        options=opts.to_dict(),
-    )
-    if run is not None:
-        run.write_results(result.to_dict())
-        for name in opts.series:  # the job is complete: the resume checkpoints have no further use
-            (run.path / f"splora-{name}.pt").unlink(missing_ok=True)
-    emit(callbacks, "status", state="done")
-    return result
-
-
-def _stream_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def stream_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out = [(f"blocks.{i}.{n}", getattr(b, n)) for i, b in enumerate(model.blocks) for n in ("norm1", "norm2")]
     out += [(n, getattr(model, n)) for n in ("norm", "fc_norm", "norm_pre") if hasattr(model, n)]
     return out
@@ -1088,25 +901,17 @@ def at_densities(
 
 
 # ------------------------------------------------------------------------------------------ registration
-def plan_splora(
-    req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
-) -> PrunePlan:
-    """SPLoRA trains while it prunes, so it cannot make a plan from calibration batches alone."""
-    raise StudioError(
-        "SPLoRA trains adapters while it prunes, so it runs as a job, not as a one-shot plan: "
-        "python -m studio prune --method splora --data demo --out runs/NAME (or the Adapters page)."
-    )
-
-
 METHODS.add(
     "splora",
     Method(
         "splora",
-        plan_splora,
+        None,
         "SPLoRA (Hedegaard et al.): low-rank adapters over a frozen backbone + iterative channel pruning; "
         "--mode finetune / --compare for the fine-pruning baseline",
         options=OPTIONS,
         needs_data=True,
-        runner=run_splora,
+        budgets=(Budget("target_density", "Fraction of the prunable units to keep", 0.05, 1.0, 0.3, 0.05),),
+        rounds=False,
+        flow="splora",
     ),
 )

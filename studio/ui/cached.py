@@ -13,7 +13,8 @@ from typing import Any
 import streamlit as st
 
 from ..data import DataSpec
-from ..models import LoadedModel, ModelSpec, load_model
+from ..load import load_model
+from ..models import LoadedModel, ModelSpec
 from . import state
 
 

@@ -8,8 +8,6 @@ live loss/accuracy curves from ``events.jsonl``, Cancel / Stop now / Resume butt
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +17,7 @@ from plotly.subplots import make_subplots
 
 from .. import jobs
 from ..errors import StudioError
-from ..runs import new_run_id
+from ..flows import Spec, new_run_dir
 from . import charts
 from .state import runs_root, user_errors
 
@@ -61,29 +59,34 @@ def device_picker(key: str) -> tuple[str, int]:
 
 def start_job_button(
     label: str,
-    argv_for: Callable[[Path], list[str]],
+    spec: Spec,
     *,
-    prefix: str,
     key: str,
     device: str = "cpu",
     nproc: int = 1,
     root: Path | None = None,
     disabled: bool = False,
 ) -> Path | None:
-    """A primary button starting ``python -m studio <argv_for(run)>`` as a job on a new run folder.
+    """A primary button submitting ``spec`` as a job (``python -m studio run RUN``) in a new run folder.
 
-    Args:
-        argv_for: the command for a given run folder (it must write there: ``--out RUN`` or ``--run RUN``).
-        prefix: the run name's prefix (``retrain`` gives ``runs/<time>-retrain-<hex>``).
-    Returns:
-        The new run folder when the button started a job in this run, else None. The last one started from
-        this key is kept in ``st.session_state[f"{key}_run"]`` for the page to follow.
+    The spec is validated first: a bad combination is a message beside the button (which is then disabled),
+    never a job that fails. Returns the new run folder when the button started a job in this script run, else
+    None. The last one started from this key is kept in ``st.session_state[f"{key}_run"]`` for the page.
     """
-    if not st.button(label, type="primary", key=key, disabled=disabled, icon=":material/play_arrow:"):
+    try:
+        spec.validate()
+        problem = None
+    except StudioError as e:
+        problem = str(e)
+    if problem:
+        st.error(problem, icon=":material/error:")
+    if not st.button(
+        label, type="primary", key=key, disabled=disabled or problem is not None, icon=":material/play_arrow:"
+    ):
         return None
-    run = (root or runs_root()) / f"{new_run_id(prefix)}-{secrets.token_hex(2)}"
+    run = new_run_dir(root or runs_root(), spec)
     with user_errors():
-        jobs.start_job(argv_for(run), run, device=device, nproc=nproc)
+        jobs.submit(spec, run, device=device, nproc=nproc)
         st.session_state[f"{key}_run"] = str(run)
         st.toast(f"Started {run.name}", icon=":material/play_arrow:")
         return run

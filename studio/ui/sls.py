@@ -138,11 +138,13 @@ def curve_figure(df: pd.DataFrame, cut: Cut, keep: int, scored: str) -> go.Figur
 
 
 def show_result(res: dict[str, Any]) -> None:
-    """Before / after cut / after retraining: accuracy, params, MACs and measured throughput."""
-    stages = res["stages"]
+    """Before / after cut / after retraining: accuracy, params, MACs and measured throughput (an SLS run's
+    ``results.json``: the common shape, its ``sls`` section holding every stage)."""
+    sec = res["sls"]
+    stages = sec["stages"]
     dense, cut = stages["dense"], stages["cut"]
     re = stages.get("retrained")
-    st.markdown(f"##### Result: {res['keep']} of {res['depth']} blocks kept")
+    st.markdown(f"##### Result: {sec['keep']} of {sec['depth']} blocks kept")
     k = st.columns(4)
     k[0].metric("Dense test accuracy", pct(dense["test_top1"]))
     k[1].metric(
@@ -158,7 +160,7 @@ def show_result(res: dict[str, Any]) -> None:
         " · ".join(f"×{v:.2f} bs{b}" for b, v in res["speedup"].items()) or "–",
         help=f"measured images/s of the cut model / the dense model; ideal from MACs ×{res['ideal_speedup']:.2f}",
     )
-    table = pd.DataFrame(res["table"])
+    table = pd.DataFrame(sec["table"])
     st.dataframe(
         table,
         hide_index=True,
@@ -166,7 +168,7 @@ def show_result(res: dict[str, Any]) -> None:
         column_config={c: st.column_config.NumberColumn(format="%.3f") for c in table if "top-1" in c},
     )
     st.caption(
-        " ".join([PAPER_SELECTION_NOTE, *[n for n in res.get("notes", []) if n != PAPER_SELECTION_NOTE]])
+        " ".join([PAPER_SELECTION_NOTE, *[n for n in sec.get("notes", []) if n != PAPER_SELECTION_NOTE]])
     )
     if st.button("Make active plan", key="sls_make_active", icon=":material/check:"):
         state.set_active_plan(PrunePlan.from_dict(res["plan"]))

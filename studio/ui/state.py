@@ -19,7 +19,8 @@ import streamlit as st
 from ..data import DataSpec
 from ..errors import StudioError
 from ..events import Event
-from ..models import LoadedModel, ModelSpec, load_model
+from ..load import load_model
+from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
 
 MODEL_KEY, DATA_KEY, PLAN_KEY = "studio_model_spec", "studio_data_spec", "studio_active_plan"
@@ -78,6 +79,15 @@ def user_errors() -> Iterator[None]:
         st.error(str(e))
     except Exception as e:  # the UI never shows a traceback; the message says what failed
         st.error(f"Something went wrong: {type(e).__name__}: {e}")
+
+
+def problem_of(spec: Any) -> str | None:
+    """Why ``spec`` (a flow spec) cannot run, in one sentence, or None: shown beside the widgets before a start."""
+    try:
+        spec.validate()
+    except StudioError as e:
+        return str(e)
+    return None
 
 
 class StreamlitProgress:

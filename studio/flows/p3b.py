@@ -1,0 +1,181 @@
+"""The P3B flow (Glandorf et al., arXiv 2506.23675): prune while fine-tuning, slice, fine-tune the slice, the tail.
+
+The method's parts (gates, schedule, budget, :class:`~studio.prune.p3b.P3BPruner`) live in
+:mod:`studio.prune.p3b`; this module runs them inside :func:`studio.train.fit` with checkpoints in the run folder
+(``p3b_prune.pt``, ``p3b_finetune.pt``), so cancel stops at the next step with a checkpoint and ``resume``
+continues where the run stopped (finished epochs are not trained again).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+
+from ..analysis.block_benefit import SETUP_EVENT
+from ..costs import with_summary
+from ..data import prepare
+from ..errors import StudioError
+from ..evaluate import evaluate
+from ..events import Callback, CancelToken, Event, emit
+from ..models import LoadedModel
+from ..prune import get_method
+from ..prune.p3b import P3BPruner, Schedule, settings_from_params
+from ..runs import RunDir
+from ..surgery import apply_plan
+from ..train import TrainSpec, fit
+from . import FLOWS, Flow
+from .prune import PruneSpec, model_for
+from .stages import RunResult, finish
+
+PRUNE_CHECKPOINT, FINETUNE_CHECKPOINT = "p3b_prune.pt", "p3b_finetune.pt"
+
+
+def _shift_epochs(callbacks: Sequence[Callback], offset: int, phase: str) -> list[Callback]:
+    """Callbacks that see the fine-tune phase's epochs counted from the start of the whole run."""
+
+    def shifted(cb: Callback) -> Callback:
+        def inner(event: Event) -> None:
+            data = dict(event.data)
+            if "epoch" in data and isinstance(data["epoch"], int):
+                data["epoch"] += offset
+            data.setdefault("phase", phase)
+            cb(Event(event.kind, data, event.time))
+
+        return inner
+
+    return [shifted(cb) for cb in callbacks]
+
+
+def run_p3b(
+    spec: PruneSpec,
+    *,
+    run: RunDir | None,
+    loaded: LoadedModel | None = None,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Prune while fine-tuning, slice, fine-tune the sliced model, then the shared tail.
+
+    Args:
+        spec: a :class:`~studio.flows.prune.PruneSpec` with ``method="p3b"`` and ``data`` set.
+        run: the run folder receiving events, checkpoints, ``plan.json``, results and the export (without one
+            nothing is saved and the job cannot be resumed).
+        loaded: the starting model (e.g. the studio's cached one); never mutated.
+        resume: continue from the run's checkpoints.
+    """
+    t0 = time.time()
+    params = get_method("p3b").resolve(spec.params)
+    if spec.data is None:
+        raise StudioError("P3B fine-tunes while it prunes: give --data (e.g. --data demo).")
+    loaded = model_for(spec, loaded)
+    base = loaded.base
+    settings = settings_from_params(params, loaded.device, spec.seed)
+    ncls = base.num_classes
+    emit(callbacks, "log", message="preparing data")
+    train = prepare(spec.data, "train", loaded.data_config, ncls)
+    val = prepare(spec.data, "val", loaded.data_config, ncls)
+    test = prepare(spec.data, spec.eval_split, loaded.data_config, ncls)
+    model = copy.deepcopy(loaded.model)
+    epochs = int(params["epochs"])
+    spe = max(1, math.ceil(len(train) / spec.batch_size))
+    schedule = Schedule.for_run(
+        epochs,
+        spe,
+        start=params.get("start_epoch"),
+        sparse=params.get("sparse_epoch"),
+        finalize=params.get("finalize_epoch"),
+        steps_per_update=params.get("steps_per_update"),
+    )
+    pruner = P3BPruner(model, base, schedule, settings, callbacks=callbacks)
+    emit(callbacks, SETUP_EVENT, **pruner.setup_record())
+    lr = float(params["lr"])
+    common = dict(
+        batch_size=spec.batch_size,
+        weight_decay=float(params["weight_decay"]),
+        label_smoothing=settings.label_smoothing,
+        seed=spec.seed,
+    )
+    # Q5: the reference prunes at a constant learning rate (no scheduler while a prune ratio is set)
+    phase1 = TrainSpec(
+        epochs=schedule.finalize_epoch, lr=lr, warmup_epochs=0, min_lr=lr, select="last", **common
+    )
+    emit(callbacks, "status", state="pruning", schedule=schedule.to_dict(), epochs=epochs)
+    fit(
+        model,
+        train,
+        val,
+        phase1,
+        hooks=[pruner],
+        callbacks=callbacks,
+        cancel=cancel,
+        checkpoint=None if run is None else run.path / PRUNE_CHECKPOINT,
+        resume=resume,
+    )
+    plan = pruner.finalize()
+    masked_top1 = evaluate(model, test).top1  # final hard masks, LN over all channels (Q3)
+    pruner.remove()
+    plan = with_summary(plan)
+    if run is not None:
+        plan.save(run.plan_file)
+    emit(callbacks, "log", message=plan.describe())
+    pruned = apply_plan(model, plan)
+    sliced_top1 = evaluate(pruned, test).top1
+    finetune = epochs - schedule.finalize_epoch
+    best_epoch = None
+    if finetune > 0:
+        ft_lr = float(params.get("finetune_lr") or lr)
+        phase2 = TrainSpec(
+            epochs=finetune, lr=ft_lr, warmup_epochs=0, min_lr=min(ft_lr, 1e-5), select="val", **common
+        )
+        emit(callbacks, "status", state="finetuning", epochs=finetune)
+        res = fit(
+            pruned,
+            train,
+            val,
+            phase2,
+            callbacks=_shift_epochs(callbacks, schedule.finalize_epoch, "finetune"),
+            cancel=cancel,
+            checkpoint=None if run is None else run.path / FINETUNE_CHECKPOINT,
+            resume=resume,
+        )
+        best_epoch = None if res.best_epoch is None else res.best_epoch + schedule.finalize_epoch
+    pruned.eval()
+    return finish(
+        kind="p3b",
+        method="p3b",
+        loaded=loaded,
+        model=pruned,
+        plan=plan,
+        how=spec.measure,
+        run=run,
+        started=t0,
+        eval_data=test,
+        export_extra={"method": "p3b"},
+        section=lambda before, after: {
+            "masked_top1": masked_top1,
+            "sliced_top1": sliced_top1,
+            "final_top1": after.get("top1"),
+            "best_epoch": best_epoch,
+            "schedule": schedule.to_dict(),
+            "probe": settings.patch_probe,
+            "params_fraction": after["params"] / before["params"],
+            "budget_params": (1 - settings.prune_ratio) * before["params"],
+        },
+        callbacks=callbacks,
+        cancel=cancel,
+    )
+
+
+FLOWS.add(
+    "p3b",
+    Flow(
+        "p3b",
+        PruneSpec,
+        run_p3b,
+        "P3B: prune while fine-tuning by block benefit, then fine-tune",
+        trains=True,
+    ),
+)

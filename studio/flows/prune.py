@@ -1,0 +1,235 @@
+"""The prune flow: plan with a registered method (or apply a given plan), surgery on a copy, the shared tail.
+
+``PruneSpec`` is the one form of a pruning run, whatever starts it (``python -m studio prune``, the Prune and
+Importance pages, an export of the active plan). Its ``kind`` is the flow of its method: ``prune`` for the
+methods that plan from calibration batches, ``p3b``/``splora`` for those that train while they prune (their
+flows take the same spec). With ``plan`` set, the method is not run: the given plan (an edited or uploaded one)
+is applied as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..costs import with_summary
+from ..data import DataSpec, prepare
+from ..errors import StudioError
+from ..events import Callback, CancelToken, emit
+from ..load import load_model
+from ..models import LoadedModel, ModelSpec
+from ..plan import PrunePlan
+from ..prune import PruneRequest, get_method, make_plan
+from ..runs import RunDir
+from ..surgery import apply_plan
+from . import FLOWS, Flow
+from .stages import Measure, RunResult, calibration_batches, finish
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What to prune and how to measure it (``spec.json`` of a prune, P3B or SPLoRA run).
+
+    Attributes:
+        method: a registered method (:data:`studio.prune.METHODS`).
+        params: the method's options (resolved: defaults filled in, so ``spec.json`` replays exactly).
+        plan: a plan to apply instead of running the method (its ``method`` then only labels the run).
+        calib_batches: calibration batches for data-driven methods (CLI ``--calib-batches``).
+    """
+
+    model: ModelSpec
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    data: DataSpec | None = None
+    plan: PrunePlan | None = None
+    eval_split: str = "test"
+    calib_split: str = "train"
+    calib_batches: int = 8
+    batch_size: int = 64
+    seed: int = 0
+    evaluate: bool = True
+    bench: bool = True
+    bench_batch_sizes: tuple[int, ...] = (1, 64)
+    bench_warmup: int = 3
+    bench_repeats: int = 10
+    export: bool = True
+    onnx: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "prune" if self.plan is not None else get_method(self.method).flow
+
+    @property
+    def measure(self) -> Measure:
+        return Measure(
+            evaluate=self.evaluate,
+            bench=self.bench,
+            batch_size=self.batch_size,
+            bench_batch_sizes=self.bench_batch_sizes,
+            bench_warmup=self.bench_warmup,
+            bench_repeats=self.bench_repeats,
+            export=self.export,
+            onnx=self.onnx,
+        )
+
+    def resolved(self) -> PruneSpec:
+        """The same spec with the method's options resolved (defaults filled in, values parsed)."""
+        if self.plan is not None:
+            return self
+        from dataclasses import replace
+
+        return replace(self, params=get_method(self.method).resolve(self.params))
+
+    def validate(self) -> None:
+        """Refuse what cannot run, with one sentence saying what to fix, before any work starts."""
+        method = get_method(self.method) if self.plan is None else None
+        if method is not None:
+            params = method.resolve(self.params)  # unknown options and bad values
+            if method.needs_data and self.data is None:
+                raise StudioError(f"Method '{self.method}' needs data: give --data (e.g. --data demo).")
+            if not any(params.get(b.option) is not None for b in method.budgets):
+                names = " or ".join("--" + b.option.replace("_", "-") for b in method.budgets)
+                raise StudioError(f"Method '{self.method}' needs a budget: give {names}.")
+        for name in ("eval_split", "calib_split"):
+            if getattr(self, name) not in SPLITS:
+                raise StudioError(f"{name} must be one of {', '.join(SPLITS)}, not {getattr(self, name)!r}.")
+        for name in ("calib_batches", "batch_size", "bench_repeats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise StudioError(
+                    f"--{name.replace('_', '-')} must be a whole number of at least 1, got {v!r}."
+                )
+        if self.bench_warmup < 0 or not self.bench_batch_sizes or min(self.bench_batch_sizes) < 1:
+            raise StudioError("Benchmark batch sizes must be at least 1 and warm-up at least 0.")
+        for k, v in self.params.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise StudioError(f"Option '{k}' must be a finite number, got {v}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.model.to_dict(),
+            "method": self.method,
+            "params": dict(self.params),
+            "data": None if self.data is None else self.data.to_dict(),
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "eval_split": self.eval_split,
+            "calib_split": self.calib_split,
+            "calib_batches": self.calib_batches,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "evaluate": self.evaluate,
+            "bench": self.bench,
+            "bench_batch_sizes": list(self.bench_batch_sizes),
+            "bench_warmup": self.bench_warmup,
+            "bench_repeats": self.bench_repeats,
+            "export": self.export,
+            "onnx": self.onnx,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PruneSpec:
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        kw["model"] = ModelSpec.from_dict(d["model"])
+        kw["data"] = None if d.get("data") is None else DataSpec.from_dict(d["data"])
+        kw["plan"] = None if d.get("plan") is None else PrunePlan.from_dict(d["plan"])
+        kw["bench_batch_sizes"] = tuple(d.get("bench_batch_sizes", (1, 64)))
+        kw["params"] = dict(d.get("params") or {})
+        return cls(**kw)
+
+
+def model_for(spec: PruneSpec, loaded: LoadedModel | None) -> LoadedModel:
+    """The unpruned model a spec starts from (the given one, e.g. the studio's cached model, else loaded)."""
+    loaded = loaded or load_model(spec.model)
+    if loaded.plan is not None and not loaded.plan.is_dense:
+        raise StudioError(
+            "This model is already pruned (it was loaded from a pruned export). Methods plan on an "
+            "unpruned model: load its base checkpoint, or export the unpruned model first."
+        )
+    return loaded
+
+
+def run_prune(
+    spec: PruneSpec,
+    *,
+    run: RunDir | None,
+    loaded: LoadedModel | None = None,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Plan (or take the given plan), apply it to a copy, measure before/after, export (the shared tail).
+
+    ``resume`` has nothing to continue (a plan takes seconds to minutes): the run simply runs again.
+    """
+    t0 = time.time()
+    loaded = model_for(spec, loaded)
+    if spec.plan is not None:
+        plan = with_summary(spec.plan.validate())
+        if plan.base.to_dict() != loaded.base.to_dict():
+            raise StudioError(
+                f"This plan was made for {plan.base.arch} ({plan.base.depth} blocks, width "
+                f"{plan.base.embed_dim}), not for the loaded model: load the model it was made for."
+            )
+    else:
+        method = get_method(spec.method)
+        batches = []
+        if method.needs_data and spec.data is not None:
+            emit(
+                callbacks,
+                "log",
+                message=f"drawing {spec.calib_batches} calibration batches of {spec.calib_split}",
+            )
+            batches = calibration_batches(
+                loaded, spec.data, spec.calib_split, spec.calib_batches, spec.batch_size, spec.seed
+            )
+        emit(callbacks, "status", state="planning", method=spec.method)
+        plan = make_plan(
+            spec.method,
+            PruneRequest(loaded, spec.params, batches, spec.seed),
+            callbacks=callbacks,
+            cancel=cancel,
+        )
+    if run is not None:
+        plan.save(run.plan_file)
+    s = plan.summary
+    emit(
+        callbacks,
+        "log",
+        message=f"plan keeps {s['macs_fraction']:.1%} of the MACs, {s['params_fraction']:.1%} of the params",
+    )
+    pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
+    eval_data = None
+    if spec.evaluate and spec.data is not None:
+        eval_data = prepare(spec.data, spec.eval_split, loaded.data_config, loaded.base.num_classes)
+    return finish(
+        kind="prune",
+        method=plan.method if spec.plan is not None else spec.method,
+        loaded=loaded,
+        model=pruned,
+        plan=plan,
+        how=spec.measure,
+        run=run,
+        started=t0,
+        eval_data=eval_data,
+        section={"given_plan": spec.plan is not None},
+        callbacks=callbacks,
+        cancel=cancel,
+    )
+
+
+FLOWS.add(
+    "prune",
+    Flow(
+        "prune",
+        PruneSpec,
+        run_prune,
+        "plan with a method (or apply a given plan), prune a copy, measure, export",
+    ),
+)

@@ -1,0 +1,203 @@
+"""The shared tail of every flow, written once: calibration, measure before/after, compare, export, results.
+
+Every kind of work (prune, P3B, SPLoRA, SLS, retrain) ends the same way: the pruned (or recovered) model and
+its plan go through :func:`finish`, which counts params/MACs (they must equal the plan's analytic ones),
+evaluates, times throughput, exports (safetensors + manifest, optionally ONNX) and writes ``results.json``
+in one shape (:class:`RunResult`)::
+
+    {"kind", "method", "plan", "summary", "params", "before", "after", "speedup", "ideal_speedup",
+     "export", "onnx", "device", "seconds", "<kind>": {...the flow's own section...}}
+
+``before``/``after`` each hold ``params``, ``macs`` (+ the attention/linear split), and where measured
+``top1``/``loss``/``n`` and ``throughput`` per batch size; ``after["matches_plan"]`` says whether the counted
+cost equals the plan's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..analysis.criteria import Batch, calibration_batches
+from ..bench import measure_throughput, profile
+from ..device import describe_device
+from ..evaluate import evaluate
+from ..events import Callback, CancelToken, check, emit
+from ..export import export_loaded, export_onnx
+from ..models import LoadedModel
+from ..plan import PrunePlan
+from ..runs import RunDir
+
+__all__ = ["Batch", "Measure", "RunResult", "calibration_batches", "compare", "finish", "measure"]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """How a flow measures its models (the spec's measurement fields)."""
+
+    evaluate: bool = True
+    bench: bool = True
+    batch_size: int = 64
+    bench_batch_sizes: tuple[int, ...] = (1, 64)
+    bench_warmup: int = 3
+    bench_repeats: int = 10
+    export: bool = True
+    onnx: bool = False
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What every flow returns and writes as ``results.json`` (see the module docstring for the shape)."""
+
+    kind: str
+    method: str
+    plan: PrunePlan | None
+    before: dict[str, Any]
+    after: dict[str, Any]
+    speedup: dict[str, float]
+    ideal_speedup: float
+    export: str | None
+    onnx: dict[str, Any] | None
+    device: str
+    seconds: float
+    section: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "method": self.method,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "summary": {} if self.plan is None else dict(self.plan.summary),
+            "params": {} if self.plan is None else dict(self.plan.params),
+            "before": self.before,
+            "after": self.after,
+            "speedup": self.speedup,
+            "ideal_speedup": self.ideal_speedup,
+            "export": self.export,
+            "onnx": self.onnx,
+            "device": self.device,
+            "seconds": self.seconds,
+            self.kind: self.section,
+        }
+
+
+def measure(
+    model: torch.nn.Module,
+    loaded: LoadedModel,
+    how: Measure,
+    eval_data: Any,
+    *,
+    tag: str,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> dict[str, Any]:
+    """Counted params/MACs, accuracy (if data) and throughput (if asked) of one model."""
+    input_size = loaded.data_config["input_size"]
+    out: dict[str, Any] = profile(model, input_size)
+    if eval_data is not None and how.evaluate:
+        emit(callbacks, "log", message=f"evaluating the {tag} model")
+        ev = evaluate(
+            model,
+            eval_data,
+            batch_size=max(how.batch_size, 128),
+            num_classes=loaded.base.num_classes,
+            callbacks=callbacks,
+            cancel=cancel,
+        )
+        out.update(top1=ev.top1, loss=ev.loss, n=ev.n)
+    if how.bench:
+        out["throughput"] = {}
+        for bs in how.bench_batch_sizes:
+            check(cancel)
+            r = measure_throughput(
+                model,
+                input_size,
+                batch_size=bs,
+                warmup=how.bench_warmup,
+                repeats=how.bench_repeats,
+                callbacks=callbacks,
+                cancel=cancel,
+            )
+            out["throughput"][str(bs)] = r.to_dict()
+    return out
+
+
+def compare(before: Mapping[str, Any], after: dict[str, Any], plan: PrunePlan | None) -> dict[str, float]:
+    """Mark whether the counted params/MACs equal the plan's (``after["matches_plan"]``); return the measured
+    speed-up per batch size (batch sizes timed on both)."""
+    if plan is not None and "params_after" in plan.summary:
+        after["matches_plan"] = (
+            after["params"] == plan.summary["params_after"] and after["macs"] == plan.summary["macs_after"]
+        )
+    b, a = before.get("throughput", {}), after.get("throughput", {})
+    return {bs: a[bs]["images_per_s"] / b[bs]["images_per_s"] for bs in a if bs in b}
+
+
+def finish(
+    *,
+    kind: str,
+    method: str,
+    loaded: LoadedModel,
+    model: torch.nn.Module,
+    plan: PrunePlan | None,
+    how: Measure,
+    run: RunDir | None,
+    started: float,
+    eval_data: Any = None,
+    before: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
+    before_model: torch.nn.Module | None = None,
+    section: Mapping[str, Any] | Callable[[dict[str, Any], dict[str, Any]], Mapping[str, Any]] | None = None,
+    export_extra: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> RunResult:
+    """Measure (unless given), compare, export and write ``results.json``: the tail every flow shares.
+
+    Args:
+        model: the final model (pruned, recovered; LoRA already fused); ``plan`` its structure on the base.
+        before / after: measurements the flow already made (SLS measures its stages itself); else measured
+            here, ``before`` on ``before_model`` (default: the loaded model) and ``after`` on ``model``.
+        section: the flow's own part of ``results.json`` (under the key ``kind``), or a function of
+            ``(before, after)`` giving it.
+        export_extra: extra manifest entries (e.g. the method's options).
+    """
+    emit(callbacks, "status", state="measuring")
+    ref = loaded.model if before_model is None else before_model
+    if before is None:
+        before = measure(ref, loaded, how, eval_data, tag="base", callbacks=callbacks, cancel=cancel)
+    if after is None:
+        after = measure(model, loaded, how, eval_data, tag="pruned", callbacks=callbacks, cancel=cancel)
+    speedup = compare(before, after, plan)
+    export_dir, onnx = None, None
+    if how.export and run is not None:
+        emit(callbacks, "status", state="exporting")
+        metrics = {k: v for k, v in after.items() if k in ("params", "macs", "loss") or k.endswith("top1")}
+        export_loaded(model, loaded, run.export_dir, plan=plan, metrics=metrics, extra=export_extra)
+        export_dir = str(run.export_dir)
+        if how.onnx:
+            onnx = export_onnx(model, run.export_dir / "model.onnx", loaded.data_config["input_size"])
+    result = RunResult(
+        kind=kind,
+        method=method,
+        plan=plan,
+        before=before,
+        after=after,
+        speedup=speedup,
+        ideal_speedup=before["macs"] / after["macs"],
+        export=export_dir,
+        onnx=onnx,
+        device=describe_device(loaded.device),
+        seconds=time.time() - started,
+        section=dict((section(before, after) if callable(section) else section) or {}),
+    )
+    if run is not None:
+        if plan is not None:
+            plan.save(run.plan_file)
+        run.write_results(result.to_dict())
+    emit(callbacks, "status", state="done")
+    return result
