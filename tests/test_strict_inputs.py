@@ -98,3 +98,114 @@ def test_data_limit_positive_still_subsets():
     assert len(load_split(DataSpec("demo", limit=7), "test")) == 7
     assert DataSpec.from_dict(DataSpec("demo", limit=7).to_dict()).limit == 7
     assert DataSpec("demo").limit is None
+
+
+# ---------------------------------------------------------------------------------------- argparse types
+@pytest.mark.parametrize(
+    ("fn", "good", "bad"),
+    [
+        (
+            "positive_int",
+            {"1": 1, "224": 224, "1e3": 1000, "2.0": 2},
+            ["0", "-200", "1e20", "1.5", "nan", "x"],
+        ),
+        ("nonnegative_int", {"0": 0, "7": 7}, ["-1", "1e20", "inf", "0.5", ""]),
+        ("positive_float", {"0.5": 0.5, "1e-4": 1e-4}, ["0", "-1", "nan", "inf", "-inf", "x"]),
+        ("finite_float", {"-2.5": -2.5, "0": 0.0}, ["nan", "inf", "-inf", "x"]),
+        ("nonnegative_float", {"0": 0.0, "3": 3.0}, ["-0.1", "nan", "inf", "x"]),
+    ],
+)
+def test_argtypes_refuse_impossible_numbers(fn, good, bad):
+    import argparse
+
+    from studio import argtypes
+
+    f = getattr(argtypes, fn)
+    for text, value in good.items():
+        assert f(text) == value and type(f(text)) is type(value), text
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            f(text)
+        assert "\n" not in str(e.value) and repr(text) in str(e.value), text
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    from studio.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (("eval", "--limit", "-200"), "argument --limit: must be a positive integer, not '-200'"),
+        (("eval", "--limit", "0"), "argument --limit: must be a positive integer"),
+        (("eval", "--img-size", "0"), "argument --img-size: must be a positive integer"),
+        (("info", "--num-classes", "1e20"), "argument --num-classes: '1e20' is too large"),
+        (("info", "--std", "0.2", "0", "0.2"), "argument --std: must be a number > 0"),
+        (("info", "--mean", "nan", "0", "0"), "argument --mean: must be a finite number"),
+    ],
+)
+def test_cli_refuses_impossible_numbers_in_one_line(capsys, argv, needle):
+    assert needle in _cli_error(capsys, *argv)
+
+
+def test_cli_accepts_valid_numbers():
+    from studio.cli import build_parser
+    from studio.commands import data_spec, model_spec
+
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--limit",
+            "64",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "5",
+            "--timm-kwargs",
+            '{"patch_size": 8}',
+        ]
+    )
+    assert data_spec(args).limit == 64
+    spec = model_spec(args)
+    assert (spec.img_size, spec.num_classes, spec.kwargs) == (32, 5, {"patch_size": 8})
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "3", '"patch_size=8"', "null"])
+def test_timm_kwargs_must_be_a_json_object(text):
+    from studio.cli import build_parser
+    from studio.commands import model_spec
+
+    args = build_parser().parse_args(["info", "--timm-kwargs", text])
+    with pytest.raises(StudioError, match=r"--timm-kwargs must be a JSON object"):
+        model_spec(args)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--timm-kwargs", '{"patch_size": 8}', "--img-size", "39"],
+            r"39 is not a multiple of the patch size 8.*last 7 pixels.*use 40 or 32",
+        ),
+        (["--arch", "vit_small_patch16_224", "--img-size", "200"], r"patch size 16.*use 208 or 192"),
+        (["--timm-kwargs", '{"patch_size": [14, 14]}', "--img-size", "10"], r"patch size 14.*use 14\.$"),
+    ],
+)
+def test_img_size_must_tile_the_patch_grid(argv, message):
+    from studio.cli import build_parser
+    from studio.commands import model_spec
+
+    with pytest.raises(StudioError, match=message):
+        model_spec(build_parser().parse_args(["info", *argv]))
+    # the patch size given in --timm-kwargs wins over the one in the arch name; dynamic padding tiles any size
+    ok = build_parser().parse_args(
+        ["info", "--arch", "vit_tiny_patch16_224", "--timm-kwargs", '{"patch_size": 8}', "--img-size", "40"]
+    )
+    assert model_spec(ok).img_size == 40
+    padded = build_parser().parse_args(["info", "--timm-kwargs", '{"dynamic_img_pad": true}', *argv[-2:]])
+    assert model_spec(padded).kwargs == {"dynamic_img_pad": True}
