@@ -209,3 +209,134 @@ def test_img_size_must_tile_the_patch_grid(argv, message):
     assert model_spec(ok).img_size == 40
     padded = build_parser().parse_args(["info", "--timm-kwargs", '{"dynamic_img_pad": true}', *argv[-2:]])
     assert model_spec(padded).kwargs == {"dynamic_img_pad": True}
+
+
+# --------------------------------------------------------------------------------------------------- plans
+def _plan_dict() -> dict:
+    from studio.plan import BaseArch, BlockPlan, PrunePlan
+
+    base = BaseArch(
+        arch="vit_tiny_patch16_224",
+        kwargs=dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5),
+        depth=3,
+        embed_dim=48,
+        num_heads=(3, 3, 3),
+        head_dim=16,
+        mlp_hidden=(192, 192, 192),
+        num_classes=5,
+    )
+    plan = PrunePlan(
+        base=base,
+        blocks=(BlockPlan(0, heads=(0, 2), mlp=tuple(range(96))), BlockPlan(1), BlockPlan(2, attn_in=(0, 1))),
+        embed=tuple(range(40)),
+        params={"ratio": 0.5},
+        summary={"params_before": 10, "params_after": 5},
+    )
+    return plan.to_dict()
+
+
+def test_plan_every_field_to_dict_writes_is_accepted():
+    import json
+
+    from studio.plan import PrunePlan
+
+    d = _plan_dict()
+    assert PrunePlan.from_dict(json.loads(json.dumps(d))).to_dict() == d
+    # optional fields may still be left out, as older hand-written plans do
+    minimal = {
+        k: v for k, v in d.items() if k not in ("method", "params", "scale_policy", "summary", "embed")
+    }
+    minimal["base"] = {k: v for k, v in d["base"].items() if k not in ("kwargs", "num_prefix_tokens")}
+    assert PrunePlan.from_dict(minimal).blocks[0].heads == (0, 2)
+
+
+def _edit(path: str, value, *, drop: bool = False) -> dict:
+    d = _plan_dict()
+    *parents, last = path.split(".")
+    node = d
+    for p in parents:
+        node = node["blocks"][int(p[7:-1])] if p.startswith("blocks[") else node[p]
+    if drop:
+        node.pop(last)
+    else:
+        node[last] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        # misspelt or unknown fields, which used to be ignored (the block silently stayed dense)
+        (
+            "blocks[0].head",
+            [0],
+            r"'blocks\[0\]\.head' is unknown; did you mean 'heads'\?.*index, heads, head_dims",
+        ),
+        ("blocks[1].mpl", [0, 1], r"'blocks\[1\]\.mpl' is unknown; did you mean 'mlp'\?"),
+        (
+            "blocks[2].attention",
+            [0],
+            r"'blocks\[2\]\.attention' is unknown.*valid fields of 'blocks\[2\]' are",
+        ),
+        ("embeds", [0, 1], r"'embeds' is unknown; did you mean 'embed'\?.*schema, version, base"),
+        ("base.embed_dims", 48, r"'base\.embed_dims' is unknown; did you mean 'embed_dim'\?"),
+        # booleans, floats and strings where integers belong
+        ("blocks[1].index", True, r"needs an integer 'index' \(got True\)"),
+        ("blocks[0].heads", [True, 2], r"'blocks\[0\]\.heads' must be a list of integers"),
+        ("embed", [False, 1], r"'embed' must be a list of integers"),
+        ("base.depth", True, r"'base\.depth' must be an integer, not True"),
+        ("base.embed_dim", 48.7, r"'base\.embed_dim' must be an integer, not 48\.7"),
+        ("base.head_dim", "16", r"'base\.head_dim' must be an integer"),
+        ("base.num_heads", [3, True, 3], r"'base\.num_heads\[1\]' must be an integer"),
+        ("version", True, r"'version' is True"),
+        # sizes bounded before anything is allocated by them
+        ("base.embed_dim", 1_000_000_000, r"'base\.embed_dim' = 1,000,000,000 is out of range 1\.\.65,536"),
+        ("base.mlp_hidden", [192, 10**12, 192], r"'base\.mlp_hidden\[1\]' = .* is out of range"),
+        ("base.num_heads", [3, 3], r"'base\.num_heads' has 2 entries but 'base\.depth' is 3"),
+        ("base.depth", 0, r"'base\.depth' = 0 is out of range"),
+        (
+            "blocks[0].mlp",
+            list(range(193)),
+            r"'blocks\[0\]\.mlp' lists 193 indices but the layer has only 192",
+        ),
+        # other malformed parts
+        ("base", [], r"'base' must be an object"),
+        ("params", [1], r"'params' must be an object or null"),
+        ("method", 3, r"'method' must be a string"),
+    ],
+)
+def test_plan_refuses_unknown_fields_bools_and_oversized_bases(path, value, message):
+    from studio.plan import PrunePlan
+
+    with pytest.raises(StudioError, match=message):
+        PrunePlan.from_dict(_edit(path, value))
+
+
+def test_plan_refuses_missing_base_field_and_too_many_blocks():
+    from studio.plan import PrunePlan
+
+    with pytest.raises(StudioError, match=r"'base' is incomplete: it needs 'head_dim'"):
+        PrunePlan.from_dict(_edit("base.head_dim", None, drop=True))
+    d = _plan_dict()
+    d["blocks"] = [{"index": i} for i in range(5)]
+    with pytest.raises(StudioError, match=r"'blocks' lists 5 blocks but the base has only 3"):
+        PrunePlan.from_dict(d)
+    with pytest.raises(StudioError, match="must be an object with an integer 'index'"):
+        PrunePlan.from_dict({**_plan_dict(), "blocks": [3]})
+
+
+def test_plan_with_a_huge_base_is_refused_at_once():
+    import time
+
+    from studio.plan import BaseArch, PrunePlan
+
+    d = _edit("base.embed_dim", 1_000_000_000)
+    d["embed"] = None
+    t = time.perf_counter()
+    with pytest.raises(StudioError, match="out of range"):
+        PrunePlan.from_dict(d)
+    # the same base built in code is refused by validate() before it sizes anything by embed_dim
+    base = BaseArch("vit_tiny_patch16_224", {}, 1, 10**9, (3,), 16, (192,), 5)
+    with pytest.raises(StudioError, match=r"'base\.embed_dim' = 1,000,000,000 is out of range"):
+        PrunePlan.dense(base).validate()
+    assert time.perf_counter() - t < 1.0
