@@ -35,6 +35,15 @@ class DataSpec:
     limit: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # a zero or negative limit used to slice silently (``[:-200]`` keeps all but 200): refuse it here, where
+        # every caller (CLI, UI, stored run specs) builds its spec
+        if self.limit is not None and (type(self.limit) is not int or self.limit <= 0):
+            raise StudioError(
+                f"Data limit must be a positive whole number of samples, not {self.limit!r}: "
+                "pass --limit N with N >= 1, or leave it out to use every sample."
+            )
+
     @classmethod
     def parse(cls, text: str, **kw: Any) -> DataSpec:
         """``demo``, ``imagefolder:PATH`` or ``vtab:PATH``."""
@@ -85,7 +94,7 @@ class ImageList(Dataset):
     def image(self, i: int) -> Image.Image:
         src, _ = self.items[i]
         if isinstance(src, np.ndarray):
-            return Image.fromarray(src).convert("RGB")
+            return to_rgb(Image.fromarray(src))
         return _open_image(Path(src))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
@@ -121,7 +130,7 @@ def _open_image(path: Path) -> Image.Image:
                     f"{path} is {im.width}x{im.height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit. "
                     "Downscale it or remove it."
                 )
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise StudioError(f"Image {path} does not exist.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -129,6 +138,36 @@ def _open_image(path: Path) -> Image.Image:
             f"Image {path} cannot be decoded ({str(e)[:100]}). Remove or replace it, or pass "
             "--skip-bad-files to skip unreadable images."
         ) from None
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB, scaling high-bit-depth modes (``I;16``, ``I``, ``F``) down instead of clipping them.
+
+    PIL's ``convert("RGB")`` clips ``I;16``/``I``/``F`` values to 0..255, so a 16-bit PNG would come out almost all
+    white. 16-bit values are divided by 257 (65535 -> 255); ``I`` is taken as 16-bit when its values fit in
+    0..65535 (what 16-bit PNGs and TIFFs hold), else scaled by its maximum; ``F`` is taken as 0..1 when its values
+    fit there (the float-image convention), as 8-bit when they fit 0..255, then as 16-bit, else scaled by its maximum.
+    """
+    if im.mode not in (*_SIXTEEN_BIT_MODES, "I", "F"):
+        return im.convert("RGB")
+    a = np.asarray(im, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
+    top = float(a.max()) if a.size else 0.0
+    if im.mode in _SIXTEEN_BIT_MODES or (im.mode == "I" and top <= 65535):
+        scale = 255.0 / 65535.0
+    elif im.mode == "F" and top <= 1.0:
+        scale = 255.0
+    elif im.mode == "F" and top <= 255.0:
+        scale = 1.0
+    elif top <= 65535:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 255.0 / top
+    grey = np.rint(a * scale).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")  # a 2-D uint8 array is mode L
 
 
 def _drop_bad(items: list[tuple[Any, int]], origin: list[str]) -> tuple[list, list, list[str]]:
@@ -230,7 +269,10 @@ def _vtab(spec: DataSpec, split: str) -> ImageList:
             "with lines 'relative/path label'."
         )
     items, origin = [], []
-    for n, line in enumerate(list_file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    # utf-8-sig drops a byte-order mark (Windows editors write one), which would otherwise prefix the first path
+    for n, line in enumerate(
+        list_file.read_text(encoding="utf-8-sig", errors="replace").splitlines(), start=1
+    ):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)

@@ -14,9 +14,10 @@ model's channel indices; a block's subsets must lie inside the kept embedding ch
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,14 @@ from .errors import StudioError
 SCHEMA = "pruning-studio/plan"
 VERSION = 1
 _RESIDUAL_FIELDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+_INDEX_FIELDS = ("heads", "head_dims", "mlp", *_RESIDUAL_FIELDS)
 Indices = tuple[int, ...] | None
+# Bounds on a base's sizes, checked before anything is sized by them (a typo like ``embed_dim: 1000000000``
+# must be refused at once, not allocate a billion-entry set). Generous: ViT-22B has 48 blocks, width 6,144,
+# MLP 24,576 and 48 heads.
+MAX_DIM = 65_536
+MAX_DEPTH = 4_096
+MAX_CLASSES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,28 @@ class BaseArch:
     num_classes: int
     num_prefix_tokens: int = 1
 
+    def check(self) -> BaseArch:
+        """Check types, bounds and that the per-block lists match ``depth``; raise naming the bad field."""
+        if not isinstance(self.arch, str) or not self.arch:
+            raise StudioError("Plan field 'base.arch' must be a timm architecture name.")
+        if not isinstance(self.kwargs, Mapping):
+            raise StudioError("Plan field 'base.kwargs' must be an object of timm constructor arguments.")
+        _check_int("base.depth", self.depth, 1, MAX_DEPTH)
+        _check_int("base.embed_dim", self.embed_dim, 1, MAX_DIM)
+        _check_int("base.head_dim", self.head_dim, 1, MAX_DIM)
+        _check_int("base.num_classes", self.num_classes, 0, MAX_CLASSES)  # 0: a backbone without a head
+        _check_int("base.num_prefix_tokens", self.num_prefix_tokens, 0, MAX_DIM)
+        for name in ("num_heads", "mlp_hidden"):
+            sizes = getattr(self, name)
+            if len(sizes) != self.depth:
+                raise StudioError(
+                    f"Plan field 'base.{name}' has {len(sizes)} entries but 'base.depth' is {self.depth}: "
+                    "give one per block."
+                )
+            for i, n in enumerate(sizes):
+                _check_int(f"base.{name}[{i}]", n, 1, MAX_DIM)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "arch": self.arch,
@@ -57,20 +87,27 @@ class BaseArch:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BaseArch:
-        try:
-            return cls(
-                arch=str(d["arch"]),
-                kwargs=dict(d.get("kwargs", {})),
-                depth=int(d["depth"]),
-                embed_dim=int(d["embed_dim"]),
-                num_heads=tuple(int(h) for h in d["num_heads"]),
-                head_dim=int(d["head_dim"]),
-                mlp_hidden=tuple(int(h) for h in d["mlp_hidden"]),
-                num_classes=int(d["num_classes"]),
-                num_prefix_tokens=int(d.get("num_prefix_tokens", 1)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise StudioError(f"Plan field 'base' is incomplete or malformed ({e}).") from None
+        _check_fields("base", d, [f.name for f in fields(cls)])
+        missing = [
+            f.name for f in fields(cls) if f.name not in ("kwargs", "num_prefix_tokens") and f.name not in d
+        ]
+        if missing:
+            raise StudioError(f"Plan field 'base' is incomplete: it needs '{missing[0]}'.")
+        for name in ("num_heads", "mlp_hidden"):
+            if not isinstance(d[name], list | tuple):
+                raise StudioError(f"Plan field 'base.{name}' must be a list of integers, one per block.")
+        kwargs = d.get("kwargs", {})
+        return cls(
+            arch=d["arch"],
+            kwargs=dict(kwargs) if isinstance(kwargs, Mapping) else kwargs,
+            depth=d["depth"],
+            embed_dim=d["embed_dim"],
+            num_heads=tuple(d["num_heads"]),
+            head_dim=d["head_dim"],
+            mlp_hidden=tuple(d["mlp_hidden"]),
+            num_classes=d["num_classes"],
+            num_prefix_tokens=d.get("num_prefix_tokens", 1),
+        ).check()
 
 
 @dataclass(frozen=True)
@@ -95,25 +132,22 @@ class BlockPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BlockPlan:
-        def idx(name: str) -> Indices:
-            v = d.get(name)
-            if v is None:
-                return None
-            if not isinstance(v, list | tuple) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in v
-            ):
-                raise StudioError(
-                    f"Plan field 'blocks[{d.get('index')}].{name}' must be a list of integers or null."
-                )
-            return tuple(v)
-
-        if not isinstance(d.get("index"), int):
-            raise StudioError("Every entry of plan field 'blocks' needs an integer 'index'.")
-        return cls(index=d["index"], **{n: idx(n) for n in ("heads", "head_dims", "mlp", *_RESIDUAL_FIELDS)})
+        if not isinstance(d, dict):
+            raise StudioError("Every entry of plan field 'blocks' must be an object with an integer 'index'.")
+        # type(...) is int: JSON true/false are Python bools, a subclass of int, so isinstance would take
+        # "index": true for block 1
+        if type(d.get("index")) is not int:
+            raise StudioError(
+                f"Every entry of plan field 'blocks' needs an integer 'index' (got {d.get('index')!r})."
+            )
+        where = f"blocks[{d['index']}]"
+        # a misspelt field (e.g. "head" for "heads") used to be ignored, leaving that block silently dense
+        _check_fields(where, d, ["index", *_INDEX_FIELDS])
+        return cls(index=d["index"], **{n: _indices(f"{where}.{n}", d.get(n)) for n in _INDEX_FIELDS})
 
     @property
     def is_dense(self) -> bool:
-        return all(getattr(self, n) is None for n in ("heads", "head_dims", "mlp", *_RESIDUAL_FIELDS))
+        return all(getattr(self, n) is None for n in _INDEX_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -172,7 +206,7 @@ class PrunePlan:
     # validation ---------------------------------------------------------------------------------------
     def validate(self) -> PrunePlan:
         """Check every index against the base; raise :class:`StudioError` naming the bad field."""
-        base = self.base
+        base = self.base.check()  # bounds first: every later check is sized by the base
         if self.scale_policy not in ("keep", "reset"):
             raise StudioError(
                 f"Plan field 'scale_policy' must be 'keep' or 'reset', not {self.scale_policy!r}."
@@ -180,10 +214,12 @@ class PrunePlan:
         if not self.blocks:
             raise StudioError("Plan field 'blocks' is empty: a model needs at least one block.")
         _check_indices("embed", self.embed, base.embed_dim)
-        embed = set(range(base.embed_dim)) if self.embed is None else set(self.embed)
+        embed = None if self.embed is None else set(self.embed)  # None: all channels, checked by range
         last = -1
         for b in self.blocks:
             where = f"blocks[{b.index}]"
+            if type(b.index) is not int:
+                raise StudioError(f"Plan field '{where}.index' must be an integer, not {b.index!r}.")
             if not 0 <= b.index < base.depth:
                 raise StudioError(
                     f"Plan field '{where}.index' = {b.index} is out of range 0..{base.depth - 1}."
@@ -200,7 +236,7 @@ class PrunePlan:
             for name in _RESIDUAL_FIELDS:
                 sub = getattr(b, name)
                 _check_indices(f"{where}.{name}", sub, base.embed_dim)
-                if sub is not None and not set(sub) <= embed:
+                if sub is not None and embed is not None and not set(sub) <= embed:
                     raise StudioError(
                         f"Plan field '{where}.{name}' uses channels outside 'embed' "
                         f"(e.g. {sorted(set(sub) - embed)[:3]})."
@@ -228,22 +264,31 @@ class PrunePlan:
     def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise StudioError(f"Not a pruning plan: field 'schema' must be '{SCHEMA}'.")
-        if d.get("version") != VERSION:
+        if type(d.get("version")) is not int or d["version"] != VERSION:
             raise StudioError(
                 f"Plan field 'version' is {d.get('version')!r}; this studio reads version {VERSION}."
             )
+        _check_fields("", d, ["schema", "version", *(f.name for f in fields(cls))])
         if not isinstance(d.get("blocks"), list):
             raise StudioError("Plan field 'blocks' must be a list.")
-        embed = d.get("embed")
-        if embed is not None and (not isinstance(embed, list) or not all(isinstance(i, int) for i in embed)):
-            raise StudioError("Plan field 'embed' must be a list of integers or null.")
+        for name in ("params", "summary"):
+            if not isinstance(d.get(name) or {}, dict):
+                raise StudioError(f"Plan field '{name}' must be an object or null.")
+        for name in ("method", "scale_policy"):
+            if name in d and not isinstance(d[name], str):
+                raise StudioError(f"Plan field '{name}' must be a string.")
+        base = BaseArch.from_dict({} if d.get("base") is None else d["base"])
+        if len(d["blocks"]) > base.depth:  # before parsing each entry: at most one per base block
+            raise StudioError(
+                f"Plan field 'blocks' lists {len(d['blocks'])} blocks but the base has only {base.depth}."
+            )
         plan = cls(
-            base=BaseArch.from_dict(d.get("base") or {}),
+            base=base,
             blocks=tuple(BlockPlan.from_dict(b) for b in d["blocks"]),
-            embed=None if embed is None else tuple(embed),
-            method=str(d.get("method", "manual")),
+            embed=_indices("embed", d.get("embed")),
+            method=d.get("method", "manual"),
             params=dict(d.get("params") or {}),
-            scale_policy=str(d.get("scale_policy", "keep")),
+            scale_policy=d.get("scale_policy", "keep"),
             summary=dict(d.get("summary") or {}),
         )
         return plan.validate()
@@ -312,9 +357,45 @@ class PrunePlan:
         return "\n".join(lines)
 
 
+def _check_fields(where: str, d: Any, valid: Sequence[str]) -> None:
+    """Refuse a non-object or a field the plan format does not have, naming it, a likely fix and the valid ones."""
+    if not isinstance(d, dict):
+        raise StudioError(f"Plan field '{where}' must be an object.")
+    for key in d:
+        if key not in valid:
+            name = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise StudioError(
+                f"Plan field '{name}' is unknown; {hint}valid fields{' of ' + repr(where) if where else ''} "
+                f"are {', '.join(valid)}."
+            )
+
+
+def _check_int(name: str, v: Any, low: int, high: int) -> None:
+    # type(v) is int refuses JSON true/false (bool subclasses int), floats like 48.7 and strings like "48"
+    if type(v) is not int:
+        raise StudioError(f"Plan field '{name}' must be an integer, not {v!r}.")
+    if not low <= v <= high:
+        raise StudioError(f"Plan field '{name}' = {v:,} is out of range {low}..{high:,}.")
+
+
+def _indices(name: str, v: Any) -> Indices:
+    """A JSON index list as a tuple (None stays None: keep all), refusing anything but a list of integers."""
+    if v is None:
+        return None
+    if not isinstance(v, list | tuple) or not all(type(i) is int for i in v):
+        raise StudioError(f"Plan field '{name}' must be a list of integers or null.")
+    return tuple(v)
+
+
 def _check_indices(name: str, idx: Sequence[int] | None, size: int) -> None:
     if idx is None:
         return
+    if len(idx) > size:  # checked before building a set of it: longer than the layer means duplicates anyway
+        raise StudioError(
+            f"Plan field '{name}' lists {len(idx):,} indices but the layer has only {size}: keep at most {size}."
+        )
     if len(idx) == 0:
         raise StudioError(
             f"Plan field '{name}' is empty: keeping zero units empties the layer. "
@@ -357,7 +438,7 @@ def diff(a: PrunePlan, b: PrunePlan) -> list[str]:
         for name in ("heads", "head_dim", "mlp"):
             if ka[name] != kb[name]:
                 out.append(f"block {i}: {name} {ka[name]} -> {kb[name]}")
-        for name in ("heads", "head_dims", "mlp", *_RESIDUAL_FIELDS):
+        for name in _INDEX_FIELDS:
             va, vb = getattr(ba, name), getattr(bb, name)
             if va != vb and (name in _RESIDUAL_FIELDS or ka.get(name) == kb.get(name)):
                 out.append(f"block {i}: {name} selection differs")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ..argtypes import finite_float, positive_float, positive_int
 from ..data import DataSpec
 from ..events import Callback, Event
 from ..models import ModelSpec
@@ -36,15 +38,15 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False) -> Non
     )
     g.add_argument("--arch", help="timm architecture of a checkpoint file, e.g. vit_small_patch16_224")
     g.add_argument(
-        "--num-classes", type=int, help="classifier size (inferred from the checkpoint if omitted)"
+        "--num-classes", type=positive_int, help="classifier size (inferred from the checkpoint if omitted)"
     )
-    g.add_argument("--img-size", type=int, help="input resolution if not the architecture default")
+    g.add_argument("--img-size", type=positive_int, help="input resolution if not the architecture default")
     g.add_argument("--reset-head", action="store_true", help="start a fresh classifier of --num-classes")
     g.add_argument(
         "--timm-kwargs", default="{}", help="extra timm constructor args as JSON, e.g. '{\"patch_size\": 8}'"
     )
-    g.add_argument("--mean", type=float, nargs=3, help="override normalisation mean")
-    g.add_argument("--std", type=float, nargs=3, help="override normalisation std")
+    g.add_argument("--mean", type=finite_float, nargs=3, help="override normalisation mean")
+    g.add_argument("--std", type=positive_float, nargs=3, help="override normalisation std")
 
 
 def add_data_args(p: argparse.ArgumentParser, *, default: str | None = "demo") -> None:
@@ -52,7 +54,7 @@ def add_data_args(p: argparse.ArgumentParser, *, default: str | None = "demo") -
     g.add_argument("--data", default=default, help="demo, imagefolder:PATH or vtab:PATH")
     g.add_argument("--split", default="test", help="split to evaluate: train, val or test")
     g.add_argument("--skip-bad-files", action="store_true", help="skip unreadable images instead of failing")
-    g.add_argument("--limit", type=int, help="use at most N samples of each split (seeded)")
+    g.add_argument("--limit", type=positive_int, help="use at most N samples of each split (seeded)")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -62,6 +64,13 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         kwargs = json.loads(getattr(args, "timm_kwargs", "{}") or "{}")
     except json.JSONDecodeError as e:
         raise StudioError(f"--timm-kwargs is not valid JSON ({e.msg}).") from None
+    if not isinstance(kwargs, dict):
+        # a list or number would fail later inside ModelSpec/timm with an unrelated TypeError
+        raise StudioError(
+            f"--timm-kwargs must be a JSON object of constructor arguments, e.g. '{{\"patch_size\": 8}}', "
+            f"not a {type(kwargs).__name__}."
+        )
+    _check_img_size(getattr(args, "img_size", None), _patch_size(getattr(args, "arch", None), kwargs))
     data = {}
     if getattr(args, "mean", None):
         data["mean"] = list(args.mean)
@@ -76,6 +85,35 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         device=args.device,
         data=data,
         kwargs=kwargs,
+    )
+
+
+def _patch_size(arch: str | None, kwargs: dict[str, Any]) -> int | None:
+    """The patch size when the command line states it (``patch_size`` in --timm-kwargs or ``patchN`` in --arch).
+
+    None where it is unknown here or does not matter (``dynamic_img_pad`` pads the input to whole patches).
+    """
+    if kwargs.get("dynamic_img_pad"):
+        return None
+    p = kwargs.get("patch_size")
+    if isinstance(p, list | tuple) and len(p) == 2 and p[0] == p[1]:
+        p = p[0]
+    if type(p) is int and p > 0:
+        return p
+    m = re.search(r"patch(\d+)", arch or "")
+    return int(m.group(1)) if m else None
+
+
+def _check_img_size(img_size: int | None, patch: int | None) -> None:
+    """Refuse a resolution the patch grid does not tile: the conv stem would silently drop the remainder."""
+    from ..errors import StudioError
+
+    if img_size is None or patch is None or img_size % patch == 0:
+        return
+    low, high = img_size - img_size % patch, img_size - img_size % patch + patch
+    raise StudioError(
+        f"--img-size {img_size} is not a multiple of the patch size {patch}, so the last {img_size % patch} "
+        f"pixels of every row and column would never be seen; use {high}" + (f" or {low}." if low else ".")
     )
 
 
