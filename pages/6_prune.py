@@ -44,7 +44,7 @@ value = b2.slider(
     int(high) if whole else high,
     int(min(chosen.default, high)) if whole else chosen.default,
     int(chosen.step) if whole else chosen.step,
-    key=f"prune_value_{name}_{chosen.option}",
+    key=f"prune_{chosen.option}",
 )
 params: dict = {chosen.option: value}
 if method.rounds and b3.checkbox(

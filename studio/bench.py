@@ -10,6 +10,7 @@ of repeats, device and dtype recorded.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -53,12 +54,12 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int], *, batch_size:
     """MACs of one forward pass per image, split into attention matmuls, linear layers and convolutions."""
     device = next(model.parameters()).device
     x = torch.zeros(batch_size, *input_size[-3:], device=device)
-    was_training = model.training
-    model.eval()
+    # a copy: the model may be the studio's shared cached one, which two sessions must never see flipped
+    # (attention flags, train/eval) while the other one times or trains it
+    model = copy.deepcopy(model).eval()
     counter = FlopCounterMode(display=False)
     with unfused_attention(model), torch.inference_mode(), counter:
         model(x)
-    model.train(was_training)
     by_op: dict[str, int] = {}
     for op, n in counter.get_flop_counts().get("Global", {}).items():
         name = str(op).split(".")[1] if "." in str(op) else str(op)

@@ -1,6 +1,7 @@
-"""Background jobs: long work (retraining, P3B, SPLoRA, prune runs) as separate processes on a run directory.
+"""Background jobs: long work (retraining, P3B, SPLoRA, SLS, prune runs) as separate processes on a run directory.
 
-A job is ``python -m studio <command> ... --out/--run runs/NAME`` started with :func:`start_job` in its own
+A job is a spec submitted with :func:`submit`: its ``spec.json`` is written into a new run folder and
+``python -m studio run runs/NAME`` is started with :func:`start_job` in its own
 session (``start_new_session``: it survives the Streamlit script, a closed tab or a page reload, and its whole
 process group can be signalled), its stdout/stderr going to ``stdout.log``/``stderr.log`` in the run folder and
 its pid, command and device to ``job.json``. Everything else is read back from the folder, so any tab, a later

@@ -8,6 +8,7 @@ goes through background jobs instead (:func:`studio.jobs.submit`).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,12 @@ from .costs import with_summary
 from .errors import StudioError
 from .events import Callback, CancelToken
 from .export import export_onnx
-from .flows import start
+from .flows import create_run, run_folder, start
 from .flows.prune import PruneSpec
 from .flows.stages import RunResult
 from .models import LoadedModel, ModelSpec
 from .plan import BaseArch, PrunePlan
-from .runs import RunDir, write_json
+from .runs import RunDir, new_run_id, write_json
 
 
 def prune_run(
@@ -47,7 +48,8 @@ def export_plan_run(
     """Apply ``plan`` (None: the dense plan) to a copy of ``loaded`` and export it to a new run folder."""
     plan = with_summary(plan if plan is not None else PrunePlan.dense(loaded.base))
     spec = PruneSpec(model=model_spec, method=plan.method, plan=plan, evaluate=False, bench=False)
-    run, _ = start(spec, root=root, loaded=loaded, callbacks=callbacks)
+    run = create_run(spec, Path(root) / f"{new_run_id(f'export-{plan.method}')}-{secrets.token_hex(2)}")
+    run_folder(run, loaded=loaded, callbacks=callbacks, spec=spec)
     return run
 
 

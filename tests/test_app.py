@@ -71,7 +71,7 @@ def test_three_sessions_do_not_see_each_others_plans(demo_loaded):
     for at in sessions:
         at.switch_page("pages/6_prune.py").run()
     for at, target in zip(sessions, targets):
-        at.slider(key="prune_target").set_value(target)
+        at.slider(key="prune_target_macs").set_value(target)
         at.checkbox(key="prune_bench").uncheck()
         at.checkbox(key="prune_eval").uncheck()
     for at in sessions:
@@ -137,18 +137,18 @@ def test_prune_benchmark_compare_export_pages(tmp_path, monkeypatch):
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert {"Params", "MACs / image", "Test accuracy"} <= {m.label for m in at.metric}
     codes = [c.value for c in at.code]
-    assert any(c.startswith("python -m studio prune --model demo") for c in codes)
+    assert any(c.startswith("python -m studio run --spec spec.json --out runs/") for c in codes)
     at.button(key="export_active").click().run()
     assert not at.exception
     assert "export-magnitude" in at.selectbox(key="export_run").value  # the new export is selected
-    assert any(c.startswith("python -m studio export --model demo --plan") for c in at.code.values)
+    assert any(c.startswith("python -m studio run --spec spec.json") for c in at.code.values)
 
 
 def test_loading_an_exported_folder_replaces_the_selection_and_clears_the_plan(
     tmp_path, monkeypatch, demo_loaded
 ):
-    from studio.plan import PrunePlan
     from studio.models import ModelSpec
+    from studio.plan import PrunePlan
     from studio.workflow import export_plan_run
 
     run = export_plan_run(demo_loaded, None, root=tmp_path, model_spec=ModelSpec("demo"))
@@ -176,7 +176,7 @@ def test_prune_page_draws_every_registered_method():
     for name in names:
         at.selectbox(key="prune_method").set_value(name).run()
         assert not at.exception and not at.error, (name, [e.value for e in at.error])
-        trains = any(o.name == "epochs" for o in load_methods().get(name).options)
+        trains = load_methods().get(name).trains
         buttons = {b.key for b in at.button}
         assert ("prune_job" in buttons) == trains and ("prune_run" in buttons) != trains, name
 

@@ -15,7 +15,7 @@ from studio.cli import main
 from studio.errors import StudioError
 from studio.models import LoadedModel, create_vit, describe_base
 from studio.plan import PrunePlan
-from studio.prune import METHODS, Method, Option, PruneRequest, get_method, make_plan
+from studio.prune import METHODS, Budget, Method, Option, PruneRequest, get_method, make_plan
 from studio.surgery import apply_plan
 
 ARCH = "vit_tiny_patch16_224"
@@ -242,6 +242,8 @@ def test_a_registered_method_plugs_into_the_cli(tmp_path, loaded, capsys):
             keep_first_heads,
             "test only",
             options=(Option("heads_kept", int, 1, "heads kept per block"),),
+            budgets=(Budget("heads_kept", "Heads kept per block", 1, 3, 1, 1),),
+            rounds=False,
         ),
     )
     try:

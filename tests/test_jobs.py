@@ -14,7 +14,7 @@ from studio import jobs
 from studio.errors import StudioError
 from studio.events import Event
 from studio.flows.retrain import RecoverySpec, run_recovery
-from studio.runs import RunDir, read_json, write_json, write_text
+from studio.runs import RunDir, RunLogger, read_json, write_json, write_text
 
 # 160 train images / 16 = 10 steps per epoch: a cancel after the first logged steps lands mid-epoch 0
 ARGS = ["retrain", "--model", "demo", "--teacher", "demo", "--kd", "soft", "--data", "demo", "--limit", "160"]
@@ -150,7 +150,7 @@ def test_status_of_runs_that_never_were_jobs(tmp_path):
 
 def test_progress_eta_and_thinned_event_log(tmp_path):
     run = RunDir.create(tmp_path / "r", {"kind": "retrain"})
-    log = jobs.RunLogger(run, progress_every=10.0, resource_every=1e9)
+    log = RunLogger(run, progress_every=10.0, resource_every=1e9)
     t0 = time.time()
     log(Event("status", {"state": "training"}, t0))
     for i in range(1, 51):
@@ -159,7 +159,7 @@ def test_progress_eta_and_thinned_event_log(tmp_path):
     assert [s["step"] for s in steps] == [1, 11, 21, 31, 41]  # one line per 10 s of progress
     assert any(e["kind"] == "resource" and e["data"]["rss_mb"] > 0 for e in run.events())
     other = RunDir.create(tmp_path / "r2", {"kind": "retrain"})
-    thin = jobs.RunLogger(other, progress_every=0.0, max_points=10)
+    thin = RunLogger(other, progress_every=0.0, max_points=10)
     for i in range(1, 101):
         thin(Event("progress", {"task": "train", "done": i, "total": 100, "loss": 0.5}, t0 + i / 1000))
     assert [s["step"] for s in jobs.curves(other.path)["steps"]] == [

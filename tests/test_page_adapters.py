@@ -98,13 +98,11 @@ def test_start_button_launches_the_splora_prune_command(tmp_path, monkeypatch):
     assert not at.exception, at.exception
     assert len(started) == 1
     argv, run_dir = started[0]
-    assert argv[:3] == ["prune", "--method", "splora"] and argv[argv.index("--out") + 1] == str(run_dir)
-    flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-    assert flags["--target-density"] == "0.5" and flags["--criterion"] == "weight"
-    assert flags["--compare"] == "true" and flags["--model"] == "demo-backbone" and "--reset-head" in argv
-    assert run_dir.parent == tmp_path / "runs"
-    # the command parses with the real CLI
-    from studio.cli import build_parser
+    assert argv == ["run", str(run_dir)] and run_dir.parent == tmp_path / "runs"
+    # the job is its spec: what the page chose is in spec.json, and it reads back as the same spec
+    from studio.flows import read_spec
 
-    args = build_parser().parse_args(argv)
-    assert args.method == "splora" and args.target_density == 0.5
+    spec = read_spec(run_dir)
+    assert spec.kind == "splora" and spec.method == "splora"
+    assert spec.params["target_density"] == 0.5 and spec.params["criterion"] == "weight"
+    assert spec.params["compare"] is True and spec.model.source == "demo-backbone" and spec.model.reset_head

@@ -100,4 +100,7 @@ def test_page_without_runs_offers_to_start_one(tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / PAGE), default_timeout=180).run()
     assert not at.exception, at.exception
     assert any("No P3B run yet" in i.value for i in at.info)
-    assert any("--method p3b" in c.value and "--reset-head" in c.value for c in at.code)
+    assert any("python -m studio run --spec" in c.value for c in at.caption) or any(
+        "python -m studio run --spec" in m.value for m in at.markdown
+    )
+    assert at.button(key="bb_new_start") is not None

@@ -154,7 +154,7 @@ def test_model_card_zip_and_export_of_the_active_plan(tmp_path, demo_loaded, cap
     _, result = _pruned_run(tmp_path, demo_loaded)
     run = export_plan_run(demo_loaded, result.plan, root=tmp_path, model_spec=ModelSpec("demo"))
     manifest = read_manifest(run.export_dir)
-    cmd = reproduce_command(run.spec())
+    cmd = reproduce_command(run.spec(), spec_file=str(run.spec_file))
     card = model_card(manifest, name=run.path.name, spec=run.spec(), results=run.results(), command=cmd)
     assert "`magnitude`" in card and "load_exported" in card and cmd in card
     assert f"{result.after['params']:,}" in card
@@ -170,7 +170,7 @@ def test_model_card_zip_and_export_of_the_active_plan(tmp_path, demo_loaded, cap
         assert torch.allclose(reloaded.model(x), expected(x), atol=1e-5)
     # the export command replays it from the CLI: same parameters
     out = _cli([*shlex.split(cmd)[3:-2], "--out", str(tmp_path / "cli-export"), "--json"], capsys)
-    assert out["params"] == result.after["params"]
+    assert out["after"]["params"] == result.after["params"] and out["kind"] == "prune"
 
 
 def test_onnx_of_an_export_records_its_parity(tmp_path, demo_loaded):

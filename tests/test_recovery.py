@@ -12,7 +12,8 @@ from studio.data import DataSpec, TensorData
 from studio.errors import Cancelled, StudioError
 from studio.events import CancelToken
 from studio.export import export, load_exported
-from studio.flows.retrain import RecoverySpec, run_recovery
+from studio.flows import run_folder
+from studio.flows.retrain import RecoverySpec
 from studio.models import ModelSpec, create_vit, describe_base
 from studio.plan import BlockPlan, PrunePlan
 from studio.recovery import (
@@ -247,11 +248,12 @@ def test_run_recovery_end_to_end_with_early_stop(pruned_run, tmp_path):
         bench=False,
     )
     run = RunDir.create(tmp_path / "runs" / "r1", spec.to_dict())
-    result = run_recovery(spec, run=run)
-    assert result is not None and result.method == "sls" and result.recipe.kd == "soft"
-    assert result.train["epochs_run"] == 2  # lr ~0: no validation gain after epoch 0, patience 1
+    result = run_folder(run)
+    sec = result.section
+    assert result.kind == "retrain" and result.method == "sls" and sec["recipe"]["kd"] == "soft"
+    assert sec["train"]["epochs_run"] == 2  # lr ~0: no validation gain after epoch 0, patience 1
     saved = read_json(run.results_file)
-    assert saved["after"]["top1"] == result.after["top1"] and saved["replicas_identical"] is True
+    assert saved["after"]["top1"] == result.after["top1"] and saved["retrain"]["replicas_identical"] is True
     assert read_json(run.status_file)["state"] == "done"
     reloaded = load_exported(run.export_dir, device="cpu")
     assert reloaded.plan is not None and reloaded.plan.method == "sls"
@@ -272,7 +274,7 @@ def test_missing_teacher_fails_with_status(pruned_run, tmp_path):
     )
     run = RunDir.create(tmp_path / "runs" / "r2", spec.to_dict())
     with pytest.raises(StudioError, match="teacher"):
-        run_recovery(spec, run=run)
+        run_folder(run)
     status = read_json(run.status_file)
     assert status["state"] == "failed" and "teacher" in status["error"]
     write_json(run.spec_file, {"kind": "prune"})

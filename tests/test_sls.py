@@ -210,8 +210,8 @@ def test_registered_method_plans_from_calibration_batches(tiny_vit):
     assert plan.params["samples"] == 80 and plan.summary["params_after"] <= plan.summary["params_before"]
     given = make_plan("sls", PruneRequest(loaded, {"keep_blocks": 1}, batches))
     assert given.depth == 1 and given.params["rule"] == "given"
-    budget = make_plan("sls", PruneRequest(loaded, {"target_macs": 0.5, "keep_blocks": 2}, batches))
-    assert budget.depth == 2 and budget.params["ignored_budget"] == ["target_macs"]
+    with pytest.raises(StudioError, match="no option 'target_macs'"):  # SLS budgets depth, not MACs
+        make_plan("sls", PruneRequest(loaded, {"target_macs": 0.5, "keep_blocks": 2}, batches))
 
 
 def test_trainable_rules_select_the_right_parameters(tiny_vit):

@@ -48,6 +48,8 @@ class Option:
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
 
     def parse(self, value: Any) -> Any:
         """Convert a CLI/JSON value to the option's type, checking choices; raise naming the option."""
@@ -66,6 +68,14 @@ class Option:
             raise StudioError(
                 f"Option '{self.name}' must be one of {', '.join(map(str, self.choices))}, not {v!r}."
             )
+        if isinstance(v, float) and v != v:
+            raise StudioError(f"Option '{self.name}' must be a number, not NaN.")
+        if (self.low is not None and v < self.low) or (self.high is not None and v > self.high):
+            lo = "" if self.low is None else f"at least {self.low:g}"
+            hi = "" if self.high is None else f"at most {self.high:g}"
+            raise StudioError(
+                f"Option '{self.name}' must be {' and '.join(p for p in (lo, hi) if p)}, got {v}."
+            )
         return v
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,13 +90,28 @@ class Option:
 
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option(
-        "target_macs", float, None, "fraction of the base MACs to keep (e.g. 0.5); solved for, within ±2%"
+        "target_macs",
+        float,
+        None,
+        "fraction of the base MACs to keep (e.g. 0.5); solved for, within ±2%",
+        low=0.01,
+        high=1.0,
     ),
     Option(
-        "ratio", float, None, "fraction of units to remove in each pruned scope (ignored with target_macs)"
+        "ratio",
+        float,
+        None,
+        "fraction of units to remove in each pruned scope (ignored with target_macs)",
+        low=0.0,
+        high=1.0,
     ),
     Option(
-        "round_to", int, 1, "round kept widths (MLP, head dims, embedding) up to a multiple of this, e.g. 8"
+        "round_to",
+        int,
+        1,
+        "round kept widths (MLP, head dims, embedding) up to a multiple of this, e.g. 8",
+        low=1,
+        high=1024,
     ),
 )
 

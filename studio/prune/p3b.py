@@ -701,9 +701,14 @@ class P3BPruner:
 # ============================================================================================== the job
 OPTIONS: tuple[Option, ...] = (
     Option(
-        "prune_ratio", float, 0.5, "fraction of ALL parameters to remove (P3B budgets parameters, not MACs)"
+        "prune_ratio",
+        float,
+        0.5,
+        "fraction of ALL parameters to remove (P3B budgets parameters, not MACs)",
+        low=0.0,
+        high=0.99,
     ),
-    Option("epochs", int, 40, "total epochs: pruning phase + fine-tuning of the sliced model"),
+    Option("epochs", int, 40, "total epochs: pruning phase + fine-tuning of the sliced model", low=1),
     Option("start_epoch", int, None, "first epoch with mask updates (default 10% of the epochs)"),
     Option("sparse_epoch", int, None, "epoch where κ reaches its target (default 25%)"),
     Option("finalize_epoch", int, None, "slice after this many epochs, fine-tune the rest (default 50%)"),

@@ -129,8 +129,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "prune_step", float, 0.05, "fraction of the ORIGINAL units removed per pruning step (paper: 0.05)"
     ),
-    Option("epochs", int, 10, "epochs of adapter (or full fine-tuning) training before pruning"),
-    Option("recovery_epochs", int, 2, "training epochs after every pruning step (at lr/3)"),
+    Option("epochs", int, 10, "epochs of adapter (or full fine-tuning) training before pruning", low=0),
+    Option("recovery_epochs", int, 2, "training epochs after every pruning step (at lr/3)", low=0),
     Option(
         "lr",
         float,

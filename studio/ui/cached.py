@@ -35,10 +35,16 @@ def _summary(key: str, _loaded: LoadedModel) -> dict[str, Any]:
 
 
 def summary(loaded: LoadedModel | None = None, key: str | None = None) -> dict[str, Any]:
-    """:func:`studio.summary.model_summary` of the current model (or of ``loaded``, cached under ``key``)."""
+    """:func:`studio.summary.model_summary` of the current model (or of ``loaded``, cached under ``key``).
+
+    Keys are content keys (a spec, an export folder), never ``id()``: an object's id is reused after it is
+    freed, so two different models would share a cached result.
+    """
     if loaded is None:
         return _summary(model_key(), state.pristine_model())
-    return _summary(key or f"id:{id(loaded)}", loaded)
+    if key is None:
+        raise ValueError("a model other than the current one needs a content key (e.g. its export folder)")
+    return _summary(key, loaded)
 
 
 @st.cache_data(max_entries=32, show_spinner="Evaluating on the test split…")
@@ -55,7 +61,9 @@ def accuracy(
     data = state.data_spec()
     if loaded is None:
         return _accuracy(model_key(), data_key(data), split, state.pristine_model(), data)
-    return _accuracy(key or f"id:{id(loaded)}", data_key(data), split, loaded, data)
+    if key is None:
+        raise ValueError("a model other than the current one needs a content key (e.g. its export folder)")
+    return _accuracy(key, data_key(data), split, loaded, data)
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading the run's model…")
