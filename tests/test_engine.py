@@ -33,7 +33,7 @@ DATA = DataSpec("demo", limit=96)
 
 # Tiny settings per method for a run from the Prune page (widget key suffix -> value).
 TINY_OPTIONS = {
-    "p3b": {"epochs": 2, "probe": "mean", "steps_per_update": 1},
+    "p3b": {"epochs": 4, "probe": "mean", "steps_per_update": 2},
     "splora": {"epochs": 1, "recovery_epochs": 0, "prune_step": 0.5, "score_batches": 1, "rank": 2.0},
     "sls": {"embed": "none"},
 }
@@ -133,7 +133,7 @@ def _example(kind: str, tmp: Path) -> object:
     if kind == "prune":
         return PruneSpec(demo, "magnitude", {"target_macs": 0.5}, DATA, bench=False)
     if kind == "p3b":
-        return PruneSpec(demo, "p3b", {"prune_ratio": 0.5, "epochs": 2, "probe": "mean"}, DATA, bench=False)
+        return PruneSpec(demo, "p3b", {**TINY_OPTIONS["p3b"], "prune_ratio": 0.5}, DATA, bench=False)
     if kind == "splora":
         return PruneSpec(demo, "splora", {**TINY_OPTIONS["splora"], "target_density": 0.5}, DATA, bench=False)
     if kind == "sls":

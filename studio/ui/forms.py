@@ -19,11 +19,15 @@ def option_widget(opt: Option, key: str) -> Any:
         return st.selectbox(label, choices, index=index, help=opt.help, key=key)
     if opt.type is bool:
         return st.toggle(label, value=bool(opt.default), help=opt.help, key=key)
+    if opt.type in (int, float) and opt.default is None:
+        # no fixed default (the method picks one, e.g. from the data): an empty box means "the method's default",
+        # never a made-up 0 that the method would then refuse or, worse, use
+        v = st.number_input(label, value=None, placeholder="method default", help=opt.help, key=key)
+        return None if v is None else opt.type(v)
     if opt.type is int:
-        return int(st.number_input(label, value=int(opt.default or 0), step=1, help=opt.help, key=key))
+        return int(st.number_input(label, value=int(opt.default), step=1, help=opt.help, key=key))
     if opt.type is float:
-        value = float(opt.default if opt.default is not None else 0.0)
-        return float(st.number_input(label, value=value, format="%.4g", help=opt.help, key=key))
+        return float(st.number_input(label, value=float(opt.default), format="%.4g", help=opt.help, key=key))
     return st.text_input(label, value="" if opt.default is None else str(opt.default), help=opt.help, key=key)
 
 
