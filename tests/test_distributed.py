@@ -72,8 +72,9 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     res = read_json(run / "results.json")
-    assert res["world"] == 2 and res["replicas_identical"] is True
-    assert len(res["replica_digests"]) == 2 and res["replica_digests"][0] == res["replica_digests"][1]
+    assert res["retrain"]["world"] == 2 and res["retrain"]["replicas_identical"] is True
+    digests = res["retrain"]["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
     assert RunDir(run).checkpoint_file.exists()
     ckpt = torch.load(RunDir(run).checkpoint_file, weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * 4  # 64 images / 2 ranks / batch 8 = 4 steps per epoch
@@ -85,6 +86,6 @@ def test_torchrun_two_processes_gloo(tmp_path):
     ]
     assert trains and len(trains) == len(set(trains)) and max(trains) == 8
     assert sum(1 for e in events if e["kind"] == "status" and e["data"].get("state") == "training") == 1
-    assert res["train"]["history"][0]["train_loss"] == metric[0]["train_loss"]
+    assert res["retrain"]["train"]["history"][0]["train_loss"] == metric[0]["train_loss"]
     assert read_json(run / "status.json")["state"] == "done"
     assert (run / "export" / "manifest.json").exists()

@@ -65,12 +65,12 @@ def test_cancel_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     ref = run_recovery(spec, run=ref_run).to_dict()
     assert resumed["after"]["top1"] == ref["after"]["top1"]
     assert resumed["after"]["loss"] == ref["after"]["loss"]
-    assert resumed["train"]["best_val_top1"] == ref["train"]["best_val_top1"]
+    assert resumed["retrain"]["train"]["best_val_top1"] == ref["retrain"]["train"]["best_val_top1"]
 
     def strip(hist):
         return [{k: v for k, v in r.items() if k != "time"} for r in hist]
 
-    assert strip(resumed["train"]["history"]) == strip(ref["train"]["history"])
+    assert strip(resumed["retrain"]["train"]["history"]) == strip(ref["retrain"]["train"]["history"])
     assert len(RunDir(run).events("metric")) >= 2  # both epochs' records reached the events
 
 

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 from studio import jobs
 from studio.data import DataSpec
 from studio.export import export
+from studio.flows import read_spec
 from studio.models import ModelSpec, create_vit, describe_base
 from studio.plan import BlockPlan, PrunePlan
 from studio.runs import RunDir
@@ -115,7 +116,7 @@ def test_retrain_page_starts_a_job_follows_it_and_shows_a_killed_job_as_failed(r
     run = Path(at.session_state["retrain_start_run"])
     assert run.parent == root and (run / "job.json").exists() and (run / "stdout.log").exists()
     job = jobs.job_status(run)
-    assert job.active and job.command[:2] == ["retrain", "--model"] and "--limit" in job.command
+    assert job.active and job.command[:1] == ["run"] and read_spec(job.run).data.limit is not None
 
     # the polling view shows the job's events: its live state, then the training progress
     at = _poll(at, lambda a: any(p.proto.text.startswith("train") for p in a.get("progress")))

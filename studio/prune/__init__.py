@@ -94,8 +94,6 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         float,
         None,
         "fraction of the base MACs to keep (e.g. 0.5); solved for, within ±2%",
-        low=0.01,
-        high=1.0,
     ),
     Option(
         "ratio",
