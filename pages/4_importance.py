@@ -10,6 +10,7 @@ from studio.jobs import job_status
 from studio.ui import cached, charts, guide, state
 from studio.ui import importance as vm
 from studio.ui.charts import COLORS, human, pct
+from studio.ui.results import show_run_result
 
 st.title("Importance")
 st.caption(
@@ -173,17 +174,7 @@ with state.user_errors():
         st.session_state["imp_last"] = {"run": str(run.path), "results": res, "job": job}
     last = st.session_state.get("imp_last")
     if last:
-        res, before, after = last["results"], last["results"]["before"], last["results"]["after"]
-        k = st.columns(4)
-        if "top1" in after:
-            gain = f"{100 * (after['top1'] - before['top1']):+.1f} pts"
-            k[0].metric(
-                "Accuracy (no recovery)", pct(after["top1"]), gain, help=f"before: {pct(before['top1'])}"
-            )
-        for col, key, label in ((k[1], "macs", "MACs"), (k[2], "params", "Params")):
-            col.metric(label, human(after[key]), f"{after[key] / before[key] - 1:+.0%}", "inverse")
-        k[3].metric("Ideal speed-up", f"×{res['ideal_speedup']:.2f}")
-        st.dataframe(pd.DataFrame(imp.speed_rows(res)), hide_index=True, key="imp_speed")
+        show_run_result(last["results"], key="imp")
         st.caption(f"Run folder `{last['run']}` (accuracy on the test split).")
         if last.get("job"):
             status = job_status(last["job"])

@@ -247,3 +247,18 @@ def plan_diff(a: PrunePlan | None, b: PrunePlan | None, base: PrunePlan | None =
     ref = a or b or base
     assert ref is not None
     return diff(a or PrunePlan.dense(ref.base), b or PrunePlan.dense(ref.base))
+
+
+def speed_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Measured throughput before/after per batch size of one run's ``results.json`` (the common shape)."""
+    b, a = results["before"], results["after"]
+    return [
+        {
+            "batch size": int(bs),
+            "base images/s": b["throughput"][bs]["images_per_s"],
+            "pruned images/s": a["throughput"][bs]["images_per_s"],
+            "measured speed-up": v,
+            "ideal speed-up": results["ideal_speedup"],
+        }
+        for bs, v in results["speedup"].items()
+    ]

@@ -1,40 +1,26 @@
-"""Short runs the studio does inline (seconds on the demo), through the same specs and flows as every job.
+"""Plans and exports the pages hand around: an export of a given plan, ONNX next to an export, an uploaded plan.
 
-A prune from the Prune page and an export of the active plan from the Export page are prune runs
-(:class:`~studio.flows.prune.PruneSpec`, the latter with the plan given and no measurement), each in its own
-``runs/<time>-<kind>-<suffix>/`` so the Runs, Compare and Export pages and the CLI all see them. Long work
-goes through background jobs instead (:func:`studio.jobs.submit`).
+An export of the active plan is a prune run (:class:`~studio.flows.prune.PruneSpec` with the plan given and no
+measurement) in its own ``runs/<time>-export-<method>-<suffix>/``, so the Runs, Compare and Export pages and
+the CLI see it like any run. Pruning itself is :func:`studio.flows.start` (inline) or
+:func:`studio.jobs.submit` (a job).
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .costs import with_summary
 from .errors import StudioError
-from .events import Callback, CancelToken
+from .events import Callback
 from .export import export_onnx
-from .flows import create_run, run_folder, start
+from .flows import start
 from .flows.prune import PruneSpec
-from .flows.stages import RunResult
 from .models import LoadedModel, ModelSpec
 from .plan import BaseArch, PrunePlan
-from .runs import RunDir, new_run_id, write_json
-
-
-def prune_run(
-    spec: PruneSpec,
-    *,
-    root: str | Path,
-    loaded: LoadedModel | None = None,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-) -> tuple[RunDir, RunResult]:
-    """Run a prune spec inline in a new run folder under ``root`` (``loaded``: the cached model, never mutated)."""
-    return start(spec, root=root, loaded=loaded, callbacks=callbacks, cancel=cancel)
+from .runs import RunDir, write_json
 
 
 def export_plan_run(
@@ -48,8 +34,7 @@ def export_plan_run(
     """Apply ``plan`` (None: the dense plan) to a copy of ``loaded`` and export it to a new run folder."""
     plan = with_summary(plan if plan is not None else PrunePlan.dense(loaded.base))
     spec = PruneSpec(model=model_spec, method=plan.method, plan=plan, evaluate=False, bench=False)
-    run = create_run(spec, Path(root) / f"{new_run_id(f'export-{plan.method}')}-{secrets.token_hex(2)}")
-    run_folder(run, loaded=loaded, callbacks=callbacks, spec=spec)
+    run, _ = start(spec, root=root, loaded=loaded, callbacks=callbacks, label=f"export-{plan.method}")
     return run
 
 

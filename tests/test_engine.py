@@ -253,16 +253,79 @@ def test_no_page_or_engine_module_builds_a_cli_argv():
     assert not offenders, offenders
 
 
-def test_measurement_leaves_the_cached_model_untouched(demo_loaded):
-    """Timing unfused attention (SAViT's gates, the benchmark) works on copies, never on the shared model."""
-    from studio.analysis.criteria import calibration_batches
-    from studio.analysis.gate_scores import savit_scores
+def test_counting_macs_never_runs_the_shared_model(demo_loaded):
+    """MACs are counted on a copy: the cached model's own modules never run with attention flipped to unfused
+    (two sessions share it; one timing it while another counted would time the slow path)."""
+    from studio.bench import count_macs
 
-    before = {k: v.clone() for k, v in demo_loaded.model.state_dict().items()}
-    flags = [getattr(b.attn, "fused_attn", None) for b in demo_loaded.model.blocks]
-    batches = calibration_batches(demo_loaded, DATA, "train", 1, 16)
-    savit_scores(demo_loaded.model, demo_loaded.base, batches, hvp_every=1)
-    assert [getattr(b.attn, "fused_attn", None) for b in demo_loaded.model.blocks] == flags
-    after = demo_loaded.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in demo_loaded.model.parameters())
+    seen: list[bool] = []
+    originals = {id(b.attn) for b in demo_loaded.model.blocks}
+    hooks = [
+        b.attn.register_forward_pre_hook(lambda m, _: seen.append(id(m) in originals))
+        for b in demo_loaded.model.blocks
+    ]
+    try:
+        count_macs(demo_loaded.model, demo_loaded.data_config["input_size"])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and not any(seen), "count_macs ran the shared model's own attention modules"
+
+
+def _state(loaded) -> tuple[list, dict, bool, bool]:
+    m = loaded.model
+    flags = [getattr(mod, "fused_attn", None) for mod in m.modules() if hasattr(mod, "fused_attn")]
+    return flags, m.state_dict(), m.training, any(p.grad is not None for p in m.parameters())
+
+
+def test_two_sessions_benchmark_and_importance_leave_the_cached_model_as_loaded(monkeypatch, tmp_path):
+    """A Benchmark run and an Importance run, interleaved in two sessions on the one server process, leave the
+    shared cached model's attention flags, weights, mode and gradients exactly as a fresh load has them."""
+    from studio.load import load_model
+    from studio.ui.state import _load_cached
+
+    monkeypatch.setenv("STUDIO_RUNS", str(tmp_path / "runs"))
+    a = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    b = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    for at in (a, b):
+        at.session_state["studio_data_spec"] = DATA
+        at.run()
+    a.switch_page("pages/9_benchmark.py").run()
+    b.switch_page("pages/4_importance.py").run()  # scores every default criterion (SAViT's gates, ablation)
+    a.number_input(key="bench_repeats").set_value(2)
+    a.number_input(key="bench_warmup").set_value(1)
+    a.multiselect(key="bench_sizes").set_value([1, 4])
+    a.button(key="bench_run").click().run()
+    b.slider(key="imp_target").set_value(0.6).run()  # plans SAViT at another budget
+    for at in (a, b):
+        assert not at.exception and not at.error, [e.value for e in at.error]
+    spec = ModelSpec("demo")
+    cached = _load_cached(repr(spec.to_dict()), spec)
+    flags, weights, training, grads = _state(cached)
+    fresh_flags, fresh_weights, fresh_training, _ = _state(load_model(spec))
+    assert flags == fresh_flags and training == fresh_training and not grads
+    assert weights.keys() == fresh_weights.keys()
+    assert all(torch.equal(weights[k], fresh_weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "says"),
+    [
+        ("p3b", {"epochs": 4, "start_epoch": 0, "finalize_epoch": 0}, "finalize epoch"),
+        ("splora", {"prune_step": 2.0}, "--prune-step"),
+        ("isomorphic", {"head_ratio": 1.5}, "--head-ratio"),
+        ("magnitude", {"target_macs": 0.5, "round_to": 0}, "round_to"),
+    ],
+)
+def test_a_spec_the_method_would_refuse_is_refused_before_any_job(name, params, says):
+    from studio.errors import StudioError
+
+    spec = PruneSpec(ModelSpec("demo"), name, params, DATA)
+    with pytest.raises(StudioError, match=re.escape(says)):
+        spec.validate()
+
+
+def test_count_budgets_are_bounded_by_the_model_depth():
+    sls = load_methods().get("sls")
+    keep = next(b for b in sls.budgets if b.option == "keep_blocks")
+    assert keep.whole and keep.bounds(12) == (1, 12.0, 6) and keep.bounds(4)[1:] == (4.0, 4)

@@ -21,8 +21,8 @@ from studio.runs import RunDir
 
 
 def _pruned_run(root: Path, demo_loaded, target: float = 0.5, *, bench: bool = False):
+    from studio.flows import start
     from studio.flows.prune import PruneSpec
-    from studio.workflow import prune_run
 
     spec = PruneSpec(
         model=ModelSpec("demo", device="cpu"),
@@ -34,7 +34,7 @@ def _pruned_run(root: Path, demo_loaded, target: float = 0.5, *, bench: bool = F
         bench_repeats=3,
         bench_warmup=1,
     )
-    return prune_run(spec, root=root, loaded=demo_loaded)
+    return start(spec, root=root, loaded=demo_loaded)
 
 
 def test_pareto_mask_keeps_only_non_dominated_points():

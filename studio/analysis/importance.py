@@ -530,17 +530,3 @@ def edit_unit(
     if kind == "neuron bin" and members:
         return set_neurons(plan, block, members[block][int(idx)], keep)
     raise StudioError(f"Unknown unit '{unit}': use 'head N' or 'neuron bin N'.")
-
-
-def speed_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Measured throughput before/after per batch size, from :func:`run_plan`'s results."""
-    b, a = results["before"], results["after"]
-    return [
-        {
-            "batch size": int(bs),
-            "base images/s": b["throughput"][bs]["images_per_s"],
-            "pruned images/s": a["throughput"][bs]["images_per_s"],
-            "measured speed-up": v,
-        }
-        for bs, v in results["speedup"].items()
-    ]

@@ -7,12 +7,17 @@ import json
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..argtypes import finite_float, positive_float, positive_int
 from ..data import DataSpec
-from ..events import Callback, Event
+from ..errors import StudioError
+from ..events import Callback, CancelToken, Event
+from ..flows import Spec, create_run, on_device, read_spec, run_folder, sigterm_cancels
+from ..flows.stages import RunResult
 from ..models import ModelSpec
+from ..runs import RunDir, new_run_id
 
 
 @dataclass
@@ -120,6 +125,37 @@ def _check_img_size(img_size: int | None, patch: int | None) -> None:
 def data_spec(args: argparse.Namespace) -> DataSpec:
     return DataSpec.parse(
         args.data, skip_bad_files=getattr(args, "skip_bad_files", False), limit=getattr(args, "limit", None)
+    )
+
+
+def run_in_folder(
+    spec: Spec, out: str | Path | None, *, resume: bool, device: str, label: str
+) -> tuple[RunDir, RunResult]:
+    """What every command that runs a spec does: validate it, write it into a new run folder ``out`` (default
+    ``runs/<time>-<label>``), or with ``resume`` continue the spec already there, then run it with SIGTERM
+    meaning the same clean stop as the run's ``CANCEL`` file."""
+    folder = Path(out or Path("runs") / new_run_id(label))
+    if resume:
+        if not (folder / "spec.json").exists():
+            raise StudioError(
+                f"Nothing to resume: {folder} has no spec.json. Start the run without --resume."
+            )
+        run = RunDir(folder)
+        spec = read_spec(run)  # the run's own spec: the options of this command line do not change it
+    else:
+        spec.validate()
+        run = create_run(spec, folder)
+    result = execute(run, spec, resume=resume, device=device)
+    assert result is not None  # only retraining runs as several ranks
+    return run, result
+
+
+def execute(run: RunDir, spec: Spec, *, resume: bool, device: str) -> RunResult | None:
+    """Run a run folder's spec on this attempt's device, progress on stderr; None on a torchrun rank > 0."""
+    token = CancelToken(run.cancel_file)
+    sigterm_cancels(token)
+    return run_folder(
+        run, resume=resume, spec=on_device(spec, device), callbacks=[stderr_progress()], cancel=token
     )
 
 

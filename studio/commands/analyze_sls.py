@@ -9,15 +9,20 @@ command the studio's Layer separability page starts as a background job.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from ..errors import StudioError
-from ..events import CancelToken
-from ..flows import create_run, run_folder, sigterm_cancels
 from ..flows.sls import SLSRunSpec
-from ..runs import RunDir, new_run_id
-from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
+from . import (
+    Output,
+    add_common,
+    add_data_args,
+    add_model_args,
+    data_spec,
+    model_spec,
+    run_in_folder,
+    stderr_progress,
+    table,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,7 +121,7 @@ def cmd_analyze_sls(args: argparse.Namespace) -> Output:
     return Output(d, text)
 
 
-def run_spec(args: argparse.Namespace) -> SLSRunSpec:
+def sls_spec(args: argparse.Namespace) -> SLSRunSpec:
     """The :class:`~studio.flows.sls.SLSRunSpec` of ``analyze sls --apply`` arguments."""
     return SLSRunSpec(
         model=model_spec(args),
@@ -137,18 +142,7 @@ def run_spec(args: argparse.Namespace) -> SLSRunSpec:
 
 
 def _apply(args: argparse.Namespace) -> Output:
-    spec = run_spec(args)
-    spec.validate()
-    out = Path(args.out or Path("runs") / new_run_id("sls"))
-    if args.resume:
-        if not (out / "spec.json").exists():
-            raise StudioError(f"Nothing to resume: {out} has no spec.json. Start the run without --resume.")
-        run, given = RunDir(out), None
-    else:
-        run, given = create_run(spec, out), spec
-    token = CancelToken(run.cancel_file)
-    sigterm_cancels(token)
-    res = run_folder(run, resume=args.resume, spec=given, callbacks=[stderr_progress()], cancel=token)
+    run, res = run_in_folder(sls_spec(args), args.out, resume=args.resume, device=args.device, label="sls")
     d = {"run": str(run.path), **res.to_dict()}
     sec = res.section
     lines = []

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 from pathlib import Path
 
 from .. import jobs
 from ..errors import StudioError
-from ..events import CancelToken
-from ..flows import run_folder, sigterm_cancels
 from ..flows.retrain import RecoverySpec
 from ..models import ModelSpec
 from ..recovery import KD_MODES, infer_teacher, preset_names
 from ..runs import RunDir
-from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
+from . import Output, add_common, add_data_args, add_model_args, data_spec, execute, model_spec, table
 
 _RECIPE_FLAGS = {  # flag -> (type, recipe field, help)
     "--epochs": (int, "epochs", "training epochs"),
@@ -142,7 +139,7 @@ def _spec_from_args(args: argparse.Namespace) -> RecoverySpec:
         bench=not args.no_bench,
         export=not args.no_export,
     )
-    spec.recipe()  # validate the overrides now, not after loading the model
+    spec.validate()  # the recipe and its overrides now, not after loading the model
     return spec
 
 
@@ -182,9 +179,7 @@ def _open_run(args: argparse.Namespace) -> tuple[RunDir, RecoverySpec]:
             run = RunDir.create(run.path, spec.to_dict())
     else:
         raise StudioError("Give the run folder: --out runs/NAME (a new run) or --run runs/NAME (its spec).")
-    # this attempt's device (a run may be resumed elsewhere); the spec on disk keeps what it was started with
-    teacher = spec.teacher.with_(device=args.device) if spec.teacher is not None else None
-    return run, replace(spec, model=spec.model.with_(device=args.device), teacher=teacher)
+    return run, spec  # execute() puts it on this attempt's device; spec.json keeps the one it started with
 
 
 def _is_rank0() -> bool:
@@ -197,9 +192,7 @@ def cmd_retrain(args: argparse.Namespace) -> Output:
         return Output(
             {"run": str(run.path), "spec": spec.to_dict()}, f"run {run.path} prepared: {run.spec_file}"
         )
-    token = CancelToken(run.cancel_file)
-    sigterm_cancels(token)
-    result = run_folder(run, resume=args.resume, spec=spec, callbacks=[stderr_progress()], cancel=token)
+    result = execute(run, spec, resume=args.resume, device=args.device)
     if result is None:  # a rank other than 0: rank 0 reports
         return Output({"rank": int(os.environ.get("RANK", 0))}, "")
     d = result.to_dict()

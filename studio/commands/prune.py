@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StudioError
-from ..events import CancelToken
 from ..plan import PrunePlan, diff
-from ..runs import RunDir, new_run_id
-from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
+from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, run_in_folder, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -139,7 +137,6 @@ def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> Output:
-    from ..flows import create_run, run_folder, sigterm_cancels
     from ..flows.prune import PruneSpec
 
     params = method_params(args, args.method)
@@ -162,18 +159,9 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         export=not args.no_export,
         onnx=args.onnx,
     )
-    spec.validate()
-    out = Path(args.out or Path("runs") / new_run_id(f"prune-{args.method}"))
-    if args.resume:
-        if not (out / "spec.json").exists():
-            raise StudioError(f"Nothing to resume: {out} has no spec.json. Start the run without --resume.")
-        run = RunDir(out)
-        spec = None  # the run's own spec.json
-    else:
-        run = create_run(spec, out)
-    token = CancelToken(run.cancel_file)
-    sigterm_cancels(token)
-    result = run_folder(run, resume=args.resume, callbacks=[stderr_progress()], cancel=token, spec=spec)
+    run, result = run_in_folder(
+        spec, args.out, resume=args.resume, device=args.device, label=f"prune-{args.method}"
+    )
     data = {"run": str(run.path), **result.to_dict()}
     return Output(data, _prune_text(data, result.plan))
 

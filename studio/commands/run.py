@@ -8,24 +8,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..errors import StudioError
-from ..events import CancelToken
 from ..flows import (
     FLOWS,
-    Spec,
     create_run,
     load_flows,
     read_spec,
-    run_folder,
-    sigterm_cancels,
     spec_from_dict,
 )
 from ..runs import RunDir, read_json
-from . import Output, add_common, stderr_progress
+from . import Output, add_common, execute
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,18 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def with_device(spec: Spec, device: str) -> Spec:
-    """The same spec with this attempt's device (a run may be resumed elsewhere; spec.json keeps its own)."""
-    if device in ("", "auto") or not dataclasses.is_dataclass(spec):
-        return spec
-    changes: dict[str, Any] = {}
-    for name in ("model", "teacher"):
-        m = getattr(spec, name, None)
-        if m is not None:
-            changes[name] = m.with_(device=device)
-    return dataclasses.replace(spec, **changes)  # type: ignore[type-var]
-
-
 def cmd_run(args: argparse.Namespace) -> Output:
     if args.spec:
         if args.run or not args.out:
@@ -70,15 +53,7 @@ def cmd_run(args: argparse.Namespace) -> Output:
         raise StudioError(
             "Give a run folder (python -m studio run runs/NAME) or --spec FILE --out runs/NAME."
         )
-    token = CancelToken(run.cancel_file)
-    sigterm_cancels(token)
-    result = run_folder(
-        run,
-        resume=args.resume,
-        spec=with_device(spec, args.device),
-        callbacks=[stderr_progress()],
-        cancel=token,
-    )
+    result = execute(run, spec, resume=args.resume, device=args.device)
     if result is None:  # a rank other than 0 of a torchrun group: rank 0 reports
         return Output({"run": str(run.path)}, "")
     d = {"run": str(run.path), **result.to_dict()}

@@ -15,6 +15,7 @@ Every flow ends in the shared tail (:mod:`studio.flows.stages`) and writes ``res
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import pkgutil
@@ -23,7 +24,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import StudioError
 from ..events import Callback, CancelToken
@@ -46,6 +47,9 @@ class Spec(Protocol):
 
 
 class FlowFn(Protocol):
+    """``run(spec, ...)``; ``spec`` is the flow's own spec class (typed ``Any`` here only because a parameter
+    of a callable protocol cannot be narrowed per flow)."""
+
     def __call__(
         self,
         spec: Any,
@@ -59,10 +63,9 @@ class FlowFn(Protocol):
 
 
 class SpecType(Protocol):
-    __name__: str
-    __dataclass_fields__: ClassVar[dict[str, Any]]
+    """A spec class: builds its spec from the ``spec.json`` dict."""
 
-    def from_dict(self, d: Mapping[str, Any]) -> Spec: ...
+    def from_dict(self, d: Mapping[str, Any]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class Flow:
     """
 
     kind: str
-    spec_type: Any
+    spec_type: SpecType
     run: FlowFn
     summary: str
     trains: bool = False
@@ -111,9 +114,11 @@ def read_spec(run: RunDir | str | Path) -> Spec:
     return spec_from_dict(rd.spec())
 
 
-def new_run_dir(root: str | Path, spec: Spec) -> Path:
-    """A fresh run folder name under ``root``; the random suffix keeps two sessions in the same second apart."""
-    label = spec.kind if getattr(spec, "method", None) in (None, spec.kind) else f"{spec.kind}-{spec.method}"  # type: ignore[attr-defined]
+def new_run_dir(root: str | Path, spec: Spec, label: str | None = None) -> Path:
+    """A fresh run folder under ``root`` named ``<time>-<label>-<hex>`` (default label: the kind, and the method
+    where it says more); the random suffix keeps two sessions in the same second apart."""
+    method = getattr(spec, "method", None)
+    label = label or (spec.kind if method in (None, spec.kind) else f"{spec.kind}-{method}")
     return Path(root) / f"{new_run_id(label)}-{secrets.token_hex(2)}"
 
 
@@ -161,10 +166,22 @@ def start(
     loaded: LoadedModel | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
+    label: str | None = None,
 ) -> tuple[RunDir, RunResult]:
     """Run ``spec`` inline in a new run folder under ``root`` (short work; long work goes through jobs)."""
-    rd = create_run(spec, new_run_dir(root, spec))
+    rd = create_run(spec, new_run_dir(root, spec, label))
     return rd, run_folder(rd, loaded=loaded, callbacks=callbacks, cancel=cancel, spec=spec)
+
+
+def on_device(spec: Spec, device: str) -> Spec:
+    """The same spec with this attempt's device for its models (a run may be resumed elsewhere; ``spec.json``
+    keeps the device it was started with). ``auto`` or empty leaves it as it is."""
+    if device in ("", "auto") or not dataclasses.is_dataclass(spec):
+        return spec
+    changes = {
+        n: m.with_(device=device) for n in ("model", "teacher") if (m := getattr(spec, n, None)) is not None
+    }
+    return dataclasses.replace(spec, **changes)  # type: ignore[type-var]
 
 
 def sigterm_cancels(token: CancelToken) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -144,9 +144,19 @@ class Budget:
     option: str
     label: str
     low: float
-    high: float
+    high: float | None  # None: the model's depth (a count of blocks)
     default: float
     step: float
+
+    @property
+    def whole(self) -> bool:
+        """A count (blocks to keep), not a fraction."""
+        return self.step >= 1
+
+    def bounds(self, depth: int) -> tuple[float, float, float]:
+        """``(low, high, default)`` for a model of ``depth`` blocks."""
+        high = float(depth) if self.high is None else self.high
+        return self.low, high, min(self.default, high)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +179,8 @@ class Method:
         budgets: the budgets it understands, the first being the default the Prune page shows.
         rounds: whether it honours ``round_to`` (hardware-friendly widths).
         flow: the flow kind it runs as: ``prune`` (plan -> surgery -> measure), or its own training flow.
+        check: raises :class:`StudioError` for a bad combination of resolved options (its return value is
+            ignored), so that a spec is refused before a job starts, not by the job.
     """
 
     name: str
@@ -179,6 +191,7 @@ class Method:
     budgets: tuple[Budget, ...] = (MACS, RATIO)
     rounds: bool = True
     flow: str = "prune"
+    check: Callable[[Mapping[str, Any]], object] | None = None
 
     def __post_init__(self) -> None:
         if (self.fn is None) == (self.flow == "prune"):
@@ -209,7 +222,10 @@ class Method:
             raise StudioError(
                 f"Method '{self.name}' has no option '{unknown[0]}'. Its options: {', '.join(sorted(opts))}."
             )
-        return {n: o.parse(given[n]) if given.get(n) is not None else o.default for n, o in opts.items()}
+        params = {n: o.parse(given[n]) if given.get(n) is not None else o.default for n, o in opts.items()}
+        if self.check is not None:
+            self.check(params)
+        return params
 
 
 METHODS: Registry[Method] = Registry("pruning method")

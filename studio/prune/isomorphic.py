@@ -32,7 +32,7 @@ What differs from the reference, and why:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,16 +341,21 @@ SCALE_POLICY = Option(
 )
 
 
+def ratios_of(p: Mapping[str, Any]) -> IsoRatios:
+    """The (ρ, ρ_head, ρ_headdim) triple of the options, checked."""
+    return IsoRatios(
+        float(p["ratio"]) if p.get("ratio") is not None else DEFAULT_RATIOS[0],
+        float(p.get("head_ratio", DEFAULT_RATIOS[1])),
+        float(p.get("head_dim_ratio", DEFAULT_RATIOS[2])),
+    ).check()
+
+
 def prune_isomorphic(
     req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
 ) -> PrunePlan:
     """``--ratio`` (ρ, default 0.5) with ``--head-ratio``/``--head-dim-ratio``, or the scaled triple at ``--target-macs``."""
     p = req.params
-    ratios = IsoRatios(
-        float(p["ratio"]) if p.get("ratio") is not None else DEFAULT_RATIOS[0],
-        float(p.get("head_ratio", DEFAULT_RATIOS[1])),
-        float(p.get("head_dim_ratio", DEFAULT_RATIOS[2])),
-    ).check()
+    ratios = ratios_of(p)
     importance = str(p.get("importance") or "taylor")
     round_to = int(p.get("round_to") or 1)
     if round_to < 1:
@@ -409,5 +414,6 @@ METHODS.add(
         "MLP, embedding",
         options=(HEAD_RATIO, HEAD_DIM_RATIO, IMPORTANCE, SCALE_POLICY),
         needs_data=True,
+        check=ratios_of,
     ),
 )

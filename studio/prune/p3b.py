@@ -782,6 +782,20 @@ def settings_from_params(params: Mapping[str, Any], device: torch.device, seed: 
     )
 
 
+def check_params(params: Mapping[str, Any]) -> None:
+    """The budget settings and the epoch schedule, as the job will build them (the schedule's epoch checks do
+    not depend on the number of steps per epoch)."""
+    settings_from_params(params, torch.device("cpu"))
+    Schedule.for_run(
+        int(params["epochs"]),
+        1,
+        start=params.get("start_epoch"),
+        sparse=params.get("sparse_epoch"),
+        finalize=params.get("finalize_epoch"),
+        steps_per_update=params.get("steps_per_update") or 1,
+    )
+
+
 METHOD = Method(
     "p3b",
     None,
@@ -791,6 +805,7 @@ METHOD = Method(
     budgets=(Budget("prune_ratio", "Fraction of the parameters to remove", 0.05, 0.9, 0.5, 0.05),),
     rounds=False,
     flow="p3b",
+    check=check_params,
 )
 
 if "p3b" not in METHODS:

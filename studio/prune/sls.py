@@ -164,7 +164,7 @@ METHODS.add(
                 DEFAULT_ALPHA,
                 0.05,
             ),
-            Budget("keep_blocks", "Blocks to keep (a depth cut)", 1, 64, 6, 1),
+            Budget("keep_blocks", "Blocks to keep (a depth cut)", 1, None, 6, 1),
         ),
         rounds=False,
     ),

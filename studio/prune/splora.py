@@ -913,5 +913,6 @@ METHODS.add(
         budgets=(Budget("target_density", "Fraction of the prunable units to keep", 0.05, 1.0, 0.3, 0.05),),
         rounds=False,
         flow="splora",
+        check=SploraOptions.from_params,
     ),
 )

@@ -1,4 +1,4 @@
-"""Widgets drawn from data: one widget per declared method option (:class:`studio.prune.Option`)."""
+"""Widgets drawn from data: a method's declared budgets and one widget per declared option."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import streamlit as st
 
-from ..prune import Option
+from ..prune import COMMON_OPTIONS, Method, Option
 
 
 def option_widget(opt: Option, key: str) -> Any:
@@ -42,3 +42,31 @@ def option_widgets(options: Iterable[Option], prefix: str, *, columns: int = 3) 
         with cols[i % len(cols)]:
             out[opt.name] = option_widget(opt, f"{prefix}_{opt.name}")
     return out
+
+
+def budget_widgets(method: Method, depth: int, prefix: str) -> dict[str, Any]:
+    """Exactly the budgets ``method`` declares (a MACs target, a prune ratio, a density, SLS's α or blocks kept),
+    round-to-8 where it rounds widths, and a widget per other option; returns the method's ``params``."""
+    b1, b2, b3 = st.columns([1, 2, 1])
+    labels = {b.label: b for b in method.budgets}
+    if len(labels) > 1:
+        chosen = labels[b1.radio("Budget", list(labels), key=f"{prefix}_budget_{method.name}")]
+    else:
+        chosen = method.budgets[0]
+        b1.caption(chosen.label)
+    low, high, default = chosen.bounds(depth)
+    kind = int if chosen.whole else float
+    value = b2.slider(
+        chosen.label, kind(low), kind(high), kind(default), kind(chosen.step), key=f"{prefix}_{chosen.option}"
+    )
+    params: dict[str, Any] = {chosen.option: value}
+    rounding = next(o for o in COMMON_OPTIONS if o.name == "round_to")
+    if method.rounds and b3.checkbox(
+        "Round widths to 8", value=True, key=f"{prefix}_round8", help=rounding.help
+    ):
+        params["round_to"] = 8
+    own = [o for o in method.options if o.name not in {b.option for b in method.budgets}]
+    if own:
+        with st.expander(f"{method.name} options", expanded=method.trains):
+            params.update(option_widgets(own, f"{prefix}_opt_{method.name}"))
+    return params
