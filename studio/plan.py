@@ -204,6 +204,18 @@ class PrunePlan:
         )
 
     # validation ---------------------------------------------------------------------------------------
+    def made_for(self, base: BaseArch) -> PrunePlan:
+        """This plan, refused (one sentence) unless it was made for ``base``: a plan slices a model's indices, so
+        on another architecture it would cut the wrong units."""
+        if self.base.to_dict() != base.to_dict():
+            b = self.base
+            raise StudioError(
+                f"This plan was made for {b.arch} ({b.depth} blocks, width {b.embed_dim}, {b.num_classes} "
+                f"classes), not for the current model ({base.arch}, {base.depth} blocks, width "
+                f"{base.embed_dim}, {base.num_classes} classes). Load the model it was made for first."
+            )
+        return self
+
     def validate(self) -> PrunePlan:
         """Check every index against the base; raise :class:`StudioError` naming the bad field."""
         base = self.base.check()  # bounds first: every later check is sized by the base

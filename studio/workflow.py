@@ -60,11 +60,4 @@ def load_plan_text(text: str | bytes, base: BaseArch) -> PrunePlan:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise StudioError("The plan file is not UTF-8 text: upload the plan.json a run wrote.") from None
-    plan = PrunePlan.from_json(text)
-    if plan.base.to_dict() != base.to_dict():
-        raise StudioError(
-            f"This plan was made for {plan.base.arch} ({plan.base.depth} blocks, width {plan.base.embed_dim}, "
-            f"{plan.base.num_classes} classes), not for the current model ({base.arch}, {base.depth} blocks, "
-            f"width {base.embed_dim}, {base.num_classes} classes). Load the model it was made for first."
-        )
-    return with_summary(plan)
+    return with_summary(PrunePlan.from_json(text).made_for(base))

@@ -254,17 +254,18 @@ def cmd_export(args: argparse.Namespace) -> Output:
 def cmd_apply(args: argparse.Namespace) -> Output:
     from ..bench import profile
     from ..export import export_loaded
+    from ..flows.stages import compare
 
     loaded = _load(args)
     plan = PrunePlan.load(args.plan)
     model, summarized = _pruned(loaded, plan)
     prof = profile(model, loaded.data_config["input_size"])
+    compare({}, prof, summarized)  # the counted cost against the plan's analytic one: prof["matches_plan"]
     s = summarized.summary
     data: dict[str, Any] = {
         **prof,
         "plan_params": s["params_after"],
         "plan_macs": s["macs_after"],
-        "matches_plan": prof["params"] == s["params_after"] and prof["macs"] == s["macs_after"],
         "stored_summary_matches": all(
             plan.summary.get(k) == s[k] for k in ("params_after", "macs_after") if k in plan.summary
         ),

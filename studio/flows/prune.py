@@ -23,7 +23,7 @@ from ..events import Callback, CancelToken, emit
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
-from ..prune import PruneRequest, get_method, make_plan
+from ..prune import PruneRequest, get_method, make_plan, require_unpruned
 from ..runs import RunDir
 from ..surgery import apply_plan
 from . import FLOWS, Flow
@@ -77,14 +77,6 @@ class PruneSpec:
             export=self.export,
             onnx=self.onnx,
         )
-
-    def resolved(self) -> PruneSpec:
-        """The same spec with the method's options resolved (defaults filled in, values parsed)."""
-        if self.plan is not None:
-            return self
-        from dataclasses import replace
-
-        return replace(self, params=get_method(self.method).resolve(self.params))
 
     def validate(self) -> None:
         """Refuse what cannot run, with one sentence saying what to fix, before any work starts."""
@@ -146,13 +138,7 @@ class PruneSpec:
 
 def model_for(spec: PruneSpec, loaded: LoadedModel | None) -> LoadedModel:
     """The unpruned model a spec starts from (the given one, e.g. the studio's cached model, else loaded)."""
-    loaded = loaded or load_model(spec.model)
-    if loaded.plan is not None and not loaded.plan.is_dense:
-        raise StudioError(
-            "This model is already pruned (it was loaded from a pruned export). Methods plan on an "
-            "unpruned model: load its base checkpoint, or export the unpruned model first."
-        )
-    return loaded
+    return require_unpruned(loaded or load_model(spec.model))
 
 
 def run_prune(
@@ -171,12 +157,7 @@ def run_prune(
     t0 = time.time()
     loaded = model_for(spec, loaded)
     if spec.plan is not None:
-        plan = with_summary(spec.plan.validate())
-        if plan.base.to_dict() != loaded.base.to_dict():
-            raise StudioError(
-                f"This plan was made for {plan.base.arch} ({plan.base.depth} blocks, width "
-                f"{plan.base.embed_dim}), not for the loaded model: load the model it was made for."
-            )
+        plan = with_summary(spec.plan.validate().made_for(loaded.base))
     else:
         method = get_method(spec.method)
         batches = []

@@ -47,6 +47,13 @@ def checkpoint_name(series: str) -> str:
     return f"splora-{series}.pt"
 
 
+def export_size(info: dict[str, Any]) -> dict[str, int]:
+    """``export_bytes`` of a series' exported weights (none when the run saved nothing)."""
+    if "export" not in info:
+        return {}
+    return {"export_bytes": (Path(info["export"]) / "model.safetensors").stat().st_size}
+
+
 def load_splits(loaded: LoadedModel, spec: PruneSpec) -> Splits:
     if spec.data is None:
         raise StudioError("SPLoRA trains while it prunes: give --data (e.g. --data demo).")
@@ -153,8 +160,8 @@ def run_splora(
         eval_data=splits.test,
         before_model=dense,
         export_extra={"splora": {"series": primary, "options": opts.to_dict()}},
-        section=lambda before, after: {
-            "series": summary,
+        section=lambda before, after: {  # called after the tail exported the primary series too
+            "series": {n: {**info, **export_size(info)} for n, info in summary.items()},
             "options": opts.to_dict(),
             "density_definition": DENSITY_DEFINITION,
         },
@@ -162,11 +169,6 @@ def run_splora(
         cancel=cancel,
     )
     if run is not None:
-        for name in summary:  # export sizes, now that the primary export exists too
-            summary[name]["export_bytes"] = (
-                (Path(summary[name]["export"]) / "model.safetensors").stat().st_size
-            )
-        run.write_results(result.to_dict())
         for name in opts.series:  # the job is complete: the resume checkpoints have no further use
             (run.path / checkpoint_name(name)).unlink(missing_ok=True)
     return result

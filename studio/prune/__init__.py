@@ -243,6 +243,16 @@ def get_method(name: str) -> Method:
     return load_methods().get(name)
 
 
+def require_unpruned(loaded: LoadedModel) -> LoadedModel:
+    """The model, refused if it is already pruned: every method plans on the unpruned base."""
+    if loaded.plan is not None and not loaded.plan.is_dense:
+        raise StudioError(
+            "This model is already pruned (it was loaded from a pruned export). Methods plan on an "
+            "unpruned model: load its base checkpoint, or export the unpruned model first."
+        )
+    return loaded
+
+
 def make_plan(
     name: str, req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
 ) -> PrunePlan:
@@ -258,11 +268,7 @@ def make_plan(
     params = method.resolve(req.params)
     if method.needs_data and not req.batches:
         raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
-    if req.loaded.plan is not None and not req.loaded.plan.is_dense:
-        raise StudioError(
-            "This model is already pruned (it was loaded from a pruned export). Methods plan on an "
-            "unpruned model: load its base checkpoint, or export the unpruned model first."
-        )
+    require_unpruned(req.loaded)
     plan = method.fn(
         PruneRequest(req.loaded, params, req.batches, req.seed), callbacks=callbacks, cancel=cancel
     )
