@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .commands import Output
 from .errors import Cancelled, StudioError
 
 COMMAND_MODULES = (
@@ -43,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .commands import Output
 
     try:
         out: Output = args.func(args)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StudioError
+from .export import read_manifest
 from .plan import PrunePlan, diff
 from .runs import RunDir, list_runs
 
@@ -47,8 +48,6 @@ def plan_of(run: RunDir) -> PrunePlan | None:
         return PrunePlan.load(run.plan_file)
     manifest = run.export_dir / "manifest.json"
     if manifest.exists():
-        from .export import read_manifest
-
         m = read_manifest(run.export_dir)
         return None if m.get("plan") is None else PrunePlan.from_dict(m["plan"])
     spec = run.spec()

@@ -16,6 +16,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .device import resolve_device
 from .errors import StudioError
 from .models import LoadedModel, create_vit, data_config
@@ -31,8 +32,6 @@ MANIFEST = "manifest.json"
 
 def library_versions() -> dict[str, str]:
     import torch_pruning
-
-    from . import __version__
 
     return {
         "torch": torch.__version__,

@@ -37,6 +37,7 @@ from typing import Any
 
 from .errors import StudioError
 from .flows import Spec, create_run
+from .plan import PrunePlan
 from .runs import RunDir, read_json, write_json, write_text
 
 JOB_FILE = "job.json"
@@ -713,7 +714,6 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
 
 def run_plan(run_dir: str | Path) -> Any:
     """The :class:`~studio.plan.PrunePlan` of a run (its ``plan.json``, else its export's), or None."""
-    from .plan import PrunePlan
 
     run = RunDir(Path(run_dir))
     if run.plan_file.exists():

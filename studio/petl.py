@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import StudioError
+from .train import TrainSpec, fit
 
 TARGETS = ("qkv", "proj", "fc1", "fc2")
 #: ``TrainSpec.trainable`` rule for PETL: adapters and the classifier (the backbone stays frozen).
@@ -207,8 +208,6 @@ def petl_finetune(
         The :class:`~studio.train.TrainResult`.
     """
     from dataclasses import replace
-
-    from .train import TrainSpec, fit
 
     spec = spec or TrainSpec(epochs=100, lr=1e-3, weight_decay=1e-4, warmup_epochs=10, min_lr=1e-5)
     add_lora(model, lora)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StudioError
+from .runs import write_text
 
 SCHEMA = "pruning-studio/plan"
 VERSION = 1
@@ -320,7 +321,6 @@ class PrunePlan:
         return cls.from_json(path.read_text(encoding="utf-8"))
 
     def save(self, path: str | Path) -> None:
-        from .runs import write_text
 
         write_text(path, self.to_json() + "\n")
 

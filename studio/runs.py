@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import StudioError
+from .errors import Cancelled, StudioError
 from .events import Event
 
 _UMASK = os.umask(0)
@@ -154,7 +154,6 @@ class RunDir:
     @contextmanager
     def tracking(self, **extra: Any) -> Iterator[RunDir]:
         """Mark the run ``running`` (with this process's pid), then ``done``, ``cancelled`` or ``failed``."""
-        from .errors import Cancelled
 
         self.set_status("running", pid=os.getpid(), **extra)
         try:

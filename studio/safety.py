@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import StudioError
+from .models import ASSETS
+from .runs import write_bytes
 
 ROOTS_ENV = "STUDIO_DATA_ROOTS"
 UPLOAD_ENV = "STUDIO_MAX_UPLOAD_MB"
@@ -25,7 +27,6 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 def allowed_roots() -> list[Path]:
     """Folders the UI may read from (resolved)."""
-    from .models import ASSETS
 
     env = os.environ.get(ROOTS_ENV, "")
     roots = [Path(p) for p in env.split(os.pathsep) if p.strip()] or [Path.cwd(), Path.home()]
@@ -105,7 +106,5 @@ def save_upload(name: str, data: bytes, *, suffixes: tuple[str, ...] = CHECKPOIN
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}"
     if not path.exists():
-        from .runs import write_bytes
-
         write_bytes(path, data)
     return path

@@ -15,6 +15,7 @@ from .bench import count_macs, count_params, measure_throughput
 from .data import DataSpec, check_labels, load_split, prepare
 from .device import describe_device
 from .errors import StudioError
+from .evaluate import evaluate
 from .events import Callback, CancelToken, progress
 from .models import LoadedModel
 
@@ -91,7 +92,6 @@ def evaluate_split(
     cancel: CancelToken | None = None,
 ) -> dict[str, Any]:
     """Top-1, loss and per-class accuracy of the model on one split (plain dict: cacheable, JSON-able)."""
-    from .evaluate import evaluate
 
     ds = prepare(spec, split, loaded.data_config, loaded.base.num_classes)
     ev = evaluate(loaded.model, ds, num_classes=loaded.base.num_classes, callbacks=callbacks, cancel=cancel)

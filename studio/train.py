@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .errors import Cancelled, StudioError
 from .evaluate import evaluate, logits_of
 from .events import Callback, CancelToken, emit, progress
+from .runs import atomic_path
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,6 @@ def _save_checkpoint(
     acc: dict[str, Any] | None = None,
 ) -> None:
     """Everything needed for an exact resume; read back with ``weights_only=True`` (no pickled objects)."""
-    from .runs import atomic_path
 
     payload = {
         "model": state.model.state_dict(),

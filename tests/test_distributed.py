@@ -66,7 +66,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
         env.pop(var, None)
     subprocess.run(prep, check=True, env=env, capture_output=True, timeout=300)
     assert (run / "spec.json").exists() and not (run / "events.jsonl").exists()
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "studio", "retrain", "--run-dir", str(run),
+    # what a job with nproc 2 runs (studio.jobs): every rank runs the run folder's spec
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "studio", "run", str(run),
            "--device", "cpu", "--json"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

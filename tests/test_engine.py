@@ -61,10 +61,13 @@ def test_every_planning_method_gives_a_plan_the_surgery_applies_at_its_analytic_
 
 @pytest.mark.parametrize("name", _methods())
 def test_every_method_declares_budgets_that_are_its_options(name):
+    """A method that trains names a registered flow that takes the Prune page's spec; one that plans has a
+    plan function; either way its budgets are options the CLI and the page can set."""
     m = load_methods().get(name)
     own = {o.name for o in m.accepted}
     assert m.budgets and all(b.option in own for b in m.budgets)
-    assert (m.fn is None) == m.trains and (m.flow in FLOWS)
+    assert m.flow in FLOWS and FLOWS.get(m.flow).spec_type is PruneSpec
+    assert (m.fn is None) == m.trains == FLOWS.get(m.flow).trains
 
 
 def _wait_done(run: Path, timeout: float = 600) -> str:

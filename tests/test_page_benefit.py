@@ -100,7 +100,8 @@ def test_page_without_runs_offers_to_start_one(tmp_path, monkeypatch):
     at = AppTest.from_file(str(ROOT / PAGE), default_timeout=180).run()
     assert not at.exception, at.exception
     assert any("No P3B run yet" in i.value for i in at.info)
-    assert any("python -m studio run --spec" in c.value for c in at.caption) or any(
-        "python -m studio run --spec" in m.value for m in at.markdown
-    )
-    assert at.button(key="bb_new_start") is not None
+    assert any("python -m studio run --spec" in c.value for c in at.caption)
+    shown = at.json[0].value  # the spec the Start button submits, as its spec.json
+    spec = __import__("json").loads(shown) if isinstance(shown, str) else shown
+    assert spec["kind"] == "p3b" and spec["model"]["reset_head"] and spec["params"]["prune_ratio"] == 0.5
+    assert not at.button(key="bb_new_start").disabled

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import StudioError
+from ..runs import RunDir, list_runs
 from .benefit_budget import BudgetSettings, importance_from_benefits, solve_keep_ratios
 
 PROBES = ("conv", "mean")
@@ -372,7 +373,6 @@ def history_from_events(events: Sequence[dict[str, Any]]) -> BenefitHistory:
 
 def load_history(run: str | Path | Any) -> BenefitHistory:
     """The recorded benefits of a run folder (a path or a :class:`~studio.runs.RunDir`)."""
-    from ..runs import RunDir
 
     rd = run if isinstance(run, RunDir) else RunDir(Path(run))
     if not rd.path.is_dir():
@@ -391,7 +391,6 @@ def is_p3b_run(run: Any) -> bool:
 
 def p3b_runs(root: str | Path) -> list[Any]:
     """Every P3B run under ``root``, newest first."""
-    from ..runs import list_runs
 
     return [r for r in list_runs(root) if is_p3b_run(r)]
 

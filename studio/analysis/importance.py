@@ -44,6 +44,7 @@ from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..registry import Registry
+from ..surgery import check_fits
 from .criteria import accumulate_gradients, calibration_batches, group_scores, make_importance, with_grads
 from .gate_scores import savit_scores
 
@@ -312,7 +313,6 @@ def compute_importance(
     cancel: CancelToken | None = None,
 ) -> ImportanceResult:
     """Scores of ``criteria`` for ``loaded``'s model over the calibration ``batches`` (model never changed)."""
-    from ..surgery import check_fits
 
     if loaded.plan is not None and not loaded.plan.is_dense:
         raise StudioError(

@@ -31,7 +31,10 @@ import numpy as np
 from ..data import DataSpec, check_labels, in_memory, load_split
 from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
+from ..features import cache_dir, cached_extract
+from ..load import load_model
 from ..models import LoadedModel, ModelSpec
+from ..runs import atomic_path
 from .sls_cut import DEFAULT_ALPHA, Cut, sls_cut
 
 EMBEDDINGS = ("tsne", "umap", "pca")
@@ -163,7 +166,6 @@ def layer_features(
     cancel: CancelToken | None = None,
 ) -> LayerFeatures:
     """Per-block CLS tokens of a seeded subset of ``split``, through the (disk-cached) feature bank."""
-    from ..features import cached_extract
 
     ds = load_split(data, split, loaded.data_config)
     check_labels(ds, loaded.base.num_classes, split)
@@ -342,7 +344,6 @@ class LayerEmbedding:
 
 
 def _embed_cache_path(feats: LayerFeatures, block: int, method: str, seed: int, perplexity: float):
-    from ..features import cache_dir
 
     params = (
         f"{method}|seed={seed}|perplexity={perplexity if method == 'tsne' else '-'}|{embedding_versions()}"
@@ -361,7 +362,6 @@ def embed_layer(
     use_cache: bool = True,
 ) -> LayerEmbedding:
     """Embed block ``block``'s CLS tokens in 2-D and score the silhouette; cached on disk per layer."""
-    from ..runs import atomic_path
 
     if not 0 <= block < feats.depth:
         raise StudioError(f"Block {block} is out of range 0..{feats.depth - 1}.")
@@ -539,7 +539,6 @@ def analyze(
         loaded: an already loaded model (never mutated); loaded from ``spec.model`` otherwise.
         on_fast: called with the fast curve as soon as it exists (before the embeddings start).
     """
-    from ..load import load_model
 
     spec.validate()
     if spec.split not in SPLITS:

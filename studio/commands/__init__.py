@@ -63,7 +63,6 @@ def add_data_args(p: argparse.ArgumentParser, *, default: str | None = "demo") -
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
-    from ..errors import StudioError
 
     try:
         kwargs = json.loads(getattr(args, "timm_kwargs", "{}") or "{}")
@@ -111,7 +110,6 @@ def _patch_size(arch: str | None, kwargs: dict[str, Any]) -> int | None:
 
 def _check_img_size(img_size: int | None, patch: int | None) -> None:
     """Refuse a resolution the patch grid does not tile: the conv stem would silently drop the remainder."""
-    from ..errors import StudioError
 
     if img_size is None or patch is None or img_size % patch == 0:
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..analysis.block_benefit import keep_ratios_at, load_history
 from . import Output, table
 
 
@@ -36,7 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_benefit(args: argparse.Namespace) -> Output:
-    from ..analysis.block_benefit import keep_ratios_at, load_history
 
     hist = load_history(args.run)
     ratio = args.prune_ratio if args.prune_ratio is not None else float(hist.settings.get("prune_ratio", 0.5))

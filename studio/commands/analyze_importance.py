@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..analysis.importance import CRITERIA, DEFAULT_CRITERIA, ImportanceSpec, run_importance
+from ..errors import StudioError
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..analysis.importance import CRITERIA, DEFAULT_CRITERIA
 
     p = sub.add_parser(
         "importance",
@@ -40,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_analyze_importance(args: argparse.Namespace) -> Output:
-    from ..analysis.importance import DEFAULT_CRITERIA, ImportanceSpec, run_importance
-    from ..errors import StudioError
 
     names = [c.strip() for item in (args.criterion or [",".join(DEFAULT_CRITERIA)]) for c in item.split(",")]
     names = [c for c in names if c]

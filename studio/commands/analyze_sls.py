@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..analysis.separability import SeparabilitySpec, analyze
 from ..flows.sls import SLSRunSpec
 from . import (
     Output,
@@ -82,7 +83,6 @@ def _fmt(v: Any) -> Any:
 def cmd_analyze_sls(args: argparse.Namespace) -> Output:
     if args.apply or args.keep is not None:
         return _apply(args)
-    from ..analysis.separability import SeparabilitySpec, analyze
 
     spec = SeparabilitySpec(
         model=model_spec(args),

@@ -9,10 +9,12 @@ import torch
 
 from ..bench import count_macs, count_params, measure_throughput
 from ..data import prepare
+from ..demo import DemoBuildSpec, build_demo
 from ..device import describe_device
 from ..evaluate import evaluate
 from ..features import cached_extract
 from ..load import load_model
+from ..models import DEMO_DIR
 from ..summary import model_summary
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
 
@@ -139,8 +141,6 @@ def cmd_features(args: argparse.Namespace) -> Output:
 
 
 def cmd_demo_build(args: argparse.Namespace) -> Output:
-    from ..demo import DemoBuildSpec, build_demo
-    from ..models import DEMO_DIR
 
     spec = DemoBuildSpec(
         pretrain_images=args.pretrain_images,

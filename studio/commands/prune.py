@@ -12,13 +12,20 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from ..bench import profile
+from ..costs import with_summary
 from ..errors import StudioError
+from ..export import export, export_loaded, export_onnx
+from ..flows.prune import PruneSpec
+from ..flows.stages import compare
+from ..load import load_model
 from ..plan import PrunePlan, diff
+from ..prune import COMMON_OPTIONS, METHODS, all_options, get_method, load_methods
+from ..surgery import apply_plan
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, run_in_folder, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..prune import COMMON_OPTIONS, METHODS, all_options, load_methods
 
     load_methods()
     p = sub.add_parser(
@@ -111,12 +118,10 @@ def _add_option(g: argparse._ArgumentGroup, o: Any, users: dict[str, Any] | None
 
 def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """Options given on the command line (flags and ``--param``), checked against the method's options."""
-    from ..prune import COMMON_OPTIONS, get_method
 
     m = get_method(method)
     own = {o.name for o in (*COMMON_OPTIONS, *m.options)}
     given: dict[str, Any] = {}
-    from ..prune import all_options
 
     for name in all_options():
         v = getattr(args, name, None)
@@ -137,7 +142,6 @@ def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> Output:
-    from ..flows.prune import PruneSpec
 
     params = method_params(args, args.method)
     if args.data is None and args.model in ("demo", "demo-backbone"):
@@ -171,7 +175,6 @@ def _pct(a: float, b: float) -> str:
 
 
 def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
-    from ..prune import get_method
 
     b, a = d["before"], d["after"]
     lines = [
@@ -202,7 +205,6 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from ..load import load_model
 
     loaded = load_model(model_spec(args))
     if loaded.plan is not None and not loaded.plan.is_dense:
@@ -214,17 +216,12 @@ def _load(args: argparse.Namespace):
 
 
 def _pruned(loaded, plan: PrunePlan):
-    from ..costs import with_summary
-    from ..surgery import apply_plan
 
     return apply_plan(copy.deepcopy(loaded.model), plan).eval(), with_summary(plan)
 
 
 def cmd_export(args: argparse.Namespace) -> Output:
     import torch
-
-    from ..bench import profile
-    from ..export import export, export_onnx
 
     loaded = _load(args)
     plan = PrunePlan.load(args.plan) if args.plan else None
@@ -252,9 +249,6 @@ def cmd_export(args: argparse.Namespace) -> Output:
 
 
 def cmd_apply(args: argparse.Namespace) -> Output:
-    from ..bench import profile
-    from ..export import export_loaded
-    from ..flows.stages import compare
 
     loaded = _load(args)
     plan = PrunePlan.load(args.plan)
@@ -285,7 +279,6 @@ def cmd_apply(args: argparse.Namespace) -> Output:
 
 
 def cmd_plan_show(args: argparse.Namespace) -> Output:
-    from ..costs import with_summary
 
     plan = with_summary(PrunePlan.load(args.plan))
     return Output(plan.to_dict(), plan.describe())

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..costs import with_summary
 from ..errors import StudioError
 from ..events import Callback, CancelToken
 from ..models import LoadedModel
@@ -257,7 +258,6 @@ def make_plan(
     name: str, req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
 ) -> PrunePlan:
     """Run method ``name`` with its options resolved, validate the plan and fill its summary (params/MACs)."""
-    from ..costs import with_summary
 
     method = get_method(name)
     if method.fn is None:

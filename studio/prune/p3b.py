@@ -70,8 +70,10 @@ from ..analysis.block_benefit import (
     block_names,
 )
 from ..errors import StudioError
+from ..evaluate import logits_of
 from ..events import Callback, emit
 from ..plan import BaseArch, BlockPlan, PrunePlan
+from ..surgery import check_supported
 from . import METHODS, Budget, Method, Option
 
 LN9 = math.log(9.0)
@@ -453,7 +455,6 @@ class P3BPruner:
         *,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        from ..surgery import check_supported
 
         vit = check_supported(model)
         self.model, self.base, self.schedule, self.settings = vit, base, schedule, settings
@@ -547,7 +548,6 @@ class P3BPruner:
         return groups
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
-        from ..evaluate import logits_of
 
         self.probes.train()
         logits = logits_of(model, x)

@@ -26,11 +26,17 @@ from typing import Any
 
 import torch
 
+from ..analysis.separability import SeparabilitySpec, analyze_features, features_from_bank
 from ..analysis.sls_cut import DEFAULT_ALPHA
+from ..costs import plan_cost
+from ..data import TensorData
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
+from ..features import extract
 from ..models import LoadedModel
+from ..petl import ADAPTER_TRAINABLE, has_lora
 from ..plan import BaseArch, BlockPlan, PrunePlan
+from ..recovery import resolve_recipe
 from . import METHODS, Budget, Method, Option, PruneRequest
 
 RETRAIN_PRESETS = ("paper", "cpu", "none")
@@ -59,7 +65,6 @@ def preview_cut(loaded: LoadedModel, keep: int, *, base_images_per_s: float | No
 
     The estimate scales a measured base throughput by the MACs ratio (ideal: the real gain is usually lower).
     """
-    from ..costs import plan_cost
 
     dense = plan_cost(PrunePlan.dense(loaded.base))
     cut = plan_cost(sls_plan(loaded.base, keep))
@@ -81,9 +86,6 @@ def preview_cut(loaded: LoadedModel, keep: int, *, base_images_per_s: float | No
 
 # --------------------------------------------------------------------------------------- registered method
 def _plan_sls(req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None):
-    from ..analysis.separability import SeparabilitySpec, analyze_features, features_from_bank
-    from ..data import TensorData
-    from ..features import extract
 
     p = dict(req.params)
     keep = int(p.get("keep_blocks") or 0)
@@ -174,7 +176,6 @@ METHODS.add(
 # ------------------------------------------------------------------------------------------ retraining
 def trainable_rule(kind: str, keep: int, model: torch.nn.Module) -> str:
     """The ``TrainSpec.trainable`` rule of a retraining choice on a model cut to ``keep`` blocks."""
-    from ..petl import ADAPTER_TRAINABLE, has_lora
 
     if kind == "auto":
         kind = "adapters" if has_lora(model) else "head+norm"
@@ -198,7 +199,6 @@ def trainable_rule(kind: str, keep: int, model: torch.nn.Module) -> str:
 
 def retrain_train_spec(preset: str, *, trainable: str, epochs: int | None = None, seed: int = 0):
     """The SLS recipe (``paper:sls`` of :mod:`studio.recovery`) as a ``TrainSpec``; ``cpu`` is its short form."""
-    from ..recovery import resolve_recipe
 
     if preset not in RETRAIN_PRESETS or preset == "none":
         raise StudioError(f"Unknown SLS retraining preset '{preset}': use paper or cpu (or none to skip).")

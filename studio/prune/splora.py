@@ -64,12 +64,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..costs import arch_facts, plan_cost, with_summary
+from ..data import make_loader
 from ..errors import StudioError
 from ..evaluate import evaluate, logits_of
 from ..events import Callback, CancelToken, Event, check, emit, progress
-from ..models import LoadedModel
+from ..load import load_model
+from ..models import LoadedModel, ModelSpec
 from ..plan import BaseArch, BlockPlan, PrunePlan
-from ..runs import RunDir, atomic_path, write_json
+from ..runs import RunDir, atomic_path, read_json, write_json
 from ..splora import (
     DEFAULT_INIT_RANGE,
     SPLoRALinear,
@@ -81,6 +83,8 @@ from ..splora import (
     trainable_rule,
     zero_pruned,
 )
+from ..surgery import apply_plan
+from ..train import TrainSpec, fit
 from . import METHODS, Budget, Method, Option
 
 CRITERIA = ("weight", "grad", "taylor")
@@ -526,7 +530,6 @@ def _train(
     callbacks: Sequence[Callback],
     cancel: CancelToken | None,
 ) -> None:
-    from ..train import TrainSpec, fit
 
     if epochs <= 0:
         return
@@ -595,7 +598,6 @@ def run_series(
     With ``checkpoint``, the state after the initial training and after every finished step is saved there;
     ``resume`` continues from it (an interrupted step is redone from its start, with the same seeds).
     """
-    from ..data import make_loader
 
     t0 = time.time()
     cbs = _tagged(callbacks, series=name)
@@ -719,7 +721,6 @@ def fused_pruned(
     series: SeriesResult, base: BaseArch, params: Mapping[str, Any] | None = None
 ) -> tuple[nn.Module, PrunePlan]:
     """Adapters fused into the weights, then the pruned channels physically removed by the studio's surgery."""
-    from ..surgery import apply_plan
 
     plan = with_summary(series.masks.to_plan(base, method="splora", params=params))
     fused = fuse_splora(copy.deepcopy(series.model)).eval()
@@ -809,10 +810,6 @@ def load_task(folder: str | Path, backbone: LoadedModel | None = None) -> tuple[
         backbone: the frozen backbone (loaded from the task's recorded model spec when omitted); never mutated.
     """
     from safetensors.torch import load_file
-
-    from ..load import load_model
-    from ..models import ModelSpec
-    from ..runs import read_json
 
     folder = Path(folder)
     meta = read_json(folder / TASK_MANIFEST)

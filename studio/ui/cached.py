@@ -15,6 +15,7 @@ import streamlit as st
 from ..data import DataSpec
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
+from ..summary import evaluate_split, model_summary
 from . import state
 
 
@@ -29,7 +30,6 @@ def data_key(spec: DataSpec | None = None) -> str:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def _summary(key: str, _loaded: LoadedModel) -> dict[str, Any]:
-    from ..summary import model_summary
 
     return model_summary(_loaded)
 
@@ -49,7 +49,6 @@ def summary(loaded: LoadedModel | None = None, key: str | None = None) -> dict[s
 
 @st.cache_data(max_entries=32, show_spinner="Evaluating on the test split…")
 def _accuracy(mkey: str, dkey: str, split: str, _loaded: LoadedModel, _data: DataSpec) -> dict[str, Any]:
-    from ..summary import evaluate_split
 
     return evaluate_split(_loaded, _data, split)
 

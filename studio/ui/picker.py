@@ -16,6 +16,7 @@ from ..data import DataSpec
 from ..errors import StudioError
 from ..models import LoadedModel, ModelSpec
 from ..safety import CHECKPOINT_SUFFIXES, check_path, max_upload_bytes, save_upload
+from ..summary import check_data
 from . import state
 
 MODEL_SOURCES = {
@@ -98,7 +99,6 @@ def data_widgets() -> DataSpec:
 
 def apply(model: ModelSpec, data: DataSpec) -> LoadedModel:
     """Make ``model``/``data`` the session's selection if the model loads and the data fits it; else keep the old."""
-    from ..summary import check_data
 
     previous = (state.model_spec(), state.data_spec())
     state.set_specs(model, data)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from ..costs import with_summary
 from ..errors import StudioError
 from ..plan import PrunePlan
 from . import cached, guide, state
@@ -26,7 +27,6 @@ def plan_summary(plan: PrunePlan) -> dict:
     """The plan's params/MACs before and after (computed from its structure when the plan lacks them)."""
     if all(k in plan.summary for k in PLAN_KEYS):
         return dict(plan.summary)
-    from ..costs import with_summary
 
     return dict(with_summary(plan).summary)
 

@@ -27,6 +27,7 @@ from ..data import DataSpec
 from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..prune.sls import PAPER_SELECTION_NOTE
+from ..summary import measure_speed
 from . import charts, state
 from .charts import COLORS, pct
 
@@ -51,7 +52,6 @@ def embedding(fkey: str, block: int, method: str, _feats: LayerFeatures) -> Laye
 @st.cache_data(max_entries=8, show_spinner="Measuring the model's throughput…")
 def base_speed(mkey: str, _loaded: LoadedModel, batch_size: int = 64) -> float:
     """Measured dense images/s (the base of the page's throughput estimate)."""
-    from ..summary import measure_speed
 
     return measure_speed(_loaded, (batch_size,), warmup=3, repeats=10)[0]["images_per_s"]
 
