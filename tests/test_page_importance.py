@@ -67,7 +67,7 @@ def test_heatmaps_slider_edits_and_run():
     at.button(key="imp_run").click().run()
     assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
-    assert "Accuracy (no recovery)" in labels and "Ideal speed-up" in labels
+    assert "Accuracy (no recovery)" in labels and "Ideal speed-up (MACs)" in labels
     speed = at.dataframe[-1].value
     assert list(speed["batch size"]) == [1, 64] and (speed["pruned images/s"] > 0).all()
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,8 +27,102 @@ from ..events import Callback, CancelToken, check, progress
 from ..models import LoadedModel
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Matrix = tuple[tuple[float, ...], ...]
 IMPORTANCES = ("taylor", "l1", "l2", "random")
 Grads = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class UnitScores:
+    """One criterion's scores of every unit of the base model (higher = keep); ``None`` for unit kinds it does
+    not score. The one form of unit scores: the Importance analysis shows them, the methods select from them.
+
+    Attributes:
+        heads: per block, one score per head.
+        head_dims: per block, one score per within-head dim (shared by q, k, v of all heads of the block).
+        mlp: per block, one score per MLP hidden neuron.
+        embed: one score per embedding (residual) channel.
+    """
+
+    criterion: str = ""
+    heads: Matrix | None = None
+    head_dims: Matrix | None = None
+    mlp: Matrix | None = None
+    embed: tuple[float, ...] | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        def mat(m: Matrix | None) -> list[list[float]] | None:
+            return None if m is None else [list(r) for r in m]
+
+        return {
+            "criterion": self.criterion,
+            "heads": mat(self.heads),
+            "head_dims": mat(self.head_dims),
+            "mlp": mat(self.mlp),
+            "embed": None if self.embed is None else list(self.embed),
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UnitScores:
+        def mat(m: Any) -> Matrix | None:
+            return None if m is None else tuple(tuple(float(v) for v in r) for r in m)
+
+        return cls(
+            criterion=str(d["criterion"]),
+            heads=mat(d.get("heads")),
+            head_dims=mat(d.get("head_dims")),
+            mlp=mat(d.get("mlp")),
+            embed=None if d.get("embed") is None else tuple(float(v) for v in d["embed"]),
+            seconds=float(d.get("seconds", 0.0)),
+        )
+
+    @classmethod
+    def of_tensors(
+        cls,
+        criterion: str = "",
+        *,
+        heads: Sequence[torch.Tensor] | None = None,
+        head_dims: Sequence[torch.Tensor] | None = None,
+        mlp: Sequence[torch.Tensor] | None = None,
+        embed: torch.Tensor | None = None,
+        seconds: float = 0.0,
+    ) -> UnitScores:
+        """From per-block score tensors (what criteria compute)."""
+
+        def rows(ts: Sequence[torch.Tensor] | None) -> Matrix | None:
+            return None if ts is None else tuple(tuple(float(v) for v in t.flatten().tolist()) for t in ts)
+
+        flat = None if embed is None else tuple(float(v) for v in embed.flatten().tolist())
+        return cls(criterion, rows(heads), rows(head_dims), rows(mlp), flat, seconds)
+
+    def tensors(self, scope: str) -> tuple[torch.Tensor, ...] | torch.Tensor | None:
+        """A scope's scores as float64 tensors: one per block (``heads``, ``head_dims``, ``mlp``) or one
+        (``embed``); None if not scored."""
+        v = getattr(self, scope)
+        if v is None:
+            return None
+        if scope == "embed":
+            return torch.tensor(v, dtype=torch.float64)
+        return tuple(torch.tensor(r, dtype=torch.float64) for r in v)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> UnitScores:
+        """Apply ``fn`` to every score tensor (e.g. ``torch.sqrt`` to turn sums of squares into L2 norms)."""
+
+        def per(scope: str) -> list[torch.Tensor] | None:
+            ts = self.tensors(scope)
+            return None if ts is None else [fn(t) for t in ts]  # type: ignore[union-attr]
+
+        embed = self.tensors("embed")
+        return UnitScores.of_tensors(
+            self.criterion,
+            heads=per("heads"),
+            head_dims=per("head_dims"),
+            mlp=per("mlp"),
+            embed=None if embed is None else fn(embed),  # type: ignore[arg-type]
+            seconds=self.seconds,
+        )
 
 
 def make_importance(name: str) -> tp.importance.Importance:

@@ -45,60 +45,21 @@ from ..models import LoadedModel, ModelSpec
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..registry import Registry
 from ..surgery import check_fits
-from .criteria import accumulate_gradients, calibration_batches, group_scores, make_importance, with_grads
+from .criteria import (
+    Matrix,
+    UnitScores,
+    accumulate_gradients,
+    calibration_batches,
+    group_scores,
+    make_importance,
+    with_grads,
+)
 from .gate_scores import savit_scores
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-Matrix = tuple[tuple[float, ...], ...]
 
 
 # ------------------------------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class UnitScores:
-    """One criterion's scores (higher = more important); ``None`` for unit kinds it does not score.
-
-    Attributes:
-        heads: per block, one score per head.
-        head_dims: per block, one score per within-head dim (shared by all heads of the block).
-        mlp: per block, one score per MLP hidden neuron.
-        embed: one score per embedding (residual) channel.
-    """
-
-    criterion: str
-    heads: Matrix
-    head_dims: Matrix | None = None
-    mlp: Matrix | None = None
-    embed: tuple[float, ...] | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        def mat(m: Matrix | None) -> list[list[float]] | None:
-            return None if m is None else [list(r) for r in m]
-
-        return {
-            "criterion": self.criterion,
-            "heads": mat(self.heads),
-            "head_dims": mat(self.head_dims),
-            "mlp": mat(self.mlp),
-            "embed": None if self.embed is None else list(self.embed),
-            "seconds": self.seconds,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> UnitScores:
-        def mat(m: Any) -> Matrix | None:
-            return None if m is None else tuple(tuple(float(v) for v in r) for r in m)
-
-        return cls(
-            criterion=str(d["criterion"]),
-            heads=mat(d["heads"]) or (),
-            head_dims=mat(d.get("head_dims")),
-            mlp=mat(d.get("mlp")),
-            embed=None if d.get("embed") is None else tuple(float(v) for v in d["embed"]),
-            seconds=float(d.get("seconds", 0.0)),
-        )
-
-
 @dataclass(frozen=True)
 class ImportanceResult:
     """Scores of every criterion asked for, and each one's rank correlation with the ablation ground truth.
@@ -161,22 +122,18 @@ class Criterion:
 CRITERIA: Registry[Criterion] = Registry("importance criterion")
 
 
-def _rows(ts: Sequence[torch.Tensor]) -> Matrix:
-    return tuple(tuple(float(v) for v in t.flatten().tolist()) for t in ts)
-
-
 def _grouped(
     loaded: LoadedModel, criterion: str, importance: str, grads: Mapping[str, torch.Tensor] | None
 ) -> UnitScores:
     """Scores from torch-pruning's ``importance`` on the model's dependency groups."""
     t0 = time.time()
     g = group_scores(with_grads(loaded.model, grads), make_importance(importance))
-    return UnitScores(
+    return UnitScores.of_tensors(
         criterion,
-        heads=_rows(g["heads"]),
-        head_dims=_rows(g["head_dims"]),
-        mlp=_rows(g["mlp"]),
-        embed=tuple(float(v) for v in g["embed"].tolist()),
+        heads=g["heads"],
+        head_dims=g["head_dims"],
+        mlp=g["mlp"],
+        embed=g["embed"],
         seconds=time.time() - t0,
     )
 

@@ -9,22 +9,20 @@ averaged over the calibration batches.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ..analysis.criteria import UnitScores, accumulate_gradients
 from ..costs import arch_facts
 from ..errors import StudioError
-from ..evaluate import logits_of
-from ..events import Callback, CancelToken, check, emit, progress
+from ..events import Callback, CancelToken, emit
 from ..plan import PrunePlan
 from ..surgery import check_supported
 from . import METHODS, Method, Option, PruneRequest
 from .groups import unit_scores
-from .select import MODES, UnitScores, parse_scopes, plan_from_scores
+from .select import MODES, parse_scopes, plan_from_scores
 from .target import TOLERANCE, solve_staged
 
 SCOPE = Option("scope", str, "heads,mlp", "units to prune, comma-separated: heads, head_dims, mlp, embed")
@@ -64,19 +62,12 @@ def taylor_scores(
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> UnitScores:
-    """``Σ_group |w ⊙ ḡ|`` with gradients averaged over the calibration batches (on a copy of the model)."""
-    model = copy.deepcopy(req.loaded.model).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-        p.grad = None
-    device = next(model.parameters()).device
-    for i, (x, y) in enumerate(req.batches):
-        check(cancel)
-        loss = F.cross_entropy(logits_of(model, x.to(device)), y.to(device).long())
-        (loss / len(req.batches)).backward()
-        progress(callbacks, "taylor gradients", i + 1, len(req.batches))
+    """``Σ_group |w ⊙ g|`` with the gradients summed over the calibration batches (on a copy of the model, by
+    the same accumulation Isomorphic and the Importance analysis use; a sum ranks exactly as the mean)."""
+    grads = accumulate_gradients(req.loaded.model, req.batches, callbacks=callbacks, cancel=cancel)
+    model = req.loaded.model
     elem = {
-        n: (p.detach() * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
+        n: (p.detach() * grads[n].to(p.device)).abs() if n in grads else torch.zeros_like(p)
         for n, p in model.named_parameters()
     }
     return unit_scores(model, elem, scopes)

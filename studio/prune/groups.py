@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .select import UnitScores
+from ..analysis.criteria import UnitScores
 
 # (parameter-name pattern, axis that indexes the embedding channel)
 _EMBED_AXES: tuple[tuple[re.Pattern[str], int], ...] = tuple(
@@ -101,9 +101,9 @@ def unit_scores(
             t = get(name)
             if axis is not None and t is not None:
                 embed += _sum_except(t, axis)
-    return UnitScores(
-        heads=tuple(heads) if "heads" in scopes else None,
-        head_dims=tuple(dims) if "head_dims" in scopes else None,
-        mlp=tuple(mlp) if "mlp" in scopes else None,
+    return UnitScores.of_tensors(
+        heads=heads if "heads" in scopes else None,
+        head_dims=dims if "head_dims" in scopes else None,
+        mlp=mlp if "mlp" in scopes else None,
         embed=embed,
     )

@@ -11,42 +11,18 @@ plans are nested as the ratio grows and MACs fall monotonically.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..analysis.criteria import UnitScores
 from ..errors import StudioError
 from ..plan import BaseArch, BlockPlan, PrunePlan
 
 SCOPES = ("heads", "head_dims", "mlp", "embed")
 MODES = ("uniform", "global")
 PerBlock = tuple[torch.Tensor, ...]
-
-
-@dataclass(frozen=True)
-class UnitScores:
-    """Importance (higher = keep) of every unit of the base model; ``None`` for scopes not scored."""
-
-    heads: PerBlock | None = None  # per base block, shape (num_heads,)
-    head_dims: PerBlock | None = None  # per base block, shape (head_dim,)
-    mlp: PerBlock | None = None  # per base block, shape (mlp_hidden,)
-    embed: torch.Tensor | None = None  # shape (embed_dim,)
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> UnitScores:
-        """Apply ``fn`` to every score tensor (e.g. ``torch.sqrt`` to turn sums of squares into L2 norms)."""
-
-        def per(v: PerBlock | None) -> PerBlock | None:
-            return None if v is None else tuple(fn(t) for t in v)
-
-        return replace(
-            self,
-            heads=per(self.heads),
-            head_dims=per(self.head_dims),
-            mlp=per(self.mlp),
-            embed=None if self.embed is None else fn(self.embed),
-        )
 
 
 def parse_scopes(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -131,15 +107,16 @@ def plan_from_scores(
     kept: dict[str, list[tuple[int, ...] | None]] = {}
     for scope in ("heads", "head_dims", "mlp"):
         r = ratios.get(scope, 0.0)
-        per: PerBlock | None = getattr(scores, scope)
+        per: PerBlock | None = scores.tensors(scope)  # type: ignore[assignment]
         if r <= 0 or per is None:
             kept[scope] = [None] * depth
             continue
         counts = _counts(per, r, mode, 1 if scope == "heads" else round_to)
         kept[scope] = [top_k(s, k) for s, k in zip(per, counts)]
     embed = None
-    if ratios.get("embed", 0.0) > 0 and scores.embed is not None:
-        embed = top_k(scores.embed, keep_count(len(scores.embed), ratios["embed"], round_to))
+    embed_scores = scores.tensors("embed")
+    if ratios.get("embed", 0.0) > 0 and isinstance(embed_scores, torch.Tensor):
+        embed = top_k(embed_scores, keep_count(len(embed_scores), ratios["embed"], round_to))
     blocks = tuple(
         BlockPlan(i, heads=kept["heads"][i], head_dims=kept["head_dims"][i], mlp=kept["mlp"][i])
         for i in range(depth)
