@@ -1,6 +1,6 @@
 """Multi-process training with DistributedDataParallel, launched by ``torchrun`` (NCCL on GPUs, gloo on CPU).
 
-``torchrun --nproc_per_node N -m studio retrain --run runs/NAME`` starts N copies of the command; torchrun gives
+``torchrun --nproc_per_node N -m studio run runs/NAME`` starts N copies of the command; torchrun gives
 each its ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and the rendezvous address. :func:`setup` joins the process
 group from those variables (a plain ``python -m studio`` run sees none and stays single-process), :func:`wrap`
 puts the model in DDP, and the training loop (:func:`studio.train.fit`) shards every epoch with its seeded
