@@ -116,6 +116,7 @@ def build_demo(
         metrics={"shapes_val_top1": shapes_acc},
         dtype=torch.float16,
         extra={"description": "demo backbone pre-trained on procedural shapes (8 classes)"},
+        overwrite=True,  # `demo build` rebuilds the embedded demo: replacing it is what it was asked to do
     )
 
     emit(callbacks, "log", message="fine-tuning on scikit-learn digits")
@@ -143,5 +144,6 @@ def build_demo(
             "description": "demo ViT fine-tuned on scikit-learn digits from the shapes backbone",
             "recipe": {"pretrain": spec.__dict__, "finetune_lr": 1e-3, "label_smoothing": 0.1},
         },
+        overwrite=True,
     )
     return metrics

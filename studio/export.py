@@ -8,6 +8,9 @@ then loads the weights strictly — so a pruned model reloads in a fresh process
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,17 +55,60 @@ def export(
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/manifest.json`` atomically; return the folder.
+    """Write ``folder/model.safetensors`` and ``folder/manifest.json`` as one atomic folder; return the folder.
+
+    The export is written into a temporary sibling folder and renamed into place, so a reader sees the old
+    export or the new one, never a mix (no stale ``model.onnx`` beside new weights).
 
     Args:
         model: the (pruned) timm model whose weights are saved.
         base: the unpruned architecture the plan refers to.
         plan: the plan applied to ``base`` to obtain ``model``'s structure (None: unpruned).
         dtype: optionally store floating weights in a smaller dtype (e.g. ``torch.float16``).
+        overwrite: replace a non-empty ``folder`` (refused otherwise: an existing output is never overwritten
+            without the user asking).
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise StudioError(
+            f"{folder} already exists and is not empty: export into a new folder, or pass --overwrite to "
+            "replace it."
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _write_export(staging, model, base, plan, data_config, class_names, metrics, extra, dtype)
+        _replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put ``new`` where ``folder`` is, with a rename (the old one, if any, is moved aside and then removed)."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+    new.rename(folder)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _write_export(
+    folder: Path,
+    model: torch.nn.Module,
+    base: BaseArch,
+    plan: PrunePlan | None,
+    data_config: Mapping[str, Any] | None,
+    class_names: list[str] | None,
+    metrics: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None,
+    dtype: torch.dtype | None,
+) -> None:
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -78,20 +124,19 @@ def export(
         "weights_dtype": str(dtype or "float32").removeprefix("torch."),
         **dict(extra or {}),
     }
-    with atomic_path(folder / WEIGHTS) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt", "schema": MANIFEST_SCHEMA})
+    save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt", "schema": MANIFEST_SCHEMA})
     write_json(folder / MANIFEST, manifest)
-    return folder
 
 
 def export_loaded(
     model: torch.nn.Module,
-    loaded: Any,
+    loaded: LoadedModel,
     folder: str | Path,
     *,
     plan: PrunePlan | None,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """:func:`export` of ``model``, a pruned form of ``loaded`` (a LoadedModel): its base, data config and classes."""
     return export(
@@ -103,6 +148,7 @@ def export_loaded(
         class_names=loaded.class_names,
         metrics=metrics,
         extra=extra,
+        overwrite=overwrite,
     )
 
 

@@ -97,10 +97,22 @@ class RunDir:
     @classmethod
     def create(cls, path: str | Path, spec: dict[str, Any], *, exist_ok: bool = False) -> RunDir:
         run = cls(path)
-        if (run.path / "spec.json").exists() and not exist_ok:
-            raise StudioError(f"Run folder {run.path} already exists. Pick another --out or delete it.")
-        run.path.mkdir(parents=True, exist_ok=True)
-        write_json(run.spec_file, spec)
+        if run.path.exists() and not run.path.is_dir():
+            raise StudioError(f"{run.path} is a file, not a folder: give --out a new folder, e.g. runs/NAME.")
+        if run.path.is_dir() and any(run.path.iterdir()) and not exist_ok:
+            # write-once: a non-empty folder may hold another run's plan and export, or the user's files
+            what = "another run" if (run.path / "spec.json").exists() else "files"
+            raise StudioError(
+                f"{run.path} already exists and holds {what}: pick a new --out (runs are written once), or "
+                "delete it first."
+            )
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            write_json(run.spec_file, spec)
+        except OSError as e:
+            raise StudioError(
+                f"Cannot write the run folder {run.path} ({e.strerror}): pick a writable --out."
+            ) from None
         return run
 
     # files

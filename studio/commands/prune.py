@@ -78,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for parity")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("apply", help="replay a plan on a model: counted params/MACs vs the plan's")
@@ -85,6 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.add_argument("--plan", required=True, help="plan.json")
     p.add_argument("--out", help="also export the pruned model to this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("plan", help="read pruning plans")
@@ -237,6 +239,7 @@ def cmd_export(args: argparse.Namespace) -> Output:
         class_names=loaded.class_names,
         metrics={**loaded.metrics, **prof},
         dtype=dtype,
+        overwrite=args.overwrite,
     )
     data: dict[str, Any] = {"export": str(folder), **prof, "onnx": None}
     if args.onnx:
@@ -266,7 +269,7 @@ def cmd_apply(args: argparse.Namespace) -> Output:
         "export": None,
     }
     if args.out:
-        export_loaded(model, loaded, args.out, plan=summarized, metrics=prof)
+        export_loaded(model, loaded, args.out, plan=summarized, metrics=prof, overwrite=args.overwrite)
         data["export"] = str(args.out)
     text = (
         summarized.describe()

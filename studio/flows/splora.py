@@ -133,6 +133,7 @@ def run_splora(
                     class_names=loaded.class_names,
                     metrics=metrics,
                     extra={"splora": {"series": name, "options": opts.to_dict()}},
+                    overwrite=True,  # the run's own folder (a resumed attempt replaces it)
                 )
             info["export"] = str(folder)
             if name == "splora":

@@ -177,7 +177,10 @@ def finish(
     if how.export and run is not None:
         emit(callbacks, "status", state="exporting")
         metrics = {k: v for k, v in after.items() if k in ("params", "macs", "loss") or k.endswith("top1")}
-        export_loaded(model, loaded, run.export_dir, plan=plan, metrics=metrics, extra=export_extra)
+        # the run owns its export folder: a resumed attempt replaces what an earlier one wrote
+        export_loaded(
+            model, loaded, run.export_dir, plan=plan, metrics=metrics, extra=export_extra, overwrite=True
+        )
         export_dir = str(run.export_dir)
         if how.onnx:
             onnx = export_onnx(model, run.export_dir / "model.onnx", loaded.data_config["input_size"])
