@@ -38,16 +38,9 @@ from typing import Any
 from .errors import StudioError
 from .flows import Spec, create_run
 from .plan import PrunePlan
-from .runs import RunDir, read_json, write_json, write_text
+from .runs import EXIT_FILE, JOB_FILE, PID_FILE, STDERR, STDOUT, RunDir, read_json, write_json, write_text
 
-JOB_FILE = "job.json"
-PID_FILE = "job.pid"
-EXIT_FILE = "exit_code"
-# The job runs under a tiny sh that records its exit code (the studio that started it may not be its parent any
-# more, so waitpid cannot tell) and ignores SIGTERM itself, so that a cancel reaches the command and not the
-# bookkeeping. A command killed by signal N exits with 128 + N.
 _WRAPPER = '"$@" & child=$!; trap "" TERM INT; wait "$child"; code=$?; echo "$code" > "$0.tmp"; mv "$0.tmp" "$0"; exit "$code"'
-STDOUT, STDERR = "stdout.log", "stderr.log"
 FINAL_STATES = ("done", "failed", "cancelled")
 ACTIVE_STATES = ("starting", "running", "cancelling")
 LOCK_DIR_ENV = "STUDIO_LOCK_DIR"

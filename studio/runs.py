@@ -84,6 +84,12 @@ def new_run_id(prefix: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{prefix}"
 
 
+# What the job launcher (studio.jobs) writes into a run folder before the command itself runs: a folder holding
+# only these is a run being started, not somebody else's output.
+JOB_FILE, PID_FILE, EXIT_FILE, STDOUT, STDERR = "job.json", "job.pid", "exit_code", "stdout.log", "stderr.log"
+LAUNCHER_FILES = frozenset({JOB_FILE, PID_FILE, EXIT_FILE, STDOUT, STDERR, "status.json", "exit_code.tmp"})
+
+
 class RunDir:
     """One run's folder. Safe to open from several processes: readers tolerate a partial last event line."""
 
@@ -99,7 +105,11 @@ class RunDir:
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise StudioError(f"{run.path} is a file, not a folder: give --out a new folder, e.g. runs/NAME.")
-        if run.path.is_dir() and any(run.path.iterdir()) and not exist_ok:
+        if (
+            run.path.is_dir()
+            and any(p.name not in LAUNCHER_FILES for p in run.path.iterdir())
+            and not exist_ok
+        ):
             # write-once: a non-empty folder may hold another run's plan and export, or the user's files
             what = "another run" if (run.path / "spec.json").exists() else "files"
             raise StudioError(

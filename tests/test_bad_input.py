@@ -297,6 +297,40 @@ def upload_wrong_type(tmp: Path) -> str:
     return engine(lambda: save_upload("weights.exe", b"MZ" + os.urandom(64)))
 
 
+def _prune_spec(method: str, params: dict):
+    from studio.data import DataSpec
+    from studio.flows.prune import PruneSpec
+    from studio.models import ModelSpec
+
+    return PruneSpec(ModelSpec("demo"), method, params, DataSpec("demo"))
+
+
+def p3b_schedule_without_updates(tmp: Path) -> str:
+    return engine(lambda: _prune_spec("p3b", {"epochs": 4, "start_epoch": 0, "finalize_epoch": 0}).validate())
+
+
+def option_of_another_method(tmp: Path) -> str:
+    return engine(lambda: _prune_spec("p3b", {"target_macs": 0.5}).validate())
+
+
+def out_folder_with_other_files(tmp: Path) -> str:
+    from studio.flows import create_run
+
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "plan.json").write_text("{}")
+    return engine(lambda: create_run(_prune_spec("magnitude", {"target_macs": 0.5}), tmp / "mine"))
+
+
+def export_over_an_export(tmp: Path) -> str:
+    from studio.export import export
+    from studio.models import create_vit, describe_base
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=5)
+    m = create_vit("vit_tiny_patch16_224", **kw)
+    export(m, describe_base(m, "vit_tiny_patch16_224", kw), tmp / "e")
+    return engine(lambda: export(m, describe_base(m, "vit_tiny_patch16_224", kw), tmp / "e"))
+
+
 @dataclass(frozen=True)
 class Case:
     fn: Callable[[Path], str]
@@ -344,6 +378,25 @@ CASES = [
     Case(plan_for_another_model, "plan made for a 100-class model", "Prune page, plan upload", "made for"),
     Case(upload_too_large, "2 MB upload with a 1 MB limit", "Model page, upload", "over the 1 MB limit"),
     Case(upload_wrong_type, "upload named `weights.exe`", "Model page, upload", "accepted"),
+    Case(
+        p3b_schedule_without_updates,
+        "P3B with finalize epoch 0 (no mask update)",
+        "Prune page, beside Start (before any job)",
+        "finalize epoch must come after",
+    ),
+    Case(
+        option_of_another_method,
+        "P3B given a MACs target",
+        "CLI / spec validation",
+        "has no option 'target_macs'",
+    ),
+    Case(
+        out_folder_with_other_files,
+        "`--out` a folder that holds other files",
+        "CLI (prune, analyze sls --apply, retrain, run --spec)",
+        "already exists and holds files",
+    ),
+    Case(export_over_an_export, "`export --out` an existing export", "CLI export / apply", "--overwrite"),
 ]
 
 
