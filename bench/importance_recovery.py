@@ -37,7 +37,8 @@ def main() -> None:
     loaded = load_model(ModelSpec("demo", device="cpu"))
     data = DataSpec("demo")
     splits = {
-        s: prepare(data, s, loaded.data_config, loaded.base.num_classes) for s in ("train", "val", "test")
+        s: prepare(data, s, loaded.data_config, loaded.base.num_classes, class_names=loaded.known_class_names)
+        for s in ("train", "val", "test")
     }
     batches = calibration_batches(loaded, data, "train", args.calib_batches, 64, seed=0)
     recipe = TrainSpec(

@@ -48,7 +48,13 @@ def main() -> None:
 
     t0 = time.perf_counter()
     loaded = load_model(ModelSpec("demo", device="cpu"))
-    data = prepare(DataSpec("demo", limit=args.samples), args.split, loaded.data_config, 10)
+    data = prepare(
+        DataSpec("demo", limit=args.samples),
+        args.split,
+        loaded.data_config,
+        10,
+        class_names=loaded.known_class_names,
+    )
     t_load = time.perf_counter() - t0
 
     import statistics

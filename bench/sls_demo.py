@@ -192,8 +192,8 @@ def main() -> None:
         petl = load_model(bb_spec)
         model = copy.deepcopy(petl.model)
         epochs = args.petl_epochs or (100 if petl.device.type == "cuda" else 40)
-        tr = prepare(data, "train", petl.data_config, 10)
-        va = prepare(data, "val", petl.data_config, 10)
+        tr = prepare(data, "train", petl.data_config, 10, class_names=petl.known_class_names)
+        va = prepare(data, "val", petl.data_config, 10, class_names=petl.known_class_names)
         lora = LoRASpec(rank=8, alpha=8.0, targets=("qkv", "fc1", "fc2"))
         t1 = time.time()
         fit = petl_finetune(

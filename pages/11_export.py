@@ -21,22 +21,35 @@ st.caption(
 
 with state.user_errors():
     plan = state.active_plan()
+    source = state.active_plan_source()  # the run whose trained model the active plan is, if any
+    trained = source is not None and (RunDir(source).export_dir / "manifest.json").exists()
     if plan is not None:
         c1, c2 = st.columns([3, 1])
-        c1.markdown(f"Active plan: **{plan.method}**, {plan.depth}/{plan.base.depth} blocks.")
+        c1.markdown(
+            f"Active plan: **{plan.method}**, {plan.depth}/{plan.base.depth} blocks"
+            + (f", the structure of run `{source.name}` (its trained weights are exported)." if trained else ".")
+        )
         if c2.button("Export the active plan", key="export_active", icon=":material/ios_share:"):
-            bar = state.StreamlitProgress("Exporting")
-            run = export_plan_run(
-                state.pristine_model(), plan, root=state.runs_root(), model_spec=state.model_spec()
-            )
-            bar.done()
-            st.session_state["export_run"] = str(run.path)  # select it below
+            if trained:  # the run's own export holds the trained (retrained, fine-tuned) weights: never the
+                # plan applied to the untrained current model
+                st.session_state["export_run"] = str(source)
+            else:
+                bar = state.StreamlitProgress("Exporting")
+                run = export_plan_run(
+                    state.pristine_model(), plan, root=state.runs_root(), model_spec=state.model_spec()
+                )
+                bar.done()
+                st.session_state["export_run"] = str(run.path)  # select it below
+
+    def exported(model: str | None) -> list[dict]:
+        return [r for r in collect(state.runs_root(), model=model) if r["has_export"]]
+
+    wanted = st.session_state.get("export_run")
+    current = exported(state.model_spec().source)
+    if wanted and wanted not in {r["path"] for r in current}:
+        st.session_state["export_all_models"] = True  # the run picked elsewhere was made from another model
     every = st.toggle("Runs of every model (not only the current one)", key="export_all_models")
-    rows = [
-        r
-        for r in collect(state.runs_root(), model=None if every else state.model_spec().source)
-        if r["has_export"]
-    ]
+    rows = exported(None) if every else current
     if not rows:
         guide.needs(
             "Nothing exported yet: prune the model first (or export the active plan above).",

@@ -13,6 +13,7 @@ from studio.models import ModelSpec
 from studio.plan import PrunePlan
 from studio.ui import charts, state
 from studio.ui.jobs import device_picker, start_job_button
+from studio.ui.run_actions import follow, result_actions
 
 st.title("Block benefit")
 st.caption(
@@ -55,30 +56,39 @@ with st.expander("Start a P3B run", expanded=not runs, icon=":material/play_arro
         params={"prune_ratio": ratio, "epochs": int(epochs), "probe": probe},
         data=data,
     )
-    start_job_button("Start P3B", spec, key="bb_new_start", device=device)
+    started = start_job_button("Start P3B", spec, key="bb_new_start", device=device)
+    if started is not None:  # show the run just started, not the newest one listed before it existed
+        st.session_state["bb_run"] = started.name
+        st.rerun()
     st.caption(
         "The same run from a shell: write this spec.json, then `python -m studio run --spec spec.json --out runs/NAME`."
     )
     st.json(spec.to_dict(), expanded=False)
 
+runs = bb.p3b_runs(root)  # again: a run started above is listed now
 if not runs:
     st.info("No P3B run yet: start one above (about 5 minutes on the demo, CPU).", icon=":material/info:")
     st.stop()
 
 names = [r.path.name for r in runs]
-picked = str(st.session_state.get("bb_new_start_run", "")).rsplit("/", 1)[-1]
-name = st.selectbox("Run", names, index=names.index(picked) if picked in names else 0, key="bb_run")
+if st.session_state.get("bb_run") not in names:
+    st.session_state.pop("bb_run", None)  # deleted, or another runs folder
+name = st.selectbox("Run", names, key="bb_run")
 run = runs[names.index(name)]
+# the run's job: progress, ETA, Cancel, and Resume once it is cancelled or failed with a checkpoint
+run_state = follow(run.path)
 live = job_status(run.path).active
+if run_state == "done" and run.results_file.exists():
+    st.markdown("##### The pruned, fine-tuned model")
+    result_actions(run.path, key="bb_result")
 
 
 def curves(df: pd.DataFrame, depth: int) -> None:
     shades = dict(zip((f"layer {i}" for i in range(depth)), sample_colorscale("Viridis", max(2, depth))))
     df = df.assign(layer="layer " + df["layer"].astype(str))
     facets = dict(facet_row="token", facet_col="branch", category_orders={"token": ["CLS", "patch"]})
-    fig = charts.line(
-        df, "epoch", "benefit", color="layer", colors=shades, markers=False, height=540, **facets
-    )
+    few = df["epoch"].nunique() < 3  # a line needs two points: show the first epochs as markers
+    fig = charts.line(df, "epoch", "benefit", color="layer", colors=shades, markers=few, height=540, **facets)
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
     fig.update_yaxes(title=None, matches=None)
     charts.show(fig, df, key="bb_curves", name=f"{name}-benefit")
@@ -166,7 +176,7 @@ def render() -> None:
         budget(hist)
     with tabs[3]:
         part = df[df["token"] == "CLS"]
-        fig = charts.line(part, "epoch", "kept_params", color="block", markers=False)
+        fig = charts.line(part, "epoch", "kept_params", color="block", markers=part["epoch"].nunique() < 3)
         charts.show(fig, part[["epoch", "block", "keep_ratio", "kept_params"]], key="bb_kept")
     with tabs[4], state.user_errors():
         structure(hist)

@@ -13,7 +13,8 @@ from studio.prune.splora import CRITERIA, DENSITY_DEFINITION, at_densities, curv
 from studio.runs import RunDir, list_runs
 from studio.ui import charts, guide, state
 from studio.ui.charts import human, pct
-from studio.ui.jobs import device_picker, job_panel, start_job_button
+from studio.ui.jobs import device_picker, start_job_button
+from studio.ui.run_actions import follow, result_actions, started_as_job
 
 st.title("Adapters")
 st.caption(
@@ -114,7 +115,10 @@ if not runs:
     st.info("No SPLoRA run yet: start one below (a few CPU minutes on the demo).", icon=":material/info:")
 else:
     names = [r.path.name for r in runs]
-    picked = st.multiselect("Runs", names, default=names[:1], key="adapters_runs")
+    held = st.session_state.get("adapters_runs")
+    # the session's picks that still exist (a run may be deleted), else the newest run
+    st.session_state["adapters_runs"] = [n for n in held or () if n in names] or names[:1]
+    picked = st.multiselect("Runs", names, key="adapters_runs")
     x_label = st.radio("Density axis", list(X_AXES), horizontal=True, key="adapters_x")
     selected = [r for r in runs if r.path.name in picked]
     active = any(jobs.job_status(r.path).active for r in selected)
@@ -185,9 +189,21 @@ spec = PruneSpec(
 busy = jobs.device_holder(device, root)
 if busy:
     st.info(f"{device} is busy with job {Path(busy['run']).name}; a new job is refused until it ends.")
-start_job_button("Start SPLoRA", spec, key="adapters_start", device=device, disabled=not scope)
+if not scope:
+    st.error("Pick at least one kind of unit to prune (Units).", icon=":material/error:")
+started = start_job_button("Start SPLoRA", spec, key="adapters_start", device=device, disabled=not scope)
+if started is not None:  # draw the curves of the run just started, not the ones listed before it existed
+    st.session_state["adapters_runs"] = [started.name]
+    st.rerun()
 current = st.session_state.get("adapters_start_run")
+if not current or not Path(current).is_dir():
+    # nothing started in this session (or a reload): follow the newest SPLoRA job that has not finished
+    current = next(
+        (str(r.path) for r in runs if started_as_job(r.path) and jobs.job_status(r.path).state != "done"), None
+    )
 if current:
     st.subheader("Job", divider="gray")
-    job_panel(current)
+    if follow(current) == "done" and RunDir(current).results_file.exists():
+        st.markdown(f":material/check_circle: **{Path(current).name}** · done")
+        result_actions(current, key="adapters_result")
 guide.next_step(("pages/8_runs.py", "compare it with your other runs"), ("pages/11_export.py", "export it"))

@@ -36,6 +36,12 @@ def _label(r: dict) -> str:
 
 
 labels = {_label(r): r for r in exported}
+wanted = st.session_state.pop("retrain_pick", None)  # a run sent here by another page's Retrain button
+if wanted is not None:
+    same = [k for k, r in labels.items() if Path(r["path"]).resolve() == Path(wanted).resolve()]
+    st.session_state["retrain_model"] = same[0] if same else None
+if st.session_state.get("retrain_model") not in labels:
+    st.session_state.pop("retrain_model", None)
 picked = labels[st.selectbox("Pruned model", list(labels), key="retrain_model")]
 model = str(Path(picked["path"]) / "export")
 teacher_spec = infer_teacher(model)

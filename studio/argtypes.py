@@ -8,9 +8,22 @@ is loaded, instead of running on a silently wrong setting. Each raises :class:`a
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["finite_float", "nonnegative_float", "nonnegative_int", "positive_float", "positive_int"]
+__all__ = [
+    "finite_float",
+    "fraction",
+    "in_range",
+    "integer",
+    "json_object",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+]
 
 # counts beyond this are typos (an exponent, an extra zero run), never a real epoch, sample or pixel count
 MAX_COUNT = 2**31 - 1
@@ -32,13 +45,18 @@ def _int(text: str, what: str) -> int:
     return int(f)
 
 
-def _bounded_int(text: str, low: int, what: str) -> int:
+def _bounded_int(text: str, low: int | None, what: str) -> int:
     n = _int(text, what)
-    if n < low:
+    if low is not None and n < low:
         raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
-    if n > MAX_COUNT:
+    if abs(n) > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"{text!r} is too large; use at most {MAX_COUNT:,}")
     return n
+
+
+def integer(text: str) -> int:
+    """Any whole number of magnitude at most :data:`MAX_COUNT` (an option whose bounds are checked later)."""
+    return _bounded_int(text, None, "a whole number")
 
 
 def positive_int(text: str) -> int:
@@ -76,3 +94,50 @@ def nonnegative_float(text: str) -> float:
     if x < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text!r}")
     return x
+
+
+def fraction(text: str) -> float:
+    """A finite number in [0, 1] (a ratio, a smoothing, a loss mix)."""
+    x = finite_float(text)
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text!r}")
+    return x
+
+
+def in_range(kind: type, low: float | None = None, high: float | None = None) -> Callable[[str], Any]:
+    """An ``int`` or ``float`` type for argparse, refusing NaN/inf and values outside ``[low, high]``.
+
+    For options that declare their own bounds (a method's options): the flag then refuses what the option would,
+    at parse time and in one line.
+    """
+
+    def parse(text: str) -> Any:
+        x: Any = integer(text) if kind is int else finite_float(text)
+        if (low is not None and x < low) or (high is not None and x > high):
+            span = f"from {low:g} to {high:g}" if low is not None and high is not None else None
+            span = span or (f">= {low:g}" if low is not None else f"<= {high:g}")
+            raise argparse.ArgumentTypeError(f"must be a number {span}, not {text!r}")
+        return x
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message for other errors
+    return parse
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object (``'{"patch_size": 8}'``): a list, a number or a string is refused, and so are NaN/inf."""
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a number")
+
+    try:
+        value = json.loads(text or "{}", parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"is not valid JSON ({e.msg}): {text!r}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} in {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object of constructor arguments, e.g. '{{\"patch_size\": 8}}', not a "
+            f"{type(value).__name__}: {text!r}"
+        )
+    return value

@@ -12,6 +12,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .commands import Output
 from .errors import Cancelled, StudioError
@@ -25,10 +26,19 @@ COMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (exit status 2), as every other CLI error.
+
+    argparse prints the whole usage block before its message; with dozens of options that buries the reason.
+    Subcommand parsers are of this class too (``add_subparsers`` builds them with ``type(self)``).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="studio", description="Pruning Studio: prune fine-tuned Vision Transformers."
-    )
+    parser = OneLineParser(prog="studio", description="Pruning Studio: prune fine-tuned Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -83,6 +83,9 @@ class ImageList(Dataset):
     transform: Callable[[Image.Image], torch.Tensor] | None = None
     origin: list[str] = field(default_factory=list)  # "file:line" for list-file datasets
     skipped: list[str] = field(default_factory=list)
+    # True where ``class_names`` are the data's own names (ImageFolder class folders, the demo's digits); False
+    # where they are only the label numbers (VTAB lists), which say nothing about what a label means
+    named: bool = True
 
     def __len__(self) -> int:
         return len(self.items)
@@ -107,7 +110,7 @@ class ImageList(Dataset):
         return x, self.items[i][1]
 
     def with_transform(self, transform: Callable[[Image.Image], torch.Tensor]) -> ImageList:
-        return ImageList(self.items, self.class_names, transform, self.origin, self.skipped)
+        return ImageList(self.items, self.class_names, transform, self.origin, self.skipped, self.named)
 
     def subset(self, n: int | None, seed: int = 0) -> ImageList:
         if n is None or n >= len(self):
@@ -119,6 +122,7 @@ class ImageList(Dataset):
             self.transform,
             [self.origin[i] for i in idx] if self.origin else [],
             self.skipped,
+            self.named,
         )
 
 
@@ -296,7 +300,7 @@ def _vtab(spec: DataSpec, split: str) -> ImageList:
     if not items:
         raise StudioError(f"{list_file} lists no images.")
     n_classes = max(y for _, y in items) + 1
-    return ImageList(items, [str(i) for i in range(n_classes)], origin=origin)
+    return ImageList(items, [str(i) for i in range(n_classes)], origin=origin, named=False)
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -309,15 +313,24 @@ def load_split(
         items, origin, skipped = _drop_bad(ds.items, ds.origin)
         if not items:
             raise StudioError(f"Every image of split '{split}' was unreadable; nothing left to use.")
-        ds = ImageList(items, ds.class_names, None, origin, skipped)
+        ds = ImageList(items, ds.class_names, None, origin, skipped, ds.named)
     ds = ds.subset(spec.limit, spec.seed)
     if data_config is not None:
         ds = ds.with_transform(make_transform(data_config, train=train_transform))
     return ds
 
 
-def check_labels(ds: ImageList, num_classes: int, split: str = "") -> None:
-    """Refuse labels the model cannot predict, naming the first offending entry."""
+def check_labels(
+    ds: ImageList, num_classes: int, split: str = "", *, class_names: Sequence[str] | None
+) -> None:
+    """Refuse data a model cannot be scored or trained on: labels out of its range, or other classes than its own.
+
+    This is where every model meets its data (:func:`prepare` calls it for every flow, evaluation and analysis).
+    ``class_names`` are the classes the model was trained with, as its export recorded them, or None where they
+    are unknown (a bare checkpoint, a fresh head): then only the label range can be checked.
+    """
+    if class_names is not None:
+        check_classes(ds, class_names, split)
     for i, (_, y) in enumerate(ds.items):
         if not 0 <= y < num_classes:
             where = ds.origin[i] if ds.origin else f"sample {i}"
@@ -325,6 +338,38 @@ def check_labels(ds: ImageList, num_classes: int, split: str = "") -> None:
                 f"{where}{' of ' + split if split else ''}: label {y} is out of range for a "
                 f"{num_classes}-class model. Use --num-classes {max(ds.labels) + 1} --reset-head, or fix the label."
             )
+
+
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(str(n)) for n in list(names)[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_classes(ds: ImageList, class_names: Sequence[str], split: str = "") -> None:
+    """Refuse data whose classes are not the model's, in the model's order.
+
+    An ImageFolder's label is the position of its class folder in the sorted list of ``train/``'s folders, so one
+    missing or extra folder shifts every later label: every image would be scored (or trained) against another
+    class without any error. Data without names of its own (VTAB lists: labels only) cannot be compared.
+    """
+    if not ds.named or list(ds.class_names) == [str(n) for n in class_names]:
+        return
+    model, data = [str(n) for n in class_names], list(ds.class_names)
+    missing = [n for n in model if n not in data]
+    extra = [n for n in data if n not in model]
+    parts = []
+    if missing:
+        parts.append(f"it lacks {_names(missing)}")
+    if extra:
+        parts.append(f"it has {_names(extra)}, which the model does not know")
+    if not parts:
+        parts.append(f"they come in another order ({_names(data)} vs the model's {_names(model)})")
+    raise StudioError(
+        f"The data's classes{' (' + split + ')' if split else ''} are not the {len(model)} the model was "
+        f"trained with: {'; '.join(parts)}, so every label would point at the wrong class. Give data with "
+        "exactly the model's class folders, or train a new classifier on this data with --reset-head "
+        f"--num-classes {len(data)}."
+    )
 
 
 def make_transform(cfg: Mapping[str, Any], *, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
@@ -402,11 +447,17 @@ def prepare(
     data_config: Mapping[str, Any],
     num_classes: int,
     *,
+    class_names: Sequence[str] | None,
     train_transform: bool = False,
 ) -> Dataset:
-    """A split ready for a model: its transform, labels checked against the classifier, small splits in memory."""
+    """A split ready for a model: its transform, labels and classes checked against the model's, small splits in
+    memory.
+
+    ``class_names`` is required (give ``loaded.known_class_names``): every caller states the model's classes, so
+    no flow can skip the check that the data's labels mean what the model's outputs mean.
+    """
     ds = load_split(spec, split, data_config, train_transform=train_transform)
-    check_labels(ds, num_classes, split)
+    check_labels(ds, num_classes, split, class_names=class_names)
     if len(ds) <= IN_MEMORY_MAX and not train_transform:
         return in_memory(ds)
     return ds

@@ -7,10 +7,12 @@ then loads the weights strictly — so a pruned model reloads in a fresh process
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ MANIFEST_SCHEMA = "pruning-studio/model"
 MANIFEST_VERSION = 1
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+# what the manifest's checksum covers: every field that changes what the loaded model computes, plus the weights
+INTEGRITY_FIELDS = ("base", "plan", "data_config", "class_names")
 
 
 def library_versions() -> dict[str, str]:
@@ -56,6 +60,7 @@ def export(
     extra: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    class_names_known: bool | None = None,
 ) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/manifest.json`` as one atomic folder; return the folder.
 
@@ -66,7 +71,10 @@ def export(
         model: the (pruned) timm model whose weights are saved.
         base: the unpruned architecture the plan refers to.
         plan: the plan applied to ``base`` to obtain ``model``'s structure (None: unpruned).
+        class_names: the classes the model was trained with, in label order (None: unknown, "0".."N-1" stored).
         dtype: optionally store floating weights in a smaller dtype (e.g. ``torch.float16``).
+        class_names_known: whether ``class_names`` are real (default: whether they were given); recorded so that
+            loading data with other classes is refused, but a placeholder list never is.
         overwrite: replace a non-empty ``folder`` (refused otherwise: an existing output is never overwritten
             without the user asking).
     """
@@ -79,7 +87,8 @@ def export(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _write_export(staging, model, base, plan, data_config, class_names, metrics, extra, dtype)
+        known = class_names is not None if class_names_known is None else class_names_known
+        _write_export(staging, model, base, plan, data_config, class_names, known, metrics, extra, dtype)
         _replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -105,6 +114,7 @@ def _write_export(
     plan: PrunePlan | None,
     data_config: Mapping[str, Any] | None,
     class_names: list[str] | None,
+    class_names_known: bool,
     metrics: Mapping[str, Any] | None,
     extra: Mapping[str, Any] | None,
     dtype: torch.dtype | None,
@@ -119,6 +129,7 @@ def _write_export(
         "plan": None if plan is None else plan.to_dict(),
         "data_config": dict(data_config or {}),
         "class_names": list(class_names or [str(i) for i in range(base.num_classes)]),
+        "class_names_known": bool(class_names_known and class_names),
         "metrics": dict(metrics or {}),
         "versions": library_versions(),
         "weights_dtype": str(dtype or "float32").removeprefix("torch."),
@@ -126,6 +137,68 @@ def _write_export(
     }
     save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt", "schema": MANIFEST_SCHEMA})
     write_json(folder / MANIFEST, manifest)
+    # the checksum is taken over the manifest as it reads back (tuples as lists, numbers as JSON writes them)
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    manifest["integrity"] = integrity(manifest, folder / WEIGHTS)
+    write_json(folder / MANIFEST, manifest)
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+def _sha256_json(value: Any) -> str:
+    # canonical JSON (sorted keys, no spaces): the same value always hashes the same, however it was written
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def integrity(manifest: Mapping[str, Any], weights: Path) -> dict[str, Any]:
+    """The manifest's ``integrity`` section: sha256 of the weights file and of each field that changes the model.
+
+    One digest per part (not one over all) so a mismatch can say what was changed.
+    """
+    return {
+        "algorithm": "sha256",
+        "weights": _sha256_file(weights),
+        **{k: _sha256_json(manifest.get(k)) for k in INTEGRITY_FIELDS},
+    }
+
+
+def verify_integrity(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse an export whose manifest or weights changed after it was written (checksum mismatch).
+
+    A hand-edited kept index, architecture, activation, ``scale_policy`` or mean still builds a valid model, just
+    not the one that was exported: without this check it would load and predict differently. Exports written
+    before checksums existed load with a warning.
+    """
+    recorded = manifest.get("integrity")
+    if recorded is None:
+        warnings.warn(
+            f"{folder} has no checksum (exported by an older studio), so changes to its manifest or weights "
+            "cannot be detected; export it again to add one.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+    if not isinstance(recorded, dict) or recorded.get("algorithm") != "sha256":
+        raise StudioError(
+            f"{folder / MANIFEST} has an unreadable 'integrity' section: the export is damaged; export it again."
+        )
+    changed = [k for k in INTEGRITY_FIELDS if recorded.get(k) != _sha256_json(manifest.get(k))]
+    if recorded.get("weights") != _sha256_file(folder / WEIGHTS):
+        changed.append(f"weights ({WEIGHTS})")
+    if changed:
+        what = ", ".join(f"'{k}'" if k in INTEGRITY_FIELDS else k for k in changed)
+        raise StudioError(
+            f"{folder} was changed after export: its {what} no longer match the checksum recorded in "
+            f"{MANIFEST}, so it would not compute what was exported; export the model again from its source."
+        )
 
 
 def export_loaded(
@@ -146,6 +219,7 @@ def export_loaded(
         plan=plan,
         data_config=loaded.data_config,
         class_names=loaded.class_names,
+        class_names_known=loaded.class_names_known,
         metrics=metrics,
         extra=extra,
         overwrite=overwrite,
@@ -234,7 +308,8 @@ def load_exported(
     if not weights.exists():
         raise StudioError(f"{folder} has a manifest but no {WEIGHTS}; export the model again.")
     _refuse_pickle(weights)
-    model, base, plan = build_from_manifest(manifest)
+    model, base, plan = build_from_manifest(manifest)  # structural faults first, each with its own message
+    verify_integrity(folder, manifest)  # then a valid but changed manifest, before any weight is loaded
     try:
         sd = load_file(str(weights))
     except Exception as e:  # safetensors raises several types for damaged files
@@ -255,11 +330,13 @@ def load_exported(
     cfg = dict(manifest.get("data_config") or {}) or data_config(model)
     for k, v in (data_overrides or {}).items():
         cfg[k] = v
+    names = [str(n) for n in manifest.get("class_names") or []]
     return LoadedModel(
         model=model,
         base=base,
         data_config=cfg,
-        class_names=list(manifest.get("class_names") or []),
+        class_names=names,
+        class_names_known=_names_known(manifest, names),
         device=dev,
         plan=plan,
         source=str(folder),
@@ -267,9 +344,17 @@ def load_exported(
         meta={
             k: v
             for k, v in manifest.items()
-            if k not in ("base", "plan", "data_config", "class_names", "metrics")
+            if k not in ("base", "plan", "data_config", "class_names", "class_names_known", "metrics")
         },
     )
+
+
+def _names_known(manifest: Mapping[str, Any], names: list[str]) -> bool:
+    """Whether an export's class names are real: its own flag, or for exports older than the flag, whether
+    they differ from the placeholders "0".."N-1" that were written when the names were unknown."""
+    if "class_names_known" in manifest:
+        return bool(manifest["class_names_known"]) and bool(names)
+    return bool(names) and names != [str(i) for i in range(len(names))]
 
 
 def export_onnx(

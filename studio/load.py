@@ -161,4 +161,5 @@ def _load_folder(folder: Path, spec: ModelSpec, device: torch.device, *, name: s
             kwargs={**loaded.base.kwargs, "num_classes": spec.num_classes},
         )
         loaded.class_names = [str(i) for i in range(spec.num_classes)]
+        loaded.class_names_known = False  # a fresh classifier: it learns whatever classes its data has
     return loaded

@@ -90,10 +90,18 @@ class LoadedModel:
     source: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # whether ``class_names`` are the classes the model was trained with (recorded in its export, or given),
+    # rather than the placeholders "0".."N-1" of a bare checkpoint or a fresh classifier
+    class_names_known: bool = False
 
     @property
     def name(self) -> str:
         return self.source
+
+    @property
+    def known_class_names(self) -> list[str] | None:
+        """The model's class names where they are known (what data is checked against), else None."""
+        return list(self.class_names) if self.class_names_known else None
 
     @classmethod
     def from_module(
@@ -114,6 +122,7 @@ class LoadedModel:
             class_names=class_names or [str(i) for i in range(model.num_classes)],
             device=next(model.parameters()).device,
             source=source,
+            class_names_known=bool(class_names),
         )
 
 

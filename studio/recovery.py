@@ -359,4 +359,8 @@ def infer_teacher(model_source: str) -> ModelSpec | None:
         return None
     if spec.get("kind") == "retrain":  # a recovered model: its own teacher is the unpruned one
         return None if spec.get("teacher") is None else ModelSpec.from_dict(spec["teacher"])
+    if spec["model"].get("reset_head"):
+        # the run started from a backbone with a fresh classifier (P3B, SPLoRA transfer runs): that starting
+        # model never learned the task, so it cannot teach it
+        return None
     return ModelSpec.from_dict(spec["model"])

@@ -158,6 +158,16 @@ class RunDir:
     def checkpoint_file(self) -> Path:
         return self.path / "checkpoint.pt"  # torch.save payload, read back with weights_only=True
 
+    def checkpoints(self) -> list[Path]:
+        """Every resume checkpoint of the run: ``checkpoint.pt`` (retrain, SLS) and the phase or series files
+        of multi-phase flows (``p3b_prune.pt``, ``p3b_finetune.pt``, ``splora-<series>*.pt``)."""
+        return sorted(p for p in self.path.glob("*.pt") if p.is_file())
+
+    @property
+    def has_checkpoint(self) -> bool:
+        """Whether the run holds a checkpoint to resume from (any flow's; see :meth:`checkpoints`)."""
+        return bool(self.checkpoints())
+
     def spec(self) -> dict[str, Any]:
         return read_json(self.spec_file)
 
@@ -181,10 +191,10 @@ class RunDir:
         try:
             yield self
         except Cancelled:
-            self.set_status("cancelled", resumable=any(self.path.glob("*.pt")))
+            self.set_status("cancelled", resumable=self.has_checkpoint)
             raise
         except BaseException as e:
-            self.set_status("failed", error=(str(e) or type(e).__name__)[:500])
+            self.set_status("failed", error=(str(e) or type(e).__name__)[:500], resumable=self.has_checkpoint)
             raise
         self.set_status("done")
 

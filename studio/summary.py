@@ -73,7 +73,7 @@ def check_data(
         ds = load_split(spec, split)
         if len(ds) == 0:
             raise StudioError(f"Split '{split}' of {spec} has no images.")
-        check_labels(ds, loaded.base.num_classes, split)
+        check_labels(ds, loaded.base.num_classes, split, class_names=loaded.known_class_names)
         idx = np.arange(len(ds))
         if len(ds) > CHECK_DECODE_ALL:
             idx = np.random.default_rng(spec.seed).choice(len(ds), CHECK_DECODE_SAMPLE, replace=False)
@@ -93,7 +93,9 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Top-1, loss and per-class accuracy of the model on one split (plain dict: cacheable, JSON-able)."""
 
-    ds = prepare(spec, split, loaded.data_config, loaded.base.num_classes)
+    ds = prepare(
+        spec, split, loaded.data_config, loaded.base.num_classes, class_names=loaded.known_class_names
+    )
     ev = evaluate(loaded.model, ds, num_classes=loaded.base.num_classes, callbacks=callbacks, cancel=cancel)
     names = loaded.class_names or [str(i) for i in range(len(ev.per_class))]
     return {

@@ -408,8 +408,16 @@ def _load_checkpoint(
         raise StudioError(
             f"Checkpoint {path} cannot be read ({str(e)[:120]}). Delete it to start over."
         ) from None
-    state.model.load_state_dict(payload["model"])
-    state.optimizer.load_state_dict(payload["optimizer"])
+    _check_payload(payload, path)
+    try:  # a studio checkpoint of another model (structure) or optimizer (parameter groups)
+        state.model.load_state_dict(payload["model"])
+        state.optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise StudioError(
+            f"Checkpoint {path} was saved by another model or recipe than this run's ({first}); it cannot be "
+            "resumed here: move it away to start over, or resume the run that wrote it."
+        ) from None
     state.step = int(payload["step"])
     state.history = list(payload["history"])
     torch.set_rng_state(payload["rng"])
@@ -428,6 +436,41 @@ def _load_checkpoint(
     for h, sd in zip([h for h in hooks if hasattr(h, "load_state_dict")], payload["hooks"]):
         h.load_state_dict(_to_device(sd, device))
     return int(payload["epoch"]), int(payload["skip"])
+
+
+# what _save_checkpoint writes and _load_checkpoint reads without a default
+_CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "epoch",
+    "skip",
+    "step",
+    "rng",
+    "history",
+    "best_epoch",
+    "best_top1",
+    "best_weights",
+    "hooks",
+)
+
+
+def _check_payload(payload: Any, path: Path) -> None:
+    """Refuse a readable torch file that is not a training checkpoint of the studio (e.g. a bare state dict saved
+    as ``checkpoint.pt``) in one sentence, instead of a ``KeyError`` half-way through restoring it."""
+    if not isinstance(payload, dict):
+        what = f"it holds a {type(payload).__name__}"
+    elif missing := [k for k in _CHECKPOINT_KEYS if k not in payload]:
+        what = f"it lacks {', '.join(repr(k) for k in missing[:4])}" + (
+            " and more" if len(missing) > 4 else ""
+        )
+    elif not isinstance(payload["model"], dict):
+        what = "its 'model' is not a state dict"
+    else:
+        return
+    raise StudioError(
+        f"Checkpoint {path} is not a training checkpoint written by the studio ({what}), so it cannot be "
+        "resumed: move it away to start the run over, or give the run folder that wrote it."
+    )
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:

@@ -26,7 +26,7 @@ def test_demo_split_is_fixed_and_disjoint():
 
 
 def test_prepare_applies_model_transform():
-    ds = prepare(DataSpec(), "val", DEMO_DATA_CONFIG, 10)
+    ds = prepare(DataSpec(), "val", DEMO_DATA_CONFIG, 10, class_names=None)
     x, y = ds[0]
     assert tuple(x.shape) == (3, 32, 32) and float(x.min()) >= -1.0 and float(x.max()) <= 1.0
     assert 0 <= int(y) < 10
@@ -91,7 +91,7 @@ def test_label_out_of_range_for_model(tmp_path):
     with pytest.raises(
         StudioError, match=r"train800\.txt line 1.*label 12 is out of range for a 10-class model"
     ):
-        check_labels(ds, 10)
+        check_labels(ds, 10, class_names=None)
 
 
 def test_unknown_dataset_kind_lists_valid_ones():

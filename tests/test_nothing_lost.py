@@ -85,3 +85,72 @@ def test_a_refused_start_leaves_no_run_folder(tmp_path):
     with pytest.raises(StudioError, match="finalize"):
         jobs.submit(spec, tmp_path / "runs" / "refused", device="cpu")
     assert not (tmp_path / "runs" / "refused").exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        ({"state_dict": {"w": "tensor"}}, "it lacks 'model', 'optimizer', 'epoch', 'skip' and more"),
+        ("a tensor", "it holds a Tensor"),
+    ],
+)
+def test_resuming_from_a_foreign_checkpoint_is_one_line(tmp_path, capsys, payload, needle):
+    """A readable torch file that the training loop did not write used to stop the resume with KeyError: 'model'."""
+    import torch
+
+    from studio.runs import RunDir
+
+    run = tmp_path / "r"
+    rc = main(
+        [
+            "retrain",
+            "--model",
+            "demo",
+            "--data",
+            "demo",
+            "--out",
+            str(run),
+            "--dry-run",
+            "--limit",
+            "64",
+            "--kd",
+            "none",
+        ]
+    )
+    assert rc == 0
+    capsys.readouterr()
+    value = {"state_dict": {"w": torch.zeros(2)}} if isinstance(payload, dict) else torch.zeros(2)
+    torch.save(value, RunDir(run).checkpoint_file)
+    rc = main(["retrain", "--run", str(run), "--resume", "--no-bench", "--no-export", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()  # progress lines (the recipe, data) come first on stderr
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and err.endswith(errors[0]), err
+    assert "is not a training checkpoint written by the studio" in errors[0] and needle in errors[0], err
+    assert "KeyError" not in err and "Traceback" not in err
+
+
+def test_resuming_a_studio_checkpoint_of_another_model_is_one_line(tmp_path):
+    """A studio checkpoint whose weights do not fit the model (another width) is refused, not a RuntimeError."""
+    import torch
+
+    from studio.errors import StudioError
+    from studio.models import create_vit
+    from studio.train import TrainSpec, fit
+
+    kw = dict(img_size=16, patch_size=8, depth=1, num_heads=2, num_classes=3)
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    data = torch.utils.data.TensorDataset(x, y)
+    ckpt = tmp_path / "checkpoint.pt"
+    spec = TrainSpec(epochs=1, batch_size=6, lr=1e-3)
+    fit(create_vit("vit_tiny_patch16_224", embed_dim=32, **kw), data, None, spec, checkpoint=ckpt)
+    assert ckpt.exists()
+    with pytest.raises(StudioError, match=r"was saved by another model or recipe than this run's \(") as e:
+        fit(
+            create_vit("vit_tiny_patch16_224", embed_dim=48, **kw),
+            data,
+            None,
+            spec,
+            checkpoint=ckpt,
+            resume=True,
+        )
+    assert "\n" not in str(e.value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +20,13 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from .. import memory
 from ..data import DataSpec, make_loader, prepare
 from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, CancelToken, check, progress
 from ..models import LoadedModel
+from ..plan import BaseArch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Matrix = tuple[tuple[float, ...], ...]
@@ -153,25 +155,62 @@ def example_inputs(model: nn.Module) -> torch.Tensor:
     return torch.zeros(1, pe.proj.in_channels, *pe.img_size, device=device)
 
 
+def micro_batches(
+    x: torch.Tensor, y: torch.Tensor, size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Chunks of at most ``size`` images of one batch, each with its share of the batch (weights sum to 1).
+
+    A batch's mean loss is the share-weighted sum of its chunks' mean losses, so gradients accumulated over
+    the chunks are the batch's gradients while only one chunk's activations are alive at a time.
+    """
+    n = len(x)
+    size = max(1, min(size, n)) if size > 0 else n
+    for s in range(0, n, size):
+        yield x[s : s + size], y[s : s + size], min(size, n - s) / n
+
+
+def calibration_micro_batch(
+    model: nn.Module, base: BaseArch, batches: Sequence[Batch], mode: str, asked: int
+) -> int:
+    """The micro-batch a calibration pass uses: ``asked`` (> 0) or the largest within the activation budget."""
+    biggest = max((len(y) for _, y in batches), default=1)
+    device = next(model.parameters()).device
+    explicit = mode == "hessian" or not any(getattr(m, "fused_attn", False) for m in model.modules())
+    return memory.micro_batch(base, biggest, mode, device, asked=asked, explicit=explicit)
+
+
 def accumulate_gradients(
     model: nn.Module,
     batches: Sequence[Batch],
     *,
+    micro_batch: int = 0,
+    base: BaseArch | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> dict[str, torch.Tensor]:
-    """∂L/∂w summed over ``batches`` (eval mode, mean cross-entropy per batch, never zeroed: the reference)."""
+    """∂L/∂w summed over ``batches`` (eval mode, mean cross-entropy per batch, never zeroed: the reference).
+
+    Each batch runs in micro-batches (``micro_batch`` images, or chosen within the activation budget when 0
+    and ``base`` is given) whose gradients accumulate to the batch's, so the peak memory is one micro-batch's
+    activations however large the calibration batch is.
+    """
     m = copy.deepcopy(model).eval()
     device = next(m.parameters()).device
     for p in m.parameters():
         p.requires_grad_(True)
         p.grad = None
+    if micro_batch <= 0 and base is not None:
+        micro_batch = calibration_micro_batch(m, base, batches, "backward", 0)
     for i, (x, y) in enumerate(batches):
         check(cancel)
-        with torch.enable_grad():
-            loss = F.cross_entropy(logits_of(m, x.to(device)), torch.as_tensor(y).to(device).long())
-            loss.backward()
-        progress(callbacks, "taylor gradients", i + 1, len(batches), loss=float(loss.detach()))
+        total = 0.0
+        yb = torch.as_tensor(y)
+        for xc, yc, share in micro_batches(x, yb, micro_batch):
+            with torch.enable_grad():
+                loss = F.cross_entropy(logits_of(m, xc.to(device)), yc.to(device).long()) * share
+                loss.backward()
+            total += float(loss.detach())
+        progress(callbacks, "taylor gradients", i + 1, len(batches), loss=total)
     return {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
@@ -218,14 +257,42 @@ def group_scores(model: nn.Module, importance: tp.importance.Importance) -> dict
     return {"heads": heads, "head_dims": dims, "channels": chans, "mlp": mlp, "embed": embed}
 
 
+class CalibrationBatches(Sequence[Batch]):
+    """``n`` shuffled (seeded) batches of a split, drawn afresh on each pass instead of held in memory.
+
+    Every pass yields the same batches in the same order (the loader's generator is re-seeded), so methods
+    that pass over the calibration data several times see the same images, and the memory a calibration
+    holds does not grow with the number of batches.
+    """
+
+    def __init__(self, dataset: Any, n: int, batch_size: int, seed: int, device: torch.device) -> None:
+        self.dataset, self.batch_size, self.seed, self.device = dataset, batch_size, seed, device
+        self._len = min(n, -(-len(dataset) // batch_size))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = make_loader(self.dataset, batch_size=self.batch_size, shuffle=True, seed=self.seed)
+        for i, (x, y) in enumerate(loader):
+            if i >= self._len:
+                return
+            yield x.to(self.device), torch.as_tensor(y).to(self.device)
+
+    def __getitem__(self, i: int) -> Batch:  # type: ignore[override]
+        if not -self._len <= i < self._len:
+            raise IndexError(i)
+        for j, b in enumerate(self):
+            if j == i % self._len:
+                return b
+        raise IndexError(i)
+
+
 def calibration_batches(
     loaded: LoadedModel, data: DataSpec, split: str, n: int, batch_size: int, seed: int = 0
-) -> list[Batch]:
-    """``n`` shuffled (seeded) batches of a split, on the model's device."""
-    ds = prepare(data, split, loaded.data_config, loaded.base.num_classes)
-    out: list[Batch] = []
-    for x, y in make_loader(ds, batch_size=batch_size, shuffle=True, seed=seed):
-        out.append((x.to(loaded.device), torch.as_tensor(y).to(loaded.device)))
-        if len(out) >= n:
-            break
-    return out
+) -> CalibrationBatches:
+    """``n`` shuffled (seeded) batches of a split, on the model's device (see :class:`CalibrationBatches`)."""
+    ds = prepare(
+        data, split, loaded.data_config, loaded.base.num_classes, class_names=loaded.known_class_names
+    )
+    return CalibrationBatches(ds, n, batch_size, seed, loaded.device)

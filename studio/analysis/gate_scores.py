@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import memory
 from ..bench import unfused_attention
 from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, CancelToken, check, progress
 from ..plan import BaseArch, PrunePlan
 from ..surgery import check_supported
+from .criteria import micro_batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -169,13 +171,19 @@ def savit_scores(
     hvp_every: int = 1,
     hessian_embed: float = 6.0,
     seed: int = 0,
+    micro_batch: int = 0,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> SavitScores:
     """Taylor2 gate scores and the Hessian interaction matrix over ``batches`` (SAViT §3, see module doc).
 
+    Each batch runs in micro-batches (``micro_batch`` images; 0 picks the largest within the activation
+    budget): the batch's gate gradient is the share-weighted sum of the micro-batches' and is squared only
+    then, and the Hessian-vector products are linear, so both equal the whole batch's while only one
+    micro-batch's graph is alive. ``create_graph`` is used only on the batches that take HVPs.
+
     Args:
-        hvp_every: compute the 9 Hessian-vector products on every k-th batch (0: none, ``Ĥ`` = identity).
+        hvp_every: compute the Hessian-vector products on every k-th batch (0: none, ``Ĥ`` = identity).
         hessian_embed: the reference's normaliser knob for the shared residual gate.
     """
     if not batches:
@@ -192,30 +200,43 @@ def savit_scores(
     rng = random.Random(seed)
     n_hvp = 0
     index = {id(p): k for k, p in enumerate(params)}
+    biggest = max(len(y) for _, y in batches)
     with unfused_attention(gm):
         for t, (x, y) in enumerate(batches):
             check(cancel)
             x, y = x.to(device), torch.as_tensor(y).to(device).long()
             do_h = hvp_every > 0 and t % hvp_every == 0
-            with torch.enable_grad():
-                loss = F.cross_entropy(logits_of(gm, x).float(), y)
-                grads = torch.autograd.grad(loss, params, create_graph=do_h)
-                for a, g in zip(acc, grads):
-                    a += g.detach().double() ** 2
-                if do_h:
-                    l1 = rng.randrange(L)
-                    for i in range(3):
+            mb = micro_batch or memory.micro_batch(base, biggest, "hessian" if do_h else "backward", device)
+            # the layer pairs of this batch's HVPs, drawn in the reference's order (l1, then l2 per i, j)
+            pairs: list[tuple[int, list[int]]] = []
+            if do_h:
+                l1 = rng.randrange(L)
+                pairs = [(l1, [rng.randint(0, l1) for _ in range(3)]) for _ in range(3)]
+            grad = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+            h_batch = np.zeros((3, 3), dtype=np.float64)
+            loss_sum = 0.0
+            for xc, yc, share in micro_batches(x, y, mb):
+                with torch.enable_grad():
+                    loss = F.cross_entropy(logits_of(gm, xc).float(), yc) * share
+                    grads = torch.autograd.grad(loss, params, create_graph=do_h)
+                    for g_acc, g in zip(grad, grads):
+                        g_acc += g.detach().double()
+                    for i, (l1, l2s) in enumerate(pairs):
                         gi = grads[index[id(gates.of(i, l1))]]
-                        for j in range(3):
-                            l2 = rng.randint(0, l1)
-                            target = gates.of(j, l2)
-                            (h,) = torch.autograd.grad(
-                                gi.sum(), target, retain_graph=True, allow_unused=True
-                            )  # v = gate values = ones, so (∂L/∂g_i)·v is a plain sum
+                        targets = [gates.of(j, l2) for j, l2 in enumerate(l2s)]
+                        # v = gate values = ones, so (∂L/∂g_i)·v is a plain sum; one call for the 3 targets
+                        hs = torch.autograd.grad(gi.sum(), targets, retain_graph=i < 2, allow_unused=True)
+                        for j, h in enumerate(hs):
                             if h is not None:
-                                hess[i, j] += float(h.detach().double().sum()) / Z[i, j]
-                    n_hvp += 1
-            progress(callbacks, "savit scores", t + 1, len(batches), loss=float(loss.detach()))
+                                h_batch[i, j] += float(h.detach().double().sum())
+                loss_sum += float(loss.detach())
+                del loss, grads  # the micro-batch's graph goes here, before the next one is built
+            for a, g in zip(acc, grad):
+                a += g**2
+            if do_h:
+                hess += h_batch / Z
+                n_hvp += 1
+            progress(callbacks, "savit scores", t + 1, len(batches), loss=loss_sum)
     T = len(batches)
     scores = [(a / T).cpu() for a in acc]
     if n_hvp:

@@ -35,10 +35,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .. import memory
 from ..data import DataSpec
 from ..errors import StudioError
-from ..evaluate import logits_of
 from ..events import Callback, CancelToken, check, emit, progress
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
@@ -52,6 +53,7 @@ from .criteria import (
     calibration_batches,
     group_scores,
     make_importance,
+    micro_batches,
     with_grads,
 )
 from .gate_scores import savit_scores
@@ -149,13 +151,21 @@ def taylor_criterion(
     loaded: LoadedModel,
     batches: Sequence[Batch],
     *,
+    micro_batch: int = 0,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
     **_: Any,
 ) -> UnitScores:
     """torch-pruning's GroupTaylorImportance with gradients summed over ``batches``."""
     t0 = time.time()
-    grads = accumulate_gradients(loaded.model, batches, callbacks=callbacks, cancel=cancel)
+    grads = accumulate_gradients(
+        loaded.model,
+        batches,
+        micro_batch=micro_batch,
+        base=loaded.base,
+        callbacks=callbacks,
+        cancel=cancel,
+    )
     s = _grouped(loaded, "taylor", "taylor", grads)
     return UnitScores("taylor", s.heads, s.head_dims, s.mlp, s.embed, time.time() - t0)
 
@@ -165,6 +175,7 @@ def taylor2_criterion(
     batches: Sequence[Batch],
     *,
     seed: int = 0,
+    micro_batch: int = 0,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
     **_: Any,
@@ -172,9 +183,27 @@ def taylor2_criterion(
     """SAViT's squared gate gradients (no Hessian-vector products: they only matter for SAViT's allocation)."""
     t0 = time.time()
     s = savit_scores(
-        loaded.model, loaded.base, batches, hvp_every=0, seed=seed, callbacks=callbacks, cancel=cancel
+        loaded.model,
+        loaded.base,
+        batches,
+        hvp_every=0,
+        seed=seed,
+        micro_batch=micro_batch,
+        callbacks=callbacks,
+        cancel=cancel,
     )
     return UnitScores("taylor2", heads=s.heads, mlp=s.mlp, embed=s.embed, seconds=time.time() - t0)
+
+
+def _stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Tokens entering the first block (timm's ``forward_features`` up to the blocks)."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def _head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Class logits from the last block's tokens (distilled DeiT: the mean of its two heads in eval mode)."""
+    out = model.forward_head(model.norm(tokens))
+    return (out[0] + out[1]) / 2 if isinstance(out, tuple | list) else out
 
 
 @torch.inference_mode()
@@ -182,59 +211,99 @@ def head_ablation(
     loaded: LoadedModel,
     batches: Sequence[Batch],
     *,
+    samples: int = 0,
+    micro_batch: int = 0,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> tuple[Matrix, float]:
-    """Δ(mean cross-entropy over ``batches``) when each head alone is removed, and the unablated loss.
+    """Δ(mean cross-entropy) when each head alone is removed, and the unablated loss, over the first
+    ``samples`` images of ``batches`` (0: all).
 
     A head is removed by zeroing its ``d`` columns of the ``proj`` input — what pruning it does (its q, k, v
-    rows no longer matter), on a copy of the model.
+    rows no longer matter), on a copy of the model. The tokens entering block ``l`` are computed once and
+    shared by all of its heads, and several heads of a block are ablated in one pass by stacking masked
+    copies of the images along the batch (up to the forward micro-batch), so the result equals one pass per
+    head at about half of its work on a 12-block model.
     """
     model = copy.deepcopy(loaded.model).eval()
     device = next(model.parameters()).device
-    data = [(x.to(device), torch.as_tensor(y).to(device).long()) for x, y in batches]
-    masks = []
-    for blk in model.blocks:
-        a = blk.attn
-        mask = torch.ones(a.num_heads * a.head_dim, device=device)
-        masks.append(mask)
-        blk.attn.proj.register_forward_pre_hook(lambda _m, args, mask=mask: (args[0] * mask, *args[1:]))
+    blocks = list(model.blocks)
+    active: dict[int, torch.Tensor] = {}  # block index -> per-image channel mask of the pass in flight
 
-    def loss() -> float:
-        total, n = 0.0, 0
-        for x, y in data:
-            total += float(F.cross_entropy(logits_of(model, x).float(), y, reduction="sum"))
-            n += len(y)
-        return total / max(n, 1)
+    def masker(i: int):
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            mask = active.get(i)
+            return args if mask is None else (args[0] * mask, *args[1:])
 
-    base = loss()
-    out: list[list[float]] = []
-    todo = sum(blk.attn.num_heads for blk in model.blocks)
-    done = 0
-    for mask, blk in zip(masks, model.blocks):
-        d = blk.attn.head_dim
-        row = []
-        for h in range(blk.attn.num_heads):
-            check(cancel)
-            mask[h * d : (h + 1) * d] = 0.0
-            row.append(loss() - base)
-            mask[h * d : (h + 1) * d] = 1.0
-            done += 1
-            progress(callbacks, "head ablation", done, todo)
-        out.append(row)
-    return tuple(tuple(r) for r in out), base
+        return hook
+
+    for i, blk in enumerate(blocks):
+        blk.attn.proj.register_forward_pre_hook(masker(i))
+    mb = micro_batch or memory.micro_batch(
+        loaded.base, max((len(y) for _, y in batches), default=1), "forward", device
+    )
+    chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+    left = samples if samples > 0 else None
+    for x, y in batches:
+        x, y = x.to(device), torch.as_tensor(y).to(device).long()
+        if left is not None:
+            x, y, left = x[:left], y[:left], left - len(x[:left])
+        for xc, yc, _ in micro_batches(x, y, mb):
+            chunks.append((xc, yc))
+        if left == 0:
+            break
+    heads = [blk.attn.num_heads for blk in blocks]
+    sums = [torch.zeros(h, dtype=torch.float64) for h in heads]
+    base_sum, n = 0.0, 0
+    todo, done = len(chunks) * sum(heads), 0
+    for xc, yc in chunks:
+        B = len(yc)
+        tokens = _stem(model, xc)
+        for i, blk in enumerate(blocks):
+            H, d = heads[i], blk.attn.head_dim
+            per = max(1, mb // B)  # heads ablated in one stacked pass
+            for first in range(0, H, per):
+                check(cancel)
+                hs = list(range(first, min(H, first + per)))
+                mask = torch.ones(len(hs), 1, H * d, device=device, dtype=tokens.dtype)
+                for k, h in enumerate(hs):
+                    mask[k, ..., h * d : (h + 1) * d] = 0
+                active[i] = mask.repeat_interleave(B, dim=0)
+                t = tokens.repeat(len(hs), 1, 1)
+                for b in blocks[i:]:
+                    t = b(t)
+                active.pop(i)
+                ce = F.cross_entropy(_head(model, t).float(), yc.repeat(len(hs)), reduction="none")
+                sums[i][hs] += ce.view(len(hs), B).sum(1).double().cpu()
+                done += len(hs)
+                progress(callbacks, "head ablation", done, todo)
+            tokens = blk(tokens)
+        base_sum += float(F.cross_entropy(_head(model, tokens).float(), yc, reduction="sum"))
+        n += B
+    n = max(n, 1)
+    base = base_sum / n
+    return tuple(tuple(float(v) / n - base for v in s) for s in sums), base
 
 
 def ablation_criterion(
     loaded: LoadedModel,
     batches: Sequence[Batch],
     *,
+    ablation_samples: int = 0,
+    micro_batch: int = 0,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
     **_: Any,
 ) -> UnitScores:
     t0 = time.time()
-    heads, _ = head_ablation(loaded, batches, callbacks=callbacks, cancel=cancel)
+    heads, _ = head_ablation(
+        loaded,
+        batches,
+        samples=ablation_samples,
+        micro_batch=micro_batch,
+        callbacks=callbacks,
+        cancel=cancel,
+    )
     return UnitScores("ablation", heads=heads, seconds=time.time() - t0)
 
 
@@ -266,10 +335,16 @@ def compute_importance(
     criteria: Sequence[str] = DEFAULT_CRITERIA,
     *,
     seed: int = 0,
+    micro_batch: int = 0,
+    ablation_samples: int = 0,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> ImportanceResult:
-    """Scores of ``criteria`` for ``loaded``'s model over the calibration ``batches`` (model never changed)."""
+    """Scores of ``criteria`` for ``loaded``'s model over the calibration ``batches`` (model never changed).
+
+    ``micro_batch`` bounds the images in one pass (0: chosen within the activation budget); ablation runs on
+    the first ``ablation_samples`` images only when given (it costs about half a forward pass per head).
+    """
 
     if loaded.plan is not None and not loaded.plan.is_dense:
         raise StudioError(
@@ -286,7 +361,17 @@ def compute_importance(
     for c in crits:
         check(cancel)
         emit(callbacks, "log", message=f"importance: {c.name}")
-        scores.append(c.fn(loaded, batches, seed=seed, callbacks=callbacks, cancel=cancel))
+        scores.append(
+            c.fn(
+                loaded,
+                batches,
+                seed=seed,
+                micro_batch=micro_batch,
+                ablation_samples=ablation_samples,
+                callbacks=callbacks,
+                cancel=cancel,
+            )
+        )
     by = {s.criterion: s for s in scores}
     corr: dict[str, float | None] = {}
     if "ablation" in by:
@@ -316,10 +401,14 @@ class ImportanceSpec:
     batch_size: int = 64
     split: str = "train"
     seed: int = 0
+    micro_batch: int = 0  # images per pass; 0: the largest within the activation budget
+    ablation_samples: int = 0  # ablate on the first N calibration images only; 0: all
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": "importance",
+            "micro_batch": self.micro_batch,
+            "ablation_samples": self.ablation_samples,
             "model": self.model.to_dict(),
             "data": None if self.data is None else self.data.to_dict(),
             "criteria": list(self.criteria),
@@ -354,7 +443,14 @@ def run_importance(
     loaded = loaded or load_model(spec.model)
     batches = calibration(loaded, spec.data, spec.split, spec.batches, spec.batch_size, spec.seed)
     return compute_importance(
-        loaded, batches, spec.criteria, seed=spec.seed, callbacks=callbacks, cancel=cancel
+        loaded,
+        batches,
+        spec.criteria,
+        seed=spec.seed,
+        micro_batch=spec.micro_batch,
+        ablation_samples=spec.ablation_samples,
+        callbacks=callbacks,
+        cancel=cancel,
     )
 
 

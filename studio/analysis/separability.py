@@ -168,7 +168,7 @@ def layer_features(
     """Per-block CLS tokens of a seeded subset of ``split``, through the (disk-cached) feature bank."""
 
     ds = load_split(data, split, loaded.data_config)
-    check_labels(ds, loaded.base.num_classes, split)
+    check_labels(ds, loaded.base.num_classes, split, class_names=loaded.known_class_names)
     n_all = len(ds)
     idx = np.arange(n_all)
     if samples is not None and samples < n_all:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import finite_float, positive_float, positive_int
+from ..argtypes import finite_float, json_object, positive_float, positive_int
 from ..data import DataSpec
 from ..errors import StudioError
 from ..events import Callback, CancelToken, Event
@@ -48,7 +48,10 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False) -> Non
     g.add_argument("--img-size", type=positive_int, help="input resolution if not the architecture default")
     g.add_argument("--reset-head", action="store_true", help="start a fresh classifier of --num-classes")
     g.add_argument(
-        "--timm-kwargs", default="{}", help="extra timm constructor args as JSON, e.g. '{\"patch_size\": 8}'"
+        "--timm-kwargs",
+        type=json_object,
+        default="{}",  # a string default goes through ``type``: a fresh dict per parse
+        help="extra timm constructor args as JSON, e.g. '{\"patch_size\": 8}'",
     )
     g.add_argument("--mean", type=finite_float, nargs=3, help="override normalisation mean")
     g.add_argument("--std", type=positive_float, nargs=3, help="override normalisation std")
@@ -64,8 +67,9 @@ def add_data_args(p: argparse.ArgumentParser, *, default: str | None = "demo") -
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
 
-    try:
-        kwargs = json.loads(getattr(args, "timm_kwargs", "{}") or "{}")
+    kwargs = getattr(args, "timm_kwargs", None) or {}
+    try:  # parsed by argparse (json_object) from a command line; a string where a caller built the namespace
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
     except json.JSONDecodeError as e:
         raise StudioError(f"--timm-kwargs is not valid JSON ({e.msg}).") from None
     if not isinstance(kwargs, dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ..analysis.block_benefit import keep_ratios_at, load_history
+from ..argtypes import fraction, nonnegative_int
 from . import Output, table
 
 
@@ -24,12 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run folder of a P3B job (prune --method p3b --out ...)")
     p.add_argument(
         "--prune-ratio",
-        type=float,
+        type=fraction,
         default=None,
         help="fraction of all parameters to remove (default: the run's own)",
     )
     p.add_argument(
-        "--epoch", type=int, default=None, help="epoch whose benefits are used (default: the last)"
+        "--epoch",
+        type=nonnegative_int,
+        default=None,
+        help="epoch whose benefits are used (default: the last)",
     )
     p.add_argument("--curves", action="store_true", help="include every epoch's benefits in the JSON output")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")

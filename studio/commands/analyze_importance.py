@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ..analysis.importance import CRITERIA, DEFAULT_CRITERIA, ImportanceSpec, run_importance
+from ..argtypes import nonnegative_int, positive_int
 from ..errors import StudioError
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, stderr_progress, table
 
@@ -33,10 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"criterion, repeatable or comma-separated: {', '.join(CRITERIA.names())} "
         f"(default {','.join(DEFAULT_CRITERIA)})",
     )
-    g.add_argument("--batches", type=int, default=4, help="calibration batches (K)")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batches", type=nonnegative_int, default=4, help="calibration batches (K)")
+    g.add_argument("--batch-size", type=positive_int, default=64)
+    g.add_argument(
+        "--micro-batch",
+        type=nonnegative_int,
+        default=0,
+        help="images per pass (gradients accumulate to the batch's); 0 = largest within the memory budget",
+    )
+    g.add_argument(
+        "--ablation-samples",
+        type=nonnegative_int,
+        default=0,
+        help="ablate heads on the first N calibration images only (0 = all; ablation costs ~half a "
+        "forward pass per head)",
+    )
     g.add_argument("--calib-split", default="train", help="split the calibration batches are drawn from")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=nonnegative_int, default=0)
     p.set_defaults(func=cmd_analyze_importance)
 
 
@@ -54,6 +68,8 @@ def cmd_analyze_importance(args: argparse.Namespace) -> Output:
         batch_size=args.batch_size,
         split=args.calib_split,
         seed=args.seed,
+        micro_batch=args.micro_batch,
+        ablation_samples=args.ablation_samples,
     )
     result = run_importance(spec, callbacks=[stderr_progress()])
     data = {"spec": spec.to_dict(), **result.to_dict()}

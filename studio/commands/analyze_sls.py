@@ -12,6 +12,7 @@ import argparse
 from typing import Any
 
 from ..analysis.separability import SeparabilitySpec, analyze
+from ..argtypes import fraction, nonnegative_int, positive_float, positive_int
 from ..flows.sls import SLSRunSpec
 from . import (
     Output,
@@ -38,16 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     g = p.add_argument_group("analysis")
     g.add_argument("--analysis-split", default="train", help="split analysed (SLS: the training split)")
-    g.add_argument("--samples", type=int, default=1000, help="seeded subset size (0: the whole split)")
-    g.add_argument("--alpha", type=float, default=0.3, help="threshold factor (paper: 0.3)")
+    g.add_argument(
+        "--samples", type=nonnegative_int, default=1000, help="seeded subset size (0: the whole split)"
+    )
+    g.add_argument("--alpha", type=fraction, default=0.3, help="threshold factor (paper: 0.3)")
     g.add_argument(
         "--embed",
         choices=["tsne", "umap", "pca", "none"],
         default="tsne",
         help="2-D embedding scored by the silhouette (none: fast scores only)",
     )
-    g.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (paper: 30)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--perplexity", type=positive_float, default=30.0, help="t-SNE perplexity (paper: 30)")
+    g.add_argument("--seed", type=nonnegative_int, default=0)
     g.add_argument(
         "--lazy",
         action="store_true",
@@ -56,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--points", action="store_true", help="include the 2-D points in the JSON output")
     g = p.add_argument_group("apply (cut, retrain, measure, export)")
     g.add_argument("--apply", action="store_true", help="also cut the model, retrain and measure")
-    g.add_argument("--keep", type=int, help="blocks to keep instead of the alpha rule (skips the analysis)")
+    g.add_argument(
+        "--keep", type=positive_int, help="blocks to keep instead of the alpha rule (skips the analysis)"
+    )
     g.add_argument(
         "--retrain",
         choices=["auto", "paper", "cpu", "none"],
@@ -69,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "head", "head+norm", "head+norm+last", "adapters", "lora"],
         help="what retrains (auto: adapters + head if the model has them, else head + final norm)",
     )
-    g.add_argument("--epochs", type=int, help="override the preset's epochs")
+    g.add_argument("--epochs", type=positive_int, help="override the preset's epochs")
     g.add_argument("--no-bench", action="store_true", help="skip throughput")
     g.add_argument("--out", help="run folder for --apply (default runs/<time>-sls)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted --apply run's retraining")

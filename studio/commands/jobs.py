@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .. import jobs
+from ..argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from ..errors import StudioError
 from ..flows.retrain import RecoverySpec
 from ..models import ModelSpec
@@ -21,16 +22,16 @@ from ..runs import RunDir
 from . import Output, add_common, add_data_args, add_model_args, data_spec, execute, model_spec, table
 
 _RECIPE_FLAGS = {  # flag -> (type, recipe field, help)
-    "--epochs": (int, "epochs", "training epochs"),
-    "--lr": (float, "lr", "peak learning rate (AdamW)"),
-    "--batch-size": (int, "batch_size", "batch size per process"),
-    "--weight-decay": (float, "weight_decay", "AdamW weight decay"),
-    "--warmup-epochs": (float, "warmup_epochs", "linear warm-up length before the cosine decay"),
-    "--min-lr": (float, "min_lr", "final learning rate of the cosine"),
-    "--label-smoothing": (float, "label_smoothing", "label smoothing of the cross-entropy"),
-    "--temperature": (float, "temperature", "soft distillation temperature T"),
-    "--alpha": (float, "alpha", "distillation weight α (1 − α on the labels)"),
-    "--early-stop": (int, "early_stop", "stop after N epochs without validation gain"),
+    "--epochs": (positive_int, "epochs", "training epochs"),
+    "--lr": (positive_float, "lr", "peak learning rate (AdamW)"),
+    "--batch-size": (positive_int, "batch_size", "batch size per process"),
+    "--weight-decay": (nonnegative_float, "weight_decay", "AdamW weight decay"),
+    "--warmup-epochs": (nonnegative_float, "warmup_epochs", "linear warm-up length before the cosine decay"),
+    "--min-lr": (nonnegative_float, "min_lr", "final learning rate of the cosine"),
+    "--label-smoothing": (fraction, "label_smoothing", "label smoothing of the cross-entropy"),
+    "--temperature": (positive_float, "temperature", "soft distillation temperature T"),
+    "--alpha": (fraction, "alpha", "distillation weight α (1 − α on the labels)"),
+    "--early-stop": (positive_int, "early_stop", "stop after N epochs without validation gain"),
     "--trainable": (str, "trainable", "all, head, or re:<regex> over parameter names"),
 }
 
@@ -62,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     g.add_argument("--dry-run", action="store_true", help="write the run's spec.json and stop")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=nonnegative_int, default=0)
     g.add_argument("--no-bench", action="store_true", help="skip the throughput measurement")
     g.add_argument("--no-export", action="store_true", help="do not export the recovered model")
     r = p.add_argument_group("recipe")
@@ -95,17 +96,17 @@ def register(sub: argparse._SubParsersAction) -> None:
             a.add_argument("--force", action="store_true", help="also send SIGTERM to the job's processes")
         if name == "logs":
             a.add_argument("--stream", choices=("stderr", "stdout"), default="stderr")
-            a.add_argument("--lines", type=int, default=100)
+            a.add_argument("--lines", type=positive_int, default=100)
         if name == "resume":
-            a.add_argument("--nproc", type=int, help="processes (GPUs) under torchrun")
+            a.add_argument("--nproc", type=positive_int, help="processes (GPUs) under torchrun")
         a.set_defaults(func=fn)
     a = jsub.add_parser(
         "start",
         help="start a studio command in the background, e.g. jobs start -- retrain --run runs/R",
     )
     add_common(a)
-    a.add_argument("--nproc", type=int, default=1, help="processes under torchrun (one per GPU)")
-    a.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each process")
+    a.add_argument("--nproc", type=positive_int, default=1, help="processes under torchrun (one per GPU)")
+    a.add_argument("--threads", type=positive_int, help="OMP_NUM_THREADS of each process")
     a.add_argument("argv", nargs=argparse.REMAINDER, help="the command (it must have --out or --run)")
     a.set_defaults(func=cmd_start)
 

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from ..argtypes import nonnegative_int, positive_int
 from ..bench import count_macs, count_params, measure_throughput
 from ..data import prepare
 from ..demo import DemoBuildSpec, build_demo
@@ -34,9 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measured throughput and latency")
     add_model_args(p)
     add_common(p)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 64])
+    p.add_argument("--warmup", type=nonnegative_int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=30)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.set_defaults(func=cmd_bench)
 
@@ -50,9 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="demo_command", required=True)
     b = dsub.add_parser("build", help="pre-train on shapes, fine-tune on digits, write assets/demo")
     b.add_argument("--out", default=None, help="output folder (default: assets/demo)")
-    b.add_argument("--pretrain-epochs", type=int, default=8)
-    b.add_argument("--finetune-epochs", type=int, default=30)
-    b.add_argument("--pretrain-images", type=int, default=6000)
+    b.add_argument("--pretrain-epochs", type=positive_int, default=8)
+    b.add_argument("--finetune-epochs", type=positive_int, default=30)
+    b.add_argument("--pretrain-images", type=positive_int, default=6000)
     add_common(b)
     b.set_defaults(func=cmd_demo_build)
 
@@ -70,7 +71,13 @@ def cmd_info(args: argparse.Namespace) -> Output:
 
 def cmd_eval(args: argparse.Namespace) -> Output:
     loaded = load_model(model_spec(args))
-    ds = prepare(data_spec(args), args.split, loaded.data_config, loaded.base.num_classes)
+    ds = prepare(
+        data_spec(args),
+        args.split,
+        loaded.data_config,
+        loaded.base.num_classes,
+        class_names=loaded.known_class_names,
+    )
     cbs = [stderr_progress()]
     t0 = time.time()
     ev = evaluate(loaded.model, ds, callbacks=cbs)
@@ -121,7 +128,9 @@ def cmd_bench(args: argparse.Namespace) -> Output:
 def cmd_features(args: argparse.Namespace) -> Output:
     loaded = load_model(model_spec(args))
     spec = data_spec(args)
-    ds = prepare(spec, args.split, loaded.data_config, loaded.base.num_classes)
+    ds = prepare(
+        spec, args.split, loaded.data_config, loaded.base.num_classes, class_names=loaded.known_class_names
+    )
     t0 = time.time()
     bank = cached_extract(
         loaded.model,

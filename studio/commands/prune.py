@@ -12,11 +12,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from .. import memory
+from ..argtypes import in_range, nonnegative_int, positive_int
 from ..bench import profile
 from ..costs import with_summary
 from ..errors import StudioError
 from ..export import export, export_loaded, export_onnx
-from ..flows.prune import PruneSpec
+from ..flows.prune import PruneSpec, calibration_estimate, calibration_seconds
 from ..flows.stages import compare
 from ..load import load_model
 from ..plan import PrunePlan, diff
@@ -57,13 +59,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default runs/<time>-prune-<method>)")
     g.add_argument("--calib-split", default="train", help="split drawn for calibration batches")
-    g.add_argument("--calib-batches", type=int, default=8, help="calibration batches for data-driven methods")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--calib-batches", type=positive_int, default=8, help="calibration batches for data-driven methods"
+    )
+    g.add_argument("--batch-size", type=positive_int, default=64)
+    g.add_argument(
+        "--micro-batch",
+        type=nonnegative_int,
+        default=0,
+        help="images per calibration pass (gradients accumulate to the batch's); 0 = largest that fits "
+        "the memory budget",
+    )
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory and time estimate of the calibration and stop",
+    )
+    g.add_argument("--seed", type=nonnegative_int, default=0)
     g.add_argument("--no-eval", action="store_true", help="skip accuracy before/after")
     g.add_argument("--no-bench", action="store_true", help="skip throughput before/after")
-    g.add_argument("--bench-batch-sizes", type=int, nargs="+", default=[1, 64])
-    g.add_argument("--bench-repeats", type=int, default=10)
+    g.add_argument("--bench-batch-sizes", type=positive_int, nargs="+", default=[1, 64])
+    g.add_argument("--bench-repeats", type=positive_int, default=10)
     g.add_argument("--no-export", action="store_true", help="do not write the pruned model")
     g.add_argument("--resume", action="store_true", help="continue a cancelled training method in --out")
     g.add_argument("--onnx", action="store_true", help="also export ONNX (checked for parity)")
@@ -112,10 +128,19 @@ def _add_option(g: argparse._ArgumentGroup, o: Any, users: dict[str, Any] | None
         "--" + o.name.replace("_", "-"),
         dest=o.name,
         default=None,
-        type=str if o.type is bool else o.type,
+        type=_flag_type(o),
         **({"nargs": "?", "const": "true"} if o.type is bool else {}),  # bare --flag means true
         help=text.replace("%", "%%"),
     )
+
+
+def _flag_type(o: Any) -> Any:
+    """The argparse type of a method option: numbers refuse NaN/inf and the option's own bounds at parse time."""
+    if o.type is bool:
+        return str  # "true"/"false", read by the option itself
+    if o.type in (int, float):  # choices, if any, are checked by the option itself
+        return in_range(o.type, o.low, o.high)
+    return o.type
 
 
 def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -157,6 +182,7 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         calib_split=args.calib_split,
         calib_batches=args.calib_batches,
         batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
         seed=args.seed,
         evaluate=not args.no_eval,
         bench=not args.no_bench,
@@ -165,11 +191,36 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         export=not args.no_export,
         onnx=args.onnx,
     )
+    if args.dry_run:
+        return _dry_run(spec, args)
     run, result = run_in_folder(
         spec, args.out, resume=args.resume, device=args.device, label=f"prune-{args.method}"
     )
     data = {"run": str(run.path), **result.to_dict()}
     return Output(data, _prune_text(data, result.plan))
+
+
+def _dry_run(spec: PruneSpec, args: argparse.Namespace) -> Output:
+    """The calibration's memory and time estimate, with nothing written and no calibration run."""
+    spec.validate()
+    loaded = load_model(spec.model)
+    est = calibration_estimate(spec, loaded)
+    if est is None:
+        text = f"{spec.method} uses no calibration data: it needs little more memory than the model."
+        return Output({"method": spec.method, "estimate": None}, text)
+    seconds = calibration_seconds(spec, loaded, est)
+    data = {
+        "method": spec.method,
+        "device": str(loaded.device),
+        "estimate": est.to_dict(),
+        "calibration_seconds": round(seconds, 1),
+        "available_bytes": memory.available_bytes(),
+    }
+    text = (
+        f"{spec.method} on {loaded.base.arch}: calibration of {spec.calib_batches} x {spec.batch_size} images "
+        f"needs {est.describe()}; about {seconds:.0f} s here ({memory.gib(memory.available_bytes())} free)."
+    )
+    return Output(data, text)
 
 
 def _pct(a: float, b: float) -> str:
@@ -237,6 +288,7 @@ def cmd_export(args: argparse.Namespace) -> Output:
         plan=plan,
         data_config=loaded.data_config,
         class_names=loaded.class_names,
+        class_names_known=loaded.class_names_known,
         metrics={**loaded.metrics, **prof},
         dtype=dtype,
         overwrite=args.overwrite,

@@ -32,14 +32,28 @@ from .stages import RunResult, finish
 PRUNE_CHECKPOINT, FINETUNE_CHECKPOINT = "p3b_prune.pt", "p3b_finetune.pt"
 
 
-def _shift_epochs(callbacks: Sequence[Callback], offset: int, phase: str) -> list[Callback]:
-    """Callbacks that see the fine-tune phase's epochs counted from the start of the whole run."""
+def _run_wide(
+    callbacks: Sequence[Callback], *, phase: str, epoch_offset: int, step_offset: int, epochs: int, steps: int
+) -> list[Callback]:
+    """Callbacks that see one phase's epochs, steps and totals counted over the whole run.
+
+    Each phase is its own :func:`~studio.train.fit` (pruning, then fine-tuning the slice), which counts from 0
+    and announces only its own length; the job panel and ``events.jsonl`` should read "epoch 5 / 6" and one
+    progress bar for the run, not "epoch 2 / 3".
+    """
 
     def shifted(cb: Callback) -> Callback:
         def inner(event: Event) -> None:
             data = dict(event.data)
-            if "epoch" in data and isinstance(data["epoch"], int):
-                data["epoch"] += offset
+            if isinstance(data.get("epoch"), int):
+                data["epoch"] += epoch_offset
+            if "epochs" in data:
+                data["epochs"] = epochs
+            if "steps" in data:
+                data["steps"] = steps
+            if event.kind == "progress" and data.get("task") == "train":
+                data["done"] = int(data.get("done", 0)) + step_offset
+                data["total"] = steps
             data.setdefault("phase", phase)
             cb(Event(event.kind, data, event.time))
 
@@ -75,9 +89,9 @@ def run_p3b(
     settings = settings_from_params(params, loaded.device, spec.seed)
     ncls = base.num_classes
     emit(callbacks, "log", message="preparing data")
-    train = prepare(spec.data, "train", loaded.data_config, ncls)
-    val = prepare(spec.data, "val", loaded.data_config, ncls)
-    test = prepare(spec.data, spec.eval_split, loaded.data_config, ncls)
+    train = prepare(spec.data, "train", loaded.data_config, ncls, class_names=loaded.known_class_names)
+    val = prepare(spec.data, "val", loaded.data_config, ncls, class_names=loaded.known_class_names)
+    test = prepare(spec.data, spec.eval_split, loaded.data_config, ncls, class_names=loaded.known_class_names)
     model = copy.deepcopy(loaded.model)
     epochs = int(params["epochs"])
     spe = max(1, math.ceil(len(train) / spec.batch_size))
@@ -103,13 +117,16 @@ def run_p3b(
         epochs=schedule.finalize_epoch, lr=lr, warmup_epochs=0, min_lr=lr, select="last", **common
     )
     emit(callbacks, "status", state="pruning", schedule=schedule.to_dict(), epochs=epochs)
+    total_steps = epochs * spe
     fit(
         model,
         train,
         val,
         phase1,
         hooks=[pruner],
-        callbacks=callbacks,
+        callbacks=_run_wide(
+            callbacks, phase="prune", epoch_offset=0, step_offset=0, epochs=epochs, steps=total_steps
+        ),
         cancel=cancel,
         checkpoint=None if run is None else run.path / PRUNE_CHECKPOINT,
         resume=resume,
@@ -136,7 +153,14 @@ def run_p3b(
             train,
             val,
             phase2,
-            callbacks=_shift_epochs(callbacks, schedule.finalize_epoch, "finetune"),
+            callbacks=_run_wide(
+                callbacks,
+                phase="finetune",
+                epoch_offset=schedule.finalize_epoch,
+                step_offset=schedule.finalize_epoch * spe,
+                epochs=epochs,
+                steps=total_steps,
+            ),
             cancel=cancel,
             checkpoint=None if run is None else run.path / FINETUNE_CHECKPOINT,
             resume=resume,

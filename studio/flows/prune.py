@@ -16,9 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from .. import memory
 from ..costs import with_summary
 from ..data import DataSpec, prepare
 from ..errors import StudioError
+from ..evaluate import logits_of
 from ..events import Callback, CancelToken, emit
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
@@ -41,6 +45,8 @@ class PruneSpec:
         params: the method's options (resolved: defaults filled in, so ``spec.json`` replays exactly).
         plan: a plan to apply instead of running the method (its ``method`` then only labels the run).
         calib_batches: calibration batches for data-driven methods (CLI ``--calib-batches``).
+        micro_batch: images per calibration pass (CLI ``--micro-batch``; 0: the largest within the
+            activation budget of :mod:`studio.memory`). The gradients are the whole batch's either way.
     """
 
     model: ModelSpec
@@ -52,6 +58,7 @@ class PruneSpec:
     calib_split: str = "train"
     calib_batches: int = 8
     batch_size: int = 64
+    micro_batch: int = 0
     seed: int = 0
     evaluate: bool = True
     bench: bool = True
@@ -97,6 +104,14 @@ class PruneSpec:
                 raise StudioError(
                     f"--{name.replace('_', '-')} must be a whole number of at least 1, got {v!r}."
                 )
+        if (
+            isinstance(self.micro_batch, bool)
+            or not isinstance(self.micro_batch, int)
+            or self.micro_batch < 0
+        ):
+            raise StudioError(
+                f"--micro-batch must be a whole number ≥ 0 (0 chooses one that fits), got {self.micro_batch!r}."
+            )
         if self.bench_warmup < 0 or not self.bench_batch_sizes or min(self.bench_batch_sizes) < 1:
             raise StudioError("Benchmark batch sizes must be at least 1 and warm-up at least 0.")
         for k, v in self.params.items():
@@ -115,6 +130,7 @@ class PruneSpec:
             "calib_split": self.calib_split,
             "calib_batches": self.calib_batches,
             "batch_size": self.batch_size,
+            "micro_batch": self.micro_batch,
             "seed": self.seed,
             "evaluate": self.evaluate,
             "bench": self.bench,
@@ -141,6 +157,32 @@ def model_for(spec: PruneSpec, loaded: LoadedModel | None) -> LoadedModel:
     return require_unpruned(loaded or load_model(spec.model))
 
 
+def calibration_estimate(spec: PruneSpec, loaded: LoadedModel) -> memory.Estimate | None:
+    """The memory a spec's calibration pass will take at its peak (None: the method uses no data)."""
+    if spec.plan is not None or spec.data is None:
+        return None
+    method = get_method(spec.method)
+    if not method.needs_data:
+        return None
+    return memory.estimate(
+        loaded.base, spec.batch_size, method.calibration, loaded.device, micro=spec.micro_batch
+    )
+
+
+def calibration_seconds(spec: PruneSpec, loaded: LoadedModel, est: memory.Estimate) -> float:
+    """Rough wall time of the calibration: one timed forward pass of a micro-batch here, times the passes
+    the method's mode costs (a backward ~3 forwards, Hessian products ~7) and the number of images."""
+    n = max(1, min(est.micro_batch, 8))
+    x = torch.zeros(n, *loaded.data_config["input_size"], device=loaded.device)
+    with torch.inference_mode():
+        logits_of(loaded.model, x[:1])  # warm-up
+        t0 = time.perf_counter()
+        logits_of(loaded.model, x)
+        per_image = (time.perf_counter() - t0) / n
+    passes = {"forward": 1.0, "backward": 3.0, "hessian": 7.0}[est.mode]
+    return per_image * passes * spec.calib_batches * spec.batch_size
+
+
 def run_prune(
     spec: PruneSpec,
     *,
@@ -162,6 +204,10 @@ def run_prune(
         method = get_method(spec.method)
         batches = []
         if method.needs_data and spec.data is not None:
+            est = calibration_estimate(spec, loaded)
+            if est is not None:
+                memory.require_fits(est, loaded.device, f"Calibrating {spec.method}")
+                emit(callbacks, "log", message=f"calibration memory estimate: {est.describe()}")
             emit(
                 callbacks,
                 "log",
@@ -173,7 +219,7 @@ def run_prune(
         emit(callbacks, "status", state="planning", method=spec.method)
         plan = make_plan(
             spec.method,
-            PruneRequest(loaded, spec.params, batches, spec.seed),
+            PruneRequest(loaded, spec.params, batches, spec.seed, spec.micro_batch),
             callbacks=callbacks,
             cancel=cancel,
         )
@@ -188,7 +234,13 @@ def run_prune(
     pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
     eval_data = None
     if spec.evaluate and spec.data is not None:
-        eval_data = prepare(spec.data, spec.eval_split, loaded.data_config, loaded.base.num_classes)
+        eval_data = prepare(
+            spec.data,
+            spec.eval_split,
+            loaded.data_config,
+            loaded.base.num_classes,
+            class_names=loaded.known_class_names,
+        )
     return finish(
         kind="prune",
         method=plan.method if spec.plan is not None else spec.method,

@@ -142,9 +142,21 @@ def run_recovery(
         recipe = spec.recipe(method)
         emit(cbs, "log", message=f"recipe {recipe.name} ({recipe.source})")
         n_classes = loaded.base.num_classes
-        train = prepare(spec.data, "train", loaded.data_config, n_classes)
-        val = prepare(spec.data, "val", loaded.data_config, n_classes)
-        test = prepare(spec.data, spec.eval_split, loaded.data_config, n_classes) if main else None
+        train = prepare(
+            spec.data, "train", loaded.data_config, n_classes, class_names=loaded.known_class_names
+        )
+        val = prepare(spec.data, "val", loaded.data_config, n_classes, class_names=loaded.known_class_names)
+        test = (
+            prepare(
+                spec.data,
+                spec.eval_split,
+                loaded.data_config,
+                n_classes,
+                class_names=loaded.known_class_names,
+            )
+            if main
+            else None
+        )
 
         hooks: list[Any] = []
         teacher_info = None

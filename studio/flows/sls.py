@@ -219,7 +219,10 @@ def run_sls(
         plan.save(run.plan_file)
 
     n_cls = base.num_classes
-    split_data = {s: prepare(spec.data, s, loaded.data_config, n_cls) for s in ("val", spec.eval_split)}
+    split_data = {
+        s: prepare(spec.data, s, loaded.data_config, n_cls, class_names=loaded.known_class_names)
+        for s in ("val", spec.eval_split)
+    }
     input_size = loaded.data_config["input_size"]
     stages: dict[str, dict[str, Any]] = {}
 
@@ -253,7 +256,7 @@ def run_sls(
         rule = trainable_rule(kind, keep, pruned)
         tspec = retrain_train_spec(preset, trainable=rule, epochs=spec.epochs, seed=spec.seed)
         emit(callbacks, "status", state="retraining", preset=preset, trainable=kind, epochs=tspec.epochs)
-        train = prepare(spec.data, "train", loaded.data_config, n_cls)
+        train = prepare(spec.data, "train", loaded.data_config, n_cls, class_names=loaded.known_class_names)
         result = fit(
             pruned,
             train,

@@ -2,8 +2,10 @@
 
 The method's parts (masks, criteria, series, task files) live in :mod:`studio.prune.splora`; this module runs
 every series the options ask for (SPLoRA, and fine-pruning with ``compare``) with per-series checkpoints in
-the run folder (``splora-<series>.pt``, written after the initial training and after every pruning step), so
-cancel keeps the finished steps and ``resume`` continues from them. The primary series' fused, pruned model
+the run folder (``splora-<series>.pt``, written after the initial training and after every pruning step) and a
+training-loop checkpoint per phase (``splora-<series>.step<k>.pt``: adapter weights, optimizer, schedule
+position, epoch, RNG state), so cancel stops at the next training step without losing the adapter training, and
+``resume`` continues exactly where the run stopped. The primary series' fused, pruned model
 goes through the shared tail (before = the dense adapted model); the other series export beside it.
 """
 
@@ -59,9 +61,11 @@ def load_splits(loaded: LoadedModel, spec: PruneSpec) -> Splits:
         raise StudioError("SPLoRA trains while it prunes: give --data (e.g. --data demo).")
     n = loaded.base.num_classes
     return Splits(
-        train=prepare(spec.data, "train", loaded.data_config, n),
-        val=prepare(spec.data, "val", loaded.data_config, n),
-        test=prepare(spec.data, spec.eval_split, loaded.data_config, n) if spec.evaluate else None,
+        train=prepare(spec.data, "train", loaded.data_config, n, class_names=loaded.known_class_names),
+        val=prepare(spec.data, "val", loaded.data_config, n, class_names=loaded.known_class_names),
+        test=prepare(spec.data, spec.eval_split, loaded.data_config, n, class_names=loaded.known_class_names)
+        if spec.evaluate
+        else None,
     )
 
 
@@ -130,7 +134,7 @@ def run_splora(
                     folder,
                     plan=plan,
                     data_config=loaded.data_config,
-                    class_names=loaded.class_names,
+                    class_names=loaded.known_class_names,
                     metrics=metrics,
                     extra={"splora": {"series": name, "options": opts.to_dict()}},
                     overwrite=True,  # the run's own folder (a resumed attempt replaces it)
@@ -171,7 +175,8 @@ def run_splora(
     )
     if run is not None:
         for name in opts.series:  # the job is complete: the resume checkpoints have no further use
-            (run.path / checkpoint_name(name)).unlink(missing_ok=True)
+            for ckpt in run.path.glob(f"{Path(checkpoint_name(name)).stem}*.pt"):
+                ckpt.unlink(missing_ok=True)
     return result
 
 

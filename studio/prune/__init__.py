@@ -33,6 +33,7 @@ import torch
 from ..costs import with_summary
 from ..errors import StudioError
 from ..events import Callback, CancelToken
+from ..memory import MODES
 from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..registry import Registry
@@ -124,12 +125,15 @@ class PruneRequest:
         params: the method's options and the common ones, resolved (defaults filled in).
         batches: calibration batches ``(images, labels)`` on the model's device; empty if the method needs none.
         seed: seed for anything random.
+        micro_batch: images per calibration pass (0: the largest within the activation budget,
+            :mod:`studio.memory`); gradients accumulate to the whole batch's either way.
     """
 
     loaded: LoadedModel
     params: Mapping[str, Any] = field(default_factory=dict)
     batches: Sequence[Batch] = ()
     seed: int = 0
+    micro_batch: int = 0
 
 
 class MethodFn(Protocol):
@@ -182,6 +186,8 @@ class Method:
         flow: the flow kind it runs as: ``prune`` (plan -> surgery -> measure), or its own training flow.
         check: raises :class:`StudioError` for a bad combination of resolved options (its return value is
             ignored), so that a spec is refused before a job starts, not by the job.
+        calibration: what its calibration pass keeps in memory (:data:`studio.memory.MODES`): ``forward``
+            (features only), ``backward`` (gradients) or ``hessian`` (the graph kept for Hessian products).
     """
 
     name: str
@@ -193,6 +199,7 @@ class Method:
     rounds: bool = True
     flow: str = "prune"
     check: Callable[[Mapping[str, Any]], object] | None = None
+    calibration: str = "backward"
 
     def __post_init__(self) -> None:
         if (self.fn is None) == (self.flow == "prune"):
@@ -203,6 +210,8 @@ class Method:
         missing = [b.option for b in self.budgets if b.option not in own]
         if not self.budgets or missing:
             raise ValueError(f"method '{self.name}': budgets must name its options, not {missing}")
+        if self.calibration not in MODES:
+            raise ValueError(f"method '{self.name}': calibration must be one of {MODES}")
 
     @property
     def trains(self) -> bool:
@@ -270,7 +279,9 @@ def make_plan(
         raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
     require_unpruned(req.loaded)
     plan = method.fn(
-        PruneRequest(req.loaded, params, req.batches, req.seed), callbacks=callbacks, cancel=cancel
+        PruneRequest(req.loaded, params, req.batches, req.seed, req.micro_batch),
+        callbacks=callbacks,
+        cancel=cancel,
     )
     return with_summary(plan.validate())
 

@@ -366,7 +366,14 @@ def prune_isomorphic(
             raise StudioError(
                 "Isomorphic pruning with Taylor importance needs calibration data: give --data."
             )
-        grads = accumulate_gradients(req.loaded.model, req.batches, callbacks=callbacks, cancel=cancel)
+        grads = accumulate_gradients(
+            req.loaded.model,
+            req.batches,
+            micro_batch=req.micro_batch,
+            base=req.loaded.base,
+            callbacks=callbacks,
+            cancel=cancel,
+        )
     params = {**p, "seed": req.seed, "base_ratios": ratios.to_dict()}
     kw = dict(importance=importance, round_to=round_to, scale_policy=str(p.get("scale_policy") or "keep"))
     target = p.get("target_macs")

@@ -350,6 +350,7 @@ def run_savit(
         hvp_every=int(p.get("hvp_every", 1)),
         hessian_embed=float(p.get("hessian_embed", 6.0)),
         seed=req.seed,
+        micro_batch=req.micro_batch,
         callbacks=callbacks,
         cancel=cancel,
     )
@@ -393,5 +394,6 @@ METHODS.add(
         options=(HESSIAN_EMBED, HVP_EVERY, PROTECT, FLOPS_TOL),
         needs_data=True,
         budgets=(MACS,),
+        calibration="hessian",
     ),
 )

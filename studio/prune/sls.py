@@ -169,6 +169,7 @@ METHODS.add(
             Budget("keep_blocks", "Blocks to keep (a depth cut)", 1, None, 6, 1),
         ),
         rounds=False,
+        calibration="forward",
     ),
 )
 

@@ -529,8 +529,11 @@ def _train(
     seed: int,
     callbacks: Sequence[Callback],
     cancel: CancelToken | None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> None:
-
+    """One training phase (the adapter training, or one step's recovery) through :func:`studio.train.fit`;
+    with ``checkpoint`` it saves every epoch and on cancel, and ``resume`` continues from it exactly."""
     if epochs <= 0:
         return
     spec = TrainSpec(
@@ -542,7 +545,23 @@ def _train(
         trainable=trainable_rule(series == "finetune"),
         select="val",
     )
-    fit(model, splits.train, splits.val, spec, hooks=[MaskHook()], callbacks=callbacks, cancel=cancel)
+    fit(
+        model,
+        splits.train,
+        splits.val,
+        spec,
+        hooks=[MaskHook()],
+        callbacks=callbacks,
+        cancel=cancel,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
+
+
+def phase_checkpoint(checkpoint: Path | None, step: int) -> Path | None:
+    """The training-loop checkpoint of one phase of a series (step 0: the adapter training, k: the k-th
+    recovery), next to the series checkpoint: ``splora-<series>.pt`` -> ``splora-<series>.step<k>.pt``."""
+    return None if checkpoint is None else checkpoint.with_name(f"{checkpoint.stem}.step{step}.pt")
 
 
 def _record(
@@ -595,8 +614,11 @@ def run_series(
 ) -> SeriesResult:
     """Train, then prune-and-recover step by step down to the target density (one curve).
 
-    With ``checkpoint``, the state after the initial training and after every finished step is saved there;
-    ``resume`` continues from it (an interrupted step is redone from its start, with the same seeds).
+    With ``checkpoint``, the state after the initial training and after every finished step is saved there,
+    and each training phase in between keeps its own training-loop checkpoint (:func:`phase_checkpoint`: weights,
+    optimizer, learning-rate position, epoch, RNG state; saved every epoch and on cancel). ``resume`` continues
+    from both: the finished steps are kept, an interrupted step redoes its (deterministic) scoring and continues
+    its training where it stopped, so a resumed series equals an uninterrupted one on CPU.
     """
 
     t0 = time.time()
@@ -630,12 +652,14 @@ def run_series(
             seed=opts.seed,
             callbacks=_tagged(cbs, phase="train"),
             cancel=cancel,
+            checkpoint=phase_checkpoint(checkpoint, 0),
+            resume=resume,
         )
         series.dense = fuse_splora(copy.deepcopy(model)).eval()
         rec = _record(series, base, facts, splits, opts, 0, t0, dense_cost)
         series.steps.append(rec)
         emit(cbs, "prune_step", **rec)
-        _save_checkpoint(checkpoint, series, done=False)
+        _save_checkpoint(checkpoint, series, done=False, phase=0)
     step = series.steps[-1]["step"]
     while sum(masks.kept(opts.scope).values()) > keep_final:
         check(cancel)
@@ -665,11 +689,13 @@ def run_series(
             seed=opts.seed + step,
             callbacks=_tagged(cbs, phase="recover", step=step),
             cancel=cancel,
+            checkpoint=phase_checkpoint(checkpoint, step),
+            resume=resume,
         )
         rec = _record(series, base, facts, splits, opts, step, t0, dense_cost)
         series.steps.append(rec)
         emit(cbs, "prune_step", **rec)
-        _save_checkpoint(checkpoint, series, done=False)
+        _save_checkpoint(checkpoint, series, done=False, phase=step)
         progress(cbs, f"{name} schedule", step, n_steps)
         emit(
             cbs,
@@ -681,8 +707,12 @@ def run_series(
     return series
 
 
-def _save_checkpoint(path: Path | None, series: SeriesResult, *, done: bool) -> None:
-    """Model (masks included), unit masks, the dense fused model and the curve so far; loadable without pickles."""
+def _save_checkpoint(path: Path | None, series: SeriesResult, *, done: bool, phase: int | None = None) -> None:
+    """Model (masks included), unit masks, the dense fused model and the curve so far; loadable without pickles.
+
+    ``phase``: the step just finished, whose training-loop checkpoint is removed once this one is written (the
+    series checkpoint now holds everything that phase produced).
+    """
     if path is None:
         return
     assert series.dense is not None
@@ -695,6 +725,10 @@ def _save_checkpoint(path: Path | None, series: SeriesResult, *, done: bool) -> 
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+    if phase is not None:
+        ckpt = phase_checkpoint(path, phase)
+        assert ckpt is not None
+        ckpt.unlink(missing_ok=True)
 
 
 def _load_checkpoint(path: Path, series: SeriesResult, loaded: LoadedModel, opts: SploraOptions) -> bool:

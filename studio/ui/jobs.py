@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 from .. import jobs
 from ..errors import StudioError
 from ..flows import Spec, new_run_dir
+from ..runs import RunDir
 from . import charts
 from .state import runs_root, user_errors
 
@@ -183,6 +184,8 @@ def job_panel(run_dir: str | Path) -> None:
         st.error(str(e))
         return
     key = f"job_{s.name}"
+    # any flow's checkpoint counts (P3B's and SPLoRA's phase files too, not only checkpoint.pt)
+    resumable = s.resumable or (s.state in ("cancelled", "failed") and RunDir(run_dir).has_checkpoint)
     st.markdown(
         f"{STATE_ICONS.get(s.state, '')} **{s.name}** · {s.state}"
         + (f" · attempt {s.attempt}" if s.attempt > 1 else "")
@@ -205,7 +208,8 @@ def job_panel(run_dir: str | Path) -> None:
         st.error(f"Failed: {s.error}", icon=":material/error:")
     elif s.state == "cancelled":
         st.warning(
-            "Cancelled: a checkpoint was saved." if s.resumable else "Cancelled.", icon=":material/pause:"
+            "Cancelled: a checkpoint was saved; Resume continues from it." if resumable else "Cancelled.",
+            icon=":material/pause:",
         )
     elif s.state == "done":
         st.success("Done.", icon=":material/check_circle:")
@@ -231,7 +235,7 @@ def job_panel(run_dir: str | Path) -> None:
             icon=":material/cancel:",
             help="Also sends SIGTERM to the job's processes.",
         )
-    if s.resumable:
+    if resumable:
         b[2].button(
             "Resume", key=f"{key}_resume", on_click=_act, args=("resume", run_dir), icon=":material/replay:"
         )

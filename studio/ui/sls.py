@@ -7,6 +7,7 @@ a slider or coming back to the page recomputes nothing.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -28,8 +29,9 @@ from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..prune.sls import PAPER_SELECTION_NOTE
 from ..summary import measure_speed
-from . import charts, state
+from . import charts
 from .charts import COLORS, pct
+from .run_actions import make_active_button, result_actions
 
 
 @st.cache_data(max_entries=8, show_spinner="Extracting every block's CLS tokens…")
@@ -170,6 +172,8 @@ def show_result(res: dict[str, Any]) -> None:
     st.caption(
         " ".join([PAPER_SELECTION_NOTE, *[n for n in sec.get("notes", []) if n != PAPER_SELECTION_NOTE]])
     )
-    if st.button("Make active plan", key="sls_make_active", icon=":material/check:"):
-        state.set_active_plan(PrunePlan.from_dict(res["plan"]))
-        st.rerun()
+    run = Path(res["export"]).parent if res.get("export") else None
+    if run is not None and run.is_dir():  # make active (with the retrained weights as its source), retrain, export
+        result_actions(run, key="sls_result")
+    else:  # an SLS run without an export: only its structure can be taken on
+        make_active_button(PrunePlan.from_dict(res["plan"]), key="sls_make_active")

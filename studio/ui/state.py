@@ -24,6 +24,7 @@ from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
 
 MODEL_KEY, DATA_KEY, PLAN_KEY = "studio_model_spec", "studio_data_spec", "studio_active_plan"
+PLAN_SOURCE_KEY = "studio_active_plan_source"
 
 
 def runs_root() -> Path:
@@ -66,8 +67,20 @@ def active_plan() -> PrunePlan | None:
     return st.session_state.get(PLAN_KEY)
 
 
-def set_active_plan(plan: PrunePlan | None) -> None:
+def set_active_plan(plan: PrunePlan | None, *, source: str | Path | None = None) -> None:
+    """Make ``plan`` the active plan; ``source``: the run folder whose trained model it is the structure of
+    (a P3B, SPLoRA or retrained SLS run), so exporting the active plan exports that run's trained weights rather
+    than the plan applied to the untrained current model. Any later plan (a hand edit) drops the source."""
     st.session_state[PLAN_KEY] = plan
+    st.session_state[PLAN_SOURCE_KEY] = None if plan is None or source is None else (plan, str(source))
+
+
+def active_plan_source() -> Path | None:
+    """The run the active plan came from, while the active plan is still that run's plan, unedited."""
+    plan, held = st.session_state.get(PLAN_KEY), st.session_state.get(PLAN_SOURCE_KEY)
+    if plan is None or held is None or held[0].to_dict() != plan.to_dict():
+        return None
+    return Path(held[1])
 
 
 @contextmanager
