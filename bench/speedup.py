@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from studio.bench import count_macs, measure_throughput
+from studio.bench import count_macs, measure_throughput, paired_speedup
 from studio.errors import StudioError
 from studio.models import (
     DEMO_ARCH,
@@ -67,31 +66,6 @@ def aligned(model: torch.nn.Module) -> bool:
     for w in pruned_widths(model):
         dims += [w["heads"] * w["head_dim"], w["mlp"], w["attn_in"], w["mlp_in"]]
     return all(d % 8 == 0 for d in dims)
-
-
-def paired_speedup(
-    dense: torch.nn.Module,
-    pruned: torch.nn.Module,
-    input_size: list[int],
-    batch_size: int,
-    warmup: int,
-    repeats: int,
-) -> float:
-    """Median over ``repeats`` of (dense time / pruned time), each pair timed back to back.
-
-    Pairing cancels slow drifts in CPU contention (other processes on a shared machine), which otherwise bias a
-    ratio of two medians taken minutes apart.
-    """
-    for m in (dense, pruned):
-        measure_throughput(m, input_size, batch_size=batch_size, warmup=warmup, repeats=1)
-    ratios = []
-    for _ in range(repeats):
-        t_dense = measure_throughput(dense, input_size, batch_size=batch_size, warmup=0, repeats=1).latency_ms
-        t_pruned = measure_throughput(
-            pruned, input_size, batch_size=batch_size, warmup=0, repeats=1
-        ).latency_ms
-        ratios.append(t_dense / t_pruned)
-    return statistics.median(ratios)
 
 
 def run(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:

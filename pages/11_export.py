@@ -27,7 +27,11 @@ with state.user_errors():
         c1, c2 = st.columns([3, 1])
         c1.markdown(
             f"Active plan: **{plan.method}**, {plan.depth}/{plan.base.depth} blocks"
-            + (f", the structure of run `{source.name}` (its trained weights are exported)." if trained else ".")
+            + (
+                f", the structure of run `{source.name}` (its trained weights are exported)."
+                if trained
+                else "."
+            )
         )
         if c2.button("Export the active plan", key="export_active", icon=":material/ios_share:"):
             if trained:  # the run's own export holds the trained (retrained, fine-tuned) weights: never the

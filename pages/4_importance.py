@@ -10,6 +10,7 @@ from studio.jobs import job_status
 from studio.ui import cached, charts, guide, state
 from studio.ui import importance as vm
 from studio.ui.charts import COLORS, human, pct
+from studio.ui.jobs import job_threads
 from studio.ui.results import show_run_result
 
 st.title("Importance")
@@ -170,7 +171,11 @@ with state.user_errors():
         )
         bar.done()
         dev = state.model_spec().device
-        job = vm.start_retrain(res["export"], data, epochs, device=dev) if retrain else None
+        job = (
+            vm.start_retrain(res["export"], data, epochs, device=dev, threads=job_threads())
+            if retrain
+            else None
+        )
         st.session_state["imp_last"] = {"run": str(run.path), "results": res, "job": job}
     last = st.session_state.get("imp_last")
     if last:

@@ -14,7 +14,7 @@ from studio.runs import RunDir, list_runs
 from studio.ui import charts, guide, state
 from studio.ui.charts import human, pct
 from studio.ui.jobs import device_picker, start_job_button
-from studio.ui.run_actions import follow, result_actions, started_as_job
+from studio.ui.run_actions import follow, result_actions, started_as_job, unfinished
 
 st.title("Adapters")
 st.caption(
@@ -197,10 +197,8 @@ if started is not None:  # draw the curves of the run just started, not the ones
     st.rerun()
 current = st.session_state.get("adapters_start_run")
 if not current or not Path(current).is_dir():
-    # nothing started in this session (or a reload): follow the newest SPLoRA job that has not finished
-    current = next(
-        (str(r.path) for r in runs if started_as_job(r.path) and jobs.job_status(r.path).state != "done"), None
-    )
+    # nothing started in this session (or a reload): follow the newest SPLoRA job still running or resumable
+    current = next((str(r.path) for r in runs if started_as_job(r.path) and unfinished(r.path)), None)
 if current:
     st.subheader("Job", divider="gray")
     if follow(current) == "done" and RunDir(current).results_file.exists():

@@ -147,6 +147,34 @@ def measure_throughput(
     )
 
 
+def paired_speedup(
+    dense: torch.nn.Module,
+    pruned: torch.nn.Module,
+    input_size: Sequence[int],
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    dtype: torch.dtype | None = None,
+) -> float:
+    """Median over ``repeats`` of (dense time / pruned time), each pair timed back to back.
+
+    Pairing cancels slow drifts in CPU contention (other processes on a shared machine), which otherwise bias a
+    ratio of two medians taken minutes apart.
+    """
+    for m in (dense, pruned):
+        measure_throughput(m, input_size, batch_size=batch_size, warmup=warmup, repeats=1, dtype=dtype)
+    ratios = []
+    for _ in range(repeats):
+        t_dense = measure_throughput(
+            dense, input_size, batch_size=batch_size, warmup=0, repeats=1, dtype=dtype
+        ).latency_ms
+        t_pruned = measure_throughput(
+            pruned, input_size, batch_size=batch_size, warmup=0, repeats=1, dtype=dtype
+        ).latency_ms
+        ratios.append(t_dense / t_pruned)
+    return statistics.median(ratios)
+
+
 def profile(model: torch.nn.Module, input_size: Sequence[int]) -> dict[str, int]:
     """Params and MACs in one dict (``params``, ``macs``, ``macs_attention``, ``macs_linear``, ``macs_conv``)."""
     macs = count_macs(model, input_size)

@@ -196,8 +196,8 @@ def verify_integrity(folder: Path, manifest: Mapping[str, Any]) -> None:
     if changed:
         what = ", ".join(f"'{k}'" if k in INTEGRITY_FIELDS else k for k in changed)
         raise StudioError(
-            f"{folder} was changed after export: its {what} no longer match the checksum recorded in "
-            f"{MANIFEST}, so it would not compute what was exported; export the model again from its source."
+            f"{folder} was changed after export: the checksum recorded in {MANIFEST} no longer fits its {what}, "
+            "so it would not compute what was exported; export the model again from its source."
         )
 
 

@@ -98,7 +98,8 @@ def extract(
         loader = make_loader(data, batch_size=batch_size, shuffle=False)
         for j, (x, y) in enumerate(loader):
             check(cancel)
-            model(x.to(device))
+            with torch.inference_mode():  # no graph: only the hooked copies are kept
+                model(x.to(device))
             labels.append(torch.as_tensor(y))
             progress(callbacks, "features", j + 1, len(loader))
     finally:

@@ -1,10 +1,14 @@
 """Background jobs: long work (retraining, P3B, SPLoRA, SLS, prune runs) as separate processes on a run directory.
 
 A job is a spec submitted with :func:`submit`: its ``spec.json`` is written into a new run folder and
-``python -m studio run runs/NAME`` is started with :func:`start_job` in its own
-session (``start_new_session``: it survives the Streamlit script, a closed tab or a page reload, and its whole
-process group can be signalled), its stdout/stderr going to ``stdout.log``/``stderr.log`` in the run folder and
-its pid, command and device to ``job.json``. Everything else is read back from the folder, so any tab, a later
+``python -m studio run runs/NAME`` is started with :func:`start_job`: a small ``/bin/sh`` wrapper in a session
+of its own (it survives the Streamlit script, a closed tab or a page reload) starts the trainer in *another*
+new session, waits for it and records its exit code. The trainer's own pid is its session and process group
+(``setsid``), so ``job.json`` and ``jobs status`` show the trainer (not the wrapper), killing the wrapper does not
+make a live trainer look gone (so no second trainer is ever resumed beside it), and a forced cancel signals the
+trainer's whole group (torchrun and its workers) while the wrapper lives on to record how it ended. stdout/stderr
+go to ``stdout.log``/``stderr.log`` in the run folder; the trainer's pid to ``job.pid``; pids, command and
+device to ``job.json``. Everything else is read back from the folder, so any tab, a later
 session or the CLI (``python -m studio jobs list|status|cancel|logs``) sees the same state:
 
 - :func:`job_status` combines ``job.json``, the command's own ``status.json`` and whether the process is still
@@ -13,9 +17,11 @@ session or the CLI (``python -m studio jobs list|status|cancel|logs``) sees the 
 - :func:`cancel_job` creates the run's ``CANCEL`` file, which the training loop checks every step (it saves a
   checkpoint and stops cleanly); ``force`` adds SIGTERM to the process group as a fallback.
 - :func:`resume_job` re-runs the same command with ``--resume``.
-- One job per device: a lock file per device (``<runs root>/.locks/``) holds the pid of the job using it, and
-  a second job on a busy device is refused with a message naming the running one. A lock whose process is gone
-  is stale and taken over.
+- One job per device on the machine: a lock file per device in a per-user folder (``$STUDIO_LOCK_DIR``, else
+  ``$XDG_RUNTIME_DIR/pruning-studio/locks``, else ``<tmp>/pruning-studio-<uid>/locks``) holds the pid of the
+  trainer using it, whatever folder its run lives in, and a second job on a busy device is refused with a
+  message naming the running one. A lock whose process is gone is stale and taken over. A training command run
+  in the foreground (``retrain``, ``run``) takes the same lock for its duration.
 - With ``nproc > 1`` the command runs under ``torchrun --standalone --nproc_per_node N`` (one process per GPU,
   DistributedDataParallel, see :mod:`studio.distributed`).
 """
@@ -29,8 +35,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,17 @@ from .flows import Spec, create_run
 from .plan import PrunePlan
 from .runs import EXIT_FILE, JOB_FILE, PID_FILE, STDERR, STDOUT, RunDir, read_json, write_json, write_text
 
-_WRAPPER = '"$@" & child=$!; trap "" TERM INT; wait "$child"; code=$?; echo "$code" > "$0.tmp"; mv "$0.tmp" "$0"; exit "$code"'
+# sh -c _WRAPPER EXIT_FILE PID_FILE cmd...: start the trainer, write its pid, ignore the signals meant for it,
+# wait and record its exit code atomically (so a status poll from any process learns how it ended)
+_WRAPPER = (
+    'pidf=$1; shift; "$@" & child=$!; echo "$child" > "$pidf"; trap "" TERM INT; wait "$child"; code=$?; '
+    'echo "$code" > "$0.tmp"; mv "$0.tmp" "$0"; exit "$code"'
+)
+# the trainer's first step: a session and process group of its own (pid = pgid = sid), then the command itself;
+# the pid is kept across exec, so the pid the wrapper records is the trainer's
+_SETSID = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+# set in a job's environment: its launcher holds the device lock, the trainer must not take it again
+JOB_LOCK_ENV = "STUDIO_JOB_LOCKED"
 FINAL_STATES = ("done", "failed", "cancelled")
 ACTIVE_STATES = ("starting", "running", "cancelling")
 LOCK_DIR_ENV = "STUDIO_LOCK_DIR"
@@ -196,9 +213,37 @@ def _session_rss_mb(sid: int) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------- locks
-def lock_dir(root: str | Path) -> Path:
-    """Where device locks live: ``$STUDIO_LOCK_DIR`` or ``<runs root>/.locks``."""
-    return Path(os.environ.get(LOCK_DIR_ENV) or Path(root) / ".locks")
+def lock_dir(root: str | Path | None = None) -> Path:
+    """Where device locks live: one folder per user on the machine, whatever folder the runs are in.
+
+    ``$STUDIO_LOCK_DIR`` (tests, or several studios sharing devices on purpose), else
+    ``$XDG_RUNTIME_DIR/pruning-studio/locks``, else ``<tmp>/pruning-studio-<uid>/locks``. Keyed by the device
+    only: two jobs on one GPU collide even when their run folders have different parents. ``root`` is accepted
+    for the callers that still pass their runs folder; it does not change the answer.
+    """
+    del root  # the lock is the device's, not the runs folder's
+    if os.environ.get(LOCK_DIR_ENV):
+        return Path(os.environ[LOCK_DIR_ENV])
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir() and os.access(runtime, os.W_OK):
+        return Path(runtime) / "pruning-studio" / "locks"
+    uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"pruning-studio-{uid}" / "locks"
+
+
+def _lock_folder() -> Path:
+    """:func:`lock_dir`, created private to this user (a shared /tmp must not let others take or fake locks)."""
+    folder = lock_dir()
+    if not os.environ.get(LOCK_DIR_ENV):
+        folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = folder.parent.stat().st_uid
+        if hasattr(os, "getuid") and owner != os.getuid():
+            raise StudioError(
+                f"The device-lock folder {folder.parent} belongs to another user; remove it, or set "
+                f"${LOCK_DIR_ENV} to a folder of your own."
+            )
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
 
 
 def _lock_path(folder: Path, device: str) -> Path:
@@ -212,8 +257,8 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def device_holder(device: str, root: str | Path) -> dict[str, Any] | None:
-    """The live job holding ``device`` (``{"run", "pid", ...}``), or None if it is free."""
+def device_holder(device: str, root: str | Path | None = None) -> dict[str, Any] | None:
+    """The live job holding ``device`` on this machine (``{"run", "pid", ...}``), or None if it is free."""
     path = _lock_path(lock_dir(root), device)
     holder = _read_lock(path)
     if holder is None:
@@ -221,8 +266,10 @@ def device_holder(device: str, root: str | Path) -> dict[str, Any] | None:
     return holder if _alive(holder.get("pid"), holder.get("pid_start")) else None
 
 
-def _acquire(devs: Sequence[str], run: Path, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+def _acquire(devs: Sequence[str], run: Path, folder: Path | None = None) -> list[Path]:
+    """Take the lock of every device in ``devs`` for ``run``, held by this process (a job's launcher then writes
+    its trainer's pid into them)."""
+    folder = folder or _lock_folder()
     held: list[Path] = []
     me = {"run": str(run), "pid": os.getpid(), "pid_start": _start_time(os.getpid()), "time": time.time()}
     try:
@@ -255,6 +302,24 @@ def _acquire(devs: Sequence[str], run: Path, folder: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         raise
     return held
+
+
+@contextlib.contextmanager
+def device_lock(device: str, run: str | Path) -> Iterator[None]:
+    """Hold ``device``'s machine-wide lock while a training command runs in the foreground.
+
+    A job's trainer does not take it (its launcher holds it in the trainer's name: ``$STUDIO_JOB_LOCKED``), nor do
+    the ranks of a ``torchrun`` group started by hand (they share their devices by design).
+    """
+    if os.environ.get(JOB_LOCK_ENV) or os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        yield
+        return
+    locks = _acquire(_job_devices(device, 1), Path(run).resolve())
+    try:
+        yield
+    finally:
+        for p in locks:
+            p.unlink(missing_ok=True)
 
 
 # -------------------------------------------------------------------------------------------------- start
@@ -310,7 +375,7 @@ def start_job(
     launch_device = devs[0] if nproc == 1 else ("cuda" if devs[0] != "cpu" else "cpu")
     cmd = _command(argv, launch_device, nproc)
     run.path.mkdir(parents=True, exist_ok=True)
-    locks = _acquire(devs, run.path, lock_dir(run.path.parent))
+    locks = _acquire(devs, run.path)
     n_threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
     job_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     job_env.update(
@@ -318,6 +383,7 @@ def start_job(
         MKL_NUM_THREADS=str(n_threads),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(p for p in (str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        **{JOB_LOCK_ENV: "1"},
         **dict(env or {}),
     )
     if nproc > 1 and devs[0] != "cpu":  # torchrun's workers take GPUs 0..N-1: make those the locked ones
@@ -336,8 +402,21 @@ def start_job(
             err.flush()
             run.set_status("starting", attempt=attempt)
             (run.path / EXIT_FILE).unlink(missing_ok=True)
+            (run.path / PID_FILE).unlink(missing_ok=True)  # an earlier attempt's trainer
             wrapped = (
-                ["/bin/sh", "-c", _WRAPPER, str(run.path / EXIT_FILE), *cmd] if os.name == "posix" else cmd
+                [
+                    "/bin/sh",
+                    "-c",
+                    _WRAPPER,
+                    str(run.path / EXIT_FILE),
+                    str(run.path / PID_FILE),
+                    sys.executable,
+                    "-c",
+                    _SETSID,
+                    *cmd,
+                ]
+                if os.name == "posix"
+                else cmd
             )
             proc = subprocess.Popen(
                 wrapped,
@@ -351,12 +430,16 @@ def start_job(
         for p in locks:
             p.unlink(missing_ok=True)
         raise
-    pid_start = _start_time(proc.pid)
+    pid = _trainer_pid(proc, run.path / PID_FILE) if os.name == "posix" else proc.pid
+    pid_start = _start_time(pid)
     job = {
         "command": list(argv),
         "cmd": cmd,
-        "pid": proc.pid,
+        "pid": pid,  # the trainer: its own session and process group (pgid == pid)
         "pid_start": pid_start,
+        "pgid": pid,
+        "wrapper_pid": proc.pid,  # the shell that waits for it and records its exit code
+        "wrapper_start": _start_time(proc.pid),
         "device": devs[0] if nproc == 1 else ",".join(devs),
         "devices": devs,
         "nproc": nproc,
@@ -366,19 +449,33 @@ def start_job(
         "locks": [str(p) for p in locks],
     }
     write_json(run.path / JOB_FILE, job)
-    write_text(run.path / PID_FILE, f"{proc.pid}\n")
+    if os.name != "posix":
+        write_text(run.path / PID_FILE, f"{pid}\n")
     for p in locks:
         write_json(
             p,
             {
                 "run": str(run.path),
-                "pid": proc.pid,
+                "pid": pid,
                 "pid_start": pid_start,
                 "time": time.time(),
                 "device": p.stem,
             },
         )
     return job_status(run.path)
+
+
+def _trainer_pid(proc: subprocess.Popen, pid_file: Path, timeout: float = 10.0) -> int:
+    """The trainer's pid, as the wrapper writes it to ``job.pid`` a moment after it starts (its own pid if the
+    wrapper ended first or never wrote it)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        with contextlib.suppress(OSError, ValueError):
+            return int(pid_file.read_text().strip())  # empty while the wrapper is writing it
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    return proc.pid
 
 
 def submit(
@@ -514,7 +611,9 @@ def job_status(run_dir: str | Path) -> JobStatus:
     exit_code = job.get("exit_code")
     if pid and not alive and exit_code is None and job:
         exit_code = _read_exit_code(run.path)
-        reaped = _reap(int(pid))  # the wrapper's own status when we are its parent (frees the zombie)
+        # the wrapper's own status when we are its parent (frees the zombie); job.json files older than the
+        # trainer's own pid named the wrapper as "pid"
+        reaped = _reap(int(job.get("wrapper_pid") or pid))
         exit_code = exit_code if exit_code is not None else reaped
         if exit_code is not None:
             job.update(exit_code=exit_code, ended=time.time())
@@ -551,7 +650,7 @@ def job_status(run_dir: str | Path) -> JobStatus:
         error = last_error(run.path) or "the job failed without an error message (see its stderr log)"
     events = recent_events(run.path)
     prog, eta, res = _progress(events)
-    rss = _session_rss_mb(int(pid)) if alive and pid else None
+    rss = _session_rss_mb(int(job.get("pgid") or pid)) if alive and pid else None
     return JobStatus(
         run=str(run.path),
         name=run.path.name,
@@ -606,9 +705,18 @@ def cancel_job(run_dir: str | Path, *, force: bool = False) -> JobStatus:
         raise StudioError(f"Run {run.path.name} is not running (it is {st.state}); nothing to cancel.")
     write_text(run.cancel_file, f"cancel requested at {time.time()}\n")
     if force and st.pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(st.pid), signal.SIGTERM)
+        _terminate(int(_job(run.path).get("pgid") or st.pid), int(st.pid))
     return job_status(run.path)
+
+
+def _terminate(pgid: int, pid: int) -> None:
+    """SIGTERM to the trainer's process group (torchrun and its workers); to the trainer alone in the few
+    milliseconds before it has made its group (then the CANCEL file, already written, stops it as well)."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def resume_job(

@@ -189,17 +189,21 @@ def empty_class_folder(tmp: Path) -> str:
     return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
 
 
-def corrupt_image(tmp: Path) -> str:
+def _digit_folders(root: Path) -> None:
+    """An ImageFolder with the demo's ten classes, so the case meets the check it is about (not class names)."""
     for split in ("train", "test"):
-        _png(tmp / "imgs" / split / "0" / "a.png")
-        _png(tmp / "imgs" / split / "1" / "b.png")
+        for c in range(10):
+            _png(root / split / str(c) / "a.png")
+
+
+def corrupt_image(tmp: Path) -> str:
+    _digit_folders(tmp / "imgs")
     (tmp / "imgs" / "train" / "1" / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
 
 
 def decompression_bomb(tmp: Path) -> str:
-    for split in ("train", "test"):
-        _png(tmp / "imgs" / split / "0" / "a.png")
+    _digit_folders(tmp / "imgs")
     _png(tmp / "imgs" / "train" / "0" / "huge.png", (10_000, 10_000), mode="1")  # 100 Mpx in ~15 kB
     return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
 
@@ -331,6 +335,110 @@ def export_over_an_export(tmp: Path) -> str:
     return engine(lambda: export(m, describe_base(m, "vit_tiny_patch16_224", kw), tmp / "e"))
 
 
+def cli(argv: list[str]) -> str:
+    """The one line a CLI command prints on stderr when it refuses its arguments (exit status 2)."""
+    import io
+    from contextlib import redirect_stderr
+
+    from studio.cli import main
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, lines)
+    return lines[0]
+
+
+def imagefolder_missing_a_class(tmp: Path) -> str:
+    from studio.data import DataSpec, prepare
+    from studio.load import load_model
+    from studio.models import ModelSpec
+
+    for split in ("train", "val"):
+        for c in range(1, 10):
+            _png(tmp / split / str(c) / "a.png")
+    demo = load_model(ModelSpec("demo", device="cpu"))
+    spec = DataSpec("imagefolder", str(tmp))
+    return engine(lambda: prepare(spec, "val", demo.data_config, 10, class_names=demo.known_class_names))
+
+
+def manifest_edited_after_export(tmp: Path) -> str:
+    from studio.export import export, load_exported
+    from studio.models import create_vit
+    from studio.plan import BlockPlan, PrunePlan
+    from studio.surgery import apply_plan
+
+    base = _demo_base()
+    plan = PrunePlan(base, (BlockPlan(0, heads=(0, 2)),))
+    export(apply_plan(create_vit(base.arch, **base.kwargs), plan), base, tmp / "e", plan=plan)
+    m = json.loads((tmp / "e" / "manifest.json").read_text())
+    m["plan"]["blocks"][0]["heads"] = [0, 1]  # still a valid plan: only the checksum can tell
+    (tmp / "e" / "manifest.json").write_text(json.dumps(m))
+    return engine(lambda: load_exported(tmp / "e", device="cpu"))
+
+
+def batch_size_zero(tmp: Path) -> str:
+    return cli(["prune", "--method", "magnitude", "--batch-size", "0"])
+
+
+def bench_repeats_zero(tmp: Path) -> str:
+    return cli(["bench", "--repeats", "0"])
+
+
+def epochs_1e20(tmp: Path) -> str:
+    return cli(["retrain", "--out", str(tmp / "r"), "--epochs", "1e20"])
+
+
+def lr_nan(tmp: Path) -> str:
+    return cli(["retrain", "--out", str(tmp / "r"), "--lr", "nan"])
+
+
+def warmup_negative(tmp: Path) -> str:
+    return cli(["retrain", "--out", str(tmp / "r"), "--warmup-epochs", "-5"])
+
+
+def timm_kwargs_list(tmp: Path) -> str:
+    return cli(["info", "--timm-kwargs", "[1,2]"])
+
+
+def foreign_checkpoint_on_resume(tmp: Path) -> str:
+    from studio.models import create_vit
+    from studio.train import TrainSpec, fit
+
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp / "checkpoint.pt")
+    data = torch.utils.data.TensorDataset(torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2]))
+    model = create_vit("vit_tiny_patch16_224", **kw)
+    spec = TrainSpec(epochs=1, batch_size=3, lr=1e-3)
+    return engine(lambda: fit(model, data, None, spec, checkpoint=tmp / "checkpoint.pt", resume=True))
+
+
+def same_device_other_runs_folder(tmp: Path) -> str:
+    from studio import jobs
+
+    old = os.environ.get(jobs.LOCK_DIR_ENV)
+    os.environ[jobs.LOCK_DIR_ENV] = str(tmp / "locks")
+    held = jobs._acquire(["cpu"], tmp / "one" / "runs" / "first")  # a live holder: this process
+    try:
+
+        def second() -> None:
+            with jobs.device_lock("cpu", tmp / "two" / "other-runs" / "second"):
+                pass
+
+        return engine(second)
+    finally:
+        for p in held:
+            p.unlink()
+        if old is None:
+            os.environ.pop(jobs.LOCK_DIR_ENV, None)
+        else:
+            os.environ[jobs.LOCK_DIR_ENV] = old
+
+
 @dataclass(frozen=True)
 class Case:
     fn: Callable[[Path], str]
@@ -397,6 +505,38 @@ CASES = [
         "already exists and holds files",
     ),
     Case(export_over_an_export, "`export --out` an existing export", "CLI export / apply", "--overwrite"),
+    Case(
+        imagefolder_missing_a_class,
+        "ImageFolder without class `0` for the 10-class demo (every label shifts)",
+        "every flow, eval, analysis (where model meets data)",
+        "it lacks '0'",
+    ),
+    Case(
+        manifest_edited_after_export,
+        "export whose manifest's kept heads were edited (still a valid plan)",
+        "loading an export (Model page, CLI, retrain)",
+        "was changed after export",
+    ),
+    Case(batch_size_zero, "`prune --batch-size 0`", "CLI (every numeric flag)", "must be a positive integer"),
+    Case(bench_repeats_zero, "`bench --repeats 0`", "CLI (every numeric flag)", "must be a positive integer"),
+    Case(epochs_1e20, "`retrain --epochs 1e20`", "CLI (every numeric flag)", "is too large"),
+    Case(lr_nan, "`retrain --lr nan`", "CLI (every numeric flag)", "must be a finite number"),
+    Case(
+        warmup_negative, "`retrain --warmup-epochs -5`", "CLI (every numeric flag)", "must be a number >= 0"
+    ),
+    Case(timm_kwargs_list, "`--timm-kwargs '[1,2]'`", "CLI (every model command)", "must be a JSON object"),
+    Case(
+        foreign_checkpoint_on_resume,
+        "`checkpoint.pt` of another program on `--resume`",
+        "CLI / job resume",
+        "not a training checkpoint written by the studio",
+    ),
+    Case(
+        same_device_other_runs_folder,
+        "a second training on a busy device, run folder elsewhere",
+        "jobs start / Start buttons / foreground retrain",
+        "Device cpu is busy",
+    ),
 ]
 
 

@@ -55,3 +55,24 @@ def test_throughput_is_positive_and_recorded(tiny_vit):
     assert r.images_per_s > 0 and r.latency_ms > 0 and r.latency_ms_p90 >= r.latency_ms
     assert r.device == "cpu" and r.dtype == "float32" and r.repeats == 3
     assert count_params(tiny_vit) == sum(p.numel() for p in tiny_vit.parameters())
+
+
+def test_gpu_suite_reduced_form_runs_every_step_on_cpu():
+    """The GPU suite's code paths (feature bank, importance, three plans, paired throughput) on a tiny model."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--reduced", "--device", "cpu"])
+    steps = [r["step"] for r in rows]
+    assert steps[0].startswith("feature bank") and steps[1].startswith("importance")
+    for method in mod.METHODS:
+        (plan,) = [r for r in rows if r["step"] == f"{method} plan at 50 % MACs"]
+        kept = float(plan["note"].split()[-1].rstrip("%")) / 100
+        assert kept == pytest.approx(0.5, abs=0.03)
+        assert sum(r["step"].startswith(f"throughput {method}") for r in rows) == 2
+    assert all(r["peak_gib"] is None or r["peak_gib"] > 0 for r in rows)
+    assert rows[-1]["note"].startswith("skipped") or rows[-1]["note"] == "ok"

@@ -28,7 +28,7 @@ from studio.surgery import apply_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON_KEYS = {"kind", "method", "plan", "summary", "params", "before", "after", "speedup", "ideal_speedup"}
-COMMON_KEYS |= {"export", "onnx", "device", "seconds"}
+COMMON_KEYS |= {"export", "onnx", "device", "seconds", "peak_memory_mb"}
 DATA = DataSpec("demo", limit=96)
 
 # Tiny settings per method for a run from the Prune page (widget key suffix -> value).

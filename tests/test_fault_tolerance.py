@@ -58,9 +58,7 @@ def _spec(kind: str, tmp: Path) -> Any:
     if kind == "retrain":
         src = tmp / "src"
         if not src.exists():
-            run_folder(
-                create_run(PruneSpec(DEMO, "magnitude", {"target_macs": 0.5}, DATA, bench=False), src)
-            )
+            run_folder(create_run(PruneSpec(DEMO, "magnitude", {"target_macs": 0.5}, DATA, bench=False), src))
         return RecoverySpec(
             ModelSpec(str(src / "export"), device="cpu"),
             DATA,

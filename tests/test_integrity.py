@@ -190,7 +190,7 @@ def test_a_manifest_changed_after_export_is_refused(tmp_path, edit, field):
     with pytest.raises(StudioError) as e:
         load_exported(folder, device="cpu")
     msg = str(e.value)
-    assert f"was changed after export: its {field} no longer match the checksum" in msg, msg
+    assert f"was changed after export: the checksum recorded in manifest.json no longer fits its {field}," in msg
     assert "\n" not in msg
 
 
@@ -204,7 +204,7 @@ def test_changed_weights_are_refused_and_an_intact_export_loads_identically(tmp_
     sd = load_file(str(folder / WEIGHTS))
     sd["head.bias"] = sd["head.bias"] + 1
     save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt"})
-    with pytest.raises(StudioError, match=r"its weights \(model\.safetensors\) no longer match"):
+    with pytest.raises(StudioError, match=r"no longer fits its weights \(model\.safetensors\), so"):
         load_exported(folder, device="cpu")
 
 

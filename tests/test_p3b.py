@@ -396,6 +396,15 @@ def test_job_runs_resumes_exactly_and_records_curves(tmp_path):
     hist = load_history(full)
     assert hist.epochs == [0, 1] and hist.benefit_cls.shape == (2, 4) and hist.final["params_kept"] > 0
     assert (full.export_dir / "manifest.json").exists()
+    # both phases (pruning, fine-tuning the slice) report on the whole run: "epoch 4 / 4", one progress bar
+    training = [e["data"] for e in full.events("status") if e["data"].get("state") == "training"]
+    assert [d["epochs"] for d in training] == [4, 4] and [d["phase"] for d in training] == [
+        "prune",
+        "finetune",
+    ]
+    train = [e["data"] for e in full.events("progress") if e["data"].get("task") == "train"]
+    assert train[-1]["done"] == train[-1]["total"] == training[0]["steps"] and train[-1]["epoch"] == 3
+    assert [d["done"] for d in train] == sorted(d["done"] for d in train)
 
     # cancel in the middle of the pruning phase, then resume: same plan and same metrics as the full run
     part = RunDir.create(tmp_path / "part", spec.to_dict())

@@ -53,6 +53,6 @@ def test_page_embeds_layers_picks_a_cut_and_prunes():
     _ok(at)
     assert "job" in at.button(key="sls_job").label
 
-    at.button(key="sls_make_active").click().run()
+    at.button(key="sls_result_active").click().run()
     _ok(at)
     assert "4/12 blocks" in " ".join(m.value for m in at.sidebar.markdown)

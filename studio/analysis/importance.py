@@ -239,9 +239,9 @@ def head_ablation(
 
     for i, blk in enumerate(blocks):
         blk.attn.proj.register_forward_pre_hook(masker(i))
-    mb = micro_batch or memory.micro_batch(
-        loaded.base, max((len(y) for _, y in batches), default=1), "forward", device
-    )
+    # images in one stacked pass (copies x images): bounded by the activation budget, not by the batch
+    widest = max((len(y) for _, y in batches), default=1) * max(blk.attn.num_heads for blk in blocks)
+    mb = micro_batch or memory.micro_batch(loaded.base, widest, "forward", device)
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     left = samples if samples > 0 else None
     for x, y in batches:

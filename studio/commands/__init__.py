@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -14,8 +15,9 @@ from ..argtypes import finite_float, json_object, positive_float, positive_int
 from ..data import DataSpec
 from ..errors import StudioError
 from ..events import Callback, CancelToken, Event
-from ..flows import Spec, create_run, on_device, read_spec, run_folder, sigterm_cancels
+from ..flows import Spec, create_run, load_flows, on_device, read_spec, run_folder, sigterm_cancels
 from ..flows.stages import RunResult
+from ..jobs import device_lock
 from ..models import ModelSpec
 from ..runs import RunDir, new_run_id
 
@@ -156,9 +158,13 @@ def execute(run: RunDir, spec: Spec, *, resume: bool, device: str) -> RunResult 
     """Run a run folder's spec on this attempt's device, progress on stderr; None on a torchrun rank > 0."""
     token = CancelToken(run.cancel_file)
     sigterm_cancels(token)
-    return run_folder(
-        run, resume=resume, spec=on_device(spec, device), callbacks=[stderr_progress()], cancel=token
-    )
+    spec = on_device(spec, device)
+    lock = contextlib.nullcontext()
+    if load_flows().get(spec.kind).trains:  # one training per device on the machine, a job's or this one
+        model = getattr(spec, "model", None)
+        lock = device_lock(device if device != "auto" else getattr(model, "device", "auto"), run.path)
+    with lock:
+        return run_folder(run, resume=resume, spec=spec, callbacks=[stderr_progress()], cancel=token)
 
 
 def stderr_progress() -> Callback:

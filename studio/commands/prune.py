@@ -236,6 +236,9 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
         f"params  {_pct(b['params'], a['params'])}",
         f"MACs    {_pct(b['macs'], a['macs'])}   (ideal speed-up x{d['ideal_speedup']:.2f})",
     ]
+    peak = d.get("peak_memory_mb") or {}
+    if peak:
+        lines.append("peak    " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in peak.items()))
     if a.get("top1") is not None and b.get("top1") is not None:
         trained = get_method(d["method"]).trains
         note = "after the method's training" if trained else "no recovery training"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .. import memory
 from ..errors import StudioError
 from ..events import Callback, CancelToken
 from ..models import LoadedModel
@@ -156,6 +157,7 @@ def run_folder(
         rd.cancel_file.unlink(missing_ok=True)
     with rd.tracking(resumed=resume):
         cbs = [*callbacks, RunLogger(rd)]
+        memory.reset_peak(getattr(loaded, "device", None))  # results.json reports this attempt's peak
         return flow.run(spec, run=rd, loaded=loaded, callbacks=cbs, cancel=token, resume=resume)
 
 

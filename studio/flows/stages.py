@@ -6,7 +6,7 @@ evaluates, times throughput, exports (safetensors + manifest, optionally ONNX) a
 in one shape (:class:`RunResult`)::
 
     {"kind", "method", "plan", "summary", "params", "before", "after", "speedup", "ideal_speedup",
-     "export", "onnx", "device", "seconds", "<kind>": {...the flow's own section...}}
+     "export", "onnx", "device", "seconds", "peak_memory_mb", "<kind>": {...the flow's own section...}}
 
 ``before``/``after`` each hold ``params``, ``macs`` (+ the attention/linear split), and where measured
 ``top1``/``loss``/``n`` and ``throughput`` per batch size; ``after["matches_plan"]`` says whether the counted
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .. import memory
 from ..analysis.criteria import Batch, calibration_batches
 from ..bench import measure_throughput, profile
 from ..device import describe_device
@@ -65,6 +66,7 @@ class RunResult:
     device: str
     seconds: float
     section: dict[str, Any] = field(default_factory=dict)
+    peak_memory: dict[str, float] = field(default_factory=dict)  # MiB: rss (process), cuda (max allocated)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,7 @@ class RunResult:
             "onnx": self.onnx,
             "device": self.device,
             "seconds": self.seconds,
+            "peak_memory_mb": self.peak_memory,
             self.kind: self.section,
         }
 
@@ -197,6 +200,7 @@ def finish(
         device=describe_device(loaded.device),
         seconds=time.time() - started,
         section=dict((section(before, after) if callable(section) else section) or {}),
+        peak_memory={k: round(v / 2**20, 1) for k, v in memory.peak_bytes(loaded.device).items()},
     )
     if run is not None:
         if plan is not None:

@@ -707,7 +707,9 @@ def run_series(
     return series
 
 
-def _save_checkpoint(path: Path | None, series: SeriesResult, *, done: bool, phase: int | None = None) -> None:
+def _save_checkpoint(
+    path: Path | None, series: SeriesResult, *, done: bool, phase: int | None = None
+) -> None:
     """Model (masks included), unit masks, the dense fused model and the curve so far; loadable without pickles.
 
     ``phase``: the step just finished, whose training-loop checkpoint is removed once this one is written (the

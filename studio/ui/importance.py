@@ -143,8 +143,13 @@ def retrain_spec(export: str | Path, data: DataSpec, epochs: int, *, device: str
     )
 
 
-def start_retrain(export: str | Path, data: DataSpec, epochs: int, *, device: str = "cpu") -> str:
-    """Submit the retraining of a pruned export as a job next to its run; returns the job's run folder."""
+def start_retrain(
+    export: str | Path, data: DataSpec, epochs: int, *, device: str = "cpu", threads: int | None = None
+) -> str:
+    """Submit the retraining of a pruned export as a job next to its run; returns the job's run folder.
+
+    ``threads``: the job's CPU threads (the page passes the studio's thread policy, :mod:`studio.threads`).
+    """
     out = Path(export).parent.parent / f"{Path(export).parent.name}-retrain"
-    jobs.submit(retrain_spec(export, data, epochs, device=device), out, device=device)
+    jobs.submit(retrain_spec(export, data, epochs, device=device), out, device=device, threads=threads)
     return str(out)

@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 from plotly.subplots import make_subplots
 
-from .. import jobs
+from .. import jobs, threads
 from ..errors import StudioError
 from ..flows import Spec, new_run_dir
-from ..runs import RunDir
+from ..runs import JOB_FILE, RunDir, read_json
 from . import charts
 from .state import runs_root, user_errors
 
@@ -32,6 +33,36 @@ STATE_ICONS = {
     "cancelled": ":material/pause_circle:",
 }
 _MSG_KEY = "studio_job_message"
+THREADS_KEY = "studio_job_threads"  # the sidebar's "Threads per job" (0: the policy of studio.threads)
+
+
+@st.cache_data(ttl=3, show_spinner=False)
+def running_threads(root: str) -> list[int]:
+    """The CPU threads each running job under ``root`` holds (``threads`` × processes, from its ``job.json``)."""
+    out = []
+    for s in jobs.list_jobs(root):
+        if s.active:
+            try:
+                job = read_json(Path(s.run) / JOB_FILE)
+            except StudioError:
+                continue
+            out.append(int(job.get("threads") or 1) * max(1, s.nproc))
+    return out
+
+
+def job_threads(nproc: int = 1) -> int:
+    """Threads for each process of a job started now: the sidebar's setting, else the policy (what the server
+    and the running jobs leave; :func:`studio.threads.job_threads`)."""
+    asked = int(st.session_state.get(THREADS_KEY) or 0) or None
+    return threads.job_threads(running_threads(str(runs_root())), nproc=nproc, asked=asked)
+
+
+def apply_server_threads() -> int:
+    """Size the server's own torch thread pool beside the running jobs (process-wide; cheap when unchanged)."""
+    n = threads.server_threads(running_threads(str(runs_root())))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def device_picker(key: str) -> tuple[str, int]:
@@ -87,7 +118,8 @@ def start_job_button(
         return None
     run = new_run_dir(root or runs_root(), spec)
     with user_errors():
-        jobs.submit(spec, run, device=device, nproc=nproc)
+        jobs.submit(spec, run, device=device, nproc=nproc, threads=job_threads(nproc))
+        running_threads.clear()  # the next share counts this job
         st.session_state[f"{key}_run"] = str(run)
         st.toast(f"Started {run.name}", icon=":material/play_arrow:")
         return run
@@ -102,7 +134,8 @@ def _act(action: str, run_dir: str) -> None:
         elif action == "stop":
             jobs.cancel_job(run_dir, force=True)
         elif action == "resume":
-            jobs.resume_job(run_dir)
+            jobs.resume_job(run_dir, threads=job_threads(jobs.job_status(run_dir).nproc))
+            running_threads.clear()
         st.session_state.pop(_MSG_KEY, None)
     except StudioError as e:
         st.session_state[_MSG_KEY] = str(e)

@@ -32,6 +32,12 @@ def started_as_job(run_dir: str | Path) -> bool:
     return (Path(run_dir) / JOB_FILE).exists()
 
 
+def unfinished(run_dir: str | Path) -> bool:
+    """Whether the run is still running, or stopped with a checkpoint to resume from (worth following)."""
+    s = jobs.job_status(run_dir)
+    return s.active or (s.state in ("cancelled", "failed") and RunDir(Path(run_dir)).has_checkpoint)
+
+
 def follow(run_dir: str | Path) -> str:
     """Draw the job panel of ``run_dir`` unless it is done (or not a job); return the run's state."""
     s = jobs.job_status(run_dir)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import streamlit as st
 
+from .. import threads
 from ..costs import with_summary
 from ..errors import StudioError
 from ..plan import PrunePlan
 from . import cached, guide, state
+from . import jobs as ui_jobs
 from .charts import human, pct
 
 PLAN_KEYS = ("params_before", "params_after", "macs_before", "macs_after")
@@ -31,6 +33,28 @@ def plan_summary(plan: PrunePlan) -> dict:
     return dict(with_summary(plan).summary)
 
 
+def threads_box() -> None:
+    """The one thread setting beside the device: threads per job (0: the policy), and how the cores are shared
+    now. Also sizes the server's own thread pool beside the running jobs (:mod:`studio.threads`)."""
+    cores = threads.budget()
+    running = ui_jobs.running_threads(str(state.runs_root()))
+    server = ui_jobs.apply_server_threads()
+    st.number_input(
+        "Threads per job (0: automatic)",
+        0,
+        max(1, cores),
+        0,
+        key=ui_jobs.THREADS_KEY,
+        help="CPU threads of each job process. Automatic shares the cores: one stays with the studio, a job "
+        "gets the rest, several jobs split them (at least 1 each), so no core runs two busy threads.",
+    )
+    st.caption(
+        f"{cores} cores · studio {server} thread{'s' * (server != 1)} · "
+        + (f"{len(running)} job(s) running on {sum(running)} · " if running else "")
+        + f"a new job gets {ui_jobs.job_threads()}"
+    )
+
+
 def render() -> None:
     """Draw the selection summary into ``st.sidebar`` (below the navigation)."""
     with st.sidebar:
@@ -49,6 +73,7 @@ def render() -> None:
         )
         st.markdown(f":material/dataset: **Data** {state.data_spec()}")
         st.markdown(f":material/memory: **Device** {s['device']}")
+        threads_box()
         plan = state.active_plan()
         if plan is None:
             st.caption("No active plan yet: make one on the Prune page.")

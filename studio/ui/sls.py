@@ -173,7 +173,9 @@ def show_result(res: dict[str, Any]) -> None:
         " ".join([PAPER_SELECTION_NOTE, *[n for n in sec.get("notes", []) if n != PAPER_SELECTION_NOTE]])
     )
     run = Path(res["export"]).parent if res.get("export") else None
-    if run is not None and run.is_dir():  # make active (with the retrained weights as its source), retrain, export
+    if (
+        run is not None and run.is_dir()
+    ):  # make active (with the retrained weights as its source), retrain, export
         result_actions(run, key="sls_result")
     else:  # an SLS run without an export: only its structure can be taken on
         make_active_button(PrunePlan.from_dict(res["plan"]), key="sls_make_active")
