@@ -5,12 +5,15 @@ from pathlib import Path
 import streamlit as st
 
 from studio import jobs
+from studio.errors import StudioError
 from studio.flows.retrain import RecoverySpec
 from studio.models import ModelSpec
 from studio.recovery import KD_MODES, infer_teacher, preset_names, resolve_recipe
+from studio.runs import RunDir
 from studio.ui import guide, state
 from studio.ui.charts import human, pct
 from studio.ui.jobs import device_picker, job_panel, start_job_button
+from studio.ui.run_actions import result_actions, started_as_job, unfinished
 
 st.title("Retrain")
 st.caption(
@@ -119,8 +122,22 @@ if busy:
     st.info(f"{device} is busy with job {Path(busy['run']).name}; this job will be refused until it ends.")
 start_job_button("Start retraining", spec, key="retrain_start", device=device, nproc=nproc)
 
+
+def _is_retrain(run: str) -> bool:
+    """A retraining started as a job (a damaged spec.json is not one)."""
+    try:
+        return started_as_job(run) and RunDir(run).spec().get("kind") == "retrain"
+    except StudioError:
+        return False
+
+
 current = st.session_state.get("retrain_start_run")
+if not current or not Path(current).is_dir():
+    # nothing started in this session (or a reload): follow the newest retraining still running or resumable
+    current = next((s.run for s in jobs.list_jobs(root) if _is_retrain(s.run) and unfinished(s.run)), None)
 if current:
     st.subheader("Job", divider="gray")
     job_panel(current)
+    if jobs.job_status(current).state == "done" and RunDir(current).results_file.exists():
+        result_actions(current, key="retrain_result")
     guide.next_step(("pages/8_runs.py", "compare it with your other runs"))

@@ -15,7 +15,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Feature caches and runs of a test never touch the user's folders."""
     monkeypatch.setenv("STUDIO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("STUDIO_RUNS", str(tmp_path_factory.getbasetemp() / "runs"))
-    monkeypatch.setenv("STUDIO_LOCK_DIR", str(tmp_path_factory.mktemp("locks")))  # device locks are machine-wide
+    # device locks are machine-wide: a test's jobs must not meet another session's (or the user's) locks
+    monkeypatch.setenv("STUDIO_LOCK_DIR", str(tmp_path_factory.mktemp("locks")))
 
 
 TINY_KWARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)

@@ -71,7 +71,9 @@ def test_demo_refuses_an_imagefolder_missing_one_class(tmp_path):
 def test_extra_and_reordered_classes_are_named(tmp_path):
     model = ["cat", "dog", "fox"]
     with pytest.raises(StudioError, match=r"it lacks 'fox'; it has 'cow', which the model does not know"):
-        check_labels(load_split(_folder(tmp_path / "a", ["cat", "cow", "dog"]), "train"), 3, class_names=model)
+        check_labels(
+            load_split(_folder(tmp_path / "a", ["cat", "cow", "dog"]), "train"), 3, class_names=model
+        )
     ds = load_split(_folder(tmp_path / "b", model), "train")
     with pytest.raises(StudioError, match="another order"):
         check_labels(ds, 3, class_names=["dog", "cat", "fox"])
@@ -185,12 +187,14 @@ def _names(m: dict) -> None:
     ids=["kept index", "arch", "scale_policy", "act_layer", "mean", "class names"],
 )
 def test_a_manifest_changed_after_export_is_refused(tmp_path, edit, field):
-    pruned, folder = _export(tmp_path, class_names=list("abcde"))
+    _, folder = _export(tmp_path, class_names=list("abcde"))
     _edit(folder, edit)
     with pytest.raises(StudioError) as e:
         load_exported(folder, device="cpu")
     msg = str(e.value)
-    assert f"was changed after export: the checksum recorded in manifest.json no longer fits its {field}," in msg
+    assert (
+        f"was changed after export: the checksum recorded in manifest.json no longer fits its {field}," in msg
+    )
     assert "\n" not in msg
 
 

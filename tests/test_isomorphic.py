@@ -166,3 +166,23 @@ def test_published_deit_tiny_structure_without_data():
     assert params / 3.08e6 == pytest.approx(1, abs=0.02)
     assert macs / 0.62e9 == pytest.approx(1, abs=0.02)
     assert plan_cost(st.plan)["params"] == params
+
+
+@pytest.mark.parametrize("importance", ["taylor", "l2"])
+@pytest.mark.parametrize("round_to", [1, 2])
+def test_one_reused_pruner_plans_exactly_as_a_fresh_pruner_per_trial(importance, round_to):
+    """The bisection builds torch-pruning's pruner once (issue 19): every trial's plan equals a fresh one's."""
+    from studio.prune.isomorphic import DEFAULT_RATIOS, ReusablePruner
+
+    m, base = make(embed_dim=96, depth=4, num_heads=6)
+    grads = accumulate_gradients(m, batches()) if importance == "taylor" else None
+    ratios = IsoRatios(*DEFAULT_RATIOS)
+    reuse = ReusablePruner(with_grads(m, grads), ratios.scaled(0.5), importance=importance, round_to=round_to)
+    seen = set()
+    for s in (0.5, 1.3, 0.2, 1.0, 0.75):  # out of order: nothing of one trial may leak into the next
+        kw = dict(importance=importance, round_to=round_to)
+        fresh = isomorphic_structure(m, base, grads, ratios.scaled(s), **kw).plan
+        reused = isomorphic_structure(m, base, grads, ratios.scaled(s), reuse=reuse, **kw).plan
+        assert reused.to_dict() == fresh.to_dict()
+        seen.add(plan_cost(fresh)["macs"])
+    assert len(seen) == 5  # the trials differ, so equality is not of five copies of one plan

@@ -125,6 +125,14 @@ def test_retrain_page_starts_a_job_follows_it_and_shows_a_killed_job_as_failed(r
     assert "status" in set(events["kind"])
     assert len(at.get("plotly_chart")) >= 1
 
+    # a reload (a fresh session, nothing in its state) follows the running job, not an empty page
+    again = _app()
+    again.session_state["studio_data_spec"] = DataSpec("demo", limit=64)
+    again.run()
+    again.switch_page("pages/7_retrain.py").run()
+    assert not again.exception, again.exception
+    assert f"**{run.name}** · running" in _texts(again)
+
     os.killpg(job.pid, signal.SIGKILL)
     at = _poll(at, lambda a: any("Failed" in e.value for e in a.error), timeout=60)
     assert any("killed" in e.value for e in at.error), [e.value for e in at.error]

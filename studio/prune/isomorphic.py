@@ -90,20 +90,14 @@ class _Removed:
     mlp: dict[int, set[int]]
 
 
-def _run_pruner(
-    m: nn.Module, ratios: IsoRatios, *, importance: str, round_to: int, heads: bool, prune: bool
-) -> tuple[_Removed, dict[nn.Module, int]]:
-    """Build torch-pruning's MetaPruner on ``m`` exactly as the reference and read every group it yields.
-
-    With ``prune`` the groups are also applied to ``m`` (for the parity test); otherwise ``m`` is untouched.
-    """
+def _make_pruner(
+    m: nn.Module, ratios: IsoRatios, *, importance: str, round_to: int, heads: bool
+) -> tuple[tp.pruner.MetaPruner, dict[nn.Module, int]]:
+    """torch-pruning's MetaPruner on ``m`` exactly as the reference builds it, and its ``num_heads`` dict."""
     qkvs = [blk.attn.qkv for blk in m.blocks]
     num_heads = {blk.attn.qkv: blk.attn.num_heads for blk in m.blocks}  # a fresh dict: the pruner mutates it
     heads = heads and ratios.heads > 0
     dims = ratios.head_dims > 0
-    # torch-pruning only removes heads inside a scope that prunes something: with no head-dim pruning, give the
-    # qkv scope a vanishing ratio and switch head-dim pruning off (env_stack §2.4)
-    qkv_ratio = ratios.head_dims if dims else (1e-9 if heads else 0.0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
         pruner = tp.pruner.MetaPruner(
@@ -113,7 +107,7 @@ def _run_pruner(
             global_pruning=True,
             isomorphic=True,
             pruning_ratio=ratios.embed_mlp,
-            pruning_ratio_dict={tuple(qkvs): qkv_ratio},
+            pruning_ratio_dict={tuple(qkvs): _qkv_ratio(ratios, heads)},
             ignored_layers=classifiers(m),
             num_heads=num_heads,
             prune_num_heads=heads,
@@ -121,6 +115,19 @@ def _run_pruner(
             head_pruning_ratio=ratios.heads if heads else 0.0,
             round_to=round_to if round_to > 1 else None,
         )
+    return pruner, num_heads
+
+
+def _qkv_ratio(ratios: IsoRatios, heads: bool) -> float:
+    # torch-pruning only removes heads inside a scope that prunes something: with no head-dim pruning, give the
+    # qkv scope a vanishing ratio and switch head-dim pruning off (env_stack §2.4)
+    return ratios.head_dims if ratios.head_dims > 0 else (1e-9 if heads else 0.0)
+
+
+def _read_groups(
+    m: nn.Module, pruner: tp.pruner.MetaPruner, *, prune: bool
+) -> tuple[_Removed, dict[nn.Module, int]]:
+    """Every group the pruner yields, as the kept-index sets of the plan (applied to ``m`` with ``prune``)."""
     out = _Removed(set(), {}, {})
     where = {}
     for i, blk in enumerate(m.blocks):
@@ -139,6 +146,85 @@ def _run_pruner(
         if prune:
             group.prune()
     return out, pruner.num_heads
+
+
+def _run_pruner(
+    m: nn.Module, ratios: IsoRatios, *, importance: str, round_to: int, heads: bool, prune: bool
+) -> tuple[_Removed, dict[nn.Module, int]]:
+    """Build torch-pruning's MetaPruner on ``m`` exactly as the reference and read every group it yields.
+
+    With ``prune`` the groups are also applied to ``m`` (for the parity test); otherwise ``m`` is untouched.
+    """
+    pruner, _ = _make_pruner(m, ratios, importance=importance, round_to=round_to, heads=heads)
+    return _read_groups(m, pruner, prune=prune)
+
+
+class ReusablePruner:
+    """One MetaPruner reused by every trial of a bisection over the ratio scale (without pruning).
+
+    Building the pruner (the dependency graph and its groups) and scoring the groups take nearly all of a
+    trial's time and do not depend on the ratios: the model is never pruned between trials, so the groups and
+    their importance are the same. They are computed once; each trial only sets the ratios and re-runs
+    torch-pruning's own ranking and selection (``step(interactive=True)``), so its plan equals a fresh
+    pruner's (tested).
+    """
+
+    def __init__(self, m: nn.Module, ratios: IsoRatios, *, importance: str, round_to: int) -> None:
+        self.m = m
+        self.heads, self.dims = ratios.heads > 0, ratios.head_dims > 0
+        self.pruner, self.num_heads = _make_pruner(
+            m, ratios, importance=importance, round_to=round_to, heads=True
+        )
+        pr = self.pruner
+        self._init_heads = dict(self.num_heads)
+        self._init_groups = dict(pr.out_channel_groups)
+        groups = list(
+            pr.DG.get_all_groups(ignored_layers=pr.ignored_layers, root_module_types=pr.root_module_types)
+        )
+        pr.DG.get_all_groups = lambda *a, **k: iter(groups)  # type: ignore[method-assign]
+        rooted: dict[int, Any] = {}
+        root = pr._downstream_node_as_root_if_attention
+
+        def downstream(group: Any) -> Any:
+            if id(group) not in rooted:
+                rooted[id(group)] = root(group)
+            return rooted[id(group)]
+
+        pr._downstream_node_as_root_if_attention = downstream  # type: ignore[method-assign]
+        scores: dict[int, torch.Tensor] = {}
+        score = pr.estimate_importance
+
+        def estimate(group: Any) -> torch.Tensor:
+            if id(group) not in scores:
+                scores[id(group)] = score(group)
+            return scores[id(group)]
+
+        pr.estimate_importance = estimate  # type: ignore[method-assign]
+        self._keep = (groups, rooted, scores)  # the cached objects' ids stay valid while they live
+
+    def fits(self, ratios: IsoRatios) -> bool:
+        """Whether a trial at ``ratios`` prunes the same kinds of units this pruner was built for."""
+        return (ratios.heads > 0, ratios.head_dims > 0) == (self.heads, self.dims)
+
+    def run(self, ratios: IsoRatios) -> tuple[_Removed, dict[nn.Module, int]]:
+        pr = self.pruner
+        steps = pr.iterative_steps
+        sched = pr.iterative_pruning_ratio_scheduler
+        pr.pruning_ratio = ratios.embed_mlp
+        pr.per_step_pruning_ratio = sched(ratios.embed_mlp, steps)
+        qkv = sched(_qkv_ratio(ratios, self.heads), steps)
+        for sub in pr.pruning_ratio_dict:
+            pr.pruning_ratio_dict[sub] = qkv
+        head = ratios.heads if self.heads else 0.0
+        pr.head_pruning_ratio = head
+        pr.per_step_head_pruning_ratio = sched(head, steps)
+        self.num_heads.clear()
+        self.num_heads.update(self._init_heads)
+        pr.out_channel_groups.clear()
+        pr.out_channel_groups.update(self._init_groups)
+        pr._scope_initial_channels = {}
+        pr.current_step = 0
+        return _read_groups(self.m, pr, prune=False)
 
 
 def _plan(
@@ -205,6 +291,7 @@ def isomorphic_structure(
     scale_policy: str = "keep",
     keep_pruned: bool = False,
     params: dict[str, Any] | None = None,
+    reuse: ReusablePruner | None = None,
 ) -> IsoStructure:
     """Run the pruner once at ``ratios`` on a copy of ``model`` and write what it keeps as a plan.
 
@@ -212,6 +299,7 @@ def isomorphic_structure(
         grads: summed calibration gradients (:func:`accumulate_gradients`); needed by ``taylor``.
         keep_pruned: also return torch-pruning's pruned module (bookkeeping as the reference: ``num_heads``,
             ``head_dim``, ``attn_dim``, ``scale = head_dim**-0.5``), for parity checks. None if a block was guarded.
+        reuse: a pruner built once for a bisection (:class:`ReusablePruner`); used when it fits ``ratios``.
     """
     ratios.check()
     check_fits(model, base)
@@ -222,10 +310,14 @@ def isomorphic_structure(
     meta = {**(params or {}), **ratios.to_dict(), "importance": importance, "round_to": round_to}
     if ratios.embed_mlp <= 0 and ratios.heads <= 0 and ratios.head_dims <= 0:
         return IsoStructure(PrunePlan.dense(base, method="isomorphic").with_(params=meta), ratios, ())
-    m = with_grads(model, grads)
-    removed, num_heads = _run_pruner(
-        m, ratios, importance=importance, round_to=round_to, heads=True, prune=keep_pruned
-    )
+    if reuse is not None and not keep_pruned and reuse.fits(ratios):
+        m = reuse.m
+        removed, num_heads = reuse.run(ratios)
+    else:
+        m = with_grads(model, grads)
+        removed, num_heads = _run_pruner(
+            m, ratios, importance=importance, round_to=round_to, heads=True, prune=keep_pruned
+        )
     empty = [i for i, blk in enumerate(m.blocks) if num_heads.get(blk.attn.qkv, 1) <= 0]
     dims_only, head_scores = None, []
     if empty:
@@ -290,18 +382,25 @@ def solve_scale(
     s_max = 0.9 / top
     found: dict[float, IsoStructure] = {}
     trials = [0]
+    reuse: list[ReusablePruner] = []  # built at the first trial that prunes, reused by the others
 
     def build(s: float) -> PrunePlan:
         check(cancel)
+        scaled = ratios.scaled(s)
+        if s > 0 and not reuse:
+            reuse.append(
+                ReusablePruner(with_grads(model, grads), scaled, importance=importance, round_to=round_to)
+            )
         st = isomorphic_structure(
             model,
             base,
             grads,
-            ratios.scaled(s),
+            scaled,
             importance=importance,
             round_to=round_to,
             scale_policy=scale_policy,
             params=params,
+            reuse=reuse[0] if reuse else None,
         )
         found[s] = st
         trials[0] += 1
