@@ -113,7 +113,8 @@ with cut_box:
     st.button(
         f"Use the suggested cut ({cut.keep})",
         key="sls_use_suggested",
-        type="tertiary",
+        type="secondary",  # a button that looks like one (tertiary read as plain text)
+        icon=":material/auto_fix_high:",
         on_click=lambda: st.session_state.update(sls_keep=cut.keep),
     )
     keep = st.slider("Blocks to keep", 1, depth, key="sls_keep")

@@ -142,9 +142,6 @@ mode = c1.radio("Train", ["SPLoRA vs fine-pruning", "SPLoRA", "fine-pruning"], k
 rank = c2.number_input("Rank r", 1, 256, 8, key="adapters_rank", help="integer rank of B·A per layer")
 init = c2.selectbox("B init range", [1e-3, 1e-4], key="adapters_init", help="B ~ U(±range) (paper: 1e-3)")
 criterion = c3.selectbox("Criterion", CRITERIA, index=CRITERIA.index("taylor"), key="adapters_criterion")
-scope = c3.multiselect(
-    "Units", ["heads", "head_dims", "mlp", "embed"], ["head_dims", "mlp", "embed"], key="adapters_scope"
-)
 target = c4.slider("Target unit density", 0.05, 0.95, 0.3, 0.05, key="adapters_target")
 step = c4.select_slider(
     "Prune step",
@@ -152,6 +149,10 @@ step = c4.select_slider(
     0.1,
     key="adapters_step",
     help="fraction of the ORIGINAL units per step (paper: 0.05)",
+)
+# a row of its own: in a quarter-width column the third chip ("embed") was cut off
+scope = st.multiselect(
+    "Units", ["heads", "head_dims", "mlp", "embed"], ["head_dims", "mlp", "embed"], key="adapters_scope"
 )
 e1, e2, e3 = st.columns(3)
 epochs = e1.number_input("Adapter epochs", 0, 1000, 6, key="adapters_epochs")

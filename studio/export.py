@@ -254,6 +254,7 @@ def build_from_manifest(manifest: Mapping[str, Any]) -> tuple[torch.nn.Module, B
             f"{MANIFEST} has no 'base' architecture: the export is damaged; export the model again."
         )
     base = BaseArch.from_dict(manifest["base"])
+    _check_kwargs_fit(base)  # before anything is allocated: the kwargs, not the base's sizes, build the model
     model = create_vit(base.arch, **base.kwargs)
     plan = None
     if manifest.get("plan") is not None:
@@ -273,6 +274,32 @@ def build_from_manifest(manifest: Mapping[str, Any]) -> tuple[torch.nn.Module, B
         except StudioError as e:
             raise StudioError(f"{MANIFEST}: the plan does not fit its base architecture: {e}") from None
     return model, base, plan
+
+
+MAX_IMG_SIZE = 8_192  # pixels a side; beyond it the position embedding alone would not fit in memory
+
+
+def _check_kwargs_fit(base: BaseArch) -> None:
+    """Refuse base kwargs that would build another model than the base's sizes describe (bounded by
+    :meth:`BaseArch.check`): a 1 KB manifest with ``embed_dim: 1000000000`` must not allocate gigabytes first."""
+    kw = base.kwargs
+    sizes = {"depth": base.depth, "embed_dim": base.embed_dim, "num_classes": base.num_classes}
+    if len(set(base.num_heads)) == 1:
+        sizes["num_heads"] = base.num_heads[0]
+    for name, expected in sizes.items():
+        if name in kw and kw[name] != expected:
+            raise StudioError(
+                f"{MANIFEST}: its base architecture does not fit its base's own sizes: kwargs give "
+                f"{name}={kw[name]!r} where the base says {name}={expected}; export the model again."
+            )
+    for name in ("img_size", "patch_size"):
+        value = kw.get(name)
+        values = value if isinstance(value, list | tuple) else [value]
+        if value is not None and not all(type(v) is int and 1 <= v <= MAX_IMG_SIZE for v in values):
+            raise StudioError(
+                f"{MANIFEST}: base kwargs {name}={value!r} is not a size from 1 to {MAX_IMG_SIZE} pixels; "
+                "export the model again."
+            )
 
 
 def _refuse_pickle(path: Path) -> None:

@@ -88,7 +88,7 @@ def test_ablation_is_the_loss_change_of_physically_removing_the_head(tiny, resul
     data = batches()
     abl, base_loss = head_ablation(tiny, data)
     assert abl == result.get("ablation").heads
-    assert abl[0][2] == 0.0  # the dead head
+    assert abs(abl[0][2]) < 1e-6  # the dead head (stacked passes: float round-off only)
     plan = PrunePlan(tiny.base, (BlockPlan(0), BlockPlan(1, heads=(0, 2)), BlockPlan(2)))
     pruned = apply_plan(copy.deepcopy(tiny.model), plan).eval()
     with torch.inference_mode():

@@ -230,3 +230,16 @@ def test_the_embedded_demo_carries_a_valid_checksum():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             load_exported(folder, device="cpu")
+
+
+def test_huge_base_kwargs_are_refused_before_anything_is_allocated(tmp_path):
+    _, folder = _export(tmp_path, class_names=list("abcde"))
+    _edit(folder, _both_bases("embed_dim", 10**9))
+    with pytest.raises(
+        StudioError, match=r"kwargs give embed_dim=1000000000 where the base says embed_dim=48"
+    ):
+        load_exported(folder, device="cpu")
+    _, folder = _export(tmp_path / "b", class_names=list("abcde"))
+    _edit(folder, _both_bases("img_size", 10**6))
+    with pytest.raises(StudioError, match=r"img_size=1000000 is not a size from 1 to 8192 pixels"):
+        load_exported(folder, device="cpu")

@@ -8,19 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from studio.analysis.criteria import accumulate_gradients, group_scores, make_importance, with_grads
 from studio.costs import plan_cost
 from studio.errors import StudioError
 from studio.evaluate import logits_of
 from studio.models import LoadedModel, create_vit, data_config, describe_base
 from studio.prune import PruneRequest, make_plan
-from studio.prune.isomorphic import (
-    IsoRatios,
-    accumulate_gradients,
-    group_scores,
-    isomorphic_structure,
-    make_importance,
-    with_grads,
-)
+from studio.prune.isomorphic import IsoRatios, isomorphic_structure
 from studio.surgery import apply_plan
 
 KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)

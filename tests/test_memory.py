@@ -51,7 +51,7 @@ def test_micro_batch_shares_sum_to_one_and_cover_the_batch():
 
 @pytest.mark.parametrize("micro", [1, 3, 7])
 def test_micro_batched_gradients_equal_the_whole_batch(micro):
-    m, base = make()
+    m, _ = make()
     data = batches()
     full = accumulate_gradients(m, data, micro_batch=10)
     part = accumulate_gradients(m, data, micro_batch=micro)
@@ -212,3 +212,20 @@ def test_calibration_peak_does_not_grow_with_the_number_of_batches():
     arch, kw, mb = SIZES["small"]
     two, eight = _probe(arch, kw, "backward", 2, mb), _probe(arch, kw, "backward", 8, mb)
     assert eight["peak"] <= two["peak"] * 1.1, (two, eight)
+
+
+def test_taylor_and_taylor2_share_one_pass_with_the_same_scores():
+    """Computed together, taylor takes ∂L/∂w from taylor2's backward passes: scores equal computing it alone."""
+    from studio.analysis.importance import compute_importance
+
+    m, base = make()
+    loaded = LoadedModel(m, base, data_config(m), [str(i) for i in range(5)], torch.device("cpu"))
+    data = batches()
+    both = compute_importance(loaded, data, ("taylor", "taylor2"))
+    alone = compute_importance(loaded, data, ("taylor",)).get("taylor")
+    t2 = compute_importance(loaded, data, ("taylor2",)).get("taylor2")
+    assert both.criteria == ["taylor", "taylor2"]
+    for scope in ("heads", "head_dims", "mlp", "embed"):
+        a, b = np.array(getattr(both.get("taylor"), scope)), np.array(getattr(alone, scope))
+        assert np.allclose(a, b, rtol=1e-3, atol=1e-9), scope
+    assert np.allclose(np.array(both.get("taylor2").mlp), np.array(t2.mlp), rtol=1e-6)

@@ -172,6 +172,7 @@ def savit_scores(
     hessian_embed: float = 6.0,
     seed: int = 0,
     micro_batch: int = 0,
+    weight_grads: dict[str, torch.Tensor] | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> SavitScores:
@@ -185,6 +186,9 @@ def savit_scores(
     Args:
         hvp_every: compute the Hessian-vector products on every k-th batch (0: none, ``Ĥ`` = identity).
         hessian_embed: the reference's normaliser knob for the shared residual gate.
+        weight_grads: if given (and no HVPs are asked), filled with ∂L/∂w of the model's own weights summed
+            over the batches from the same backward passes — what the Taylor criterion needs — so the
+            Importance analysis computes both criteria with one pass over the data.
     """
     if not batches:
         raise StudioError("SAViT needs calibration batches: give --data and --calib-batches > 0.")
@@ -193,8 +197,19 @@ def savit_scores(
     gm, gates = gated_model(model, base)
     device = next(gm.parameters()).device
     params = gates.flat()
+    n_gates = len(params)
+    if weight_grads is not None:
+        if hvp_every:
+            raise StudioError(
+                "Weight gradients come only from a pass without Hessian products (hvp_every=0)."
+            )
+        named = [(n, p) for n, p in gm.named_parameters() if not n.startswith("savit_gates.")]
+        for _, p in named:
+            p.requires_grad_(True)
+        params = [*params, *(p for _, p in named)]
+        wsum = [torch.zeros_like(p) for _, p in named]
     L = base.depth
-    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    acc = [torch.zeros_like(p, dtype=torch.float64) for p in params[:n_gates]]
     hess = np.zeros((3, 3), dtype=np.float64)
     Z = _normaliser(base, hessian_embed)
     rng = random.Random(seed)
@@ -212,15 +227,18 @@ def savit_scores(
             if do_h:
                 l1 = rng.randrange(L)
                 pairs = [(l1, [rng.randint(0, l1) for _ in range(3)]) for _ in range(3)]
-            grad = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+            grad = [torch.zeros_like(p, dtype=torch.float64) for p in params[:n_gates]]
             h_batch = np.zeros((3, 3), dtype=np.float64)
             loss_sum = 0.0
             for xc, yc, share in micro_batches(x, y, mb):
                 with torch.enable_grad():
                     loss = F.cross_entropy(logits_of(gm, xc).float(), yc) * share
                     grads = torch.autograd.grad(loss, params, create_graph=do_h)
-                    for g_acc, g in zip(grad, grads):
+                    for g_acc, g in zip(grad, grads[:n_gates]):
                         g_acc += g.detach().double()
+                    if weight_grads is not None:
+                        for w_acc, g in zip(wsum, grads[n_gates:]):
+                            w_acc += g.detach()
                     for i, (l1, l2s) in enumerate(pairs):
                         gi = grads[index[id(gates.of(i, l1))]]
                         targets = [gates.of(j, l2) for j, l2 in enumerate(l2s)]
@@ -238,6 +256,10 @@ def savit_scores(
                 n_hvp += 1
             progress(callbacks, "savit scores", t + 1, len(batches), loss=loss_sum)
     T = len(batches)
+    if weight_grads is not None:
+        # the gated copy wraps each block (``blocks.i.block.…``): give the weights their own model's names
+        for (n, _), g in zip(named, wsum):
+            weight_grads[n.replace(".block.", ".", 1) if n.startswith("blocks.") else n] = g
     scores = [(a / T).cpu() for a in acc]
     if n_hvp:
         hess /= n_hvp

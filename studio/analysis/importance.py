@@ -152,13 +152,15 @@ def taylor_criterion(
     batches: Sequence[Batch],
     *,
     micro_batch: int = 0,
+    shared: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
     **_: Any,
 ) -> UnitScores:
-    """torch-pruning's GroupTaylorImportance with gradients summed over ``batches``."""
+    """torch-pruning's GroupTaylorImportance with gradients summed over ``batches`` (taken from ``taylor2``'s
+    backward passes when it ran first in the same analysis: the same gradients, one pass over the data)."""
     t0 = time.time()
-    grads = accumulate_gradients(
+    grads = (shared or {}).get("weight_grads") or accumulate_gradients(
         loaded.model,
         batches,
         micro_batch=micro_batch,
@@ -176,6 +178,7 @@ def taylor2_criterion(
     *,
     seed: int = 0,
     micro_batch: int = 0,
+    shared: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
     **_: Any,
@@ -189,6 +192,7 @@ def taylor2_criterion(
         hvp_every=0,
         seed=seed,
         micro_batch=micro_batch,
+        weight_grads=(shared or {}).get("weight_grads"),
         callbacks=callbacks,
         cancel=cancel,
     )
@@ -357,22 +361,26 @@ def compute_importance(
     crits = [CRITERIA.get(n) for n in names]
     if any(c.needs_data for c in crits) and not batches:
         raise StudioError("These criteria need calibration data: give --data and --batches > 0.")
-    scores = []
+    shared: dict[str, Any] = {}
+    if {"taylor", "taylor2"} <= set(names):
+        # one backward pass per batch serves both: taylor2 runs first and leaves ∂L/∂w for taylor
+        shared["weight_grads"] = {}
+        crits.sort(key=lambda c: c.name != "taylor2")
+    by: dict[str, UnitScores] = {}
     for c in crits:
         check(cancel)
         emit(callbacks, "log", message=f"importance: {c.name}")
-        scores.append(
-            c.fn(
-                loaded,
-                batches,
-                seed=seed,
-                micro_batch=micro_batch,
-                ablation_samples=ablation_samples,
-                callbacks=callbacks,
-                cancel=cancel,
-            )
+        by[c.name] = c.fn(
+            loaded,
+            batches,
+            seed=seed,
+            micro_batch=micro_batch,
+            ablation_samples=ablation_samples,
+            shared=shared,
+            callbacks=callbacks,
+            cancel=cancel,
         )
-    by = {s.criterion: s for s in scores}
+    scores = [by[n] for n in names]
     corr: dict[str, float | None] = {}
     if "ablation" in by:
         truth = [v for r in by["ablation"].heads for v in r]

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..analysis.criteria import accumulate_gradients
 from ..costs import with_summary
 from ..errors import StudioError
 from ..events import Callback, CancelToken
@@ -134,6 +135,19 @@ class PruneRequest:
     batches: Sequence[Batch] = ()
     seed: int = 0
     micro_batch: int = 0
+
+    def gradients(
+        self, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
+    ) -> dict[str, torch.Tensor]:
+        """∂L/∂w summed over the calibration batches, micro-batched (on a copy: the model is not touched)."""
+        return accumulate_gradients(
+            self.loaded.model,
+            self.batches,
+            micro_batch=self.micro_batch,
+            base=self.loaded.base,
+            callbacks=callbacks,
+            cancel=cancel,
+        )
 
 
 class MethodFn(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.criteria import UnitScores, accumulate_gradients
+from ..analysis.criteria import UnitScores
 from ..costs import arch_facts
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
@@ -64,14 +64,7 @@ def taylor_scores(
 ) -> UnitScores:
     """``Σ_group |w ⊙ g|`` with the gradients summed over the calibration batches (on a copy of the model, by
     the same accumulation Isomorphic and the Importance analysis use; a sum ranks exactly as the mean)."""
-    grads = accumulate_gradients(
-            req.loaded.model,
-            req.batches,
-            micro_batch=req.micro_batch,
-            base=req.loaded.base,
-            callbacks=callbacks,
-            cancel=cancel,
-        )
+    grads = req.gradients(callbacks=callbacks, cancel=cancel)
     model = req.loaded.model
     elem = {
         n: (p.detach() * grads[n].to(p.device)).abs() if n in grads else torch.zeros_like(p)

@@ -43,7 +43,6 @@ from torch import nn
 from ..analysis.criteria import (
     IMPORTANCES,
     Grads,
-    accumulate_gradients,
     classifiers,
     example_inputs,
     group_scores,
@@ -465,14 +464,7 @@ def prune_isomorphic(
             raise StudioError(
                 "Isomorphic pruning with Taylor importance needs calibration data: give --data."
             )
-        grads = accumulate_gradients(
-            req.loaded.model,
-            req.batches,
-            micro_batch=req.micro_batch,
-            base=req.loaded.base,
-            callbacks=callbacks,
-            cancel=cancel,
-        )
+        grads = req.gradients(callbacks=callbacks, cancel=cancel)
     params = {**p, "seed": req.seed, "base_ratios": ratios.to_dict()}
     kw = dict(importance=importance, round_to=round_to, scale_policy=str(p.get("scale_policy") or "keep"))
     target = p.get("target_macs")
