@@ -1,16 +1,22 @@
 """Pruning Studio: the entry point. Run with ``streamlit run app.py`` (or ``make studio``).
 
 Routes through ``st.navigation`` in sections that follow the work — model & data, analyze, prune, retrain,
-benchmark & compare, export — and draws the shared sidebar. A page appears once its file exists.
+benchmark & compare, export — and draws the shared sidebar. A page appears once its file exists. Around every
+run the session is restored from / saved to its workspace (``?ws=<id>`` in the URL, :mod:`studio.workspace`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import streamlit as st
 
-from studio.ui import sidebar
+from studio.threads import SERVER_ENV
+from studio.ui import sidebar, state
+
+# jobs started from this process leave the server a core of its own (studio.threads)
+os.environ[SERVER_ENV] = "1"
 
 ROOT = Path(__file__).resolve().parent
 
@@ -55,5 +61,9 @@ st.set_page_config(
     initial_sidebar_state="expanded",
 )
 page = st.navigation(pages(), position="sidebar", expanded=True)
-sidebar.render()
-page.run()
+state.begin_run()  # a reload (or a second tab with the same ?ws=) restores the workspace first
+try:
+    sidebar.render()
+    page.run()
+finally:  # also when the page stopped (st.stop) or asked for a rerun: the session's work goes to disk
+    state.end_run()

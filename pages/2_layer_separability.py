@@ -72,7 +72,8 @@ if feats is None:
 curve_box, cut_box, grid_box = st.container(), st.container(), st.container()
 with grid_box:
     st.subheader(f"Per-layer {method} embeddings", divider="gray")
-    wanted = st.session_state.setdefault("sls_embedded", set())
+    # a list (not a set): it is saved in the workspace as JSON, so a reload shows the embedded layers again
+    wanted = st.session_state.setdefault("sls_embedded", [])
     tag = f"{feats.key}:{method}"
     if tag not in wanted and st.button(
         f"Embed all {depth} layers ({method})",
@@ -80,13 +81,13 @@ with grid_box:
         type="primary",
         icon=":material/scatter_plot:",
     ):
-        wanted.add(tag)
+        wanted.append(tag)
     embs = {}
     if tag in wanted:
         bar = st.progress(0.0, text="Embedding the layers from the top, in SLS's scan order…")
         cells = [col.empty() for _ in range((depth + 3) // 4) for col in st.columns(4)]
         for j, b in enumerate(range(depth - 1, -1, -1)):
-            embs[b] = ui.embedding(feats.key, b, method, feats)
+            embs[b] = ui.kept_embedding(feats.key, b, method, feats)
             cells[b].plotly_chart(
                 ui.panel(embs[b], feats, legend=b == depth - 1),
                 key=f"sls_panel_{b}",

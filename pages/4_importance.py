@@ -23,9 +23,21 @@ st.caption(
 
 
 @st.cache_data(max_entries=16, show_spinner="Scoring heads and neurons…")
-def scores(mkey: str, dkey: str, criteria: tuple, n: int, _loaded, _data) -> dict:
+def _scores(mkey: str, dkey: str, criteria: tuple, n: int, _loaded, _data) -> dict:
     batches = imp.calibration(_loaded, _data, "train", n, 64)
     return imp.compute_importance(_loaded, batches, criteria).to_dict()
+
+
+def scores(mkey: str, dkey: str, criteria: tuple, n: int, loaded, data) -> dict:
+    """The importance result, from the session's workspace when it was computed there (a reload, a second tab,
+    a restarted server), else computed (and cached in the process) and kept in the workspace."""
+    name = f"importance:{mkey}:{dkey}:{','.join(criteria)}:{n}"
+    held = state.analysis(name)
+    if held is not None:
+        return held[0]
+    result = _scores(mkey, dkey, criteria, n, loaded, data)
+    state.keep_analysis(name, result)
+    return result
 
 
 def set_plan(plan) -> None:

@@ -192,7 +192,14 @@ if busy:
     st.info(f"{device} is busy with job {Path(busy['run']).name}; a new job is refused until it ends.")
 if not scope:
     st.error("Pick at least one kind of unit to prune (Units).", icon=":material/error:")
-started = start_job_button("Start SPLoRA", spec, key="adapters_start", device=device, disabled=not scope)
+started = start_job_button(
+    "Start SPLoRA",
+    spec,
+    key="adapters_start",
+    device=device,
+    disabled=not scope,
+    field_names={"model": "Backbone"},  # the path guard names the field the visitor typed
+)
 if started is not None:  # draw the curves of the run just started, not the ones listed before it existed
     st.session_state["adapters_runs"] = [started.name]
     st.rerun()

@@ -24,15 +24,17 @@ methods = load_methods()
 c1, c2 = st.columns([1, 2])
 name = c1.selectbox("Method", methods.names(), index=methods.names().index("magnitude"), key="prune_method")
 method = get_method(name)
-c2.markdown(f"**{name}**: {method.summary}" + ("  \nNeeds calibration data." if method.needs_data else ""))
+c2.markdown(f"**{name}**: {method.summary}")
 
 st.markdown("##### Budget")
 params = forms.budget_widgets(method, state.pristine_model().base.depth, "prune")
+needs_data = method.data_needed(params)  # depends on the options (e.g. isomorphic's importance)
+c2.caption("Needs calibration data." if needs_data else "Uses no calibration data with these options.")
 
 with st.expander("Data and measurement"):
     m1, m2, m3, m4 = st.columns(4)
     calib = m1.number_input(
-        "Calibration batches", 1, 256, 8, key="prune_calib", disabled=not method.needs_data or method.trains
+        "Calibration batches", 1, 256, 8, key="prune_calib", disabled=not needs_data or method.trains
     )
     evaluate = m2.checkbox("Accuracy before/after", True, key="prune_eval")
     bench = m3.checkbox("Measure throughput", True, key="prune_bench")

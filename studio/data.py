@@ -290,6 +290,17 @@ def _vtab(spec: DataSpec, split: str) -> ImageList:
             raise StudioError(f"{where}: label {label!r} is not an integer.") from None
         if y < 0:
             raise StudioError(f"{where}: label {y} is negative.")
+        # VTAB-1k lists name images relative to their folder: an absolute or climbing entry would read any file
+        # the process can (refused for every caller, before anything is looked up, so it tells nothing either)
+        if (
+            Path(rel).is_absolute()
+            or rel.startswith(("/", "\\"))
+            or ".." in Path(rel.replace("\\", "/")).parts
+        ):
+            raise StudioError(
+                f"{where}: image path {rel[:80]!r} leaves the VTAB folder (absolute or '..'); list every image "
+                f"relative to {root}, e.g. 'images/0001.jpg 3'."
+            )
         path = root / rel
         if not path.is_file() and not spec.skip_bad_files:
             raise StudioError(

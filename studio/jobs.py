@@ -46,6 +46,7 @@ from .errors import StudioError
 from .flows import Spec, create_run
 from .plan import PrunePlan
 from .runs import EXIT_FILE, JOB_FILE, PID_FILE, STDERR, STDOUT, RunDir, read_json, write_json, write_text
+from .threads import SERVER_ENV, job_threads
 
 # sh -c _WRAPPER EXIT_FILE PID_FILE cmd...: start the trainer, write its pid, ignore the signals meant for it,
 # wait and record its exit code atomically (so a status poll from any process learns how it ended)
@@ -106,7 +107,8 @@ class JobStatus:
 
 
 def _has_checkpoint(run: RunDir) -> bool:
-    return run.checkpoint_file.exists()
+    """Any flow's checkpoint (recovery's checkpoint.pt, P3B's and SPLoRA's own files)."""
+    return run.has_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -376,7 +378,13 @@ def start_job(
     cmd = _command(argv, launch_device, nproc)
     run.path.mkdir(parents=True, exist_ok=True)
     locks = _acquire(devs, run.path)
-    n_threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
+    # the thread policy (studio.threads): the cores left by the server (when it runs) and the running jobs
+    running = [
+        int(_job(Path(j.run)).get("threads") or 1) * int(_job(Path(j.run)).get("nproc") or 1)
+        for j in list_jobs(run.path.parent)
+        if j.state in ("starting", "running") and Path(j.run) != run.path
+    ]
+    n_threads = job_threads(running, server=os.environ.get(SERVER_ENV) == "1", nproc=nproc, asked=threads)
     job_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     job_env.update(
         OMP_NUM_THREADS=str(n_threads),

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from .errors import StudioError
 
 SERVER_RESERVE = 1  # cores kept for the server (and the browser) while jobs train
+SERVER_ENV = "STUDIO_SERVER"  # "1" in the studio server's process (app.py): jobs it starts leave it a core
 
 
 def budget() -> int:

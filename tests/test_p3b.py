@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from studio.analysis.benefit_budget import (
+    BlockBudget,
     BudgetSettings,
     importance_from_benefits,
     soft_clamp,
@@ -90,7 +91,7 @@ def test_solve_pins_dense_blocks_and_spills_over():
 
 def test_nonpositive_benefit_gets_minimum_and_degenerate_case_is_uniform():
     W = np.array([400.0, 800.0, 400.0, 800.0, 400.0, 800.0])
-    s = BudgetSettings(min_keep=0.05)
+    s = BudgetSettings(min_keep=0.05, zero_floor=True)  # the option, not the default
     d = np.array([0.3, -0.1, 0.0, 0.5, 0.2, -0.4])
     imp = importance_from_benefits(d, d, W, s)
     kappa = solve_keep_ratios(imp, W, 300.0, 0.5, min_keep=s.min_keep)
@@ -106,6 +107,31 @@ def test_nonpositive_benefit_gets_minimum_and_degenerate_case_is_uniform():
     # the reference clamp (no zero floor) still gives a non-positive block a little budget
     imp_ref = importance_from_benefits(d, d, W, BudgetSettings(zero_floor=False))
     assert (imp_ref > 0).all() and imp_ref[1] < imp_ref[0]
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0, -1e-6])
+def test_default_gives_a_nearly_emptied_block_its_budget_back(eps):
+    """P3B's reactivation (notes §2.5): a block cut to 40 parameters whose benefit turns (barely) positive gets
+    budget back under the default settings, continuously in D: D = -1e-6, 0 and +1e-6 give the same κ. The
+    ``zero_floor`` option (no longer the default) zeroes it at D <= 0, a jump from κ = 1 to κ = 0."""
+    W = np.full(4, 4_000.0)
+    kept = np.array([4_000.0, 3_000.0, 2_000.0, 40.0])
+    d = np.array([1.0, 0.6, 0.3, eps])
+    assert BudgetSettings().zero_floor is False
+
+    def kappa(settings: BudgetSettings) -> np.ndarray:
+        imp = BlockBudget(settings).update(d, d, kept)  # the job's path: first update, no EMA history
+        return solve_keep_ratios(imp, W, 0.0, 0.5, min_keep=settings.min_keep)
+
+    k = kappa(BudgetSettings())
+    assert k[3] == 1.0  # the nearly-emptied block is kept whole again
+    assert _budget_holds(k, W, 0.0, 0.5) < 1e-6
+    d_pos = d.copy()
+    d_pos[3] = 1e-6
+    k_pos = solve_keep_ratios(BlockBudget(BudgetSettings()).update(d_pos, d_pos, kept), W, 0.0, 0.5)
+    np.testing.assert_allclose(k, k_pos, atol=1e-5)  # no jump at D = 0
+    floored = kappa(BudgetSettings(zero_floor=True))
+    assert floored[3] == (1.0 if eps > 0 else 0.0)
 
 
 def test_solve_refuses_impossible_budgets():

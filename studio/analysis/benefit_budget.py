@@ -24,7 +24,9 @@ class BudgetSettings:
     scale: float = 10.0  # T, pr_block_imp_scale
     gamma: float = 0.2  # EMA weight of the newest window
     alpha: float = 0.5  # CLS vs patch blend
-    zero_floor: bool = True
+    # off, as the reference: its soft clamp gives D = 0 a value of 0.69 and the division by the kept parameters
+    # pulls a nearly-emptied block back (the paper's reactivation); on zeroes every block with D <= 0
+    zero_floor: bool = False
     min_keep: float = 0.0
     block_params_only: bool = False
 
@@ -43,9 +45,12 @@ def soft_clamp(u: np.ndarray, scale: float = 10.0) -> np.ndarray:
 
 
 def transform_benefits(
-    benefit: np.ndarray, kept: np.ndarray, *, scale: float = 10.0, zero_floor: bool = True
+    benefit: np.ndarray, kept: np.ndarray, *, scale: float = 10.0, zero_floor: bool = False
 ) -> np.ndarray:
-    """One channel's benefits -> importance per kept parameter, normalised to mean 1 (ŵ of the notes §2.4)."""
+    """One channel's benefits -> importance per kept parameter, normalised to mean 1 (ŵ of the notes §2.4).
+
+    With ``zero_floor`` (not the reference) a block whose benefit is ≤ 0 gets exactly 0 on this channel.
+    """
     d = np.asarray(benefit, dtype=np.float64)
     kept = np.asarray(kept, dtype=np.float64)
     top = d.max()

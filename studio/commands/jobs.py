@@ -160,7 +160,7 @@ def _open_run(args: argparse.Namespace) -> tuple[RunDir, RecoverySpec]:
                 f"{run.path} has no spec.json: create the run with retrain ... --out {run.path}."
             )
         spec = RecoverySpec.from_dict(run.spec())
-        if not args.resume and (run.checkpoint_file.exists() or run.results_file.exists()):
+        if not args.resume and (run.has_checkpoint or run.results_file.exists()):
             raise StudioError(
                 f"Run {run.path} already trained (it has a checkpoint or results): add --resume to continue "
                 "it, or start a new run with --out."

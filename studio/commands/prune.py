@@ -23,6 +23,7 @@ from ..flows.stages import compare
 from ..load import load_model
 from ..plan import PrunePlan, diff
 from ..prune import COMMON_OPTIONS, METHODS, all_options, get_method, load_methods
+from ..prune.target import missed_message
 from ..surgery import apply_plan
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, run_in_folder, table
 
@@ -60,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", help="run folder (default runs/<time>-prune-<method>)")
     g.add_argument("--calib-split", default="train", help="split drawn for calibration batches")
     g.add_argument(
-        "--calib-batches", type=positive_int, default=8, help="calibration batches for data-driven methods"
+        "--calib-batches",
+        type=positive_int,
+        default=None,
+        help="calibration batches for data-driven methods (default: the method's need; SLS enough for its "
+        "--samples, the others 8)",
     )
     g.add_argument("--batch-size", type=positive_int, default=64)
     g.add_argument(
@@ -217,7 +222,7 @@ def _dry_run(spec: PruneSpec, args: argparse.Namespace) -> Output:
         "available_bytes": memory.available_bytes(),
     }
     text = (
-        f"{spec.method} on {loaded.base.arch}: calibration of {spec.calib_batches} x {spec.batch_size} images "
+        f"{spec.method} on {loaded.base.arch}: calibration of {spec.batches} x {spec.batch_size} images "
         f"needs {est.describe()}; about {seconds:.0f} s here ({memory.gib(memory.available_bytes())} free)."
     )
     return Output(data, text)
@@ -236,6 +241,10 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
         f"params  {_pct(b['params'], a['params'])}",
         f"MACs    {_pct(b['macs'], a['macs'])}   (ideal speed-up x{d['ideal_speedup']:.2f})",
     ]
+    solved = (d.get("params") or {}).get("solved")
+    if solved and "target_missed" in solved:  # every method that solves a MACs target records it
+        met = f"met: keeps {solved['macs_fraction']:.1%} of the MACs, asked {solved['target_macs']:.1%}"
+        lines.append("target  " + (missed_message(solved) or met))
     peak = d.get("peak_memory_mb") or {}
     if peak:
         lines.append("peak    " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in peak.items()))

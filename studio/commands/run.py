@@ -11,6 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..argtypes import nonnegative_int
 from ..errors import StudioError
 from ..flows import (
     FLOWS,
@@ -20,6 +23,7 @@ from ..flows import (
     spec_from_dict,
 )
 from ..runs import RunDir, read_json
+from ..threads import budget, check_threads
 from . import Output, add_common, execute
 
 
@@ -34,11 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spec", help="a spec.json to copy into the new run folder --out, then run")
     p.add_argument("--out", help="the new run folder for --spec")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoints")
+    p.add_argument(
+        "--threads",
+        type=nonnegative_int,
+        default=0,
+        help="torch CPU threads of this process (0: the cores OMP_NUM_THREADS / the affinity allow)",
+    )
     add_common(p)
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> Output:
+    torch.set_num_threads(check_threads(args.threads) or budget())
     if args.spec:
         if args.run or not args.out:
             raise StudioError("With --spec give the new run folder as --out runs/NAME (and no RUN).")

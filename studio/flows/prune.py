@@ -44,7 +44,8 @@ class PruneSpec:
         method: a registered method (:data:`studio.prune.METHODS`).
         params: the method's options (resolved: defaults filled in, so ``spec.json`` replays exactly).
         plan: a plan to apply instead of running the method (its ``method`` then only labels the run).
-        calib_batches: calibration batches for data-driven methods (CLI ``--calib-batches``).
+        calib_batches: calibration batches for data-driven methods (CLI ``--calib-batches``); None: the
+            method's own need (SLS: enough batches for its 1,000 ``samples``; others 8), see :attr:`batches`.
         micro_batch: images per calibration pass (CLI ``--micro-batch``; 0: the largest within the
             activation budget of :mod:`studio.memory`). The gradients are the whole batch's either way.
     """
@@ -56,7 +57,7 @@ class PruneSpec:
     plan: PrunePlan | None = None
     eval_split: str = "test"
     calib_split: str = "train"
-    calib_batches: int = 8
+    calib_batches: int | None = None
     batch_size: int = 64
     micro_batch: int = 0
     seed: int = 0
@@ -71,6 +72,13 @@ class PruneSpec:
     @property
     def kind(self) -> str:
         return "prune" if self.plan is not None else get_method(self.method).flow
+
+    @property
+    def batches(self) -> int:
+        """The calibration batches this run draws (``calib_batches``, or the method's default)."""
+        if self.plan is not None:
+            return 0
+        return get_method(self.method).calib_batches(self.params, self.batch_size, self.calib_batches)
 
     @property
     def measure(self) -> Measure:
@@ -90,7 +98,7 @@ class PruneSpec:
         method = get_method(self.method) if self.plan is None else None
         if method is not None:
             params = method.resolve(self.params)  # unknown options and bad values
-            if method.needs_data and self.data is None:
+            if method.data_needed(params) and self.data is None:
                 raise StudioError(f"Method '{self.method}' needs data: give --data (e.g. --data demo).")
             if not any(params.get(b.option) is not None for b in method.budgets):
                 names = " or ".join("--" + b.option.replace("_", "-") for b in method.budgets)
@@ -100,6 +108,8 @@ class PruneSpec:
                 raise StudioError(f"{name} must be one of {', '.join(SPLITS)}, not {getattr(self, name)!r}.")
         for name in ("calib_batches", "batch_size", "bench_repeats"):
             v = getattr(self, name)
+            if name == "calib_batches" and v is None:  # the method's default
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise StudioError(
                     f"--{name.replace('_', '-')} must be a whole number of at least 1, got {v!r}."
@@ -162,7 +172,7 @@ def calibration_estimate(spec: PruneSpec, loaded: LoadedModel) -> memory.Estimat
     if spec.plan is not None or spec.data is None:
         return None
     method = get_method(spec.method)
-    if not method.needs_data:
+    if not method.data_needed(spec.params):
         return None
     return memory.estimate(
         loaded.base, spec.batch_size, method.calibration, loaded.device, micro=spec.micro_batch
@@ -180,7 +190,7 @@ def calibration_seconds(spec: PruneSpec, loaded: LoadedModel, est: memory.Estima
         logits_of(loaded.model, x)
         per_image = (time.perf_counter() - t0) / n
     passes = {"forward": 1.0, "backward": 3.0, "hessian": 7.0}[est.mode]
-    return per_image * passes * spec.calib_batches * spec.batch_size
+    return per_image * passes * spec.batches * spec.batch_size
 
 
 def run_prune(
@@ -203,7 +213,7 @@ def run_prune(
     else:
         method = get_method(spec.method)
         batches = []
-        if method.needs_data and spec.data is not None:
+        if method.data_needed(spec.params) and spec.data is not None:
             est = calibration_estimate(spec, loaded)
             if est is not None:
                 memory.require_fits(est, loaded.device, f"Calibrating {spec.method}")
@@ -211,10 +221,10 @@ def run_prune(
             emit(
                 callbacks,
                 "log",
-                message=f"drawing {spec.calib_batches} calibration batches of {spec.calib_split}",
+                message=f"drawing {spec.batches} calibration batches of {spec.calib_split}",
             )
             batches = calibration_batches(
-                loaded, spec.data, spec.calib_split, spec.calib_batches, spec.batch_size, spec.seed
+                loaded, spec.data, spec.calib_split, spec.batches, spec.batch_size, spec.seed
             )
         emit(callbacks, "status", state="planning", method=spec.method)
         plan = make_plan(

@@ -14,6 +14,9 @@ being edited. Adding a method::
     METHODS.add("mine", Method("mine", my_method, "one line for --help", budgets=(MACS,),
                                options=(Option("alpha", float, 0.5, "threshold"),), needs_data=True))
 
+``needs_data`` may instead be a function of the resolved options (``lambda p: p["importance"] == "taylor"``):
+the CLI, the flow and the Prune page ask :meth:`Method.data_needed` with the options of the run.
+
 Every module of this package is imported by :func:`load_methods`, so a new file here is all it takes.
 The common budget options (:data:`COMMON_OPTIONS`: ``target_macs``, ``ratio``, ``round_to``) reach a method
 only if it declares them (its budgets, and ``rounds`` for ``round_to``); giving one it does not take is
@@ -23,6 +26,7 @@ refused with the method's own options listed.
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -181,6 +185,8 @@ class Budget:
         return asdict(self)
 
 
+DEFAULT_CALIB_BATCHES = 8  # calibration batches of a method that states no need of its own (CPU-sized)
+
 MACS = Budget("target_macs", "Fraction of the MACs to keep", 0.1, 1.0, 0.5, 0.05)
 RATIO = Budget("ratio", "Fraction of units to remove in each scope", 0.0, 0.95, 0.3, 0.05)
 
@@ -194,7 +200,9 @@ class Method:
         fn: ``fn(request, *, callbacks, cancel) -> PrunePlan``; None for a method that trains while it prunes.
         summary: one line shown in ``--help`` and the UI.
         options: the method's own parameters (beyond :data:`COMMON_OPTIONS`).
-        needs_data: whether it needs calibration batches (labels included).
+        needs_data: whether it needs calibration batches (labels included): a bool, or a function of the
+            resolved options for a method whose need depends on them (Isomorphic with ``l2`` importance, SLS
+            with ``keep_blocks`` given); ask :meth:`data_needed`, not this field.
         budgets: the budgets it understands, the first being the default the Prune page shows.
         rounds: whether it honours ``round_to`` (hardware-friendly widths).
         flow: the flow kind it runs as: ``prune`` (plan -> surgery -> measure), or its own training flow.
@@ -202,18 +210,21 @@ class Method:
             ignored), so that a spec is refused before a job starts, not by the job.
         calibration: what its calibration pass keeps in memory (:data:`studio.memory.MODES`): ``forward``
             (features only), ``backward`` (gradients) or ``hessian`` (the graph kept for Hessian products).
+        calib_images: images its calibration wants when ``--calib-batches`` is not given, as a function of
+            the resolved options (SLS: its ``samples``); None: :data:`DEFAULT_CALIB_BATCHES` batches.
     """
 
     name: str
     fn: MethodFn | None
     summary: str
     options: tuple[Option, ...] = ()
-    needs_data: bool = False
+    needs_data: bool | Callable[[Mapping[str, Any]], bool] = False
     budgets: tuple[Budget, ...] = (MACS, RATIO)
     rounds: bool = True
     flow: str = "prune"
     check: Callable[[Mapping[str, Any]], object] | None = None
     calibration: str = "backward"
+    calib_images: Callable[[Mapping[str, Any]], int] | None = None
 
     def __post_init__(self) -> None:
         if (self.fn is None) == (self.flow == "prune"):
@@ -226,6 +237,25 @@ class Method:
             raise ValueError(f"method '{self.name}': budgets must name its options, not {missing}")
         if self.calibration not in MODES:
             raise ValueError(f"method '{self.name}': calibration must be one of {MODES}")
+
+    def data_needed(self, params: Mapping[str, Any] | None = None) -> bool:
+        """Whether a run with ``params`` (given or resolved; missing ones take their defaults) needs
+        calibration batches."""
+        if not callable(self.needs_data):
+            return bool(self.needs_data)
+        full = {o.name: o.default for o in self.accepted}
+        full.update({k: v for k, v in (params or {}).items() if v is not None})
+        return bool(self.needs_data(full))
+
+    def calib_batches(self, params: Mapping[str, Any] | None, batch_size: int, given: int | None = None) -> int:
+        """Calibration batches a run draws: ``given`` (``--calib-batches``), else the method's own need."""
+        if given is not None:
+            return int(given)
+        if self.calib_images is None:
+            return DEFAULT_CALIB_BATCHES
+        full = {o.name: o.default for o in self.accepted}
+        full.update({k: v for k, v in (params or {}).items() if v is not None})
+        return max(1, math.ceil(int(self.calib_images(full)) / max(1, int(batch_size))))
 
     @property
     def trains(self) -> bool:
@@ -289,7 +319,7 @@ def make_plan(
             f"one-shot plan: python -m studio prune --method {name} --data D --out runs/NAME (or the Prune page)."
         )
     params = method.resolve(req.params)
-    if method.needs_data and not req.batches:
+    if method.data_needed(params) and not req.batches:
         raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
     require_unpruned(req.loaded)
     plan = method.fn(

@@ -101,16 +101,15 @@ def plan_baseline(
         sol, ratios = solve_staged(build, len(groups), float(target), facts=arch_facts(base))
         achieved: dict[str, Any] = {
             "ratios": {s: round(r, 6) for g, r in zip(groups, ratios) for s in g if s in scopes},
-            "macs_fraction": round(sol.fraction, 6),
+            **sol.record(float(target)),
         }
-        if not sol.within(float(target)):
+        if achieved["target_missed"]:
             emit(
                 callbacks,
                 "log",
                 message=f"warning: closest plan keeps {sol.fraction:.1%} of the MACs, not "
                 f"{float(target):.1%} (±{TOLERANCE:.0%}); add scopes or lower --round-to for finer steps.",
             )
-            achieved["target_missed"] = True
         return sol.plan.with_(params={**params, "solved": achieved})
     ratio = params.get("ratio")
     if ratio is None:

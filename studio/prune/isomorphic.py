@@ -55,7 +55,7 @@ from ..events import Callback, CancelToken, check, emit, progress
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_fits
 from . import METHODS, Method, Option, PruneRequest
-from .target import TOLERANCE, solve_ratio
+from .target import TOLERANCE, solve_ratio, target_record
 
 DEFAULT_RATIOS = (0.5, 0.5, 0.25)  # the paper's DeiT-4.2G triple (ρ, ρ_head, ρ_headdim)
 
@@ -407,7 +407,7 @@ def solve_scale(
         return st.plan
 
     sol = solve_ratio(build, target, facts=arch_facts(base), lo=0.0, hi=s_max, iters=24)
-    if not sol.within(target):
+    if not sol.within(target):  # recorded as params.solved.target_missed by prune_isomorphic
         emit(
             callbacks,
             "log",
@@ -446,6 +446,11 @@ def ratios_of(p: Mapping[str, Any]) -> IsoRatios:
         float(p.get("head_ratio", DEFAULT_RATIOS[1])),
         float(p.get("head_dim_ratio", DEFAULT_RATIOS[2])),
     ).check()
+
+
+def uses_data(p: Mapping[str, Any]) -> bool:
+    """Only Taylor importance reads calibration data; ``l1``/``l2``/``random`` score the weights alone."""
+    return str(p.get("importance") or "taylor") == "taylor"
 
 
 def prune_isomorphic(
@@ -487,7 +492,12 @@ def prune_isomorphic(
                 params={
                     **st.plan.params,
                     "scale": round(s, 6),
-                    "solved": {"scale": round(s, 6), "macs_fraction": round(frac, 6)},
+                    "solved": {
+                        "scale": round(s, 6),
+                        **target_record(
+                            float(target), frac, missed=abs(frac / float(target) - 1.0) > TOLERANCE
+                        ),
+                    },
                 }
             ),
             st.ratios,
@@ -511,7 +521,7 @@ METHODS.add(
         "Isomorphic pruning (torch-pruning): grouped Taylor ranked within isomorphic groups; heads, head dims, "
         "MLP, embedding",
         options=(HEAD_RATIO, HEAD_DIM_RATIO, IMPORTANCE, SCALE_POLICY),
-        needs_data=True,
+        needs_data=uses_data,
         check=ratios_of,
     ),
 )

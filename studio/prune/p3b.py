@@ -32,8 +32,10 @@ Where this differs from the reference code, deliberately (see research notes §2
   ``exact_norm`` switch that makes the masked model compute LN over the kept channels (used by the parity test).
 - Q6: if every block's benefit on a channel is ≤ 0, ``max D`` would flip signs; that channel then gives every
   block the same importance (uniform keep ratios if both channels are degenerate).
-- ``zero_floor`` (default on): a block whose benefit is ≤ 0 gets importance 0 on that channel (the reference's
-  soft clamp still gives it up to 0.69/10 of the top block), so with no EMA history it gets the minimum ratio.
+- ``zero_floor`` (default off, as the reference): on, a block whose benefit is ≤ 0 gets importance 0 on that
+  channel, so with no EMA history it gets the minimum ratio. Off, the reference's soft clamp gives D = 0 the
+  value 0.69 (of T = 10 for the top block), and dividing by the few parameters a nearly-emptied block still
+  keeps pulls it back: the reactivation of lately converging blocks the paper builds on.
 - Parameters are counted exactly (weights, biases, LN, LayerScale) for W_b, P^kept and the threshold; the
   reference's per-element estimate ignores biases. The threshold is the exact best count on the monotone
   kept-parameters curve, where the reference iterates a linearised estimate (≤ 30 times).
@@ -739,8 +741,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "zero_floor",
         bool,
-        True,
-        "blocks with benefit ≤ 0 get no importance (off: the reference's soft clamp)",
+        False,
+        "blocks with benefit ≤ 0 get no importance (off, the default: the reference's soft clamp)",
     ),
     Option(
         "masks_in_optimizer", bool, False, "train the gates with AdamW like the reference code (quirk Q2)"
@@ -756,7 +758,7 @@ def settings_from_params(params: Mapping[str, Any], device: torch.device, seed: 
         scale=float(params.get("imp_scale", 10.0)),
         gamma=float(params.get("gamma", 0.2)),
         alpha=float(params.get("alpha", 0.5)),
-        zero_floor=bool(params.get("zero_floor", True)),
+        zero_floor=bool(params.get("zero_floor", False)),
         min_keep=float(params.get("min_keep", 0.0)),
         block_params_only=bool(params.get("block_params_only", False)),
     )

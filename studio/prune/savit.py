@@ -53,6 +53,7 @@ from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from . import MACS, METHODS, Method, Option, PruneRequest
+from .target import target_record
 
 
 def protect(scores: Sequence[float], fraction: float) -> np.ndarray:
@@ -362,8 +363,21 @@ def run_savit(
         protect_fraction=protect_fraction,
         tol=float(p.get("flops_tol", 1e-3)),
         round_to=int(p.get("round_to") or 1),
-        params={**p, "seed": req.seed, "hessian": [list(r) for r in scores.hessian]},
+        params={
+            **p,
+            "seed": req.seed,
+            "hessian": [list(r) for r in scores.hessian],
+            "hessian_se": [list(r) for r in scores.hessian_se],
+            "hvp_batches": scores.hvp_batches,
+        },
     )
+    tol = float(p.get("flops_tol", 1e-3))
+    # the grid keeps only candidates within ±flops_tol (absolute), so a SAViT plan never misses: recorded anyway,
+    # in the form every target-solving method records
+    solved = target_record(
+        float(target), alloc.macs_fraction, missed=abs(alloc.macs_fraction - float(target)) > tol, tol=tol
+    )
+    plan = plan.with_(params={**plan.params, "solved": solved})
     emit(
         callbacks,
         "log",

@@ -6,7 +6,9 @@ from per-layer CLS separability, then retraining of the head (and adapters).
   from the α rule (:mod:`studio.analysis.sls_cut`) on the per-layer t-SNE silhouette curve
   (:mod:`studio.analysis.separability`), or is given (``keep_blocks``, e.g. from the studio's slider).
 - Registered as method ``sls`` in :data:`studio.prune.METHODS` (``python -m studio prune --method sls``); its
-  analysis set is the calibration batches (``--calib-split train --calib-batches 16`` ≈ 1,000 images at batch 64).
+  analysis set is ``samples`` (default 1,000, the paper's and the Layer separability analysis's size) images of
+  the calibration split: the flow draws enough calibration batches for them unless ``--calib-batches`` says
+  otherwise, and the first ``samples`` of the (seeded, shuffled) draw are analysed.
 - :func:`run_sls` is the whole paper pipeline in one call: analysis → cut → accuracy of the cut model →
   retraining → accuracy and measured throughput (batch 1 with the paper's 50 warm-up / 100 timed passes, and a
   large batch) → export. Used by the studio's Layer separability page and ``bench/sls_demo.py``.
@@ -85,6 +87,14 @@ def preview_cut(loaded: LoadedModel, keep: int, *, base_images_per_s: float | No
 
 
 # --------------------------------------------------------------------------------------- registered method
+SAMPLES = 1000  # images SLS analyses: the paper's ~1,000 (its training loader), as the Layer separability page
+
+
+def uses_data(p: Mapping[str, Any]) -> bool:
+    """The α rule scores layers on labelled images; a given ``keep_blocks`` cut needs none."""
+    return not p.get("keep_blocks")
+
+
 def _plan_sls(req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None):
 
     p = dict(req.params)
@@ -99,8 +109,9 @@ def _plan_sls(req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: 
         return sls_plan(req.loaded.base, keep, params={**common, "keep_blocks": keep, "rule": "given"})
     if not req.batches:
         raise StudioError("SLS needs labelled data to score the layers: give --data (or --keep-blocks N).")
-    x = torch.cat([b[0].detach().cpu() for b in req.batches])
-    y = torch.cat([torch.as_tensor(b[1]).detach().cpu() for b in req.batches])
+    n = int(p.get("samples") or SAMPLES)
+    x = torch.cat([b[0].detach().cpu() for b in req.batches])[:n]  # the batches are a seeded shuffled draw
+    y = torch.cat([torch.as_tensor(b[1]).detach().cpu() for b in req.batches])[:n]
     bank = extract(req.loaded.model, TensorData(x, y), callbacks=callbacks, cancel=cancel)
     feats = features_from_bank(
         bank.cls.numpy(), bank.labels.numpy(), class_names=req.loaded.class_names, split="calibration"
@@ -155,8 +166,16 @@ METHODS.add(
             Option(
                 "lazy", bool, False, "SLS: embed only the layers the top-down scan reads, as the paper's code"
             ),
+            Option(
+                "samples",
+                int,
+                SAMPLES,
+                "SLS: images of the calibration split analysed (paper and analysis: ~1,000)",
+                low=10,
+            ),
         ),
-        needs_data=True,
+        needs_data=uses_data,
+        calib_images=lambda p: int(p.get("samples") or SAMPLES),
         budgets=(
             Budget(
                 "alpha",

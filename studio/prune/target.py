@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..costs import ArchFacts, arch_facts, plan_cost
 from ..errors import StudioError
@@ -31,6 +32,32 @@ class Solution:
 
     def within(self, target: float, tol: float = TOLERANCE) -> bool:
         return abs(self.fraction / target - 1.0) <= tol
+
+    def record(self, target: float, tol: float = TOLERANCE) -> dict[str, Any]:
+        """What a plan's ``params.solved`` records of this solution (see :func:`target_record`)."""
+        return target_record(target, self.fraction, missed=not self.within(target, tol), tol=tol)
+
+
+def target_record(target: float, fraction: float, *, missed: bool, tol: float = TOLERANCE) -> dict[str, Any]:
+    """The MACs target a plan was solved for, what it keeps and ``target_missed``: recorded by every method that
+    solves a target, so a miss is in ``plan.json``/``results.json`` and the CLI and pages can say so (not only
+    a log line)."""
+    return {
+        "target_macs": round(float(target), 6),
+        "macs_fraction": round(float(fraction), 6),
+        "tolerance": tol,
+        "target_missed": bool(missed),
+    }
+
+
+def missed_message(solved: dict[str, Any] | None) -> str | None:
+    """One sentence when a plan's recorded target was missed (None when met or when no target was solved)."""
+    if not solved or not solved.get("target_missed"):
+        return None
+    return (
+        f"target missed: the closest plan keeps {solved['macs_fraction']:.1%} of the MACs, not "
+        f"{solved['target_macs']:.1%} (±{solved.get('tolerance', TOLERANCE):.0%})"
+    )
 
 
 def macs_fraction(plan: PrunePlan, facts: ArchFacts, base_macs: int | None = None) -> float:

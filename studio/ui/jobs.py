@@ -8,6 +8,7 @@ live loss/accuracy curves from ``events.jsonl``, Cancel / Stop now / Resume butt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +17,7 @@ import streamlit as st
 import torch
 from plotly.subplots import make_subplots
 
-from .. import jobs, threads
+from .. import jobs, safety, threads
 from ..errors import StudioError
 from ..flows import Spec, new_run_dir
 from ..runs import JOB_FILE, RunDir, read_json
@@ -98,15 +99,18 @@ def start_job_button(
     nproc: int = 1,
     root: Path | None = None,
     disabled: bool = False,
+    field_names: Mapping[str, str] | None = None,
 ) -> Path | None:
     """A primary button submitting ``spec`` as a job (``python -m studio run RUN``) in a new run folder.
 
-    The spec is validated first: a bad combination is a message beside the button (which is then disabled),
-    never a job that fails. Returns the new run folder when the button started a job in this script run, else
+    The spec is validated first: a bad combination, or a model/teacher/data path the server may not read
+    (:func:`studio.safety.guard_spec`, named as ``field_names`` maps spec fields to their widgets' labels), is a
+    message beside the button (which is then disabled), never a job that fails. Returns the new run folder when the button started a job in this script run, else
     None. The last one started from this key is kept in ``st.session_state[f"{key}_run"]`` for the page.
     """
     try:
         spec.validate()
+        safety.guard_spec(spec, names=field_names)
         problem = None
     except StudioError as e:
         problem = str(e)

@@ -1,6 +1,7 @@
 """The model and data picker (Model page): widgets -> :class:`ModelSpec` / :class:`DataSpec`, checked and applied.
 
-Server-side paths go through :func:`studio.safety.check_path` (allowed roots); uploads through
+Server-side paths go through :mod:`studio.safety`'s one guard (allowed roots: the model and data fields, the
+export's manifest kwargs, the "Extra timm kwargs", and every image the data lists, when it is loaded); uploads through
 :func:`studio.safety.save_upload` (size and type limits, stored by content hash). A new selection only replaces the
 current one after the model loaded and the data passed :func:`studio.summary.check_data`.
 """
@@ -15,7 +16,15 @@ import torch
 from ..data import DataSpec
 from ..errors import StudioError
 from ..models import LoadedModel, ModelSpec
-from ..safety import CHECKPOINT_SUFFIXES, check_path, max_upload_bytes, save_upload
+from ..safety import (
+    CHECKPOINT_SUFFIXES,
+    check_path,
+    check_timm_kwargs,
+    guard_data,
+    guard_model_source,
+    max_upload_bytes,
+    save_upload,
+)
 from ..summary import check_data
 from . import state
 
@@ -42,7 +51,8 @@ def model_widgets() -> ModelSpec:
         return ModelSpec("demo", device=device)
     if source == "export":
         path = st.text_input("Exported folder (manifest.json + model.safetensors)", key="pick_export_path")
-        return ModelSpec(str(check_path(path, what="Exported folder", kind="dir")), device=device)
+        folder = check_path(path, what="Exported folder", kind="dir")
+        return ModelSpec(guard_model_source(str(folder), what="Exported folder"), device=device)
     if source == "checkpoint":
         path = st.text_input(
             "Checkpoint file (.safetensors, .pth, .npz)", key="pick_ckpt_path", placeholder="~/vit.pth"
@@ -73,6 +83,7 @@ def model_widgets() -> ModelSpec:
         raise StudioError(f"Extra timm kwargs are not valid JSON ({e.msg}).") from None
     if not isinstance(kwargs, dict):
         raise StudioError('Extra timm kwargs must be a JSON object, e.g. {"patch_size": 8}.')
+    check_timm_kwargs(kwargs, where="Extra timm kwargs")
     return ModelSpec(
         str(file),
         arch=arch.strip() or None,
@@ -101,6 +112,7 @@ def apply(model: ModelSpec, data: DataSpec) -> LoadedModel:
     """Make ``model``/``data`` the session's selection if the model loads and the data fits it; else keep the old."""
 
     previous = (state.model_spec(), state.data_spec())
+    guard_data(data)  # every image the data lists, once per Load (too slow for every rerun of the form)
     state.set_specs(model, data)
     try:
         loaded = state.pristine_model()

@@ -29,7 +29,7 @@ from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..prune.sls import PAPER_SELECTION_NOTE
 from ..summary import measure_speed
-from . import charts
+from . import charts, state
 from .charts import COLORS, pct
 from .run_actions import make_active_button, result_actions
 
@@ -49,6 +49,20 @@ def fast(fkey: str, _feats: LayerFeatures) -> FastCurve:
 @st.cache_data(max_entries=512, show_spinner=False)
 def embedding(fkey: str, block: int, method: str, _feats: LayerFeatures) -> LayerEmbedding:
     return embed_layer(_feats, block, method)
+
+
+def kept_embedding(fkey: str, block: int, method: str, feats: LayerFeatures) -> LayerEmbedding:
+    """One layer's embedding from the session's workspace (a reload or a second tab shows it without recomputing),
+    else computed (cached in the process) and kept there: points as safetensors, the silhouette as JSON."""
+    name = f"sls-embedding:{fkey}:{method}:{block}"
+    held = state.analysis(name)
+    if held is not None and "points" in held[1]:
+        meta, arrays = held
+        points = arrays["points"].numpy()
+        return LayerEmbedding(block, method, points, float(meta["silhouette"]), float(meta["seconds"]), True)
+    e = embedding(fkey, block, method, feats)
+    state.keep_analysis(name, {"silhouette": float(e.silhouette), "seconds": float(e.seconds)}, {"points": e.points})
+    return e
 
 
 @st.cache_data(max_entries=8, show_spinner="Measuring the model's throughput…")

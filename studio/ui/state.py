@@ -3,6 +3,10 @@
 Rules: the pristine model is loaded once per spec with ``st.cache_resource`` and NEVER mutated (take
 :func:`working_copy` before pruning or training); everything a user chooses lives in ``st.session_state``
 (one browser tab = one session, no shared mutable state); engine errors become messages, not tracebacks.
+
+The session is mirrored into a workspace on disk (:mod:`studio.workspace`) addressed from the URL (``?ws=<id>``):
+:func:`begin_run` (before the page) restores it into a new session, :func:`end_run` (after the page, also when
+it stopped or reran) saves it, so a reload or a second tab with the same URL finds the same work.
 """
 
 from __future__ import annotations
@@ -22,9 +26,40 @@ from ..events import Event
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
+from ..workspace import Workspace, jsonable, new_id, valid_id
 
 MODEL_KEY, DATA_KEY, PLAN_KEY = "studio_model_spec", "studio_data_spec", "studio_active_plan"
 PLAN_SOURCE_KEY = "studio_active_plan_source"
+WS_KEY, WS_STATE_KEY, WS_PRESENT_KEY = "studio_workspace", "studio_workspace_state", "studio_workspace_present"
+# what a page keeps in the session besides its widgets: the job it follows, its last result, what it computed.
+# Saved in the workspace as JSON and restored as is (a value that is not plain JSON is skipped).
+KEPT_KEYS = (
+    "sls_job_run",
+    "sls_last",
+    "sls_embedded",
+    "sls_suggested",
+    "bb_run",
+    "imp_last",
+    "adapters_start_run",
+    "adapters_runs",
+    "prune_job_run",
+    "prune_last",
+    "retrain_start_run",
+    "retrain_model",
+    "bench_rows",
+    "export_run",
+    "model_speed",
+)
+# widget kinds whose value is an event or a file, never a setting: Streamlit refuses them being set
+_NOT_FORM_VALUES = frozenset(
+    {
+        "trigger_value",
+        "string_trigger_value",
+        "json_trigger_value",
+        "chat_input_value",
+        "file_uploader_state_value",
+    }
+)
 
 
 def runs_root() -> Path:
@@ -81,6 +116,126 @@ def active_plan_source() -> Path | None:
     if plan is None or held is None or held[0].to_dict() != plan.to_dict():
         return None
     return Path(held[1])
+
+
+def workspace() -> Workspace:
+    """This session's workspace: the one the URL names (``?ws=``), else a new one whose id goes into the URL.
+
+    The id is kept in the session too: page switches may drop query parameters, and the URL gets it back."""
+    ws_id = st.session_state.get(WS_KEY)
+    if ws_id is None:
+        asked = st.query_params.get("ws")
+        ws_id = asked if valid_id(asked) else new_id()
+        st.session_state[WS_KEY] = ws_id
+    if st.query_params.get("ws") != ws_id:
+        st.query_params["ws"] = ws_id
+    return Workspace.open(runs_root(), ws_id)
+
+
+def _widget_kinds() -> dict[str, str]:
+    """User key -> the value kind of the widget drawn with it (``bool_value``, ``trigger_value``…).
+
+    Streamlit has no public way to tell a button from a checkbox by key; this reads its widget registry, and
+    answers nothing (every bool then counts as a button, so nothing unsafe is restored) if that changes."""
+    try:
+        from streamlit.runtime.state import get_session_state
+
+        inner = get_session_state()._state
+        meta = inner._new_widget_state.widget_metadata
+        return {k: meta[w].value_type for k, w in inner._key_id_mapping.items() if w in meta}
+    except Exception:  # an internal of Streamlit moved: fall back to the cautious rule above
+        return {}
+
+
+def _form_values() -> dict[str, Any]:
+    """The session's widget values that are settings (not buttons, uploads or chart selections), by key."""
+    kinds = _widget_kinds()
+    out: dict[str, Any] = {}
+    for key in list(st.session_state.keys()):
+        key = str(key)
+        if key.startswith("studio_") or key.startswith("$$"):
+            continue
+        kind = kinds.get(key)
+        if kind is None or kind in _NOT_FORM_VALUES:
+            continue
+        value = st.session_state[key]
+        if isinstance(value, tuple):
+            value = list(value)
+        if jsonable(value) and not isinstance(value, dict):
+            out[key] = value
+    return out
+
+
+def begin_run() -> None:
+    """Before the page: in a new session, restore the workspace (selection, active plan, kept values); every
+    run, give widgets not drawn since (another page's) their saved values back, so they come back as left."""
+    ws = workspace()
+    saved = st.session_state.get(WS_STATE_KEY)
+    if saved is None:
+        saved = ws.load_state()
+        st.session_state[WS_STATE_KEY] = saved
+        with user_errors():  # a workspace of an older studio may not load: start afresh, say why
+            if saved.get("model"):
+                st.session_state[MODEL_KEY] = ModelSpec.from_dict(saved["model"])
+            if saved.get("data"):
+                st.session_state[DATA_KEY] = DataSpec.from_dict(saved["data"])
+            if saved.get("plan"):
+                plan = PrunePlan.from_dict(saved["plan"])
+                set_active_plan(plan, source=saved.get("plan_source"))
+        for key, value in saved.get("kept", {}).items():
+            if key in KEPT_KEYS and key not in st.session_state:
+                st.session_state[key] = value
+    # Streamlit forgets a widget's value once a run does not draw it: the saved value stands in
+    forms = saved.get("forms", {})
+    for key, value in forms.items():
+        if key not in st.session_state:
+            st.session_state[key] = value
+    # which saved values the page starts with: one it removes (a reset) is then forgotten, not restored
+    st.session_state[WS_PRESENT_KEY] = [k for k in forms if k in st.session_state]
+
+
+def end_run() -> None:
+    """After the page (called from a ``finally``: also after ``st.stop``/``st.rerun``): save the session into
+    the workspace; a write only happens when something changed."""
+    saved = st.session_state.get(WS_STATE_KEY)
+    if saved is None:
+        return
+    plan = active_plan()
+    source = active_plan_source()
+    forms = _form_values()
+    # Streamlit drops the widgets a run did not draw only after the run, so a saved key missing now was removed
+    # by the page itself (a reset)
+    removed = {k for k in st.session_state.get(WS_PRESENT_KEY, ()) if k not in st.session_state}
+    # a kept key drawn as a widget (a run picker) is a form value: merged like one, not dropped off-page
+    kept = {k: st.session_state[k] for k in KEPT_KEYS if k in st.session_state and k not in forms}
+    kept = {k: (sorted(v) if isinstance(v, (set, frozenset)) else v) for k, v in kept.items()}
+    saved = {
+        **saved,
+        "model": model_spec().to_dict(),
+        "data": data_spec().to_dict(),
+        "plan": None if plan is None else plan.to_dict(),
+        "plan_source": None if source is None else str(source),
+        "forms": {**{k: v for k, v in saved.get("forms", {}).items() if k not in removed}, **forms},
+        "kept": {k: v for k, v in kept.items() if v is not None and jsonable(v)},
+    }
+    st.session_state[WS_STATE_KEY] = saved
+    try:
+        workspace().save_state(saved)
+    except OSError as e:  # a full or read-only disk must not break the page; the session goes on in memory
+        st.toast(f"The workspace could not be saved: {e}", icon=":material/warning:")
+
+
+def analysis(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A computed analysis stored in this session's workspace: ``(meta, arrays)``, or None."""
+    return workspace().get_analysis(name)
+
+
+def keep_analysis(name: str, meta: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
+    """Store a computed analysis in the workspace (bounded: the least recently used are evicted)."""
+    try:
+        workspace().put_analysis(name, meta, arrays)
+    except OSError as e:
+        st.toast(f"The analysis could not be kept in the workspace: {e}", icon=":material/warning:")
 
 
 @contextmanager
