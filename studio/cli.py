@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "studio.commands.analyze",
     "studio.commands.jobs",
     "studio.commands.run",
+    "studio.commands.importer",
 )
 
 

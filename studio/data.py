@@ -411,8 +411,16 @@ def tensorize(ds: ImageList, *, batch_size: int = 256) -> tuple[torch.Tensor, to
 class TensorData(Dataset):
     """An in-memory split (from :func:`tensorize`), so repeated epochs skip image decoding."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        class_names: Sequence[str] = (),
+        *,
+        named: bool = False,
+    ) -> None:
         self.images, self.labels, self.class_names = images, labels, list(class_names)
+        self.named = named  # as :attr:`ImageList.named`: whether ``class_names`` are the data's own names
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -423,7 +431,7 @@ class TensorData(Dataset):
 
 def in_memory(ds: ImageList) -> TensorData:
     x, y = tensorize(ds)
-    return TensorData(x, y, ds.class_names)
+    return TensorData(x, y, ds.class_names, named=ds.named)
 
 
 def make_loader(

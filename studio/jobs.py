@@ -378,6 +378,7 @@ def start_job(
     cmd = _command(argv, launch_device, nproc)
     run.path.mkdir(parents=True, exist_ok=True)
     locks = _acquire(devs, run.path)
+    _sweep_leftovers(run.path)
     # the thread policy (studio.threads): the cores left by the server (when it runs) and the running jobs
     running = [
         int(_job(Path(j.run)).get("threads") or 1) * int(_job(Path(j.run)).get("nproc") or 1)
@@ -471,6 +472,18 @@ def start_job(
             },
         )
     return job_status(run.path)
+
+
+def _sweep_leftovers(run: Path) -> None:
+    """Remove what a killed attempt left half-written: atomic writes' temporary files (``.NAME.*.tmp``) and export
+    staging folders (``.export.*``). Called with the run's device locked and no trainer alive, so nothing is
+    writing them; the files they were to replace are whole (written by rename only)."""
+    for p in run.glob(".*"):
+        with contextlib.suppress(OSError):
+            if p.is_file() and p.name.endswith(".tmp"):
+                p.unlink()
+            elif p.is_dir() and p.name.startswith(".export."):
+                shutil.rmtree(p)
 
 
 def _trainer_pid(proc: subprocess.Popen, pid_file: Path, timeout: float = 10.0) -> int:
@@ -615,7 +628,9 @@ def job_status(run_dir: str | Path) -> JobStatus:
     reported = str(status.get("state", "created"))
     # a run started from a shell has no job.json, but the retrain command records its pid in status.json
     pid = job.get("pid") or (status.get("pid") if reported in ACTIVE_STATES else None)
-    alive = _alive(pid, job.get("pid_start"))
+    # the start time tells a pid reused by another process from the trainer (status.json records it too)
+    alive = _alive(pid, job.get("pid_start") if job.get("pid") else status.get("pid_start"))
+    unwritable = False
     exit_code = job.get("exit_code")
     if pid and not alive and exit_code is None and job:
         exit_code = _read_exit_code(run.path)
@@ -625,7 +640,10 @@ def job_status(run_dir: str | Path) -> JobStatus:
         exit_code = exit_code if exit_code is not None else reaped
         if exit_code is not None:
             job.update(exit_code=exit_code, ended=time.time())
-            write_json(run.path / JOB_FILE, job)
+            try:
+                write_json(run.path / JOB_FILE, job)
+            except OSError:
+                unwritable = True  # a read-only folder must not break the status poll (nor the Runs page)
     error = None
     if alive:
         state = "cancelling" if run.cancel_file.exists() else "running"
@@ -652,6 +670,12 @@ def job_status(run_dir: str | Path) -> JobStatus:
                 f"the job exited with code {exit_code}"
                 if exit_code is not None
                 else f"the job's process (pid {pid}) is gone without reporting an end (killed or crashed)"
+            )
+        if reported in ACTIVE_STATES:  # it never recorded its end: often a folder that turned unwritable
+            unwritable = unwritable or not os.access(run.path, os.W_OK)
+            ended += (
+                f"; its status.json still said '{reported}'"
+                + (" (its run folder is not writable)" if unwritable else "")
             )
         error = f"{ended}; last error: {why}" if why else ended
     if state == "failed" and not error:

@@ -19,6 +19,8 @@ teacher (e.g. RegNetY-160 for Isomorphic) where the studio uses the unpruned mod
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from .errors import StudioError
 from .models import ModelSpec
+from .petl import ADAPTER_TRAINABLE
 from .train import TrainSpec, TrainState
 
 KD_MODES = ("none", "soft", "hard")
@@ -56,6 +59,20 @@ class Recipe:
     source: str = ""
 
     def __post_init__(self) -> None:
+        # a hand-edited spec.json reaches here without argparse's checks: NaN passes every ``<=`` test below (and
+        # would train on NaN losses), and a negative decay or warm-up would go unnoticed, so check numbers first
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("name", "kd", "trainable", "source") or value is None:
+                continue
+            whole = f.name in ("epochs", "batch_size", "early_stop")
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0 or (whole and value != int(value)):
+                kind = "a whole number >= 0" if whole else "a finite number >= 0"
+                raise StudioError(
+                    f"Recipe setting '{f.name}' is {value!r}: it must be {kind}; fix it in the run's spec.json "
+                    "(overrides) or pass a valid value."
+                )
         if self.kd not in KD_MODES:
             raise StudioError(f"Distillation '{self.kd}' is unknown: use one of {', '.join(KD_MODES)}.")
         if not 0.0 <= self.alpha <= 1.0:
@@ -131,7 +148,9 @@ PRESETS: dict[str, Recipe] = {
         warmup_epochs=10,
         min_lr=1e-5,
         label_smoothing=0.0,
-        trainable=r"re:^(head|head_dist|norm|fc_norm)\.|adapter",
+        # the paper trains every parameter named "adapter" or "head"; the studio's adapters are LoRA
+        # (lora_A/lora_B): the same rule as PETL training, so the final norm stays frozen as in the paper
+        trainable=ADAPTER_TRAINABLE,
         source=(
             "SLS (Han et al., ECCV 2024, arXiv 2407.14330), RuiZiHan/SLS train.py: AdamW lr 1e-3, wd 1e-4, "
             "100 epochs, cosine with 10 warm-up epochs to 1e-5, batch 64, only adapters and head trained"

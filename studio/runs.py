@@ -185,18 +185,43 @@ class RunDir:
 
     @contextmanager
     def tracking(self, **extra: Any) -> Iterator[RunDir]:
-        """Mark the run ``running`` (with this process's pid), then ``done``, ``cancelled`` or ``failed``."""
+        """Mark the run ``running`` (with this process's pid and start time), then ``done``, ``cancelled`` or
+        ``failed``.
 
-        self.set_status("running", pid=os.getpid(), **extra)
+        The run's end may be impossible to record (the folder turned read-only or the disk filled up mid-job):
+        then the work's own error still propagates (not the failed status write), a line on stderr says why
+        ``status.json`` stayed ``running``, and readers (:func:`studio.jobs.job_status`) see a ``running`` whose
+        process is gone, or is another process by now (the recorded start time differs), and report it failed.
+        """
+
+        pid = os.getpid()
+        self.set_status("running", pid=pid, pid_start=process_start_time(pid), **extra)
         try:
             yield self
         except Cancelled:
-            self.set_status("cancelled", resumable=self.has_checkpoint)
+            self._final_status("cancelled", resumable=self.has_checkpoint)
             raise
         except BaseException as e:
-            self.set_status("failed", error=(str(e) or type(e).__name__)[:500], resumable=self.has_checkpoint)
+            error = (str(e) or type(e).__name__)[:500]
+            self._final_status("failed", error=error, resumable=self.has_checkpoint)
             raise
-        self.set_status("done")
+        if not self._final_status("done"):
+            raise StudioError(
+                f"The run finished but its folder {self.path} is no longer writable, so its end could not be "
+                "recorded; make it writable again and rerun it."
+            )
+
+    def _final_status(self, state: str, **extra: Any) -> bool:
+        """Record the run's end; False (and a line on stderr) when the folder can no longer be written."""
+        try:
+            self.set_status(state, **extra)
+        except OSError as e:
+            print(
+                f"warning: cannot record the run's end ({state}) in {self.status_file}: {e.strerror or e}",
+                file=sys.stderr,
+            )
+            return False
+        return True
 
     # events
     def log_event(self, event: Event) -> None:
@@ -218,6 +243,17 @@ class RunDir:
             if kind is None or ev.get("kind") == kind:
                 out.append(ev)
         return out
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/<pid>/stat`` field 22), or None off Linux:
+    a pid with another start time is another process that reuses the number."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def list_runs(root: str | Path) -> list[RunDir]:

@@ -54,13 +54,14 @@ FILE_CFG_KEYS = frozenset({"file", "url", "hf_hub_id", "hf_hub_filename", "state
 
 
 def allowed_roots() -> list[Path]:
-    """Folders the UI may read from (resolved): the defaults, then ``$STUDIO_DATA_ROOTS``."""
+    """Folders the UI may read from (resolved): ``$STUDIO_DATA_ROOTS``, then the defaults (never the home folder)."""
 
     env = os.environ.get(ROOTS_ENV, "")
     cwd = Path.cwd()
-    roots = [Path(os.environ.get("STUDIO_RUNS", "runs")), ASSETS, upload_dir()]
+    # the named roots first: the refusal lists the first few, and those are the ones a user chose
+    roots = [Path(p) for p in env.split(os.pathsep) if p.strip()]
+    roots += [Path(os.environ.get("STUDIO_RUNS", "runs")), ASSETS, upload_dir()]
     roots += [cwd / name for name in DATA_FOLDERS]
-    roots += [Path(p) for p in env.split(os.pathsep) if p.strip()]
     out: list[Path] = []
     for r in roots:
         r = r.expanduser().resolve()

@@ -33,13 +33,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
-from .models import describe_base
+from .models import check_family, describe_base
 from .petl import check_unfused
 from .plan import BaseArch, BlockPlan, PrunePlan
 
@@ -117,28 +116,9 @@ class SubsetNorm(nn.Module):
 
 # --------------------------------------------------------------------------------------------- checking
 def check_supported(model: nn.Module) -> VisionTransformer:
-    """Refuse models the surgery cannot slice exactly, saying what is unsupported."""
-    if not isinstance(model, VisionTransformer):
-        raise StudioError(f"Surgery needs a timm VisionTransformer, got {type(model).__name__}.")
-    if getattr(model, "attn_pool", None) is not None:
-        raise StudioError(
-            "Models with attention pooling (global_pool='map') are not supported by the surgery; "
-            "use a ViT/DeiT with token or average pooling."
-        )
-    for i, blk in enumerate(model.blocks):
-        if type(blk) not in (Block, ResidualSubsetBlock):
-            raise StudioError(
-                f"Block {i} is a {type(blk).__name__}; the surgery supports timm's pre-norm `Block` "
-                "only (ViT, DeiT, DeiT-distilled)."
-            )
-        if type(blk.attn) is not Attention or not isinstance(blk.mlp, Mlp):
-            raise StudioError(
-                f"Block {i} uses {type(blk.attn).__name__}/{type(blk.mlp).__name__}; the surgery "
-                "supports timm's standard Attention and Mlp."
-            )
-        if getattr(blk.attn, "gate", None) is not None:
-            raise StudioError(f"Block {i} uses gated attention, which the surgery does not support.")
-    return model
+    """Refuse models the surgery cannot slice exactly, saying what is unsupported (the family check of
+    :func:`studio.models.check_family`, also accepting blocks this surgery has already pruned)."""
+    return check_family(model, blocks=(Block, ResidualSubsetBlock))
 
 
 def check_fits(model: nn.Module, base: BaseArch) -> None:

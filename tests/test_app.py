@@ -98,10 +98,11 @@ def test_three_sessions_do_not_see_each_others_plans(demo_loaded):
     )
 
 
-def test_bad_checkpoint_path_is_a_message_and_keeps_the_selection(tmp_path):
+def test_bad_checkpoint_path_is_a_message_and_keeps_the_selection(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_DATA_ROOTS", str(tmp_path))  # the project folder itself is not a data root
     at = _app().run()
     at.radio(key="pick_model_source").set_value("checkpoint").run()
-    at.text_input(key="pick_ckpt_path").set_value(str(ROOT / "no-such-file.pth"))
+    at.text_input(key="pick_ckpt_path").set_value(str(tmp_path / "no-such-file.pth"))
     at.button(key="pick_load").click().run()
     assert not at.exception
     assert any("does not exist" in e.value for e in at.error)

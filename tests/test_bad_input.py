@@ -452,6 +452,59 @@ def same_device_other_runs_folder(tmp: Path) -> str:
             os.environ[jobs.LOCK_DIR_ENV] = old
 
 
+# ------------------------------------------------------------------------------ the server's reach (path guard)
+def home_folder_file(tmp: Path) -> str:
+    # nothing is created there: the refusal reads the same whether or not the file exists
+    return model_page(tmp, path=str(Path.home() / ".ssh" / "id_rsa.pth"))
+
+
+def vtab_absolute_entry(tmp: Path) -> str:
+    return _vtab(tmp, ["images/a.png 0", "/etc/hostname 1"])
+
+
+def vtab_parent_entry(tmp: Path) -> str:
+    return _vtab(tmp, ["images/a.png 0", "../../etc/hostname 1"])
+
+
+def symlinked_class_folder(tmp: Path) -> str:
+    _digit_folders(tmp / "imgs")
+    outside = Path(tempfile.mkdtemp())  # not under the roots (only ``tmp`` is)
+    (tmp / "imgs" / "train" / "9" / "a.png").unlink()
+    (tmp / "imgs" / "train" / "9").rmdir()
+    (tmp / "imgs" / "train" / "9").symlink_to(outside)
+    return model_page(tmp, source="demo", data="imagefolder", data_path=str(tmp / "imgs"))
+
+
+def manifest_kwarg_names_a_file(tmp: Path) -> str:
+    from studio.export import export_loaded
+    from studio.load import load_model
+    from studio.models import ModelSpec
+
+    demo = load_model(ModelSpec("demo", device="cpu"))
+    folder = export_loaded(demo.model, demo, tmp / "e", plan=None)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["base"]["kwargs"]["checkpoint_path"] = "/etc/hostname"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return model_page(tmp, source="export", path=str(folder))
+
+
+def form_kwarg_names_a_file(tmp: Path) -> str:
+    save_file(_tiny_state(), str(tmp / "m.safetensors"))
+    kwargs = json.dumps({**json.loads(TINY_JSON), "pretrained_cfg_overlay": {"file": "/etc/shadow"}})
+    return model_page(tmp, path=str(tmp / "m.safetensors"), kwargs=kwargs)
+
+
+def teacher_outside_roots(tmp: Path) -> str:
+    from studio.data import DataSpec
+    from studio.flows.retrain import RecoverySpec
+    from studio.models import ModelSpec
+    from studio.safety import guard_spec
+
+    spec = RecoverySpec(model=ModelSpec("demo"), data=DataSpec("demo"), teacher=ModelSpec("/etc/teacher.pth"))
+    with _roots(tmp):
+        return engine(lambda: guard_spec(spec))
+
+
 @dataclass(frozen=True)
 class Case:
     fn: Callable[[Path], str]
@@ -555,6 +608,48 @@ CASES = [
         "a second training on a busy device, run folder elsewhere",
         "jobs start / Start buttons / foreground retrain",
         "Device cpu is busy",
+    ),
+    Case(
+        home_folder_file,
+        "`~/.ssh/id_rsa.pth` (the home folder is not a root)",
+        "Model page",
+        "outside the folders",
+    ),
+    Case(
+        vtab_absolute_entry,
+        "VTAB list entry `/etc/hostname`",
+        "Model page (data), every loader",
+        "leaves the VTAB",
+    ),
+    Case(
+        vtab_parent_entry,
+        "VTAB list entry `../../etc/hostname`",
+        "Model page (data), every loader",
+        "leaves the VTAB",
+    ),
+    Case(
+        symlinked_class_folder,
+        "ImageFolder class folder that is a symlink out of the roots",
+        "Model page (data)",
+        "leads outside the folders",
+    ),
+    Case(
+        manifest_kwarg_names_a_file,
+        "export whose manifest kwargs hold `checkpoint_path`",
+        "Model page",
+        "would make the model read a file",
+    ),
+    Case(
+        form_kwarg_names_a_file,
+        "timm kwargs `{pretrained_cfg_overlay: {file: ...}}`",
+        "Model page",
+        "would make the model read a file",
+    ),
+    Case(
+        teacher_outside_roots,
+        "Retrain teacher `/etc/teacher.pth`",
+        "Retrain page (Start)",
+        "outside the folders",
     ),
 ]
 

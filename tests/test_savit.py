@@ -135,6 +135,85 @@ def test_residual_curvature_matches_the_full_hessian():
     assert s.hessian[2][2] != 0 and s.hvp_batches == 1
 
 
+def _dense_block_sum(gm, x, y, gi, gj) -> float:
+    """``1ᵀ H 1`` of the Hessian block ``∂²L/∂g_i∂g_j``, built row by row with autograd (whole batch)."""
+    loss = F.cross_entropy(gm(x), y)
+    (grad_i,) = torch.autograd.grad(loss, gi, create_graph=True)
+    rows = [torch.autograd.grad(grad_i[k], gj, retain_graph=True)[0] for k in range(len(grad_i))]
+    return float(torch.stack(rows).double().sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_hessian_entry_equals_an_autograd_hessian_of_the_gate_loss(seed):
+    """All nine entries of Ĥ (heads, MLP, residual and their cross terms), one batch run in micro-batches of 3:
+    Ĥ[i, j] = 1ᵀ H[g_i(l1), g_j(l2)] 1 / Z[i, j] for the layers the batch drew, with H the dense Hessian of the
+    whole batch's loss; checked again by central differences of the gradient (independent of double backward)."""
+    m, base = make()
+    x, y = batches(1)[0]
+    s = savit_scores(m, base, [(x, y)], hvp_every=1, seed=seed, micro_batch=3)
+    assert s.hvp_batches == 1 and len(s.pairs) == 1
+    l1, l2 = s.pairs[0]
+    Z = _normaliser(base, 6.0)
+    gm, gates = gated_model(m, base)
+    with unfused_attention(gm):
+        for i in range(3):
+            for j in range(3):
+                gi, gj = gates.of(i, l1), gates.of(j, l2[i][j])
+                want = _dense_block_sum(gm, x, y, gi, gj) / Z[i, j]
+                assert want != 0.0
+                assert s.hessian[i][j] == pytest.approx(want, rel=1e-3, abs=1e-12), (i, j, l1, l2)
+                if seed == 0:  # finite differences along 1 on g_j: the same entry without double backward
+                    eps = 1e-2
+                    sums = []
+                    for v in (1 + eps, 1 - eps):
+                        with torch.no_grad():
+                            gj.fill_(v)
+                        (g,) = torch.autograd.grad(F.cross_entropy(gm(x), y), gi)
+                        sums.append(float(g.double().sum()))
+                    with torch.no_grad():
+                        gj.fill_(1.0)
+                    fd = (sums[0] - sums[1]) / (2 * eps) / Z[i, j]
+                    assert s.hessian[i][j] == pytest.approx(fd, rel=3e-2, abs=1e-9), (i, j)
+
+
+def test_hvp_sample_count_and_its_standard_error():
+    m, base = make()
+    data = batches(4)
+    s = savit_scores(m, base, data, hvp_every=1, seed=0)
+    samples = np.asarray(s.hessian_samples)
+    assert s.hvp_batches == 4 and samples.shape == (4, 3, 3)
+    np.testing.assert_allclose(np.asarray(s.hessian), samples.mean(axis=0), rtol=1e-12)
+    se = np.asarray(s.hessian_se, dtype=np.float64)
+    np.testing.assert_allclose(se, samples.std(axis=0, ddof=1) / 2.0, rtol=1e-12)
+    assert (se > 0).all()
+    capped = savit_scores(m, base, data, hvp_every=1, hvp_batches=2, seed=0)
+    assert capped.hvp_batches == 2 and capped.batches == 4
+    np.testing.assert_allclose(np.asarray(capped.hessian_samples), samples[:2], rtol=1e-5)
+    one = savit_scores(m, base, data[:1], hvp_every=1, seed=0)
+    assert one.hessian_se[0][0] is None  # one sample: no spread to report
+    with pytest.raises(StudioError, match="hvp-batches"):
+        savit_scores(m, base, data, hvp_batches=-1)
+
+
+def test_plan_records_the_split_spread_and_the_method_draws_its_hvp_batches():
+    from studio.prune import get_method
+
+    method = get_method("savit")
+    assert method.calib_batches({}, 64) == 8
+    assert method.calib_batches({"hvp_batches": 20}, 64) == 20
+    assert method.calib_batches({"hvp_batches": 5, "hvp_every": 2}, 64) == 9
+    assert method.calib_batches({"hvp_batches": 5}, 64, given=3) == 3
+    m, base = make()
+    plan = make_plan(
+        "savit", PruneRequest(loaded(m, base), {"target_macs": 0.6, "hvp_batches": 3}, batches(4))
+    )
+    p = plan.params
+    assert p["hvp_batches"] == 3 and p["hvp_batches_used"] == 3
+    assert len(p["split_spread"]["fractions_se"]) == 3 and p["split_spread"]["groups"] == 3
+    assert all(v >= 0 for v in p["split_spread"]["fractions_se"])
+    assert np.asarray(p["hessian_se"]).shape == (3, 3)
+
+
 def test_cost_model_equals_plan_cost():
     _, base = make("deit_tiny_distilled_patch16_224")
     facts = arch_facts(base)

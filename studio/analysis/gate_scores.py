@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -133,6 +133,9 @@ class SavitScores:
     """Taylor2 importance of every gate unit and the 3×3 interaction matrix (order: heads, mlp, embed).
 
     Scores are averages over ``batches``; ``hessian`` is the identity when no HVP was computed.
+    ``hessian_samples`` holds each HVP batch's own (normalised) matrix, whose mean ``hessian`` is, and
+    ``pairs`` the layers it sampled: ``(l1, l2)`` with ``l2[i][j]`` the block of type ``j`` paired with type
+    ``i``'s block ``l1`` (the residual gate is shared, so its block index does not matter).
     """
 
     heads: tuple[tuple[float, ...], ...]
@@ -142,6 +145,18 @@ class SavitScores:
     batches: int
     hvp_batches: int
     hessian_embed: float = 6.0
+    hessian_samples: tuple[tuple[tuple[float, ...], ...], ...] = field(default=(), repr=False)
+    pairs: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] = field(default=(), repr=False)
+
+    @property
+    def hessian_se(self) -> tuple[tuple[float | None, ...], ...]:
+        """Standard error of each entry of ``hessian`` over the HVP batches (None with fewer than two): how
+        much of SAViT's head/MLP/embedding split is sampling noise (the reference averages ~4,000 batches)."""
+        if len(self.hessian_samples) < 2:
+            return tuple(tuple(None for _ in range(3)) for _ in range(3))
+        h = np.asarray(self.hessian_samples, dtype=np.float64)
+        se = h.std(axis=0, ddof=1) / np.sqrt(len(h))
+        return tuple(tuple(float(v) for v in row) for row in se)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -149,6 +164,7 @@ class SavitScores:
             "mlp": [list(m) for m in self.mlp],
             "embed": list(self.embed),
             "hessian": [list(r) for r in self.hessian],
+            "hessian_se": [list(r) for r in self.hessian_se],
             "batches": self.batches,
             "hvp_batches": self.hvp_batches,
             "hessian_embed": self.hessian_embed,
@@ -169,6 +185,7 @@ def savit_scores(
     batches: Sequence[Batch],
     *,
     hvp_every: int = 1,
+    hvp_batches: int | None = None,
     hessian_embed: float = 6.0,
     seed: int = 0,
     micro_batch: int = 0,
@@ -185,6 +202,8 @@ def savit_scores(
 
     Args:
         hvp_every: compute the Hessian-vector products on every k-th batch (0: none, ``Ĥ`` = identity).
+        hvp_batches: at most this many batches take HVPs (the first eligible ones; None: all eligible). The
+            Hessian's sample count: the reference takes them on every one of its ~4,000 scoring batches.
         hessian_embed: the reference's normaliser knob for the shared residual gate.
         weight_grads: if given (and no HVPs are asked), filled with ∂L/∂w of the model's own weights summed
             over the batches from the same backward passes — what the Taylor criterion needs — so the
@@ -194,6 +213,10 @@ def savit_scores(
         raise StudioError("SAViT needs calibration batches: give --data and --calib-batches > 0.")
     if hvp_every < 0:
         raise StudioError(f"--hvp-every must be ≥ 0 (0 disables the Hessian), got {hvp_every}.")
+    if hvp_batches is not None and hvp_batches < 0:
+        raise StudioError(f"--hvp-batches must be ≥ 0 (0 disables the Hessian), got {hvp_batches}.")
+    if hvp_batches == 0:
+        hvp_every = 0
     gm, gates = gated_model(model, base)
     device = next(gm.parameters()).device
     params = gates.flat()
@@ -210,7 +233,8 @@ def savit_scores(
         wsum = [torch.zeros_like(p) for _, p in named]
     L = base.depth
     acc = [torch.zeros_like(p, dtype=torch.float64) for p in params[:n_gates]]
-    hess = np.zeros((3, 3), dtype=np.float64)
+    samples: list[np.ndarray] = []  # each HVP batch's normalised matrix (their mean is Ĥ)
+    drawn: list[tuple[int, tuple[tuple[int, ...], ...]]] = []
     Z = _normaliser(base, hessian_embed)
     rng = random.Random(seed)
     n_hvp = 0
@@ -220,13 +244,14 @@ def savit_scores(
         for t, (x, y) in enumerate(batches):
             check(cancel)
             x, y = x.to(device), torch.as_tensor(y).to(device).long()
-            do_h = hvp_every > 0 and t % hvp_every == 0
+            do_h = hvp_every > 0 and t % hvp_every == 0 and (hvp_batches is None or n_hvp < hvp_batches)
             mb = micro_batch or memory.micro_batch(base, biggest, "hessian" if do_h else "backward", device)
             # the layer pairs of this batch's HVPs, drawn in the reference's order (l1, then l2 per i, j)
             pairs: list[tuple[int, list[int]]] = []
             if do_h:
                 l1 = rng.randrange(L)
                 pairs = [(l1, [rng.randint(0, l1) for _ in range(3)]) for _ in range(3)]
+                drawn.append((l1, tuple(tuple(l2s) for _, l2s in pairs)))
             grad = [torch.zeros_like(p, dtype=torch.float64) for p in params[:n_gates]]
             h_batch = np.zeros((3, 3), dtype=np.float64)
             loss_sum = 0.0
@@ -252,7 +277,7 @@ def savit_scores(
             for a, g in zip(acc, grad):
                 a += g**2
             if do_h:
-                hess += h_batch / Z
+                samples.append(h_batch / Z)
                 n_hvp += 1
             progress(callbacks, "savit scores", t + 1, len(batches), loss=loss_sum)
     T = len(batches)
@@ -261,10 +286,7 @@ def savit_scores(
         for (n, _), g in zip(named, wsum):
             weight_grads[n.replace(".block.", ".", 1) if n.startswith("blocks.") else n] = g
     scores = [(a / T).cpu() for a in acc]
-    if n_hvp:
-        hess /= n_hvp
-    else:
-        hess = np.eye(3)
+    hess = np.mean(samples, axis=0) if n_hvp else np.eye(3)
     if not np.all(np.isfinite(hess)) or not all(torch.isfinite(s).all() for s in scores):
         raise StudioError(
             "SAViT scores are not finite (the loss or its curvature overflowed). Use fewer or smaller "
@@ -278,4 +300,6 @@ def savit_scores(
         batches=T,
         hvp_batches=n_hvp,
         hessian_embed=hessian_embed,
+        hessian_samples=tuple(tuple(tuple(float(v) for v in row) for row in h) for h in samples),
+        pairs=tuple(drawn),
     )

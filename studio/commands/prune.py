@@ -23,6 +23,7 @@ from ..flows.stages import compare
 from ..load import load_model
 from ..plan import PrunePlan, diff
 from ..prune import COMMON_OPTIONS, METHODS, all_options, get_method, load_methods
+from ..prune.presets import active_preset, apply_preset, preset_names
 from ..prune.target import missed_message
 from ..surgery import apply_plan
 from . import Output, add_common, add_data_args, add_model_args, data_spec, model_spec, run_in_folder, table
@@ -59,7 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default runs/<time>-prune-<method>)")
-    g.add_argument("--calib-split", default="train", help="split drawn for calibration batches")
+    g.add_argument(
+        "--preset",
+        choices=preset_names(),
+        help="cpu: the studio's defaults (the default); paper or paper:<method>: the reference settings, every "
+        "value with its source (docs/results/presets.md); flags given here win over the preset",
+    )
+    g.add_argument("--calib-split", default=None, help="split drawn for calibration batches (default train)")
     g.add_argument(
         "--calib-batches",
         type=positive_int,
@@ -67,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="calibration batches for data-driven methods (default: the method's need; SLS enough for its "
         "--samples, the others 8)",
     )
-    g.add_argument("--batch-size", type=positive_int, default=64)
+    g.add_argument("--batch-size", type=positive_int, default=None, help="default 64 (or the preset's)")
     g.add_argument(
         "--micro-batch",
         type=nonnegative_int,
@@ -150,6 +157,11 @@ def _flag_type(o: Any) -> Any:
 
 def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """Options given on the command line (flags and ``--param``), checked against the method's options."""
+    return get_method(method).resolve(given_params(args, method))
+
+
+def given_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """Only the options given on the command line (flags and ``--param``), refused if not the method's."""
 
     m = get_method(method)
     own = {o.name for o in (*COMMON_OPTIONS, *m.options)}
@@ -170,12 +182,18 @@ def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
         if not sep:
             raise StudioError(f"--param expects NAME=VALUE, got {item!r}.")
         given[key.strip().replace("-", "_")] = value
-    return m.resolve(given)
+    return given
 
 
 def cmd_prune(args: argparse.Namespace) -> Output:
 
-    params = method_params(args, args.method)
+    given, run = apply_preset(
+        args.preset,
+        args.method,
+        given_params(args, args.method),
+        {"calib_batches": args.calib_batches, "batch_size": args.batch_size, "calib_split": args.calib_split},
+    )
+    params = get_method(args.method).resolve(given)
     if args.data is None and args.model in ("demo", "demo-backbone"):
         args.data = "demo"
     spec = PruneSpec(
@@ -184,9 +202,10 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         params=params,
         data=data_spec(args) if args.data else None,
         eval_split=args.split,
-        calib_split=args.calib_split,
-        calib_batches=args.calib_batches,
-        batch_size=args.batch_size,
+        calib_split=run.get("calib_split", "train"),
+        calib_batches=run.get("calib_batches"),
+        batch_size=run.get("batch_size", 64),
+        preset=args.preset,
         micro_batch=args.micro_batch,
         seed=args.seed,
         evaluate=not args.no_eval,
@@ -198,10 +217,11 @@ def cmd_prune(args: argparse.Namespace) -> Output:
     )
     if args.dry_run:
         return _dry_run(spec, args)
-    run, result = run_in_folder(
+    folder, result = run_in_folder(
         spec, args.out, resume=args.resume, device=args.device, label=f"prune-{args.method}"
     )
-    data = {"run": str(run.path), **result.to_dict()}
+    active = active_preset(spec.method, spec.params, spec.to_dict())
+    data = {"run": str(folder.path), "preset": active, **result.to_dict()}
     return Output(data, _prune_text(data, result.plan))
 
 
@@ -241,6 +261,8 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
         f"params  {_pct(b['params'], a['params'])}",
         f"MACs    {_pct(b['macs'], a['macs'])}   (ideal speed-up x{d['ideal_speedup']:.2f})",
     ]
+    if d.get("preset"):
+        lines.append(f"preset  {d['preset']} (what each value means: docs/results/presets.md)")
     solved = (d.get("params") or {}).get("solved")
     if solved and "target_missed" in solved:  # every method that solves a MACs target records it
         met = f"met: keeps {solved['macs_fraction']:.1%} of the MACs, asked {solved['target_macs']:.1%}"

@@ -28,6 +28,7 @@ from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
 from ..prune import PruneRequest, get_method, make_plan, require_unpruned
+from ..prune.presets import get_preset
 from ..runs import RunDir
 from ..surgery import apply_plan
 from . import FLOWS, Flow
@@ -48,6 +49,8 @@ class PruneSpec:
             method's own need (SLS: enough batches for its 1,000 ``samples``; others 8), see :attr:`batches`.
         micro_batch: images per calibration pass (CLI ``--micro-batch``; 0: the largest within the
             activation budget of :mod:`studio.memory`). The gradients are the whole batch's either way.
+        preset: the preset the settings were started from (``cpu``, ``paper``, ``paper:<method>``), a label:
+            its values are already in ``params`` and the calibration fields (:mod:`studio.prune.presets`).
     """
 
     model: ModelSpec
@@ -68,6 +71,7 @@ class PruneSpec:
     bench_repeats: int = 10
     export: bool = True
     onnx: bool = False
+    preset: str | None = None
 
     @property
     def kind(self) -> str:
@@ -98,6 +102,8 @@ class PruneSpec:
         method = get_method(self.method) if self.plan is None else None
         if method is not None:
             params = method.resolve(self.params)  # unknown options and bad values
+            if self.preset is not None:
+                get_preset(self.preset, self.method)  # a preset of this method
             if method.data_needed(params) and self.data is None:
                 raise StudioError(f"Method '{self.method}' needs data: give --data (e.g. --data demo).")
             if not any(params.get(b.option) is not None for b in method.budgets):
@@ -149,6 +155,7 @@ class PruneSpec:
             "bench_repeats": self.bench_repeats,
             "export": self.export,
             "onnx": self.onnx,
+            "preset": self.preset,
         }
 
     @classmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -140,6 +140,13 @@ def compare(before: Mapping[str, Any], after: dict[str, Any], plan: PrunePlan | 
     return {bs: a[bs]["images_per_s"] / b[bs]["images_per_s"] for bs in a if bs in b}
 
 
+def _real_class_names(data: Any) -> list[str] | None:
+    """A split's class names where they are the data's own (ImageFolder folders, the demo's digits), else None
+    (VTAB lists only number their labels)."""
+    names = getattr(data, "class_names", None)
+    return [str(n) for n in names] if names and getattr(data, "named", False) else None
+
+
 def finish(
     *,
     kind: str,
@@ -156,6 +163,7 @@ def finish(
     before_model: torch.nn.Module | None = None,
     section: Mapping[str, Any] | Callable[[dict[str, Any], dict[str, Any]], Mapping[str, Any]] | None = None,
     export_extra: Mapping[str, Any] | None = None,
+    data_class_names: Sequence[str] | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> RunResult:
@@ -168,6 +176,9 @@ def finish(
         section: the flow's own part of ``results.json`` (under the key ``kind``), or a function of
             ``(before, after)`` giving it.
         export_extra: extra manifest entries (e.g. the method's options).
+        data_class_names: the classes of the data the model was trained and scored on (default: ``eval_data``'s
+            where they are real names); recorded in the export when the model's own are only stand-ins
+            ("0".."N-1" of a bare checkpoint or a fresh head), so the export says what its outputs mean.
     """
     emit(callbacks, "status", state="measuring")
     ref = loaded.model if before_model is None else before_model
@@ -181,8 +192,12 @@ def finish(
         emit(callbacks, "status", state="exporting")
         metrics = {k: v for k, v in after.items() if k in ("params", "macs", "loss") or k.endswith("top1")}
         # the run owns its export folder: a resumed attempt replaces what an earlier one wrote
+        names = list(data_class_names) if data_class_names else _real_class_names(eval_data)
+        source = loaded
+        if not loaded.class_names_known and names and len(names) == int(getattr(model, "num_classes", -1)):
+            source = replace(loaded, class_names=[str(n) for n in names], class_names_known=True)
         export_loaded(
-            model, loaded, run.export_dir, plan=plan, metrics=metrics, extra=export_extra, overwrite=True
+            model, source, run.export_dir, plan=plan, metrics=metrics, extra=export_extra, overwrite=True
         )
         export_dir = str(run.export_dir)
         if how.onnx:

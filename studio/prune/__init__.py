@@ -26,7 +26,6 @@ refused with the method's own options listed.
 from __future__ import annotations
 
 import importlib
-import math
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -210,8 +209,9 @@ class Method:
             ignored), so that a spec is refused before a job starts, not by the job.
         calibration: what its calibration pass keeps in memory (:data:`studio.memory.MODES`): ``forward``
             (features only), ``backward`` (gradients) or ``hessian`` (the graph kept for Hessian products).
-        calib_images: images its calibration wants when ``--calib-batches`` is not given, as a function of
-            the resolved options (SLS: its ``samples``); None: :data:`DEFAULT_CALIB_BATCHES` batches.
+        calib_need: the calibration batches it draws when ``--calib-batches`` is not given, as a function of
+            its resolved options and the batch size (SLS: enough for its ``samples``; SAViT: its
+            ``hvp_batches``); None: :data:`DEFAULT_CALIB_BATCHES`.
     """
 
     name: str
@@ -224,7 +224,7 @@ class Method:
     flow: str = "prune"
     check: Callable[[Mapping[str, Any]], object] | None = None
     calibration: str = "backward"
-    calib_images: Callable[[Mapping[str, Any]], int] | None = None
+    calib_need: Callable[[Mapping[str, Any], int], int] | None = None
 
     def __post_init__(self) -> None:
         if (self.fn is None) == (self.flow == "prune"):
@@ -247,15 +247,17 @@ class Method:
         full.update({k: v for k, v in (params or {}).items() if v is not None})
         return bool(self.needs_data(full))
 
-    def calib_batches(self, params: Mapping[str, Any] | None, batch_size: int, given: int | None = None) -> int:
+    def calib_batches(
+        self, params: Mapping[str, Any] | None, batch_size: int, given: int | None = None
+    ) -> int:
         """Calibration batches a run draws: ``given`` (``--calib-batches``), else the method's own need."""
         if given is not None:
             return int(given)
-        if self.calib_images is None:
+        if self.calib_need is None:
             return DEFAULT_CALIB_BATCHES
         full = {o.name: o.default for o in self.accepted}
         full.update({k: v for k, v in (params or {}).items() if v is not None})
-        return max(1, math.ceil(int(self.calib_images(full)) / max(1, int(batch_size))))
+        return max(1, int(self.calib_need(full, max(1, int(batch_size)))))
 
     @property
     def trains(self) -> bool:

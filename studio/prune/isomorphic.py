@@ -89,6 +89,26 @@ class _Removed:
     mlp: dict[int, set[int]]
 
 
+def _has_qk_norm(model: nn.Module) -> bool:
+    return any(not isinstance(getattr(b.attn, "q_norm", nn.Identity()), nn.Identity) for b in model.blocks)
+
+
+def _pruner_copy(model: nn.Module, grads: Grads | None) -> nn.Module:
+    """The copy torch-pruning ranks on: ``model`` with ``grads``, its per-head q/k norms (qk_norm) taken out.
+
+    torch-pruning maps head channels onto ``q_norm``/``k_norm`` (a LayerNorm over one head's dims) as if they
+    spanned all heads and fails; removing whole heads never slices them, so the ranking runs without them and
+    the surgery keeps each kept head's norm as it is. Their weights are not scored: the paper has no rule for
+    them, and the qkv rows and proj columns carry the head's importance.
+    """
+    m = with_grads(model, grads)
+    for b in m.blocks:
+        for name in ("q_norm", "k_norm"):
+            if not isinstance(getattr(b.attn, name, nn.Identity()), nn.Identity):
+                setattr(b.attn, name, nn.Identity())
+    return m
+
+
 def _make_pruner(
     m: nn.Module, ratios: IsoRatios, *, importance: str, round_to: int, heads: bool
 ) -> tuple[tp.pruner.MetaPruner, dict[nn.Module, int]]:
@@ -302,6 +322,13 @@ def isomorphic_structure(
     """
     ratios.check()
     check_fits(model, base)
+    if ratios.head_dims > 0 and _has_qk_norm(model):
+        raise StudioError(
+            "This model normalises q and k per head (qk_norm), so its head dims cannot be pruned exactly: "
+            "give --head-dim-ratio 0 (heads, MLP and embedding are still pruned)."
+        )
+    if keep_pruned and _has_qk_norm(model):
+        raise StudioError("The torch-pruning parity module is not built for qk_norm models.")
     if importance == "taylor" and not grads:
         raise StudioError(
             "Isomorphic pruning with Taylor importance needs calibration gradients: give --data."
@@ -313,7 +340,7 @@ def isomorphic_structure(
         m = reuse.m
         removed, num_heads = reuse.run(ratios)
     else:
-        m = with_grads(model, grads)
+        m = _pruner_copy(model, grads)
         removed, num_heads = _run_pruner(
             m, ratios, importance=importance, round_to=round_to, heads=True, prune=keep_pruned
         )
@@ -321,14 +348,14 @@ def isomorphic_structure(
     dims_only, head_scores = None, []
     if empty:
         dims_only, _ = _run_pruner(
-            with_grads(model, grads),
+            _pruner_copy(model, grads),
             ratios,
             importance=importance,
             round_to=round_to,
             heads=False,
             prune=False,
         )
-        head_scores = group_scores(with_grads(model, grads), make_importance(importance))["heads"]
+        head_scores = group_scores(_pruner_copy(model, grads), make_importance(importance))["heads"]
     blocks, embed = _plan(base, removed, dims_only, head_scores, empty)
     plan = PrunePlan(
         base=base,
@@ -388,7 +415,7 @@ def solve_scale(
         scaled = ratios.scaled(s)
         if s > 0 and not reuse:
             reuse.append(
-                ReusablePruner(with_grads(model, grads), scaled, importance=importance, round_to=round_to)
+                ReusablePruner(_pruner_copy(model, grads), scaled, importance=importance, round_to=round_to)
             )
         st = isomorphic_structure(
             model,

@@ -52,7 +52,7 @@ from ..costs import ArchFacts, arch_facts, plan_cost
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..plan import BaseArch, BlockPlan, PrunePlan
-from . import MACS, METHODS, Method, Option, PruneRequest
+from . import DEFAULT_CALIB_BATCHES, MACS, METHODS, Method, Option, PruneRequest
 from .target import target_record
 
 
@@ -320,8 +320,49 @@ HESSIAN_EMBED = Option(
     "hessian_embed", float, 6.0, "SAViT: normaliser of the residual gate's curvature (reference 6)"
 )
 HVP_EVERY = Option("hvp_every", int, 1, "SAViT: Hessian-vector products on every k-th batch (0: none)")
+HVP_BATCHES = Option(
+    "hvp_batches",
+    int,
+    8,
+    "SAViT: batches with Hessian-vector products, the Hessian's sample count (reference ~4,000; 8 is CPU-sized: "
+    "read split_se); the flow draws enough calibration batches",
+    low=0,
+)
+SPREAD_GROUPS = 20  # delete-a-group jackknife of the split: at most this many allocations more
 PROTECT = Option("protect", float, 0.05, "SAViT: keep this top fraction (≥1 unit) of every layer's units")
 FLOPS_TOL = Option("flops_tol", float, 1e-3, "SAViT: the kept MACs fraction must be within target ± this")
+
+
+def split_spread(
+    base: BaseArch,
+    scores: SavitScores,
+    target: float,
+    *,
+    protect_fraction: float = 0.05,
+    tol: float = 1e-3,
+    round_to: int = 1,
+    groups: int = SPREAD_GROUPS,
+) -> dict[str, Any] | None:
+    """Standard error of the pruned fractions (heads, MLP, embedding) over the HVP batches: a delete-a-group
+    jackknife (the HVP batches in ``groups`` contiguous groups, the allocation re-solved without each), so the
+    user sees how much of the split is sampling noise. None with fewer than two HVP batches."""
+    samples = np.asarray(scores.hessian_samples, dtype=np.float64)
+    n = len(samples)
+    if n < 2:
+        return None
+    g = min(n, groups)
+    facts = arch_facts(base)
+    cost = CostModel.of(base, facts)
+    limits = max_pruned(base, protect_fraction)
+    parts = np.array_split(np.arange(n), g)
+    fr = []
+    for part in parts:
+        rest = np.delete(samples, part, axis=0).mean(axis=0)
+        alloc = allocate(cost, rest.tolist(), target, max_pruned=limits, tol=tol, round_to=round_to)
+        fr.append(alloc.fractions)
+    f = np.asarray(fr)
+    se = np.sqrt((g - 1) / g * ((f - f.mean(axis=0)) ** 2).sum(axis=0))
+    return {"fractions_se": [float(v) for v in se], "groups": g, "hvp_batches": n}
 
 
 @dataclass(frozen=True)
@@ -349,6 +390,7 @@ def run_savit(
         base,
         req.batches,
         hvp_every=int(p.get("hvp_every", 1)),
+        hvp_batches=None if p.get("hvp_batches") is None else int(p["hvp_batches"]),
         hessian_embed=float(p.get("hessian_embed", 6.0)),
         seed=req.seed,
         micro_batch=req.micro_batch,
@@ -356,22 +398,35 @@ def run_savit(
         cancel=cancel,
     )
     protect_fraction = float(p.get("protect", 0.05))
+    tol = float(p.get("flops_tol", 1e-3))
+    round_to = int(p.get("round_to") or 1)
+    asked = p.get("hvp_batches")
+    if asked is not None and int(p.get("hvp_every", 1)) > 0 and scores.hvp_batches < int(asked):
+        emit(
+            callbacks,
+            "log",
+            message=f"warning: SAViT's Hessian comes from {scores.hvp_batches} HVP batches, not the {asked} asked "
+            "(too few calibration batches: raise --calib-batches or leave it to the method)",
+        )
+    spread = split_spread(
+        base, scores, float(target), protect_fraction=protect_fraction, tol=tol, round_to=round_to
+    )
     plan, alloc = savit_plan(
         base,
         scores,
         float(target),
         protect_fraction=protect_fraction,
-        tol=float(p.get("flops_tol", 1e-3)),
-        round_to=int(p.get("round_to") or 1),
+        tol=tol,
+        round_to=round_to,
         params={
             **p,
             "seed": req.seed,
             "hessian": [list(r) for r in scores.hessian],
             "hessian_se": [list(r) for r in scores.hessian_se],
-            "hvp_batches": scores.hvp_batches,
+            "hvp_batches_used": scores.hvp_batches,
+            "split_spread": spread,
         },
     )
-    tol = float(p.get("flops_tol", 1e-3))
     # the grid keeps only candidates within ±flops_tol (absolute), so a SAViT plan never misses: recorded anyway,
     # in the form every target-solving method records
     solved = target_record(
@@ -385,12 +440,24 @@ def run_savit(
             f"SAViT: remove {alloc.heads} heads, {alloc.mlp} MLP neurons, {alloc.embed} embedding channels "
             f"(fractions {alloc.fractions[0]:.3f}/{alloc.fractions[1]:.3f}/{alloc.fractions[2]:.3f}); "
             f"keeps {alloc.macs_fraction:.4f} of the MACs"
+            + (
+                ""
+                if spread is None
+                else "; standard error of the fractions over the HVP batches "
+                + "/".join(f"{v:.3f}" for v in spread["fractions_se"])
+            )
         ),
     )
     check_cost = plan_cost(plan)["macs"]
     if check_cost != alloc.macs:  # the closed form and the plan's cost must agree exactly
         raise StudioError(f"internal: SAViT cost model {alloc.macs} != plan cost {check_cost}")
     return SavitOutcome(plan, alloc, scores)
+
+
+def _calib_need(p: Any, _batch_size: int) -> int:
+    """Enough calibration batches for ``hvp_batches`` HVP batches at ``hvp_every`` (the scores use them all)."""
+    every, n = int(p.get("hvp_every", 1)), int(p.get("hvp_batches") or 0)
+    return max(1, (n - 1) * every + 1) if every > 0 and n > 0 else DEFAULT_CALIB_BATCHES
 
 
 def prune_savit(
@@ -405,8 +472,9 @@ METHODS.add(
         "savit",
         prune_savit,
         "SAViT: taylor2 gate scores + Hessian interaction, heads/MLP/embedding allocated under a MACs target",
-        options=(HESSIAN_EMBED, HVP_EVERY, PROTECT, FLOPS_TOL),
+        options=(HESSIAN_EMBED, HVP_EVERY, HVP_BATCHES, PROTECT, FLOPS_TOL),
         needs_data=True,
+        calib_need=_calib_need,
         budgets=(MACS,),
         calibration="hessian",
     ),

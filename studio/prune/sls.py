@@ -23,6 +23,7 @@ Model selection uses the **validation** split; the paper's code reports the best
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -87,7 +88,9 @@ def preview_cut(loaded: LoadedModel, keep: int, *, base_images_per_s: float | No
 
 
 # --------------------------------------------------------------------------------------- registered method
-SAMPLES = 1000  # images SLS analyses: the paper's ~1,000 (its training loader), as the Layer separability page
+SAMPLES = (
+    1000  # images SLS analyses: the paper's ~1,000 (its training loader), as the Layer separability page
+)
 
 
 def uses_data(p: Mapping[str, Any]) -> bool:
@@ -175,7 +178,7 @@ METHODS.add(
             ),
         ),
         needs_data=uses_data,
-        calib_images=lambda p: int(p.get("samples") or SAMPLES),
+        calib_need=lambda p, batch_size: math.ceil(int(p.get("samples") or SAMPLES) / batch_size),
         budgets=(
             Budget(
                 "alpha",

@@ -61,7 +61,9 @@ def kept_embedding(fkey: str, block: int, method: str, feats: LayerFeatures) -> 
         points = arrays["points"].numpy()
         return LayerEmbedding(block, method, points, float(meta["silhouette"]), float(meta["seconds"]), True)
     e = embedding(fkey, block, method, feats)
-    state.keep_analysis(name, {"silhouette": float(e.silhouette), "seconds": float(e.seconds)}, {"points": e.points})
+    state.keep_analysis(
+        name, {"silhouette": float(e.silhouette), "seconds": float(e.seconds)}, {"points": e.points}
+    )
     return e
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +31,11 @@ from ..workspace import Workspace, jsonable, new_id, valid_id
 
 MODEL_KEY, DATA_KEY, PLAN_KEY = "studio_model_spec", "studio_data_spec", "studio_active_plan"
 PLAN_SOURCE_KEY = "studio_active_plan_source"
-WS_KEY, WS_STATE_KEY, WS_PRESENT_KEY = "studio_workspace", "studio_workspace_state", "studio_workspace_present"
+WS_KEY, WS_STATE_KEY, WS_PRESENT_KEY = (
+    "studio_workspace",
+    "studio_workspace_state",
+    "studio_workspace_present",
+)
 # what a page keeps in the session besides its widgets: the job it follows, its last result, what it computed.
 # Saved in the workspace as JSON and restored as is (a value that is not plain JSON is skipped).
 KEPT_KEYS = (
@@ -142,7 +147,8 @@ def _widget_kinds() -> dict[str, str]:
 
         inner = get_session_state()._state
         meta = inner._new_widget_state.widget_metadata
-        return {k: meta[w].value_type for k, w in inner._key_id_mapping.items() if w in meta}
+        ids = inner._key_id_mapper.id_key_mapping
+        return {k: meta[w].value_type for w, k in ids.items() if w in meta}
     except Exception:  # an internal of Streamlit moved: fall back to the cautious rule above
         return {}
 
@@ -187,6 +193,8 @@ def begin_run() -> None:
                 st.session_state[key] = value
     # Streamlit forgets a widget's value once a run does not draw it: the saved value stands in
     forms = saved.get("forms", {})
+    if os.environ.get("WSDBG"):
+        print(repr(("BEGIN", forms, list(st.session_state))), file=sys.__stderr__, flush=True)
     for key, value in forms.items():
         if key not in st.session_state:
             st.session_state[key] = value
@@ -203,6 +211,8 @@ def end_run() -> None:
     plan = active_plan()
     source = active_plan_source()
     forms = _form_values()
+    if os.environ.get("WSDBG"):
+        print(repr(("END", forms, dict(st.session_state))), file=sys.__stderr__, flush=True)
     # Streamlit drops the widgets a run did not draw only after the run, so a saved key missing now was removed
     # by the page itself (a reset)
     removed = {k for k in st.session_state.get(WS_PRESENT_KEY, ()) if k not in st.session_state}
@@ -234,7 +244,7 @@ def keep_analysis(name: str, meta: dict[str, Any], arrays: dict[str, Any] | None
     """Store a computed analysis in the workspace (bounded: the least recently used are evicted)."""
     try:
         workspace().put_analysis(name, meta, arrays)
-    except OSError as e:
+    except (OSError, StudioError) as e:  # not kept: the page still has it; only a reload recomputes it
         st.toast(f"The analysis could not be kept in the workspace: {e}", icon=":material/warning:")
 
 

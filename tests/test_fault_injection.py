@@ -1,0 +1,166 @@
+"""Fault injection (issue #13): a real retraining job on the demo is killed 20 times at seeded random points.
+
+The faults: SIGKILL of the trainer's process group at a random moment (start-up, training, evaluation), SIGKILL
+of the ``/bin/sh`` wrapper that waits for it (the trainer lives on), and SIGKILL while a checkpoint is being
+written (its temporary file exists). After each one the test checks what a user relies on:
+
+- the status is never left at ``running`` once the trainer is dead (it reads ``failed``, resumable or not);
+- while a trainer lives, a resume is refused and there is exactly one trainer process for the run;
+- every file a reader may open is whole: each checkpoint loads (``weights_only``), ``status.json``,
+  ``job.json`` and ``results.json`` parse, and a resume sweeps the half-written temporary files;
+- at the end, resumed to completion, the run equals an uninterrupted one (same figures, same weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio import jobs
+from studio.data import DataSpec
+from studio.errors import StudioError
+from studio.flows import create_run, run_folder
+from studio.flows.prune import PruneSpec
+from studio.flows.retrain import RecoverySpec
+from studio.models import ModelSpec
+from studio.runs import JOB_FILE, RunDir, read_json
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.name != "posix" or not Path("/proc/self/stat").exists(), reason="needs /proc"),
+]
+
+KILLS = 20
+SEED = 13
+DATA = DataSpec("demo", limit=64)
+DEMO = ModelSpec("demo", device="cpu")
+
+
+def _wait(cond: Callable[[], object], timeout: float, poll: float = 0.02) -> object:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if value := cond():
+            return value
+        time.sleep(poll)
+    return None
+
+
+def _trainers(run: Path) -> list[int]:
+    """Pids of live ``python -m studio run RUN`` processes of this run (the trainers; not the wrapper)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:4] == [b"-m", b"studio", b"run"] and str(run).encode() in argv and jobs._alive(int(p.name)):
+            out.append(int(p.name))
+    return out
+
+
+def _check_files(run: Path) -> None:
+    """Everything a reader opens is whole (written by rename only), whatever moment the kill hit."""
+    for ckpt in RunDir(run).checkpoints():
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+    for name in ("status.json", JOB_FILE, "results.json", "spec.json"):
+        if (run / name).exists():
+            json.loads((run / name).read_text())
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _writing_checkpoint(run: Path) -> bool:
+    return any(run.glob(".checkpoint.pt.*.tmp"))
+
+
+def _figures(res: dict) -> dict:
+    return {"plan": res["plan"], "after": {k: res["after"].get(k) for k in ("params", "macs", "top1", "loss")}}
+
+
+def test_twenty_random_kills_lose_nothing_and_resume_equals_an_uninterrupted_run(tmp_path):
+    src = tmp_path / "src"
+    run_folder(create_run(PruneSpec(DEMO, "magnitude", {"target_macs": 0.5}, DATA, bench=False), src))
+    spec = RecoverySpec(
+        ModelSpec(str(src / "export"), device="cpu"),
+        DATA,
+        None,
+        overrides={"epochs": 6, "batch_size": 16, "kd": "none", "early_stop": 0},
+        bench=False,
+    )
+    full = create_run(spec, tmp_path / "full")
+    torch.set_num_threads(1)  # as the job's OMP_NUM_THREADS=1: the same arithmetic
+    run_folder(full)
+
+    rng = random.Random(SEED)
+    run = tmp_path / "runs" / "killed"
+    kills: list[str] = []
+    mid_write = 0
+    try:
+        jobs.submit(spec, run, device="cpu", threads=1)
+        while len(kills) < KILLS:
+            job = read_json(run / JOB_FILE)
+            pid, wrapper = int(job["pid"]), int(job["wrapper_pid"])
+            fault = rng.choice(["trainer", "wrapper", "checkpoint"])
+            if fault == "wrapper":
+                time.sleep(rng.uniform(0.0, 6.0))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(wrapper, signal.SIGKILL)
+                kills.append("wrapper")
+                if jobs._alive(pid, job.get("pid_start")):  # the trainer lives on: one trainer, no resume
+                    assert jobs.job_status(run).active
+                    assert _trainers(run) == [pid]
+                    with pytest.raises(StudioError, match="still running|busy"):
+                        jobs.resume_job(run, threads=1)
+                    assert _trainers(run) == [pid]
+                fault = rng.choice(["trainer", "checkpoint"])  # then the trainer itself, as below
+            if fault == "checkpoint":
+                # poll fast for the temporary checkpoint: SIGKILL while it is being written
+                caught = _wait(lambda: _writing_checkpoint(run) or not jobs._alive(pid), 90, poll=0.0005)
+                mid_write += bool(caught and _writing_checkpoint(run))
+            else:
+                time.sleep(rng.uniform(0.0, 12.0))
+            _kill(pid)
+            kills.append(fault)
+            # the trainer is dead: the status must say so at once (never "running" forever)
+            assert _wait(lambda: not jobs._alive(pid, job.get("pid_start")), 10)
+            st = _wait(lambda: (s := jobs.job_status(run)) and not s.active and s, 10)
+            assert st, f"status stuck at {jobs.job_status(run).state} after kill {len(kills)} ({fault})"
+            assert st.state in ("failed", "done"), st
+            assert _trainers(run) == []
+            _check_files(run)
+            if st.state == "done":
+                break  # it finished before this kill landed: nothing left to interrupt
+            jobs.resume_job(run, threads=1)
+            assert not list(run.glob(".*.tmp")), "a resume must sweep the half-written files of a kill"
+        while (st := jobs.job_status(run)).state != "done":  # let the last attempt finish
+            if not st.active:
+                jobs.resume_job(run, threads=1)
+            assert len(_trainers(run)) <= 1
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(StudioError, OSError, KeyError):
+            _kill(int(read_json(run / JOB_FILE)["pid"]))
+    assert len(kills) >= KILLS or jobs.job_status(run).state == "done"
+    assert mid_write >= 1, f"no kill landed during a checkpoint write ({kills})"
+    assert {"trainer", "wrapper", "checkpoint"} <= set(kills), kills
+    _check_files(run)
+    done = RunDir(run)
+    assert _figures(done.results()) == _figures(full.results())
+    a = load_file(str(full.export_dir / "model.safetensors"))
+    b = load_file(str(done.export_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
