@@ -1,10 +1,14 @@
 """Compare: accuracy vs measured throughput vs MACs over all runs, per-class change, and plan diffs."""
 
 import pandas as pd
+import plotly.express as px
 import streamlit as st
 
 from studio.compare import (
+    SIGNALS,
     STAGES,
+    calibration,
+    calibration_points,
     collect,
     label,
     pareto_mask,
@@ -12,6 +16,7 @@ from studio.compare import (
     plan_diff,
     plan_of,
     plan_table,
+    rank_untried,
     speed_columns,
 )
 from studio.runs import RunDir
@@ -149,4 +154,59 @@ with state.user_errors():
                     key=f"cmp_plan_{key}",
                     name=f"plan_{key}",
                 )
+with state.user_errors():
+    st.subheader("Which signal predicts the result?", divider="gray")
+    st.caption(
+        "Each recovered plan's signals *before* recovery (accuracy right after pruning, kNN accuracy of the cut "
+        "features and the criterion score removed where the run recorded them, MACs kept) against its accuracy "
+        "*after* recovery. Spearman's ρ says how well a signal ranked the plans (1: perfectly); n is the number "
+        "of recovered plans it was recorded for, on one data set."
+    )
+    cal = calibration(calibration_points(state.runs_root(), model=None if every else current))
+    if not cal["points"]:
+        st.info(
+            "No recovered plans yet: retrain a few pruned models (Retrain page) to see which signal predicted "
+            "their accuracy."
+        )
+    else:
+        table = pd.DataFrame(cal["table"])
+        st.dataframe(
+            table[["label", "spearman", "n"]],
+            hide_index=True,
+            key="cmp_cal_table",
+            column_config={
+                "label": st.column_config.TextColumn("signal"),
+                "spearman": st.column_config.NumberColumn("Spearman ρ", format="%.2f"),
+                "n": st.column_config.NumberColumn("runs"),
+            },
+        )
+        (st.success if cal["recommended"] else st.info)(cal["reason"])
+        usable = [t["signal"] for t in cal["table"] if t["n"]]
+        first = cal["recommended"] or usable[0]
+        signal = st.radio(
+            "Estimate",
+            usable,
+            index=usable.index(first),
+            format_func=SIGNALS.get,
+            horizontal=True,
+            key="cmp_cal_signal",
+        )
+        pts = pd.DataFrame(cal["points"]).dropna(subset=[signal])
+        fig = px.scatter(
+            pts,
+            x=signal,
+            y="actual",
+            color="method",
+            hover_data=["prune_run", "retrain_run", "target_macs"],
+            labels={signal: SIGNALS[signal], "actual": "accuracy after recovery"},
+            title=f"{SIGNALS[signal]} vs accuracy after recovery ({cal['data']})",
+        )
+        fig.update_yaxes(tickformat=".0%")
+        st.plotly_chart(fig, key="cmp_cal_scatter")
+        if cal["recommended"]:
+            untried = rank_untried(state.runs_root(), cal["recommended"], model=None if every else current)
+            if untried:
+                st.markdown(f"**Not recovered yet**, best first by {SIGNALS[cal['recommended']]}:")
+                st.dataframe(pd.DataFrame(untried), hide_index=True, key="cmp_cal_untried")
+
 guide.next_step(("pages/11_export.py", "export the model you chose"))

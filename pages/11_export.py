@@ -7,7 +7,7 @@ import streamlit as st
 
 from studio.compare import collect, label
 from studio.export import read_manifest
-from studio.modelcard import export_zip, model_card, reproduce_command
+from studio.modelcard import export_zip, lineage, lineage_command, lineage_specs, model_card
 from studio.runs import RunDir
 from studio.ui import cached, guide, state
 from studio.ui.charts import human, pct
@@ -75,16 +75,22 @@ with state.user_errors():
     k[2].metric("Test accuracy", pct(metrics.get("top1")))
     k[3].metric("Weights", f"{(run.export_dir / 'model.safetensors').stat().st_size / 2**20:.1f} MB")
 
-    command = reproduce_command(spec, out=f"runs/{run.path.name}-replay")  # spec.json ships in the zip
-    card = model_card(manifest, name=run.path.name, spec=spec, results=results, command=command)
+    # the whole lineage (e.g. prune -> retrain), each step replayed from the one before, paths relative to the
+    # folder that holds the runs folder; the specs ship in the zip's lineage/ folder
+    steps = lineage_specs(lineage(run.path), root=state.runs_root())
+    command = lineage_command(steps)
+    made_by = next((s for _, s, _ in steps if s.get("kind") != "retrain"), spec)  # the step that chose the plan
+    card = model_card(manifest, name=run.path.name, spec=made_by, results=results, command=command)
     plan_json = json.dumps(manifest["plan"], indent=1) if manifest.get("plan") else None
 
     st.subheader("Downloads", divider="gray")
     d = st.columns(3)
     extra = {"README.md": card, "spec.json": json.dumps(spec, indent=1)}
+    extra |= {name: json.dumps(step, indent=1) for name, step, _ in steps}
     extra |= {"plan.json": plan_json} if plan_json else {}
+    with_onnx = (run.export_dir / "model.onnx").is_file()
     d[0].download_button(
-        "Model (zip: safetensors + manifest + card)",
+        "Model (zip: safetensors + manifest + card" + (" + ONNX)" if with_onnx else ")"),
         export_zip(run.export_dir, extra),
         f"{run.path.name}.zip",
         "application/zip",
@@ -120,6 +126,7 @@ with state.user_errors():
     ):
         with st.spinner("Tracing and checking with onnxruntime…"):
             export_onnx_for(run.export_dir, cached.run_model(run.export_dir))
+        st.rerun()  # the zip above was built before the graph existed: build it again, with model.onnx
     if onnx_file.exists():
         parity = json.loads(onnx_check.read_text()) if onnx_check.exists() else {}
         if parity.get("checked"):

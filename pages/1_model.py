@@ -7,6 +7,11 @@ from studio.summary import measure_speed
 from studio.ui import cached, charts, guide, picker, state
 from studio.ui.charts import COLORS, human, pct
 
+DEMO_TITLES = {
+    "demo": "Digits ViT (built-in demo, fine-tuned)",
+    "demo-backbone": "Digits ViT backbone (built-in demo, pre-trained on shapes)",
+}
+
 st.title("Model & data")
 st.caption(
     "Start here. The studio opens on a built-in demo: a 12-block ViT fine-tuned on scikit-learn's handwritten "
@@ -19,8 +24,13 @@ with st.expander("Choose the model and data", expanded=state.model_spec().source
 with state.user_errors():
     loaded = state.pristine_model()
     s = cached.summary()
-    st.subheader(s["arch"], divider="gray")
-    st.caption(f"from {s['source']} · input {s['input_size']} · {s['device']}")
+    # the demo is named as what it is; its timm config name (vit_tiny_patch16_224, resized) goes in the caption
+    demo = loaded.source in ("demo", "demo-backbone")
+    st.subheader(DEMO_TITLES.get(loaded.source, s["arch"]) if demo else s["arch"], divider="gray")
+    st.caption(
+        f"{'timm config ' + s['arch'] + ' · ' if demo else ''}from {s['source']} · input {s['input_size']} · "
+        f"{s['device']}"
+    )
     c = st.columns(5)
     c[0].metric("Parameters", human(s["params"]), help=f"{s['params']:,} parameters")
     c[1].metric("MACs / image", human(s["macs"]), help=f"{s['macs']:,} multiply-accumulates, counted")

@@ -105,10 +105,11 @@ cut = sls_cut(sil, alpha) if full else curve.cut(alpha)
 with cut_box:
     st.subheader("Cut", divider="gray")
     st.markdown(f"**Suggested: keep {cut.keep} of {depth} blocks** (α rule on the {scored}). {cut.reason}")
-    # the slider follows the suggestion until the user moves it
-    if st.session_state.get("sls_keep") in (None, st.session_state.get("sls_suggested")) or not (
-        1 <= st.session_state["sls_keep"] <= depth
-    ):
+    # the slider follows the suggestion until the user moves it *itself*: its on_change marks that. (Comparing
+    # it with the last suggestion went stale when α moved by keyboard: a rerun cut short between the two updates
+    # left them apart, which then read as "moved by hand".)
+    manual = st.session_state.get("sls_keep_manual", False)
+    if not manual or not 1 <= st.session_state.get("sls_keep", 0) <= depth:
         st.session_state["sls_keep"] = cut.keep
     st.session_state["sls_suggested"] = cut.keep
     st.button(
@@ -116,9 +117,15 @@ with cut_box:
         key="sls_use_suggested",
         type="secondary",  # a button that looks like one (tertiary read as plain text)
         icon=":material/auto_fix_high:",
-        on_click=lambda: st.session_state.update(sls_keep=cut.keep),
+        on_click=lambda: st.session_state.update(sls_keep=cut.keep, sls_keep_manual=False),
     )
-    keep = st.slider("Blocks to keep", 1, depth, key="sls_keep")
+    keep = st.slider(
+        "Blocks to keep",
+        1,
+        depth,
+        key="sls_keep",
+        on_change=lambda: st.session_state.update(sls_keep_manual=True),
+    )
     pv = preview_cut(loaded, keep, base_images_per_s=ui.base_speed(cached.model_key(), loaded))
     m = st.columns(4)
     m[0].metric("Blocks removed", pv["removed"])

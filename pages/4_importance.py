@@ -166,11 +166,11 @@ with state.user_errors():
     if active is None:
         st.info("No active plan yet: use the method's plan, or edit a unit.", icon=":material/info:")
         st.stop()
-    now, edits = vm.plan_cost_of(active, base), active.params.get("edits", [])
+    now, edits = vm.plan_cost_of(active, base), vm.net_edits(active.params.get("edits", []))
     m1, m2, m3 = st.columns(3)
     for col, key, label in ((m1, "macs", "Active plan MACs"), (m2, "params", "Active plan params")):
         col.metric(label, human(now[key]), pct(now[f"{key}_fraction"]), "off", delta_arrow="off")
-    m3.metric("Edits", len(edits), help="; ".join(edits[-5:]) or None)
+    m3.metric("Edits", len(edits), help="; ".join(edits[-5:]) or None)  # a toggle back undoes, not adds
 
     st.subheader("Prune and measure", divider="gray")
     r1, r2 = st.columns([1, 1])

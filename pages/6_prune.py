@@ -8,10 +8,11 @@ from studio.flows import start
 from studio.flows.prune import PruneSpec
 from studio.plan import PrunePlan
 from studio.prune import get_method, load_methods
+from studio.prune.presets import CPU, active_preset, apply_preset, get_preset, preset_names
 from studio.runs import RunDir
 from studio.ui import charts, forms, guide, state
 from studio.ui import jobs as ui_jobs
-from studio.ui.results import show_run_result
+from studio.ui.results import group_diff, show_run_result
 from studio.workflow import load_plan_text
 
 st.title("Prune")
@@ -26,15 +27,39 @@ name = c1.selectbox("Method", methods.names(), index=methods.names().index("magn
 method = get_method(name)
 c2.markdown(f"**{name}**: {method.summary}")
 
-st.markdown("##### Budget")
-params = forms.budget_widgets(method, state.pristine_model().base.depth, "prune")
+choices = preset_names(name)
+preset_name = c1.selectbox(
+    "Preset",
+    choices if len(choices) == 1 else [CPU, f"paper:{name}"],
+    key=f"prune_preset_{name}",
+    help="cpu: the studio's defaults, sized for a CPU. paper: the reference settings, every value with its "
+    "source (docs/results/presets.md).",
+)
+preset = get_preset(preset_name, name)
+run_fields: dict = {}
+if preset is None:
+    st.markdown("##### Budget")
+    params = forms.budget_widgets(method, state.pristine_model().base.depth, "prune")
+else:  # the paper's values as they are (the CLI can override single ones: prune --preset paper --OPTION V)
+    params, run_fields = apply_preset(preset.name, name, {})
+    rows = [{"setting": k, "value": str(v.value), "source": v.source} for k, v in preset.options.items()]
+    rows += [{"setting": f"run.{k}", "value": str(v.value), "source": v.source} for k, v in preset.run.items()]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"prune_preset_table_{name}")
+    for note in preset.not_reproduced:
+        st.caption(f"Not reproduced: {note}")
 needs_data = method.data_needed(params)  # depends on the options (e.g. isomorphic's importance)
 c2.caption("Needs calibration data." if needs_data else "Uses no calibration data with these options.")
 
 with st.expander("Data and measurement"):
     m1, m2, m3, m4 = st.columns(4)
+    calib_default = method.calib_batches(params, int(run_fields.get("batch_size", 64)), run_fields.get("calib_batches"))
     calib = m1.number_input(
-        "Calibration batches", 1, 256, 8, key="prune_calib", disabled=not needs_data or method.trains
+        "Calibration batches",
+        1,
+        max(256, calib_default),
+        calib_default,
+        key=f"prune_calib_{preset_name}_{name}",
+        disabled=not needs_data or method.trains,
     )
     evaluate = m2.checkbox("Accuracy before/after", True, key="prune_eval")
     bench = m3.checkbox("Measure throughput", True, key="prune_bench")
@@ -47,10 +72,14 @@ spec = PruneSpec(
     params=params,
     data=state.data_spec(),
     calib_batches=int(calib),
+    batch_size=int(run_fields.get("batch_size", 64)),
+    calib_split=str(run_fields.get("calib_split", "train")),
     evaluate=evaluate,
     bench=bench,
     onnx=onnx,
+    preset=preset_name,
 )
+c2.caption(f"Active preset: **{active_preset(name, params, spec.to_dict())}**")
 if method.trains:  # minutes or more: a job that a reload or a closed tab does not stop
     st.info(
         f"{name} trains while it prunes: it runs as a background job that a reload or a closed tab does not stop."
@@ -109,7 +138,7 @@ with st.expander("Plan structure"):
 active = state.active_plan()
 is_active = active is not None and active.to_dict() == plan.to_dict()
 if active is not None and not is_active:
-    changes = plan_diff(active, plan)
+    changes = group_diff(plan_diff(active, plan))  # one line per change, not one per block
     st.markdown("##### Compared with the active plan")
     st.markdown(
         "\n".join(f"- {c}" for c in changes[:40]) if changes else "Same structure as the active plan."

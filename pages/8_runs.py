@@ -1,4 +1,8 @@
-"""Runs: every run under the runs folder (prune, retrain, export, ...), filterable, with plan, curves and export."""
+"""Runs: the runs under the runs folder (prune, retrain, export, ...), filterable, with plan, curves and export.
+
+By default the page lists this browser session's own runs (those it started as jobs); "All runs" shows every
+run, the other sessions' and the CLI's read-only (no Cancel or Resume: see :mod:`studio.ui.jobs`).
+"""
 
 import pandas as pd
 import streamlit as st
@@ -6,7 +10,7 @@ import streamlit as st
 from studio import jobs
 from studio.ui import guide, state
 from studio.ui.charts import human
-from studio.ui.jobs import STATE_ICONS, curves_figure, job_panel
+from studio.ui.jobs import STATE_ICONS, curves_figure, job_panel, mine
 
 st.title("Runs")
 root = state.runs_root()
@@ -15,9 +19,23 @@ st.caption(
     "and show up here. A job whose process is gone without finishing is marked failed, with its last error."
 )
 
-rows = jobs.run_table(root)
-if not rows:
+every = jobs.run_table(root)
+if not every:
     guide.needs("No runs yet: prune a model to make the first one.", "pages/6_prune.py", "Prune a model")
+    st.stop()
+show_all = st.toggle(
+    "All runs",
+    key="runs_all",
+    help="Off: the runs this browser session started. On: every run, including other sessions' and the "
+    "command line's, read-only (only the session that started a job can cancel or resume it).",
+)
+rows = every if show_all else [r for r in every if mine(r)]
+if not rows:
+    st.info(
+        f"This browser session has started no runs yet; {len(every)} run(s) by other sessions or the command "
+        "line are listed with **All runs**.",
+        icon=":material/info:",
+    )
     st.stop()
 
 df = pd.DataFrame(rows)
@@ -48,7 +66,9 @@ st.dataframe(
         "throughput": st.column_config.NumberColumn("images/s", format="%.1f", help="largest measured batch"),
     },
 )
-st.caption(f"{len(shown)} of {len(df)} runs")
+st.caption(
+    f"{len(shown)} of {len(df)} runs" + ("" if show_all else f" of this session ({len(every)} in all)")
+)
 if shown.empty:
     st.stop()
 

@@ -12,8 +12,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .analysis.separability import knn_accuracy
 from .errors import StudioError
+from .events import Callback, CancelToken
 from .export import read_manifest
+from .features import extract
 from .plan import PrunePlan, diff
 from .runs import RunDir, list_runs
 
@@ -261,3 +267,187 @@ def speed_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         }
         for bs, v in results["speedup"].items()
     ]
+
+
+# ------------------------------------------------------------------------------------------ calibration
+# Pre-recovery signals of a candidate plan, each oriented so that a larger value predicts a better recovered
+# accuracy (Spearman's sign then reads the same for all). Read from the prune run's results.json: ``after`` is the
+# common shape; ``signals`` is an additive section a flow may record (kNN accuracy of the cut features, the sum of
+# the criterion's scores the plan removes); a signal a run does not record is skipped for that run.
+SIGNALS: dict[str, str] = {
+    "top1_pruned": "accuracy right after pruning",
+    "knn_pruned": "kNN accuracy of the cut features",
+    "removed_score": "criterion score removed (less is better)",
+    "macs": "MACs kept",
+}
+MIN_RUNS = 3  # fewer ranked pairs say nothing (any two points have Spearman ±1)
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and v == v else None
+
+
+def _data_key(spec: Mapping[str, Any]) -> str:
+    """The data a run scored on, as one string (``demo``, ``imagefolder:/x (limit 96)``): its DataSpec's kind,
+    path and sample limit, which change the evaluation set."""
+    d = spec.get("data")
+    if not isinstance(d, Mapping):
+        return str(d or "")
+    key = ":".join(str(d[k]) for k in ("kind", "path") if d.get(k))
+    return key + (f" (limit {d['limit']})" if d.get("limit") else "")
+
+
+KNN_SAMPLES = 2000  # kNN signal on at most this many evaluation images (seeded): CV-kNN grows as n^2
+
+
+def knn_signal(
+    model: torch.nn.Module,
+    data: Dataset,
+    *,
+    k: int = 10,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> float | None:
+    """Cross-validated kNN accuracy of the (pruned) model's last-block CLS features on ``data`` (SLS's fast score
+    at the cut): a pre-recovery signal that reads the features, not the classifier the pruning disturbed.
+
+    None where it cannot be scored (a class with a single image).
+    """
+    n = len(data)  # type: ignore[arg-type]
+    if n > KNN_SAMPLES:
+        g = torch.Generator().manual_seed(seed)
+        data = Subset(data, sorted(torch.randperm(n, generator=g)[:KNN_SAMPLES].tolist()))
+    bank = extract(model, data, callbacks=callbacks, cancel=cancel)
+    try:
+        v = knn_accuracy(bank.cls[-1].numpy(), bank.labels.numpy(), k=k, seed=seed)
+    except StudioError:  # fewer than two classes in the set
+        return None
+    return None if v != v else v
+
+
+def signals_of(run: RunDir) -> dict[str, float | None]:
+    """A prune run's pre-recovery signals (None where not recorded), oriented larger = better.
+
+    ``signals`` is read at the top level of results.json or inside the flow's own section (``prune.signals``,
+    where the prune flow records ``knn_top1``).
+    """
+    res = run.results() or {}
+    after = res.get("after") if isinstance(res.get("after"), Mapping) else {}
+    section = res.get(str(res.get("kind"))) if isinstance(res.get(str(res.get("kind"))), Mapping) else {}
+    extra = res.get("signals") if isinstance(res.get("signals"), Mapping) else section.get("signals")
+    extra = extra if isinstance(extra, Mapping) else {}
+    removed = _number(extra.get("removed_score"))
+    return {
+        "top1_pruned": _top1(after),
+        "knn_pruned": _number(extra.get("knn_top1")),
+        "removed_score": None if removed is None else -removed,
+        "macs": _number(after.get("macs")),
+    }
+
+
+def calibration_points(root: str | Path, *, model: str | None = None) -> list[dict[str, Any]]:
+    """One point per candidate plan that was recovered: its prune run's signals and the recovered accuracy.
+
+    A retrain run's parent is the prune run whose ``export`` folder it started from (``from_run``, read from its
+    spec's model source). Several recoveries of one plan: the newest counts. Points carry the data they were
+    scored on (``data``), so that only plans measured on the same data are ranked together.
+    """
+    runs = {r.path.name: r for r in list_runs(root)}
+    rows = [r for r in (run_row(run) for run in runs.values()) if r is not None]
+    if model is not None:
+        rows = [r for r in rows if r["model"] == model]
+    points: dict[str, dict[str, Any]] = {}
+    for r in rows:  # newest first (list_runs), so setdefault keeps the newest recovery of each plan
+        parent = runs.get(str(r["from_run"])) if r["stage"] == STAGES[2] and r["from_run"] else None
+        if parent is None or r["top1"] is None or parent.path.name in points:
+            continue
+        try:
+            sig, prow = signals_of(parent), run_row(parent)
+            data = _data_key(runs[r["run"]].spec())
+        except StudioError:
+            continue
+        if prow is None or prow["stage"] != STAGES[1]:
+            continue
+        if sig["top1_pruned"] is None:  # the recovery measured where it started
+            sig["top1_pruned"] = r["top1_before_recovery"]
+        points[parent.path.name] = {
+            "prune_run": parent.path.name,
+            "retrain_run": r["run"],
+            "method": prow["method"],
+            "target_macs": prow["target_macs"],
+            "data": data,
+            "actual": float(r["top1"]),
+            **sig,
+        }
+    return list(points.values())
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's ρ (average ranks for ties); None when either side is constant or there are < 2 pairs."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    r = float(spearmanr(a, b).statistic)
+    return None if r != r else r
+
+
+def calibration(points: Sequence[Mapping[str, Any]], *, data: str | None = None) -> dict[str, Any]:
+    """How well each signal ranked the recovered plans: Spearman ρ with the number of runs, and the best one.
+
+    Only points scored on one data set are ranked together: ``data``, else the one with the most points.
+    Returns ``{"data", "table": [{signal, label, spearman, n}], "recommended", "reason", "points"}``; the
+    recommendation is the signal with the highest ρ over at least :data:`MIN_RUNS` runs (None if no signal has
+    them, or none ranks positively).
+    """
+    keys = [str(p["data"]) for p in points]
+    if data is None and keys:
+        data = max(sorted(set(keys)), key=keys.count)
+    pts = [p for p in points if str(p["data"]) == data]
+    table = []
+    for name, text in SIGNALS.items():
+        pairs = [(float(p[name]), float(p["actual"])) for p in pts if _number(p.get(name)) is not None]
+        rho = _spearman([a for a, _ in pairs], [b for _, b in pairs])
+        table.append({"signal": name, "label": text, "spearman": rho, "n": len(pairs)})
+    ranked = [t for t in table if t["n"] >= MIN_RUNS and t["spearman"] is not None and t["spearman"] > 0]
+    # highest ρ; among equals, the one measured over more runs, then the cheaper signal (table order)
+    best = max(ranked, key=lambda t: (round(t["spearman"], 9), t["n"], -table.index(t)), default=None)
+    if best is not None:
+        reason = f"{best['label']} ranked {best['n']} recovered plans best (Spearman {best['spearman']:.2f})."
+    elif len(pts) < MIN_RUNS:
+        reason = f"Recover at least {MIN_RUNS} plans of this model and data to rank the signals ({len(pts)} so far)."
+    else:
+        reason = "No signal ranked the recovered plans in the right order (no positive Spearman)."
+    return {
+        "data": data,
+        "table": table,
+        "recommended": None if best is None else best["signal"],
+        "reason": reason,
+        "points": list(pts),
+    }
+
+
+def rank_untried(root: str | Path, signal: str, *, model: str | None = None) -> list[dict[str, Any]]:
+    """Prune runs not recovered yet, best first by ``signal`` (runs without it last): what to retrain next."""
+    if signal not in SIGNALS:
+        raise StudioError(f"Unknown signal '{signal}'; valid: {', '.join(SIGNALS)}.")
+    runs = list_runs(root)
+    rows = [r for r in (run_row(run) for run in runs) if r is not None]
+    if model is not None:
+        rows = [r for r in rows if r["model"] == model]
+    recovered = {r["from_run"] for r in rows if r["stage"] == STAGES[2]}
+    out = []
+    for run in runs:
+        row = next((r for r in rows if r["run"] == run.path.name), None)
+        if row is None or row["stage"] != STAGES[1] or row["run"] in recovered:
+            continue
+        out.append(
+            {
+                "run": row["run"],
+                "method": row["method"],
+                "target_macs": row["target_macs"],
+                signal: signals_of(run)[signal],
+            }
+        )
+    return sorted(out, key=lambda r: (r[signal] is None, -(r[signal] or 0.0)))

@@ -398,7 +398,9 @@ def resolve_base(
     return fits[0], source
 
 
-_CANONICAL = re.compile(r"(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant)_(distilled_)?patch(\d+)_(\d+)")
+_CANONICAL = re.compile(
+    r"(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant)_(distilled_)?patch(\d+)_(\d+)"
+)
 
 
 def _candidates(patch: int) -> list[str]:
@@ -449,7 +451,7 @@ def _folded_state_dict(model: VisionTransformer, w: Widths) -> dict[str, torch.T
     """The module's weights with each block's attention scale folded into q, so ``q k^T / sqrt(d_kept)`` (what the
     rebuilt model computes) equals what the module computed."""
     sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
-    for i, blk in enumerate(model.blocks):
+    for i in range(len(model.blocks)):
         r = w.scales[i] * math.sqrt(w.head_dims[i])
         if math.isclose(r, 1.0, rel_tol=0, abs_tol=1e-12):
             continue  # untouched: bit-for-bit the module's weights

@@ -17,6 +17,13 @@ session or the CLI (``python -m studio jobs list|status|cancel|logs``) sees the 
 - :func:`cancel_job` creates the run's ``CANCEL`` file, which the training loop checks every step (it saves a
   checkpoint and stops cleanly); ``force`` adds SIGTERM to the process group as a fallback.
 - :func:`resume_job` re-runs the same command with ``--resume``.
+- Ownership: runs and jobs are shared by every browser session of one studio server, so a job started from the
+  web UI records its owner: the SHA-256 digest (:func:`owner_id`) of a random token of the browser session that
+  started it (:func:`studio.ui.jobs.session_token`, kept in the session and the page URL's ``?owner=``; the URL
+  is the capability: whoever has it acts as that session). :func:`cancel_job` and :func:`resume_job` given an
+  ``owner`` token refuse a job recorded under another one, or under none (a CLI job), and the pages offer Cancel
+  and Resume only to the owner; others see the run read-only. The CLI is the machine's local user: it passes no
+  token and may cancel or resume any job.
 - One job per device on the machine: a lock file per device in a per-user folder (``$STUDIO_LOCK_DIR``, else
   ``$XDG_RUNTIME_DIR/pruning-studio/locks``, else ``<tmp>/pruning-studio-<uid>/locks``) holds the pid of the
   trainer using it, whatever folder its run lives in, and a second job on a busy device is refused with a
@@ -29,6 +36,8 @@ session or the CLI (``python -m studio jobs list|status|cancel|logs``) sees the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -97,6 +106,7 @@ class JobStatus:
     resumable: bool
     attempt: int
     epochs: int | None = None
+    owner: str | None = None  # :func:`owner_id` of the browser session that started it; None: the CLI
 
     @property
     def active(self) -> bool:
@@ -354,6 +364,7 @@ def start_job(
     nproc: int = 1,
     threads: int | None = None,
     env: Mapping[str, str] | None = None,
+    owner: str | None = None,
 ) -> JobStatus:
     """Start ``python -m studio *argv`` in the background on ``run_dir`` and return its first status.
 
@@ -363,6 +374,7 @@ def start_job(
         nproc: processes under torchrun (GPUs from ``device`` on; with ``cpu``: gloo processes).
         threads: ``OMP_NUM_THREADS`` of each process (default: inherited, else cores / nproc).
         env: extra environment variables.
+        owner: the :func:`owner_id` recorded in ``job.json`` (None: a CLI job, owned by the local user).
 
     Raises:
         StudioError: the run is already running, or its device is busy with another job.
@@ -456,6 +468,7 @@ def start_job(
         "started": time.time(),
         "attempt": attempt,
         "locks": [str(p) for p in locks],
+        "owner": owner,
     }
     write_json(run.path / JOB_FILE, job)
     if os.name != "posix":
@@ -507,11 +520,13 @@ def submit(
     nproc: int = 1,
     threads: int | None = None,
     env: Mapping[str, str] | None = None,
+    owner: str | None = None,
 ) -> JobStatus:
     """Validate ``spec``, write it as the new run folder's ``spec.json`` and start ``python -m studio run RUN``.
 
     The one way work becomes a job: nothing builds command-line arguments from a spec. A refused spec (bad
-    combination, busy device) raises :class:`StudioError` and leaves no run folder behind.
+    combination, busy device) raises :class:`StudioError` and leaves no run folder behind. ``owner`` is the
+    starting browser session's token (only its digest is stored; see the module docstring), None from the CLI.
     """
     run = Path(run_dir).resolve()
     spec.validate()
@@ -519,7 +534,15 @@ def submit(
     fresh = not run.exists()
     create_run(spec, run)
     try:
-        return start_job(["run", str(run)], run, device=device, nproc=nproc, threads=threads, env=env)
+        return start_job(
+            ["run", str(run)],
+            run,
+            device=device,
+            nproc=nproc,
+            threads=threads,
+            env=env,
+            owner=None if owner is None else owner_id(owner),
+        )
     except StudioError:
         if fresh:
             shutil.rmtree(run, ignore_errors=True)
@@ -673,9 +696,8 @@ def job_status(run_dir: str | Path) -> JobStatus:
             )
         if reported in ACTIVE_STATES:  # it never recorded its end: often a folder that turned unwritable
             unwritable = unwritable or not os.access(run.path, os.W_OK)
-            ended += (
-                f"; its status.json still said '{reported}'"
-                + (" (its run folder is not writable)" if unwritable else "")
+            ended += f"; its status.json still said '{reported}'" + (
+                " (its run folder is not writable)" if unwritable else ""
             )
         error = f"{ended}; last error: {why}" if why else ended
     if state == "failed" and not error:
@@ -701,6 +723,7 @@ def job_status(run_dir: str | Path) -> JobStatus:
         epochs=res.get("epochs"),
         resumable=state in ("cancelled", "failed") and _has_checkpoint(run),
         attempt=int(job.get("attempt", 0)),
+        owner=job.get("owner") if isinstance(job.get("owner"), str) else None,
     )
 
 
@@ -725,14 +748,37 @@ def list_jobs(root: str | Path) -> list[JobStatus]:
 
 
 # ------------------------------------------------------------------------------------- cancel and resume
-def cancel_job(run_dir: str | Path, *, force: bool = False) -> JobStatus:
+def owner_id(token: str) -> str:
+    """What ``job.json`` records of a browser session's token: its SHA-256 digest (the token itself, which
+    grants cancel and resume, is never written to disk)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def owned_by(status: JobStatus, token: str | None) -> bool:
+    """Whether the holder of ``token`` may cancel or resume the job: its browser session started it. ``None`` is
+    the CLI (the local user), which may act on any job."""
+    return token is None or (status.owner is not None and hmac.compare_digest(status.owner, owner_id(token)))
+
+
+def _check_owner(status: JobStatus, token: str | None, action: str) -> None:
+    if not owned_by(status, token):
+        who = "another browser session" if status.owner else "the command line"
+        raise StudioError(
+            f"Run {status.name} was started from {who}, so only it can {action} it here; from a shell on the "
+            f"server: python -m studio jobs {action} {status.run}."
+        )
+
+
+def cancel_job(run_dir: str | Path, *, force: bool = False, owner: str | None = None) -> JobStatus:
     """Ask a job to stop: create its ``CANCEL`` file (checkpoint + clean stop); ``force`` also sends SIGTERM.
 
     SIGTERM goes to the job's whole process group (torchrun and its workers); the retrain command turns it
-    into the same clean stop, other commands end at once.
+    into the same clean stop, other commands end at once. ``owner``: the browser session's token (the UI);
+    a job started by another session (or the CLI) is refused. None (the CLI) may cancel any job.
     """
     run = RunDir(Path(run_dir).resolve())
     st = job_status(run.path)
+    _check_owner(st, owner, "cancel")
     if not st.active:
         raise StudioError(f"Run {run.path.name} is not running (it is {st.state}); nothing to cancel.")
     write_text(run.cancel_file, f"cancel requested at {time.time()}\n")
@@ -752,14 +798,22 @@ def _terminate(pgid: int, pid: int) -> None:
 
 
 def resume_job(
-    run_dir: str | Path, *, device: str | None = None, nproc: int | None = None, threads: int | None = None
+    run_dir: str | Path,
+    *,
+    device: str | None = None,
+    nproc: int | None = None,
+    threads: int | None = None,
+    owner: str | None = None,
 ) -> JobStatus:
-    """Run a cancelled or failed job's command again with ``--resume`` (same device unless given)."""
+    """Run a cancelled or failed job's command again with ``--resume`` (same device unless given, same owner).
+
+    ``owner`` as for :func:`cancel_job`: the UI passes its session's token, the CLI none."""
     run = RunDir(Path(run_dir).resolve())
     job = _job(run.path)
     if not job.get("command"):
         raise StudioError(f"Run {run.path.name} was not started as a job: resume it with its CLI command.")
     st = job_status(run.path)
+    _check_owner(st, owner, "resume")
     if st.active:
         raise StudioError(f"Run {run.path.name} is still running.")
     if st.state == "done":
@@ -774,6 +828,7 @@ def resume_job(
         device=device or devs[0],
         nproc=nproc or int(job.get("nproc", 1)),
         threads=threads or job.get("threads"),
+        owner=job.get("owner"),  # a resumed attempt stays its session's
     )
 
 
@@ -842,6 +897,7 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
         "path": str(run.path),
         "has_plan": run.plan_file.exists() or bool(summary),
         "has_export": (run.export_dir / "manifest.json").exists(),
+        "owner": st.owner,  # owner_id of the browser session that started it (None: the CLI, or not a job)
     }
 
 

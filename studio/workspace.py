@@ -16,6 +16,7 @@ The engine side only: :mod:`studio.ui.state` is the Streamlit glue that fills an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -195,10 +196,8 @@ class Workspace:
         def size(meta_file: Path) -> int:
             total = 0
             for f in (meta_file, meta_file.with_suffix(".safetensors")):
-                try:
+                with contextlib.suppress(OSError):
                     total += f.stat().st_size
-                except OSError:
-                    pass
             return total
 
         sizes = [size(f) for f in files]

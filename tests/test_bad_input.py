@@ -505,6 +505,33 @@ def teacher_outside_roots(tmp: Path) -> str:
         return engine(lambda: guard_spec(spec))
 
 
+def recipe_nan_in_spec(tmp: Path) -> str:
+    from studio.data import DataSpec
+    from studio.flows.retrain import RecoverySpec
+    from studio.models import ModelSpec
+
+    spec = RecoverySpec(model=ModelSpec("demo"), data=DataSpec("demo"), overrides={"lr": float("nan")})
+    return engine(spec.validate)
+
+
+def status_left_running(tmp: Path) -> str:
+    from studio import jobs
+    from studio.runs import RunDir
+
+    run = RunDir.create(tmp / "r", {"kind": "retrain"})
+    run.set_status("running", pid=2**22 + 4321, pid_start=1)  # the trainer is gone; its folder went read-only
+    return str(jobs.job_status(run.path).error)
+
+
+def cancel_of_another_session_s_job(tmp: Path) -> str:
+    from studio import jobs
+    from studio.runs import RunDir, write_json
+
+    run = RunDir.create(tmp / "theirs", {"kind": "retrain"})
+    write_json(run.path / "job.json", {"command": ["run", str(run.path)], "owner": jobs.owner_id("b" * 32)})
+    return engine(lambda: jobs.cancel_job(run.path, owner="a" * 32))
+
+
 @dataclass(frozen=True)
 class Case:
     fn: Callable[[Path], str]
@@ -650,6 +677,24 @@ CASES = [
         "Retrain teacher `/etc/teacher.pth`",
         "Retrain page (Start)",
         "outside the folders",
+    ),
+    Case(
+        recipe_nan_in_spec,
+        "hand-edited `spec.json` with recipe override `lr: NaN`",
+        "CLI run / job start",
+        "must be a finite number",
+    ),
+    Case(
+        status_left_running,
+        "`status.json` left at running (trainer gone, folder read-only)",
+        "Runs page / jobs status",
+        "still said 'running'",
+    ),
+    Case(
+        cancel_of_another_session_s_job,
+        "Cancel of a job another browser session started",
+        "job panel (Runs, Retrain, ...)",
+        "only it can cancel",
     ),
 ]
 

@@ -28,7 +28,9 @@ KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_cla
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def tp_pruned(arch: str = "vit_tiny_patch16_224", *, update: bool = True, fused: bool = True, **kw) -> nn.Module:
+def tp_pruned(
+    arch: str = "vit_tiny_patch16_224", *, update: bool = True, fused: bool = True, **kw
+) -> nn.Module:
     """A tiny timm ViT pruned by torch-pruning itself, as Isomorphic's ``prune.py`` calls it (heads, head dims,
     MLP, embedding), with the attention bookkeeping set afterwards the way its ViT example does."""
     torch.manual_seed(0)
@@ -77,9 +79,9 @@ def test_torch_pruning_module_imports_with_identical_logits_in_a_fresh_process(t
     torch.save(m, tmp_path / "pruned.pth")  # the whole module, as the published models are
     torch.save(X, tmp_path / "x.pt")
     out = tmp_path / "export"
+    argv = ["import", str(tmp_path / "pruned.pth"), "--arch", arch, "--out", str(out), "--json"]
     cli = subprocess.run(
-        [sys.executable, "-m", "studio", "import", str(tmp_path / "pruned.pth"), "--arch", arch, "--out", str(out)]
-        + ["--json"],
+        [sys.executable, "-m", "studio", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -95,7 +97,9 @@ def test_torch_pruning_module_imports_with_identical_logits_in_a_fresh_process(t
     assert plan["method"] == "imported" and plan["params"]["compacted"] is True
     assert plan["embed"] == list(range(w.embed))
     for b, h, d, n in zip(plan["blocks"], w.heads, w.head_dims, w.mlp):
-        assert (b["heads"] or [0, 1, 2]) == list(range(h)) and (b["head_dims"] or list(range(16))) == list(range(d))
+        assert (b["heads"] or [0, 1, 2]) == list(range(h)) and (b["head_dims"] or list(range(16))) == list(
+            range(d)
+        )
         assert (b["mlp"] or list(range(192))) == list(range(n))
     manifest = read_manifest(out)
     assert manifest["integrity"]["algorithm"] == "sha256" and manifest["imported"]["sha256"] == res["sha256"]
@@ -190,7 +194,7 @@ def test_a_pickle_with_another_class_is_refused_and_nothing_runs(tmp_path, legac
         assert not (tmp_path / "out").exists()
     if legacy:  # a clean whole module in the legacy format carries its source code: refused, saying why
         torch.save(tp_pruned(), tmp_path / "clean.pth", _use_new_zipfile_serialization=False)
-        with pytest.raises(StudioError, match="legacy .pre-1.6. format"):
+        with pytest.raises(StudioError, match=r"legacy \(pre-1\.6\) format"):
             import_pruned(tmp_path / "clean.pth", tmp_path / "out")
     # the CLI says it in one line, exit 2
     cli = subprocess.run(
@@ -207,29 +211,37 @@ def test_a_pickle_with_another_class_is_refused_and_nothing_runs(tmp_path, legac
 
 def test_a_module_class_outside_the_allow_list_is_named(tmp_path):
     torch.save(_Custom(), tmp_path / "custom.pth")
-    with pytest.raises(StudioError, match=r"holds test_importer\._Custom|holds tests\.test_importer\._Custom"):
+    with pytest.raises(
+        StudioError, match=r"holds test_importer\._Custom|holds tests\.test_importer\._Custom"
+    ):
         load_pickled_module(tmp_path / "custom.pth")
     torch.save(tp_pruned().state_dict(), tmp_path / "sd.pth")  # allowed content, but not a whole module
-    with pytest.raises(StudioError, match="holds a dict, not a whole timm VisionTransformer"):
+    with pytest.raises(StudioError, match="holds a OrderedDict, not a whole timm VisionTransformer"):
         load_pickled_module(tmp_path / "sd.pth")
 
 
 def test_stale_head_bookkeeping_and_hooks_are_refused(tmp_path):
     torch.save(tp_pruned(update=False), tmp_path / "stale.pth")
-    with pytest.raises(StudioError, match="set attn.num_heads and attn.head_dim"):
+    with pytest.raises(StudioError, match=r"set attn\.num_heads and attn\.head_dim"):
         import_pruned(tmp_path / "stale.pth", tmp_path / "out")
     m = tp_pruned()
     m.blocks[1].register_forward_hook(nn.Identity())
     torch.save(m, tmp_path / "hooked.pth")
-    with pytest.raises(StudioError, match="'blocks.1' carries hooks"):
+    with pytest.raises(StudioError, match=r"'blocks\.1' carries hooks"):
         import_pruned(tmp_path / "hooked.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_wrong_arch_is_refused_naming_what_does_not_fit(tmp_path):
+def test_a_base_it_cannot_come_from_is_refused_naming_what_does_not_fit(tmp_path):
     torch.save(tp_pruned(), tmp_path / "pruned.pth")
-    with pytest.raises(StudioError, match="does not fit vit_small_patch16_224"):
+    with pytest.raises(StudioError, match="has 3 blocks but vit_small_patch16_224 has 12"):
         import_pruned(tmp_path / "pruned.pth", tmp_path / "out", arch="vit_small_patch16_224")
+    narrow = {**KW, "embed_dim": 24}  # 8-wide heads: narrower than the 11-13 dims the model kept
+    with pytest.raises(
+        StudioError, match=r"keeps 1\d head dims in block 0 where vit_tiny_patch16_224 has only 8"
+    ):
+        import_pruned(tmp_path / "pruned.pth", tmp_path / "out", arch="vit_tiny_patch16_224", kwargs=narrow)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_allow_list_covers_the_vit_family_and_does_not_outlive_the_import(tmp_path):
@@ -247,5 +259,7 @@ def test_the_allow_list_covers_the_vit_family_and_does_not_outlive_the_import(tm
     assert list(torch.serialization.get_safe_globals()) == before
     # so the ordinary checkpoint reader still refuses a whole pickled module
     with pytest.raises(StudioError, match="pickled Python objects"):
-        load_model(ModelSpec(str(tmp_path / "pruned.pth"), arch="vit_tiny_patch16_224", kwargs=KW, device="cpu"))
+        load_model(
+            ModelSpec(str(tmp_path / "pruned.pth"), arch="vit_tiny_patch16_224", kwargs=KW, device="cpu")
+        )
     assert (tmp_path / "export" / MANIFEST).exists()

@@ -19,6 +19,7 @@ from studio.runs import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 DATA = DataSpec("demo", limit=96)
 DEMO = ModelSpec("demo", device="cpu")
+TOKEN = "0123456789abcdef" * 2  # the browser session that started the jobs (only it may resume them)
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def root(tmp_path, monkeypatch) -> Path:
 
 def _cancelled_job(spec: PruneSpec, run: Path) -> RunDir:
     """Submit ``spec`` as a job and cancel it at once: it stops at its first training step with a checkpoint."""
-    jobs.submit(spec, run, device="cpu", threads=1)
+    jobs.submit(spec, run, device="cpu", threads=1, owner=TOKEN)
     jobs.cancel_job(run)
     _wait(run, lambda s: not s.active)
     st = jobs.job_status(run)
@@ -52,6 +53,7 @@ def _wait(run: Path, cond, timeout: float = 300.0) -> None:
 def _page(path: str) -> AppTest:
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
     at.session_state["studio_data_spec"] = DATA
+    at.query_params["owner"] = TOKEN  # the session's owner token, as the URL keeps it over a reload
     at.run()
     at.switch_page(path).run()
     assert not at.exception, at.exception

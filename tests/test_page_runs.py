@@ -31,6 +31,7 @@ def root(tmp_path, monkeypatch) -> Path:
     """A runs folder holding one prune run (a depth-cut tiny ViT, exported) and one crashed job."""
     runs = tmp_path / "runs"
     monkeypatch.setenv("STUDIO_RUNS", str(runs))
+    monkeypatch.setenv("STUDIO_DATA_ROOTS", str(tmp_path))  # the teacher (base/) is read from here
     torch.manual_seed(0)
     model = create_vit("vit_tiny_patch16_224", **KW).eval()
     base = describe_base(model, "vit_tiny_patch16_224", KW)
@@ -81,6 +82,9 @@ def test_runs_page_lists_filters_and_opens_runs(root):
     at = _app().run()
     at.switch_page("pages/8_runs.py").run()
     assert not at.exception, at.exception
+    at.toggle(key="runs_all").set_value(
+        True
+    ).run()  # runs this session did not start (tests/test_ownership.py)
     table = _frame(at, "throughput")
     assert set(table["run"]) == {"20260101-000000-prune-sls", "20260101-000001-retrain-x"}
     row = table.set_index("run").loc["20260101-000000-prune-sls"]

@@ -185,8 +185,8 @@ def given_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return given
 
 
-def cmd_prune(args: argparse.Namespace) -> Output:
-
+def spec_of(args: argparse.Namespace) -> PruneSpec:
+    """The run spec ``prune`` builds: the preset's values (if any), then the flags given, on top."""
     given, run = apply_preset(
         args.preset,
         args.method,
@@ -196,7 +196,7 @@ def cmd_prune(args: argparse.Namespace) -> Output:
     params = get_method(args.method).resolve(given)
     if args.data is None and args.model in ("demo", "demo-backbone"):
         args.data = "demo"
-    spec = PruneSpec(
+    return PruneSpec(
         model=model_spec(args),
         method=args.method,
         params=params,
@@ -215,6 +215,11 @@ def cmd_prune(args: argparse.Namespace) -> Output:
         export=not args.no_export,
         onnx=args.onnx,
     )
+
+
+def cmd_prune(args: argparse.Namespace) -> Output:
+
+    spec = spec_of(args)
     if args.dry_run:
         return _dry_run(spec, args)
     folder, result = run_in_folder(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import memory
+from ..compare import knn_signal
 from ..costs import with_summary
 from ..data import DataSpec, prepare
 from ..errors import StudioError
@@ -214,6 +215,7 @@ def run_prune(
     ``resume`` has nothing to continue (a plan takes seconds to minutes): the run simply runs again.
     """
     t0 = time.time()
+    estimate: memory.Estimate | None = None
     loaded = model_for(spec, loaded)
     if spec.plan is not None:
         plan = with_summary(spec.plan.validate().made_for(loaded.base))
@@ -221,10 +223,10 @@ def run_prune(
         method = get_method(spec.method)
         batches = []
         if method.data_needed(spec.params) and spec.data is not None:
-            est = calibration_estimate(spec, loaded)
-            if est is not None:
-                memory.require_fits(est, loaded.device, f"Calibrating {spec.method}")
-                emit(callbacks, "log", message=f"calibration memory estimate: {est.describe()}")
+            estimate = calibration_estimate(spec, loaded)
+            if estimate is not None:
+                memory.require_fits(estimate, loaded.device, f"Calibrating {spec.method}")
+                emit(callbacks, "log", message=f"calibration memory estimate: {estimate.describe()}")
             emit(
                 callbacks,
                 "log",
@@ -268,7 +270,17 @@ def run_prune(
         run=run,
         started=t0,
         eval_data=eval_data,
-        section={"given_plan": spec.plan is not None},
+        # the estimate beside the measured peak_memory_mb, so a run checks what the page predicted
+        section={
+            "given_plan": spec.plan is not None,
+            "memory_estimate": None if estimate is None else estimate.to_dict(),
+            # pre-recovery signals the Compare page ranks against the recovered accuracy (studio.compare)
+            "signals": {
+                "knn_top1": None
+                if eval_data is None
+                else knn_signal(pruned, eval_data, seed=spec.seed, callbacks=callbacks, cancel=cancel)
+            },
+        },
         callbacks=callbacks,
         cancel=cancel,
     )

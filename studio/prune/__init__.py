@@ -257,7 +257,10 @@ class Method:
             return DEFAULT_CALIB_BATCHES
         full = {o.name: o.default for o in self.accepted}
         full.update({k: v for k, v in (params or {}).items() if v is not None})
-        return max(1, int(self.calib_need(full, max(1, int(batch_size)))))
+        try:
+            return max(1, int(self.calib_need(full, max(1, int(batch_size)))))
+        except (TypeError, ValueError):  # an unparsed bad value: validate() refuses it with its own sentence
+            return DEFAULT_CALIB_BATCHES
 
     @property
     def trains(self) -> bool:

@@ -261,7 +261,10 @@ def apply_preset(
 def active_preset(method: str, params: Mapping[str, Any], run: Mapping[str, Any] | None = None) -> str:
     """Which preset a run's settings are: ``paper:<method>``, ``cpu`` (the studio defaults) or ``custom``."""
     m = get_method(method)
-    resolved = m.resolve({k: v for k, v in params.items() if v is not None})
+    try:
+        resolved = m.resolve({k: v for k, v in params.items() if v is not None})
+    except StudioError:  # a bad value is refused elsewhere (spec.validate); here it is simply no preset
+        return "custom"
     run_now = {**_RUN_DEFAULTS, **{k: v for k, v in (run or {}).items() if k in RUN_FIELDS and v is not None}}
     for preset in (p for p in PRESETS.values() if p.method == method):
         full = m.resolve(preset.values())

@@ -81,6 +81,9 @@ def color_map(names: Sequence[str]) -> dict[str, str]:
     return {n: color_for(n) for n in names}
 
 
+MODEBAR_PX = 24  # the height of plotly's toolbar strip, kept free above a chart's title
+
+
 def style(
     fig: go.Figure,
     *,
@@ -91,14 +94,15 @@ def style(
     legend: bool = True,
 ) -> go.Figure:
     """Apply the studio's layout: white background, light grid, compact margins, horizontal legend on top."""
-    # title on the first line of the top margin, legend on the second, so a long legend never covers the title
-    top = (34 if title else 0) + (30 if legend else 0) + 10
+    # the top margin in strips: plotly's toolbar (it appears at the top right on hover), then the title, then the
+    # legend, so neither the toolbar nor a long legend ever covers the title
+    top = MODEBAR_PX + (34 if title else 0) + (30 if legend else 0) + 10
     fig.update_layout(
         title=dict(
             text=title,
             x=0,
             xanchor="left",
-            y=1 - 8 / height,
+            y=1 - (MODEBAR_PX + 4) / height,
             yanchor="top",
             yref="container",
             font=dict(size=15),
@@ -114,6 +118,7 @@ def style(
         showlegend=legend,
         legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0, title=None),
         hoverlabel=dict(font=dict(family=FONT, size=12)),
+        modebar=dict(orientation="h", bgcolor="rgba(255,255,255,0.7)"),
     )
     fig.update_xaxes(showgrid=False, zeroline=False, linecolor="#BDBDBD", title=x_title)
     fig.update_yaxes(gridcolor="#EEEEEE", zeroline=False, linecolor="#BDBDBD", title=y_title)

@@ -99,6 +99,29 @@ class MethodPlanner:
         )
 
 
+def net_edits(edits: Sequence[str]) -> list[str]:
+    """The hand edits that still change the plan: a toggle back (drop then keep the same unit) cancels the edit
+    it undoes instead of counting as a second one.
+
+    A head's note names it exactly (``block 3 head 1 drop``), so its undo cancels wherever it is in the history;
+    a neuron bin's note names only how many neurons (``block 3 24 MLP neurons drop``), so it cancels only the
+    edit right before it, the one a toggle back undoes.
+    """
+    kept: list[str] = []
+    for note in edits:
+        unit, _, action = note.rpartition(" ")
+        opposite = f"{unit} {'keep' if action == 'drop' else 'drop'}"
+        if action in ("keep", "drop") and " head " in f" {unit} ":
+            if opposite in kept:
+                kept.pop(len(kept) - 1 - kept[::-1].index(opposite))
+                continue
+        elif action in ("keep", "drop") and kept and kept[-1] == opposite:
+            kept.pop()
+            continue
+        kept.append(note)
+    return kept
+
+
 def plan_cost_of(plan: PrunePlan | None, base: BaseArch) -> dict[str, Any]:
     """Params and MACs of ``plan`` (dense if None) and their fractions of the base model."""
     dense = plan_cost(PrunePlan.dense(base))

@@ -4,10 +4,17 @@ The job itself is a separate process (:mod:`studio.jobs`); these widgets only re
 reload, a closed tab or another browser shows the same job. :func:`job_panel` is a fragment re-running every
 two seconds on its own (the rest of the page stays still): status, progress and ETA, device and memory,
 live loss/accuracy curves from ``events.jsonl``, Cancel / Stop now / Resume buttons and the log.
+
+Ownership (see :mod:`studio.jobs`): every browser session has a random token (:func:`session_token`), kept in
+its session state and in the page URL (``?owner=...``, so a reload keeps it; sharing the URL shares it). A job
+started here records the token's digest; Cancel, Stop now and Resume are drawn, and carried out, only for the
+session that holds the run's token. Every other session sees the run read-only; the CLI can act on any job.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,6 +41,9 @@ STATE_ICONS = {
     "cancelled": ":material/pause_circle:",
 }
 _MSG_KEY = "studio_job_message"
+OWNER_KEY = "studio_owner_token"
+OWNER_PARAM = "owner"  # the URL query parameter that keeps the token over a reload
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 THREADS_KEY = "studio_job_threads"  # the sidebar's "Threads per job" (0: the policy of studio.threads)
 
 
@@ -64,6 +74,27 @@ def apply_server_threads() -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def session_token() -> str:
+    """This browser session's owner token: from the session, else the URL's ``?owner=`` (a reload), else new.
+
+    Written back to the URL so that a reload (a new session) finds it again. Only a well-formed token is taken
+    from the URL: anything else gets a fresh one (a guessed short value must not stand for anyone's runs)."""
+    token = st.session_state.get(OWNER_KEY)
+    if not token:
+        given = st.query_params.get(OWNER_PARAM, "")
+        token = given if isinstance(given, str) and _TOKEN.fullmatch(given) else secrets.token_hex(16)
+        st.session_state[OWNER_KEY] = token
+    if st.query_params.get(OWNER_PARAM) != token:
+        st.query_params[OWNER_PARAM] = token
+    return token
+
+
+def mine(status_or_row: jobs.JobStatus | Mapping) -> bool:
+    """Whether this session started the run (a :class:`JobStatus` or a :func:`studio.jobs.run_summary` row)."""
+    owner = status_or_row.get("owner") if isinstance(status_or_row, Mapping) else status_or_row.owner
+    return owner is not None and owner == jobs.owner_id(session_token())
 
 
 def device_picker(key: str) -> tuple[str, int]:
@@ -122,7 +153,7 @@ def start_job_button(
         return None
     run = new_run_dir(root or runs_root(), spec)
     with user_errors():
-        jobs.submit(spec, run, device=device, nproc=nproc, threads=job_threads(nproc))
+        jobs.submit(spec, run, device=device, nproc=nproc, threads=job_threads(nproc), owner=session_token())
         running_threads.clear()  # the next share counts this job
         st.session_state[f"{key}_run"] = str(run)
         st.toast(f"Started {run.name}", icon=":material/play_arrow:")
@@ -132,13 +163,14 @@ def start_job_button(
 
 def _act(action: str, run_dir: str) -> None:
     """Button callbacks (they run before the fragment redraws, so it shows the new state)."""
+    token = session_token()  # the engine checks it too: a stale button of another session is refused
     try:
         if action == "cancel":
-            jobs.cancel_job(run_dir)
+            jobs.cancel_job(run_dir, owner=token)
         elif action == "stop":
-            jobs.cancel_job(run_dir, force=True)
+            jobs.cancel_job(run_dir, force=True, owner=token)
         elif action == "resume":
-            jobs.resume_job(run_dir, threads=job_threads(jobs.job_status(run_dir).nproc))
+            jobs.resume_job(run_dir, threads=job_threads(jobs.job_status(run_dir).nproc), owner=token)
             running_threads.clear()
         st.session_state.pop(_MSG_KEY, None)
     except StudioError as e:
@@ -254,7 +286,13 @@ def job_panel(run_dir: str | Path) -> None:
     if msg:
         st.error(msg)
     b = st.columns([1, 1, 1, 3])
-    if s.active:
+    owned = mine(s)
+    if not owned and (s.active or resumable):
+        b[3].caption(
+            ":material/visibility: Read-only: another browser session (or the command line) started this job, "
+            "so only it can cancel or resume it (on the server: `python -m studio jobs cancel RUN`)."
+        )
+    if s.active and owned:
         b[0].button(
             "Cancel",
             key=f"{key}_cancel",
@@ -272,7 +310,7 @@ def job_panel(run_dir: str | Path) -> None:
             icon=":material/cancel:",
             help="Also sends SIGTERM to the job's processes.",
         )
-    if resumable:
+    if resumable and owned:
         b[2].button(
             "Resume", key=f"{key}_resume", on_click=_act, args=("resume", run_dir), icon=":material/replay:"
         )

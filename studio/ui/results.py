@@ -1,4 +1,5 @@
-"""One run's result as every page shows it: accuracy before recovery, params, MACs, ideal and measured speed-up.
+"""One run's result as every page shows it: accuracy (before recovery for a prune run), params, MACs, ideal and
+measured speed-up (flagged when above the ideal), and the plan diff grouped by change.
 
 It reads the common shape of ``results.json`` (:mod:`studio.flows.stages`), so the Prune and Importance pages
 (and any page that shows a run) draw the same block from the same numbers.
@@ -6,7 +7,8 @@ It reads the common shape of ``results.json`` (:mod:`studio.flows.stages`), so t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -14,6 +16,67 @@ import streamlit as st
 
 from ..compare import speed_rows
 from .charts import human, pct
+
+
+ABOVE_IDEAL = 1.05  # a measured speed-up this much above the MACs ratio is not noise: it is said, with why
+
+
+def speedup_note(res: Mapping[str, Any]) -> str | None:
+    """A sentence when a measured speed-up exceeds the ideal (MACs ratio), else None.
+
+    It happens and is real: a smaller model's weights and activations fit better in the caches, and narrower
+    layers may pick faster kernels; or the dense model was timed while the machine was busier. Either way the
+    figure should not pass without a word.
+    """
+    ideal = float(res.get("ideal_speedup") or 0)
+    above = {bs: v for bs, v in (res.get("speedup") or {}).items() if ideal > 0 and v > ideal * ABOVE_IDEAL}
+    if not above:
+        return None
+    where = ", ".join(f"×{v:.2f} at batch {bs}" for bs, v in above.items())
+    return (
+        f"Measured {where}: above the ideal ×{ideal:.2f} from the MACs. Likely cache effects (the smaller model's "
+        "weights and activations fit better in the CPU/GPU caches, narrower layers may get faster kernels) or the "
+        "dense model was timed under more load; re-measure both back to back on the Benchmark page to be sure."
+    )
+
+
+def group_diff(lines: Sequence[str]) -> list[str]:
+    """Plan-diff lines with the same change in several blocks merged: ``blocks 0–5, 7: mlp 384 -> 192`` instead
+    of one identical line per block; other lines are kept, in their first order."""
+    groups: dict[str, list[int]] = {}
+    order: list[str] = []
+    for line in lines:
+        m = re.fullmatch(r"block (\d+): (.*)", line)
+        if m is None:
+            order.append(line)
+            continue
+        change = m.group(2)
+        if change not in groups:
+            groups[change] = []
+            order.append(f"\0{change}")
+        groups[change].append(int(m.group(1)))
+    out = []
+    for item in order:
+        if not item.startswith("\0"):
+            out.append(item)
+            continue
+        blocks = sorted(groups[item[1:]])
+        out.append(f"{'blocks' if len(blocks) > 1 else 'block'} {_ranges(blocks)}: {item[1:]}")
+    return out
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``0, 1, 2, 5`` -> ``0–2, 5``."""
+    parts: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}–{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
 
 
 def show_run_result(res: Mapping[str, Any], *, key: str) -> None:
@@ -40,6 +103,9 @@ def show_run_result(res: Mapping[str, Any], *, key: str) -> None:
             key=f"{key}_speed_table",
             column_config={c: st.column_config.NumberColumn(format="%.2f") for c in speed.columns[1:]},
         )
+    note = speedup_note(res)
+    if note:
+        st.info(note, icon=":material/speed:")
     if not after.get("matches_plan", True):
         st.warning("The counted params/MACs of the pruned model differ from the plan's analytic cost.")
     solved = (res.get("params") or {}).get("solved") or {}

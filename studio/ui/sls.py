@@ -31,7 +31,11 @@ from ..prune.sls import PAPER_SELECTION_NOTE
 from ..summary import measure_speed
 from . import charts, state
 from .charts import COLORS, pct
+from .results import speedup_note
 from .run_actions import make_active_button, result_actions
+
+
+PANEL_PX, LEGEND_ROW_PX = 250, 18  # an embedding panel's height; one legend entry's
 
 
 @st.cache_data(max_entries=8, show_spinner="Extracting every block's CLS tokens…")
@@ -95,9 +99,24 @@ def panel(e: LayerEmbedding, feats: LayerFeatures, *, legend: bool) -> go.Figure
     )
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    fig = charts.style(fig, title=f"layer {e.block + 1} · SC {e.silhouette:.3f}", height=250, legend=legend)
+    # the class legend runs down the whole figure (container coordinates), not only the small plot area, so
+    # every class is listed (a 250 px panel's plot area holds 7 of the demo's 10); many classes grow the panel
+    n = len(order)
+    height = max(PANEL_PX, LEGEND_ROW_PX * n + 40) if legend else PANEL_PX
+    fig = charts.style(fig, title=f"layer {e.block + 1} · SC {e.silhouette:.3f}", height=height, legend=False)
     fig.update_layout(
-        legend=dict(orientation="v", x=1.02, y=1.0, yanchor="top", font=dict(size=10), title="class")
+        showlegend=legend,
+        legend=dict(
+            orientation="v",
+            x=1.02,
+            y=1.0,
+            yref="container",
+            yanchor="top",
+            font=dict(size=10),
+            tracegroupgap=0,
+            itemsizing="constant",
+            title="class",
+        ),
     )
     if legend:
         fig.update_layout(margin=dict(r=60))
@@ -178,6 +197,9 @@ def show_result(res: dict[str, Any]) -> None:
         " · ".join(f"×{v:.2f} bs{b}" for b, v in res["speedup"].items()) or "–",
         help=f"measured images/s of the cut model / the dense model; ideal from MACs ×{res['ideal_speedup']:.2f}",
     )
+    note = speedup_note(res)
+    if note:
+        st.info(note, icon=":material/speed:")
     table = pd.DataFrame(sec["table"])
     st.dataframe(
         table,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +42,7 @@ KEPT_KEYS = (
     "sls_last",
     "sls_embedded",
     "sls_suggested",
+    "sls_keep_manual",
     "bb_run",
     "imp_last",
     "adapters_start_run",
@@ -193,8 +193,6 @@ def begin_run() -> None:
                 st.session_state[key] = value
     # Streamlit forgets a widget's value once a run does not draw it: the saved value stands in
     forms = saved.get("forms", {})
-    if os.environ.get("WSDBG"):
-        print(repr(("BEGIN", forms, list(st.session_state))), file=sys.__stderr__, flush=True)
     for key, value in forms.items():
         if key not in st.session_state:
             st.session_state[key] = value
@@ -211,8 +209,6 @@ def end_run() -> None:
     plan = active_plan()
     source = active_plan_source()
     forms = _form_values()
-    if os.environ.get("WSDBG"):
-        print(repr(("END", forms, dict(st.session_state))), file=sys.__stderr__, flush=True)
     # Streamlit drops the widgets a run did not draw only after the run, so a saved key missing now was removed
     # by the page itself (a reset)
     removed = {k for k in st.session_state.get(WS_PRESENT_KEY, ()) if k not in st.session_state}

@@ -1,0 +1,295 @@
+"""Latency on the device the model will run on: deployment backends, and a per-unit latency model fitted to
+timed pruned variants, so a pruning target can be a measured latency instead of a MACs fraction.
+
+Backends (:data:`BACKENDS`): PyTorch ``eager`` (``inference_mode``), ``compile`` (``torch.compile``, where
+it works on this machine) and ``onnxruntime`` (CPU execution provider; CUDA's where present). Every timing is
+the median of repeated passes after warm-up, synchronised on CUDA.
+
+The latency model: MACs are a loose proxy (a 17-token model at batch 1 is dominated by per-layer overheads),
+so the studio times a small designed set of variants of the loaded model — per block a random number of kept
+heads and MLP neurons, some variants with blocks removed — and fits, by least squares,
+
+    latency ≈ c0 + c_block · blocks + c_head · Σ heads + c_mlp · Σ MLP neurons + c_macs · MACs
+
+(non-negative coefficients). Its median absolute error on held-out variants is reported with it; it is
+cached per (architecture, input size, device, dtype, batch, backend, threads) under the studio's cache folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .costs import ArchFacts, arch_facts, plan_cost
+from .errors import StudioError
+from .events import Callback, CancelToken, check, progress
+from .export import export_onnx
+from .plan import BaseArch, BlockPlan, PrunePlan
+from .registry import Registry
+from .runs import write_json
+from .surgery import apply_plan
+
+Timer = Callable[[torch.nn.Module, Sequence[int], int], float]  # (model, input_size, batch) -> ms
+
+
+# ------------------------------------------------------------------------------------------------ backends
+@dataclass(frozen=True)
+class Backend:
+    """A deployment runtime: ``runner(model, x)`` prepares the model once and returns a zero-arg call."""
+
+    name: str
+    summary: str
+    prepare: Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]
+
+
+BACKENDS: Registry[Backend] = Registry("backend")
+
+
+def _eager(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _compiled(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    try:
+        fn = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
+        with torch.inference_mode():
+            fn(x)  # compiles now, so a machine without a working compiler fails here, clearly
+    except Exception as e:  # torch.compile raises many types (missing compiler, inductor errors)
+        raise StudioError(
+            f"torch.compile does not work on this machine ({type(e).__name__}: {str(e)[:120]}); use the "
+            "eager or onnxruntime backend."
+        ) from None
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return fn(x)
+
+    return run
+
+
+def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    import onnxruntime as ort  # optional at import time: only this backend needs it
+
+    folder = Path(tempfile.mkdtemp(prefix="studio-ort-"))
+    path = folder / "model.onnx"
+    export_onnx(model, path, list(x.shape[1:]), check=False)
+    providers = ["CPUExecutionProvider"]
+    if x.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # the studio's thread policy, not ORT's own
+    session = ort.InferenceSession(str(path), opts, providers=providers)
+    name = session.get_inputs()[0].name
+    feed = {name: x.detach().cpu().numpy()}
+    with contextlib.suppress(OSError):
+        path.unlink()
+        folder.rmdir()
+
+    def run() -> Any:
+        return session.run(None, feed)
+
+    return run
+
+
+BACKENDS.add("eager", Backend("eager", "PyTorch eager, inference_mode", _eager))
+BACKENDS.add("compile", Backend("compile", "torch.compile (inductor)", _compiled))
+BACKENDS.add("onnxruntime", Backend("onnxruntime", "ONNX Runtime (CPU / CUDA provider)", _onnxruntime))
+
+
+def time_ms(
+    model: torch.nn.Module,
+    input_size: Sequence[int],
+    batch: int,
+    *,
+    backend: str = "eager",
+    warmup: int = 5,
+    repeats: int = 20,
+) -> float:
+    """Median wall time (ms) of one pass of ``batch`` images through ``model`` on ``backend``."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch, *input_size[-3:], device=device)
+    run = BACKENDS.get(backend).prepare(model.eval(), x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(warmup + repeats):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------- latency model
+FEATURES = ("const", "blocks", "heads", "mlp", "macs")
+
+
+def features(plan: PrunePlan, facts: ArchFacts | None = None) -> list[float]:
+    """The latency model's inputs of one plan (see the module doc); MACs in GMACs."""
+    base = plan.base
+    heads = sum(base.num_heads[b.index] if b.heads is None else len(b.heads) for b in plan.blocks)
+    mlp = sum(base.mlp_hidden[b.index] if b.mlp is None else len(b.mlp) for b in plan.blocks)
+    macs = plan_cost(plan, facts or arch_facts(base))["macs"] / 1e9
+    return [1.0, float(len(plan.blocks)), float(heads), float(mlp), macs]
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """A fitted per-unit latency model of one (architecture, device, dtype, batch, backend)."""
+
+    key: str
+    coef: tuple[float, ...]
+    dense_ms: float  # measured
+    fit_error: float  # median absolute relative error on held-out variants
+    variants: int
+    batch: int
+    backend: str
+    seconds: float
+
+    def predict(self, plan: PrunePlan, facts: ArchFacts | None = None) -> float:
+        return float(np.dot(self.coef, features(plan, facts)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyModel:
+        return cls(**{**d, "coef": tuple(d["coef"])})
+
+
+def fit(rows: Sequence[tuple[Sequence[float], float]]) -> tuple[float, ...]:
+    """Non-negative least squares of latency on the features (projected: negative terms dropped, refit)."""
+    X = np.array([r[0] for r in rows], dtype=np.float64)
+    y = np.array([r[1] for r in rows], dtype=np.float64)
+    active = list(range(X.shape[1]))
+    for _ in range(X.shape[1]):
+        c, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
+        if (c >= 0).all():
+            break
+        active = [a for a, v in zip(active, c) if v >= 0] or [0]
+    coef = np.zeros(X.shape[1])
+    coef[active] = np.clip(np.linalg.lstsq(X[:, active], y, rcond=None)[0], 0, None)
+    return tuple(float(v) for v in coef)
+
+
+def design(base: BaseArch, n: int, seed: int = 0) -> list[PrunePlan]:
+    """``n`` structurally varied plans: per block a random count of kept heads and MLP neurons (first units
+    kept: latency depends on widths, not on which units), a quarter of them with trailing blocks removed."""
+    rng = random.Random(seed)
+    plans = []
+    for k in range(n):
+        depth = base.depth if k % 4 else rng.randint(max(1, base.depth // 3), base.depth)
+        blocks = []
+        for i in range(depth):
+            h = rng.randint(1, base.num_heads[i])
+            m = rng.randint(max(1, base.mlp_hidden[i] // 8), base.mlp_hidden[i])
+            blocks.append(BlockPlan(i, heads=tuple(range(h)), mlp=tuple(range(m))))
+        plans.append(PrunePlan(base=base, blocks=tuple(blocks), method="latency-design").validate())
+    return plans
+
+
+def cache_key(
+    base: BaseArch, input_size: Sequence[int], device: torch.device, dtype: str, batch: int, backend: str
+) -> str:
+    ident = json.dumps(
+        [base.to_dict(), list(input_size), str(device), dtype, batch, backend, torch.get_num_threads()],
+        sort_keys=True,
+    )
+    return hashlib.sha256(ident.encode()).hexdigest()[:20]
+
+
+def _cache_file(key: str) -> Path:
+    root = Path(os.environ.get("STUDIO_CACHE", Path.home() / ".cache" / "pruning-studio"))
+    return root / "latency" / f"{key}.json"
+
+
+def estimate_seconds(dense_ms: float, variants: int, *, warmup: int, repeats: int) -> float:
+    """How long profiling takes: each variant (about half the dense cost on average) warmed and timed."""
+    return (variants + 1) * (warmup + repeats) * dense_ms * 0.6 / 1e3
+
+
+def profile_latency(
+    model: torch.nn.Module,
+    base: BaseArch,
+    input_size: Sequence[int],
+    *,
+    batch: int = 1,
+    backend: str = "eager",
+    variants: int = 24,
+    held_out: float = 0.25,
+    warmup: int = 3,
+    repeats: int = 10,
+    seed: int = 0,
+    timer: Timer | None = None,
+    use_cache: bool = True,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> LatencyModel:
+    """Time ``variants`` pruned copies of ``model`` on its device and fit the latency model (cached).
+
+    ``timer`` replaces the clock (tests pass a known cost function); the model is never changed.
+    """
+    BACKENDS.get(backend)
+    if variants < 8:
+        raise StudioError(
+            f"Give at least 8 latency variants to fit {len(FEATURES)} coefficients, got {variants}."
+        )
+    device = next(model.parameters()).device
+    key = cache_key(base, input_size, device, "float32", batch, backend)
+    f = _cache_file(key)
+    if use_cache and timer is None and f.exists():
+        return LatencyModel.from_dict(json.loads(f.read_text()))
+
+    def clock(m: torch.nn.Module) -> float:
+        return time_ms(m, input_size, batch, backend=backend, warmup=warmup, repeats=repeats)
+
+    timer_fn: Callable[[torch.nn.Module], float] = (
+        (lambda m: timer(m, input_size, batch)) if timer is not None else clock
+    )
+    t0 = time.time()
+    facts = arch_facts(base)
+    plans = design(base, variants, seed)
+    rows = []
+    dense = PrunePlan.dense(base)
+    dense_ms = timer_fn(copy.deepcopy(model).eval())
+    rows.append((features(dense, facts), dense_ms))
+    for i, p in enumerate(plans):
+        check(cancel)
+        rows.append((features(p, facts), timer_fn(apply_plan(copy.deepcopy(model), p).eval())))
+        progress(callbacks, "latency variants", i + 1, len(plans))
+    n_test = max(2, int(len(rows) * held_out))
+    train, test = rows[:-n_test], rows[-n_test:]
+    coef = fit(train)
+    err = statistics.median(abs(float(np.dot(coef, x)) / y - 1) for x, y in test)
+    out = LatencyModel(
+        key=key,
+        coef=fit(rows),  # the final model uses every variant; its error is the held-out one
+        dense_ms=dense_ms,
+        fit_error=float(err),
+        variants=len(plans),
+        batch=batch,
+        backend=backend,
+        seconds=time.time() - t0,
+    )
+    if timer is None:
+        write_json(f, out.to_dict())
+    return out

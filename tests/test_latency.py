@@ -1,0 +1,95 @@
+"""Latency (issue 17): the per-unit latency model recovers a known cost function, every backend runs a pruned
+model, and ONNX Runtime computes what PyTorch does for uneven head dims."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from studio.errors import StudioError
+from studio.export import export_onnx
+from studio.latency import BACKENDS, FEATURES, design, features, fit, profile_latency, time_ms
+from studio.models import create_vit, describe_base
+from studio.plan import BlockPlan, PrunePlan
+from studio.surgery import apply_plan
+
+KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=5)
+
+
+def make():
+    torch.manual_seed(0)
+    m = create_vit("vit_tiny_patch16_224", **KW).eval()
+    return m, describe_base(m, "vit_tiny_patch16_224", KW)
+
+
+def structure_cost(model: torch.nn.Module, _size, _batch) -> float:
+    """A known 'device': 0.4 ms fixed, 0.3 ms per block, 0.05 ms per head, 0.002 ms per MLP neuron."""
+    blocks = list(model.blocks)
+    heads = sum(b.attn.num_heads for b in blocks)
+    mlp = sum(b.mlp.fc1.out_features for b in blocks)
+    return 0.4 + 0.3 * len(blocks) + 0.05 * heads + 0.002 * mlp
+
+
+def test_the_fit_recovers_a_known_cost_function():
+    m, base = make()
+    lm = profile_latency(m, base, [3, 32, 32], variants=16, timer=structure_cost)
+    coef = dict(zip(FEATURES, lm.coef))
+    assert coef["const"] == pytest.approx(0.4, abs=1e-6) and coef["blocks"] == pytest.approx(0.3, abs=1e-6)
+    assert coef["heads"] == pytest.approx(0.05, abs=1e-6) and coef["mlp"] == pytest.approx(0.002, abs=1e-7)
+    assert lm.fit_error < 1e-6 and lm.dense_ms == pytest.approx(structure_cost(m, None, None))
+    for p in design(base, 5, seed=9):  # unseen structures are predicted exactly too
+        assert lm.predict(p) == pytest.approx(structure_cost(apply_plan(copy.deepcopy(m), p), None, None))
+
+
+def test_fit_keeps_coefficients_non_negative():
+    rows = [([1.0, b, 2.0 * b, 0.0, 0.0], 1.0 + 0.5 * b) for b in range(1, 6)]
+    coef = fit(rows)
+    assert all(c >= 0 for c in coef)
+    assert np.dot(coef, [1.0, 3, 6.0, 0, 0]) == pytest.approx(2.5, rel=1e-6)
+
+
+def test_design_varies_widths_and_depth_and_features_count_units():
+    _, base = make()
+    plans = design(base, 12, seed=0)
+    assert len({len(p.blocks) for p in plans}) > 1 and len({features(p)[2] for p in plans}) > 3
+    dense = features(PrunePlan.dense(base))
+    assert dense[1:4] == [4.0, 12.0, 4.0 * 192]
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+def test_every_fast_backend_times_a_pruned_model(backend):
+    m, base = make()
+    plan = PrunePlan(base, tuple(BlockPlan(i, heads=(0,) if i % 2 else None) for i in range(4))).validate()
+    ms = time_ms(
+        apply_plan(copy.deepcopy(m), plan).eval(), [3, 32, 32], 2, backend=backend, warmup=1, repeats=3
+    )
+    assert 0 < ms < 10_000
+
+
+def test_unknown_backend_and_too_few_variants_are_refused():
+    m, base = make()
+    with pytest.raises(StudioError, match="backend"):
+        time_ms(m, [3, 32, 32], 1, backend="tensorrt")
+    with pytest.raises(StudioError, match="at least 8"):
+        profile_latency(m, base, [3, 32, 32], variants=3, timer=structure_cost)
+    assert set(BACKENDS.names()) >= {"eager", "compile", "onnxruntime"}
+
+
+def test_onnxruntime_equals_pytorch_for_uneven_head_dims(tmp_path):
+    m, base = make()
+    plan = PrunePlan(
+        base,
+        (
+            BlockPlan(0, heads=(0, 2), head_dims=tuple(range(0, 16, 2))),
+            BlockPlan(1, head_dims=(1, 3, 5, 7, 9)),
+            BlockPlan(2, heads=(1,), mlp=tuple(range(0, 192, 3))),
+            BlockPlan(3),
+        ),
+    ).validate()
+    pruned = apply_plan(copy.deepcopy(m), plan).eval()
+    assert {b.attn.head_dim for b in pruned.blocks} == {8, 5, 16}
+    out = export_onnx(pruned, tmp_path / "m.onnx", [3, 32, 32], atol=1e-4)
+    assert out["checked"] and out["max_abs_diff"] <= 1e-4
