@@ -201,6 +201,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
     ap.add_argument("--quick", action="store_true", help="reduced sizes: a smoke test of the code paths")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument(
+        "--calibration-only",
+        action="store_true",
+        help="prune steps without accuracy, throughput and export: the calibration's time and peak memory",
+    )
     args = ap.parse_args()
     work = args.work / ("quick" if args.quick else "full")
     per_class = {"train": 8, "val": 4, "test": 4} if args.quick else {"train": 170, "val": 20, "test": 30}
@@ -212,6 +217,9 @@ def main() -> None:
         plan = steps_for(arch, ckpt, data, work, args.quick)
         for step in args.steps:
             argv = plan[step]
+            if args.calibration_only and argv[0] == "prune":
+                argv = [a for a in argv if a not in ("--no-bench", "--no-export")]
+                argv += ["--no-eval", "--no-bench", "--no-export"]
             if "--out" in argv:  # write-once outputs: a rerun of the bench starts each folder afresh
                 shutil.rmtree(argv[argv.index("--out") + 1], ignore_errors=True)
             r = run_step(argv, args.threads, work / "peak.txt")

@@ -79,7 +79,9 @@ with state.user_errors():
     # folder that holds the runs folder; the specs ship in the zip's lineage/ folder
     steps = lineage_specs(lineage(run.path), root=state.runs_root())
     command = lineage_command(steps)
-    made_by = next((s for _, s, _ in steps if s.get("kind") != "retrain"), spec)  # the step that chose the plan
+    made_by = next(
+        (s for _, s, _ in steps if s.get("kind") != "retrain"), spec
+    )  # the step that chose the plan
     card = model_card(manifest, name=run.path.name, spec=made_by, results=results, command=command)
     plan_json = json.dumps(manifest["plan"], indent=1) if manifest.get("plan") else None
 

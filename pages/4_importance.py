@@ -45,6 +45,19 @@ def set_plan(plan) -> None:
     st.session_state["imp_overlay"] = "active plan"
 
 
+def use_or_ask(plan) -> None:
+    """The method's plan becomes the active plan, or, when that would replace one, a confirmation is asked."""
+    if state.active_plan() is None:
+        set_plan(plan)
+    else:
+        st.session_state["imp_use_confirm"] = True
+
+
+def replace_plan(plan) -> None:
+    st.session_state.pop("imp_use_confirm", None)
+    set_plan(plan)
+
+
 def on_click(key: str, plan) -> None:  # a click on a head (the invisible cell markers) toggles it
     points = [p for p in st.session_state[key].selection.get("points", []) if p.get("curve_number") == 1]
     if points:
@@ -115,7 +128,35 @@ with state.user_errors():
     )
     overlay = active if shown == "active plan" else proposal
     use = "Use this method's plan as the active plan"
-    st.button(use, key="imp_use_plan", icon=":material/check:", on_click=set_plan, args=(proposal,))
+    same = active is not None and active.to_dict() == proposal.to_dict()
+    st.button(
+        use,
+        key="imp_use_plan",
+        icon=":material/check:",
+        disabled=same,
+        on_click=use_or_ask,
+        args=(proposal,),
+        help="the active plan is what the Prune, Retrain and Export pages use; replacing one asks first",
+    )
+    held = state.active_plan()
+    if st.session_state.get("imp_use_confirm") and held is not None and not same:
+        edits = len(vm.net_edits(held.params.get("edits", [])))
+        st.warning(
+            f"This replaces the active plan ({held.method}, {held.depth}/{held.base.depth} blocks"
+            + (f", {edits} hand edit{'s' * (edits != 1)}" if edits else "")
+            + f") with {method}'s plan at {pct(target, digits=0)} of the MACs.",
+            icon=":material/warning:",
+        )
+        y, n, _ = st.columns([1, 1, 3])
+        y.button(
+            "Replace it", key="imp_use_plan_yes", type="primary", on_click=replace_plan, args=(proposal,)
+        )
+        n.button(
+            "Keep the current one",
+            key="imp_use_plan_no",
+            on_click=st.session_state.pop,
+            args=("imp_use_confirm",),
+        )
 
     st.subheader("Heads", divider="gray")
     gone = imp.removed_heads(overlay, base)

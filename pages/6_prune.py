@@ -43,7 +43,9 @@ if preset is None:
 else:  # the paper's values as they are (the CLI can override single ones: prune --preset paper --OPTION V)
     params, run_fields = apply_preset(preset.name, name, {})
     rows = [{"setting": k, "value": str(v.value), "source": v.source} for k, v in preset.options.items()]
-    rows += [{"setting": f"run.{k}", "value": str(v.value), "source": v.source} for k, v in preset.run.items()]
+    rows += [
+        {"setting": f"run.{k}", "value": str(v.value), "source": v.source} for k, v in preset.run.items()
+    ]
     st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"prune_preset_table_{name}")
     for note in preset.not_reproduced:
         st.caption(f"Not reproduced: {note}")
@@ -52,7 +54,9 @@ c2.caption("Needs calibration data." if needs_data else "Uses no calibration dat
 
 with st.expander("Data and measurement"):
     m1, m2, m3, m4 = st.columns(4)
-    calib_default = method.calib_batches(params, int(run_fields.get("batch_size", 64)), run_fields.get("calib_batches"))
+    calib_default = method.calib_batches(
+        params, int(run_fields.get("batch_size", 64)), run_fields.get("calib_batches")
+    )
     calib = m1.number_input(
         "Calibration batches",
         1,

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import DataSpec, prepare
 from .errors import StudioError
+from .models import LoadedModel
 from .plan import PrunePlan
 
 
@@ -181,3 +183,43 @@ def _rollout(probs: Sequence[torch.Tensor], prefix: int, grid: tuple[int, int]) 
         joint = a @ joint
     cls = joint[:, 0, prefix:]
     return cls.reshape(cls.shape[0], *grid).cpu()
+
+
+@dataclass(frozen=True)
+class AttentionPair:
+    """The same images through the dense and the pruned model: pictures (denormalised, ``(H, W, 3)`` in [0, 1]),
+    labels, and both models' maps, heads in base indices (the pruned one's removed heads listed per block)."""
+
+    images: tuple[Any, ...]
+    labels: tuple[int, ...]
+    dense: AttentionMaps
+    pruned: AttentionMaps
+    num_heads: tuple[int, ...]  # the base's heads per block
+
+
+def attention_pair(
+    dense: LoadedModel, pruned: LoadedModel, data: DataSpec, indices: Sequence[int], *, split: str = "test"
+) -> AttentionPair:
+    """CLS maps of the dense model and of a pruned form of it (an export: its plan names the kept units) on the
+    images ``indices`` of ``split``, preprocessed as the dense model expects."""
+    if pruned.plan is None:
+        raise StudioError(f"{pruned.source} has no plan: pick a pruned model to compare with the dense one.")
+    pruned.plan.made_for(dense.base)
+    ds = prepare(data, split, dense.data_config, dense.base.num_classes, class_names=dense.known_class_names)
+    bad = [i for i in indices if not 0 <= int(i) < len(ds)]  # type: ignore[arg-type]
+    if bad or not indices:
+        raise StudioError(
+            f"Image {bad[0] if bad else '(none)'} is not in the {split} split (0..{len(ds) - 1})."
+        )  # type: ignore[arg-type]
+    items = [ds[int(i)] for i in indices]
+    x = torch.stack([im for im, _ in items])
+    mean = torch.tensor(dense.data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(dense.data_config["std"]).view(3, 1, 1)
+    pictures = tuple((im * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() for im in x)
+    return AttentionPair(
+        images=pictures,
+        labels=tuple(int(y) for _, y in items),
+        dense=cls_attention(dense.model, x.to(dense.device)),
+        pruned=cls_attention(pruned.model, x.to(pruned.device), plan=pruned.plan),
+        num_heads=dense.base.num_heads,
+    )

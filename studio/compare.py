@@ -3,6 +3,11 @@
 Every number comes from a run folder (``results.json`` written by the engine that measured it) or from a
 measurement made here on demand; nothing is estimated except where a column says so: a prune run's accuracy
 is the *estimate before recovery* (the pruned model with no retraining), a retrain run's is the *measured after*.
+
+Calibration (:func:`calibration_points`, :func:`calibration`, :func:`rank_untried`): across the recovered plans of
+one model and data set, how well each pre-recovery signal (accuracy right after pruning, kNN accuracy of the cut
+features, the criterion score removed, MACs kept) ranked the accuracy after recovery (Spearman's ρ with the
+number of runs), the signal to trust, and the untried candidates sorted by it.
 """
 
 from __future__ import annotations

@@ -23,8 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import Cancelled, StudioError
@@ -51,6 +55,33 @@ class TrainSpec:
     select: str = "val"  # "val": keep the best validation epoch; "last": keep the final weights
     early_stop: int | None = None  # stop after this many epochs without validation improvement
     num_workers: int = 0
+    # timm's training parts (as the DeiT recipe the papers fine-tune with): Mixup/CutMix with soft targets
+    # (timm.data.Mixup + SoftTargetCrossEntropy; alphas 0 = off) and a weight EMA (timm.utils.ModelEmaV3)
+    mixup: float = 0.0  # Beta(α, α) of Mixup (DeiT: 0.8)
+    cutmix: float = 0.0  # Beta(α, α) of CutMix (DeiT: 1.0)
+    mix_prob: float = 1.0  # probability a batch is mixed at all
+    ema_decay: float | None = None  # None: no EMA; else the EMA weights are validated, selected and kept
+    accum_steps: int = 1  # micro-batches of batch_size per optimizer step (the papers' grad accumulation)
+
+    def validate(self) -> TrainSpec:
+        """Refuse settings the loop cannot honour, in one sentence each."""
+        if self.mixup < 0 or self.cutmix < 0 or not 0.0 <= self.mix_prob <= 1.0:
+            raise StudioError("Mixup and CutMix alphas must be ≥ 0 and the mix probability in [0, 1].")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise StudioError(f"The EMA decay must be in [0, 1), got {self.ema_decay}.")
+        if (
+            isinstance(self.accum_steps, bool)
+            or not isinstance(self.accum_steps, int)
+            or self.accum_steps < 1
+        ):
+            raise StudioError(
+                f"Gradient accumulation steps must be a whole number ≥ 1, got {self.accum_steps!r}."
+            )
+        return self
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,8 +218,13 @@ def fit(
             ``model`` is then the wrapped module, used for evaluation and checkpoints.
     """
     device = next(model.parameters()).device
+    spec.validate()
     torch.manual_seed(spec.seed)
     select_trainable(model, spec.trainable)
+    mixer = _mixer(model, spec, hooks)
+    soft_ce = SoftTargetCrossEntropy()
+    ema = None if spec.ema_decay is None else ModelEmaV3(model, decay=spec.ema_decay)
+    judged = model if ema is None else ema.module  # the weights validated, selected and returned
     groups = _param_groups(model, spec.weight_decay)
     for extra in _call(hooks, "param_groups"):
         groups += extra
@@ -197,7 +233,14 @@ def fit(
         g.setdefault("base_lr", g["lr"])
         g["lr_scale"] = g["base_lr"] / spec.lr
     n = len(train_data)  # type: ignore[arg-type]
-    steps_per_epoch = max(1, math.ceil(math.ceil(n / world) / spec.batch_size))
+    accum = spec.accum_steps
+    if accum > 1 and any(hasattr(h, "after_backward") or hasattr(h, "after_step") for h in hooks):
+        raise StudioError(
+            "Gradient accumulation cannot run with a method that acts on every step (P3B's gates, SPLoRA's "
+            "masks): set accum_steps to 1."
+        )
+    batches_per_epoch = max(1, math.ceil(math.ceil(n / world) / spec.batch_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)  # optimizer steps; the last group may be smaller
     state = TrainState(
         model, optimizer, spec, steps_per_epoch=steps_per_epoch, total_steps=spec.epochs * steps_per_epoch
     )
@@ -207,7 +250,7 @@ def fit(
     acc: dict[str, Any] = {"loss_sum": 0.0, "correct": 0, "seen": 0, "since_best": 0}
     ckpt_path = Path(checkpoint) if checkpoint else None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        start_epoch, skip = _load_checkpoint(ckpt_path, state, hooks, best, acc)
+        start_epoch, skip = _load_checkpoint(ckpt_path, state, hooks, best, acc, ema)
         if rank != 0:  # the saved partial sums are the whole group's (see the cancel path)
             acc.update(loss_sum=0.0, correct=0, seen=0)
     autocast = (
@@ -226,7 +269,7 @@ def fit(
         for epoch in range(start_epoch, spec.epochs):
             state.epoch = epoch
             sampler = EpochSampler(
-                n, seed=spec.seed, epoch=epoch, skip=skip * spec.batch_size, rank=rank, world=world
+                n, seed=spec.seed, epoch=epoch, skip=skip * accum * spec.batch_size, rank=rank, world=world
             )
             # an own generator: iterating a DataLoader would otherwise draw from the global RNG, which a
             # resumed run (new loader mid-epoch) would draw once more than an uninterrupted one
@@ -239,29 +282,48 @@ def fit(
             )
             net.train()
             loss_sum, correct, seen = float(acc["loss_sum"]), int(acc["correct"]), int(acc["seen"])
-            for i, (x, y) in enumerate(loader, start=skip):
-                if cancel is not None and cancel.is_set:
-                    raise Cancelled(f"cancelled at epoch {epoch} step {i}")
+            for i, (x, y) in enumerate(loader, start=skip * accum):  # i: micro-batch of the epoch
+                pos = i % accum
+                group = min(accum, batches_per_epoch - (i - pos))  # micro-batches of this optimizer step
+                if pos == 0:  # cancel only between optimizer steps: a checkpoint never holds half a gradient
+                    if cancel is not None and cancel.is_set:
+                        raise Cancelled(f"cancelled at epoch {epoch} step {state.step}")
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr_at(state.step, spec, steps_per_epoch) * g["lr_scale"]
+                    optimizer.zero_grad(set_to_none=True)
                 x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr_at(state.step, spec, steps_per_epoch) * g["lr_scale"]
                 state.batch = (x, y)
                 with autocast:
                     custom = [v for v in _call(hooks, "loss", net, x, y, state) if v is not None]
                     if custom:
                         loss = custom[0]
+                    elif mixer is not None and len(y) % 2 == 0:  # timm mixes pairs: an odd last batch is not
+                        # timm's Mixup draws from numpy's global RNG: seeded per micro-batch, so a resumed run
+                        # mixes exactly as an uninterrupted one
+                        np.random.seed((spec.seed * 1_000_003 + epoch * batches_per_epoch + i) % 2**32)
+                        xm, ym = mixer(x, y)
+                        logits = logits_of(net, xm)
+                        state.logits = None  # accuracy on mixed images means nothing: not counted
+                        loss = soft_ce(logits.float(), ym)
                     else:
                         logits = logits_of(net, x)
                         state.logits = logits
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
                 if not torch.isfinite(loss):
                     raise StudioError(
-                        f"Training diverged (loss {loss.item()}) at epoch {epoch} step {i}. "
+                        f"Training diverged (loss {loss.item()}) at epoch {epoch} step {state.step}. "
                         "Lower the learning rate."
                     )
                 state.loss = loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # the mean over the group's micro-batches, as timm's train.py divides the last smaller group
+                (loss / group if group > 1 else loss).backward()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                if state.logits is not None:
+                    correct += int((state.logits.argmax(1) == y).sum())
+                state.logits = None
+                if pos < group - 1:
+                    continue
                 _call(hooks, "after_backward", state)
                 if spec.grad_clip:
                     torch.nn.utils.clip_grad_norm_(
@@ -269,12 +331,9 @@ def fit(
                     )
                 optimizer.step()
                 state.step += 1
+                if ema is not None:
+                    ema.update(model, step=state.step)  # timm: the first update copies the weights
                 _call(hooks, "after_step", state)
-                loss_sum += float(loss.detach()) * len(y)
-                seen += len(y)
-                if state.logits is not None:
-                    correct += int((state.logits.argmax(1) == y).sum())
-                state.logits = None
                 acc.update(loss_sum=loss_sum, correct=correct, seen=seen)
                 progress(
                     callbacks, "train", state.step, state.total_steps, epoch=epoch, loss=float(loss.detach())
@@ -292,13 +351,13 @@ def fit(
             if correct:
                 record["train_top1"] = correct / max(1, seen)
             if val_data is not None and rank == 0:
-                ev = evaluate(model, val_data, batch_size=max(256, spec.batch_size))
+                ev = evaluate(judged, val_data, batch_size=max(256, spec.batch_size))
                 record.update(val_top1=ev.top1, val_loss=ev.loss)
                 if best["top1"] is None or ev.top1 > best["top1"]:
                     best.update(
                         epoch=epoch,
                         top1=ev.top1,
-                        weights={k: v.detach().clone() for k, v in model.state_dict().items()},
+                        weights={k: v.detach().clone() for k, v in judged.state_dict().items()},
                     )
                     since_best = 0
                 else:
@@ -315,7 +374,7 @@ def fit(
             state.history.append(record)
             emit(callbacks, "metric", **record)
             if ckpt_path is not None and rank == 0:
-                _save_checkpoint(ckpt_path, state, hooks, best, epoch + 1, 0, acc)
+                _save_checkpoint(ckpt_path, state, hooks, best, epoch + 1, 0, acc, ema)
             if spec.early_stop and since_best >= spec.early_stop:
                 emit(callbacks, "log", message=f"early stop: no validation gain for {since_best} epochs")
                 break
@@ -326,11 +385,13 @@ def fit(
             )
         if ckpt_path is not None and rank == 0:
             done_in_epoch = state.step - epoch * steps_per_epoch
-            _save_checkpoint(ckpt_path, state, hooks, best, epoch, done_in_epoch, acc)
+            _save_checkpoint(ckpt_path, state, hooks, best, epoch, done_in_epoch, acc, ema)
         emit(callbacks, "status", state="cancelled", epoch=epoch, step=state.step)
         raise
     if spec.select == "val" and best["weights"] is not None:
         model.load_state_dict(best["weights"])
+    elif ema is not None:  # the EMA weights are the result (timm validates and keeps them the same way)
+        model.load_state_dict(ema.module.state_dict())
     if world > 1 and spec.select == "val" and val_data is not None:  # only rank 0 held the best weights
         import torch.distributed as dist
 
@@ -343,6 +404,27 @@ def fit(
         best_epoch=best["epoch"],
         best_val_top1=best["top1"],
         seconds=time.time() - t0,
+    )
+
+
+def _mixer(model: torch.nn.Module, spec: TrainSpec, hooks: Sequence[Any]) -> Mixup | None:
+    """timm's Mixup/CutMix for ``spec`` (None when off); refused beside a hook that computes its own loss."""
+    if not spec.mixes:
+        return None
+    if any(hasattr(h, "loss") for h in hooks):
+        raise StudioError(
+            "Mixup/CutMix works with the plain cross-entropy only, not with distillation or a method's own "
+            "loss (P3B): set mixup and cutmix to 0, or distillation to none."
+        )
+    classes = getattr(model, "num_classes", None)
+    if not isinstance(classes, int) or classes < 2:
+        raise StudioError("Mixup/CutMix needs a classifier with a known number of classes (a timm model).")
+    return Mixup(
+        mixup_alpha=spec.mixup,
+        cutmix_alpha=spec.cutmix,
+        prob=spec.mix_prob,
+        label_smoothing=spec.label_smoothing,
+        num_classes=classes,
     )
 
 
@@ -372,6 +454,7 @@ def _save_checkpoint(
     epoch: int,
     skip: int,
     acc: dict[str, Any] | None = None,
+    ema: ModelEmaV3 | None = None,
 ) -> None:
     """Everything needed for an exact resume; read back with ``weights_only=True`` (no pickled objects)."""
 
@@ -389,6 +472,7 @@ def _save_checkpoint(
         "best_top1": -1.0 if best["top1"] is None else best["top1"],
         "best_weights": best["weights"] or {},
         "hooks": [h.state_dict() for h in hooks if hasattr(h, "state_dict")],
+        "ema": {} if ema is None else ema.module.state_dict(),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -400,6 +484,7 @@ def _load_checkpoint(
     hooks: Sequence[Any],
     best: dict[str, Any],
     acc: dict[str, Any] | None = None,
+    ema: ModelEmaV3 | None = None,
 ) -> tuple[int, int]:
     try:
         # on the CPU: RNG states must stay CPU byte tensors; weights and optimizer state move to their device below
@@ -418,6 +503,13 @@ def _load_checkpoint(
             f"Checkpoint {path} was saved by another model or recipe than this run's ({first}); it cannot be "
             "resumed here: move it away to start over, or resume the run that wrote it."
         ) from None
+    if ema is not None:
+        if not payload.get("ema"):
+            raise StudioError(
+                f"Checkpoint {path} was saved without a weight EMA, but this run keeps one: resume it with the "
+                "recipe that wrote it, or move the checkpoint away to start over."
+            )
+        ema.module.load_state_dict(payload["ema"])
     state.step = int(payload["step"])
     state.history = list(payload["history"])
     torch.set_rng_state(payload["rng"])

@@ -137,12 +137,14 @@ def test_prune_benchmark_compare_export_pages(tmp_path, monkeypatch):
     at.switch_page("pages/11_export.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert {"Params", "MACs / image", "Test accuracy"} <= {m.label for m in at.metric}
-    codes = [c.value for c in at.code]
-    assert any(c.startswith("python -m studio run --spec spec.json --out runs/") for c in codes)
+    # the reproduce command covers the run's lineage (one prune step here), relative to the runs folder
+    codes = [c.value.splitlines() for c in at.code]
+    replay = next(c for c in codes if c[0].startswith("# 1 step(s): prune"))
+    assert replay[1].startswith("python -m studio run --spec lineage/1-") and " --out runs/" in replay[1]
     at.button(key="export_active").click().run()
     assert not at.exception
     assert "export-magnitude" in at.selectbox(key="export_run").value  # the new export is selected
-    assert any(c.startswith("python -m studio run --spec spec.json") for c in at.code.values)
+    assert any("python -m studio run --spec lineage/1-" in c for c in at.code.values)
 
 
 def test_loading_an_exported_folder_replaces_the_selection_and_clears_the_plan(

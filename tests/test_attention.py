@@ -4,6 +4,7 @@ absent, and the model handed in is never changed."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,40 @@ def test_the_model_handed_in_is_not_changed_and_a_wrong_plan_is_refused():
     plan = PrunePlan(base, (BlockPlan(0, heads=(0,)), BlockPlan(1), BlockPlan(2)))
     with pytest.raises(StudioError, match="give the plan it was pruned with"):
         cls_attention(m, X, plan=plan)  # the dense model does not run the plan's one head
+
+
+def test_compare_page_shows_dense_and_pruned_maps_with_removed_heads_marked(tmp_path, monkeypatch):
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    from studio.data import DataSpec
+    from studio.flows import create_run, run_folder
+    from studio.flows.prune import PruneSpec
+    from studio.models import ModelSpec
+    from studio.plan import PrunePlan as Plan
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("STUDIO_RUNS", str(root))
+    spec = PruneSpec(
+        ModelSpec("demo", device="cpu"),
+        "magnitude",
+        {"target_macs": 0.5},
+        DataSpec("demo", limit=96),
+        bench=False,
+    )
+    run = create_run(spec, root / "p")
+    run_folder(run)
+    plan = Plan.load(run.plan_file)
+    block = next(b.index for b in plan.blocks if b.heads is not None)  # a block that lost a head
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=300)
+    at.run()
+    at.switch_page("pages/10_compare.py").run()
+    at.number_input(key="cmp_attn_block").set_value(block).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    fig = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "cmp_attn_maps" in c.proto.id)
+    removed = [a for a in fig["layout"]["annotations"] if a.get("text") == "removed"]
+    kept = plan.block(block).heads
+    assert len(removed) == 3 - len(kept)  # only in the pruned row, one per removed head
+    # dense row: every head and the rollout; pruned row: the kept heads and the rollout
+    assert len(fig["data"]) == (3 + 1) + (len(kept) + 1)

@@ -686,7 +686,7 @@ CASES = [
     ),
     Case(
         status_left_running,
-        "`status.json` left at running (trainer gone, folder read-only)",
+        "`status.json` left at running by a trainer that is gone (e.g. its folder went read-only)",
         "Runs page / jobs status",
         "still said 'running'",
     ),

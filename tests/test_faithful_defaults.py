@@ -26,12 +26,16 @@ ARCH = "vit_tiny_patch16_224"
 def loaded() -> LoadedModel:
     torch.manual_seed(0)
     m = create_vit(ARCH, **KW).eval()
-    return LoadedModel(m, describe_base(m, ARCH, KW), data_config(m), [str(i) for i in range(5)], torch.device("cpu"))
+    return LoadedModel(
+        m, describe_base(m, ARCH, KW), data_config(m), [str(i) for i in range(5)], torch.device("cpu")
+    )
 
 
 def _batches(n: int = 3, bs: int = 8):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(bs, 3, 32, 32, generator=g), torch.randint(0, 5, (bs,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(bs, 3, 32, 32, generator=g), torch.randint(0, 5, (bs,), generator=g)) for _ in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------------------------- target_missed
@@ -72,7 +76,9 @@ def test_cli_text_says_whether_the_target_was_met():
         "ideal_speedup": 1.29,
         "speedup": {},
         "run": "runs/x",
-        "params": {"solved": {"target_macs": 0.8, "macs_fraction": 0.775, "tolerance": 0.02, "target_missed": True}},
+        "params": {
+            "solved": {"target_macs": 0.8, "macs_fraction": 0.775, "tolerance": 0.02, "target_missed": True}
+        },
     }
     text = _prune_text(d, None)
     assert "target missed: the closest plan keeps 77.5% of the MACs, not 80.0%" in text
@@ -87,7 +93,12 @@ def test_isomorphic_without_taylor_runs_without_data(loaded, importance):
     assert method.data_needed({"importance": importance}) is False
     assert method.data_needed({"importance": "taylor"}) is True and method.data_needed() is True
     spec = PruneSpec(
-        ModelSpec(), "isomorphic", {"importance": importance, "ratio": 0.3}, data=None, bench=False, export=False
+        ModelSpec(),
+        "isomorphic",
+        {"importance": importance, "ratio": 0.3},
+        data=None,
+        bench=False,
+        export=False,
     )
     spec.validate()  # no --data needed
     assert calibration_estimate(spec, loaded) is None

@@ -95,11 +95,20 @@ def test_lineage_follows_exports_back_and_replays_relative_to_the_runs_folder(tm
 
 
 def test_card_shows_the_users_budget_and_the_unpruned_before(tmp_path, iso_plan):
-    spec = {"kind": "prune", "method": "isomorphic", "params": {"target_macs": 0.5, "ratio": 0.5, "head_ratio": 0.25}}
+    spec = {
+        "kind": "prune",
+        "method": "isomorphic",
+        "params": {"target_macs": 0.5, "ratio": 0.5, "head_ratio": 0.25},
+    }
     assert user_params(iso_plan, spec) == spec["params"]
     # without a spec: the plan's own params minus what the solver wrote
     assert user_params(iso_plan, None) == {"target_macs": 0.5, "ratio": 0.4992187, "head_ratio": 0.2496094}
-    manifest = {"base": iso_plan.base.to_dict(), "plan": iso_plan.to_dict(), "data_config": {}, "class_names": []}
+    manifest = {
+        "base": iso_plan.base.to_dict(),
+        "plan": iso_plan.to_dict(),
+        "data_config": {},
+        "class_names": [],
+    }
     after = {"params": 1000, "macs": 2000, "top1": 0.9}
     card = model_card(
         manifest,
@@ -112,11 +121,15 @@ def test_card_shows_the_users_budget_and_the_unpruned_before(tmp_path, iso_plan)
     assert "Hand edits** (1): block 3 head 1 keep" in card
     dense = dense_cost(iso_plan.base)
     params_row = next(line for line in card.splitlines() if line.startswith("| params |"))
-    assert params_row == f"| params | {dense['params']:,} | 1,000 |"  # the unpruned base, not the retrain's start
+    assert (
+        params_row == f"| params | {dense['params']:,} | 1,000 |"
+    )  # the unpruned base, not the retrain's start
     macs_row = next(line for line in card.splitlines() if line.startswith("| MACs"))
     assert f"{dense['macs']:,}" in macs_row
     top1_row = next(line for line in card.splitlines() if line.startswith("| test top-1 |"))
-    assert top1_row == "| test top-1 | – | 90.0% |"  # the retrain's "before" (the pruned start) is not shown as unpruned
+    assert (
+        top1_row == "| test top-1 | – | 90.0% |"
+    )  # the retrain's "before" (the pruned start) is not shown as unpruned
     assert "runs/a-replay" in card
 
 

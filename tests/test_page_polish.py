@@ -24,7 +24,9 @@ def test_toolbar_strip_keeps_the_title_clear():
     from studio.ui.charts import MODEBAR_PX, style
 
     for legend in (True, False):
-        fig = style(go.Figure(), title="A long title that runs across the whole chart", height=300, legend=legend)
+        fig = style(
+            go.Figure(), title="A long title that runs across the whole chart", height=300, legend=legend
+        )
         title_top_px = (1 - fig.layout.title.y) * 300  # the title hangs from here (yanchor top, container y)
         assert fig.layout.title.yanchor == "top" and fig.layout.title.yref == "container"
         assert title_top_px >= MODEBAR_PX  # below the toolbar's strip
@@ -104,7 +106,9 @@ def sls_page(monkeypatch):
 
 
 def _suggested(at: AppTest) -> int:
-    return int(next(m.value for m in at.markdown if "Suggested: keep" in m.value).split("keep ")[1].split()[0])
+    return int(
+        next(m.value for m in at.markdown if "Suggested: keep" in m.value).split("keep ")[1].split()[0]
+    )
 
 
 def test_keep_slider_follows_alpha_until_moved_by_hand(sls_page):
@@ -160,3 +164,46 @@ def test_plan_diff_groups_identical_block_lines():
         "block 7: mlp 384 -> 256",
     ]
     assert group_diff([]) == []
+
+
+def test_importance_asks_before_a_method_plan_replaces_the_active_one():
+    at = AppTest.from_file(APP, default_timeout=240).run()
+    at.session_state["imp_criteria"] = ["l2"]
+    at.session_state["imp_batches"] = 1
+    at.session_state["imp_method"] = "magnitude"
+    at.switch_page("pages/4_importance.py").run()
+    _ok(at)
+    at.button(key="imp_use_plan").click().run()  # no active plan yet: it simply becomes the active plan
+    _ok(at)
+    first = at.session_state["studio_active_plan"]
+    assert first.method == "magnitude" and not at.warning
+    assert at.button(key="imp_use_plan").disabled  # it is the active plan already
+
+    at.slider(key="imp_target").set_value(0.7).run()
+    at.button(key="imp_use_plan").click().run()
+    _ok(at)
+    assert at.session_state["studio_active_plan"].to_dict() == first.to_dict()  # not replaced silently
+    assert any("This replaces the active plan (magnitude" in w.value for w in at.warning)
+    at.button(key="imp_use_plan_no").click().run()
+    assert at.session_state["studio_active_plan"].to_dict() == first.to_dict() and not at.warning
+
+    at.button(key="imp_use_plan").click().run()
+    at.button(key="imp_use_plan_yes").click().run()
+    _ok(at)
+    replaced = at.session_state["studio_active_plan"]
+    assert replaced.to_dict() != first.to_dict() and abs(replaced.summary["macs_fraction"] / 0.7 - 1) <= 0.02
+    assert not at.warning
+
+
+def test_upload_limit_is_one_number_in_the_server_config_the_studio_and_the_readme():
+    import re
+
+    import tomllib
+
+    from studio.safety import DEFAULT_MAX_UPLOAD_MB
+
+    server = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())["server"]["maxUploadSize"]
+    readme = re.search(r"STUDIO_MAX_UPLOAD_MB` \((\d+) MB\)", (ROOT / "README.md").read_text())
+    assert readme is not None
+    # Streamlit's box says "Limit <maxUploadSize> MB per file"; the picker's label says the studio's own limit
+    assert server == DEFAULT_MAX_UPLOAD_MB == int(readme.group(1)) == 512

@@ -196,3 +196,31 @@ def test_a_reset_by_the_page_is_not_undone_by_the_workspace():
     again = _session(ws)
     assert PLAN_KEY not in again.session_state or again.session_state[PLAN_KEY] is None
     assert "No active plan" in " ".join(c.value for c in again.sidebar.caption)
+
+
+def test_form_values_are_kept_per_model():
+    """A value saved for one model is not applied to another (a slider's bounds follow the model), and comes back
+    with its model."""
+    from studio.models import ModelSpec
+
+    ws = new_id()
+    at = _session(ws, "pages/6_prune.py", prune_method="magnitude")
+    print("FORMSA", _state(ws)["forms"], at.session_state["studio_workspace_model"])
+    at.slider(key="prune_target_macs").set_value(0.6).run()
+    print("FORMS0", _state(ws)["forms"])
+    at.switch_page("pages/1_model.py")
+    at.session_state["studio_model_spec"] = ModelSpec("demo-backbone")
+    at.run()
+    assert not at.exception, at.exception
+    assert _state(ws)["model"]["source"] == "demo-backbone", _state(ws)
+    print("FORMS", _state(ws)["forms"])
+
+    again = _session(ws, "pages/6_prune.py")  # a reload: the backbone, and no value of the other model
+    assert again.session_state["studio_model_spec"].source == "demo-backbone"
+    assert again.slider(key="prune_target_macs").value == 0.5
+    again.switch_page("pages/1_model.py")
+    again.session_state["studio_model_spec"] = ModelSpec("demo")
+    again.run()
+    again.switch_page("pages/6_prune.py").run()
+    assert not again.exception, again.exception
+    assert again.slider(key="prune_target_macs").value == 0.6  # back with its model

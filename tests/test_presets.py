@@ -110,7 +110,11 @@ def test_cli_prune_preset_builds_the_papers_spec_and_flags_win():
     spec = spec_of(parse(["prune", "--method", "isomorphic", "--preset", "paper", "--model", "demo"]))
     assert spec.preset == "paper" and spec.calib_batches == 50 and spec.batch_size == 64
     assert spec.params["round_to"] == 2 and spec.params["scale_policy"] == "reset"
-    assert (spec.params["ratio"], spec.params["head_ratio"], spec.params["head_dim_ratio"]) == (0.5, 0.5, 0.25)
+    assert (spec.params["ratio"], spec.params["head_ratio"], spec.params["head_dim_ratio"]) == (
+        0.5,
+        0.5,
+        0.25,
+    )
     assert active_preset(spec.method, spec.params, spec.to_dict()) == "paper:isomorphic"
     spec = spec_of(
         parse(["prune", "--method", "isomorphic", "--preset", "paper", "--round-to", "8", "--model", "demo"])

@@ -195,7 +195,7 @@ def test_registered_method_plans_from_calibration_batches(tiny_vit):
     from studio.models import LoadedModel, describe_base
     from studio.prune import PruneRequest, get_method, make_plan
 
-    assert get_method("sls").needs_data
+    assert get_method("sls").data_needed() and not get_method("sls").data_needed({"keep_blocks": 2})
     loaded = LoadedModel(
         tiny_vit,
         describe_base(tiny_vit, "vit_tiny_patch16_224", TINY),

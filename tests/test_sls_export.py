@@ -79,7 +79,11 @@ def test_export_page_offers_the_sls_run_and_exports_its_retrained_model_for_the_
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert at.selectbox(key="export_run").value == str(sls_run.path)  # offered, the only export
     codes = " ".join(c.value for c in at.code)
-    assert "python -m studio run --spec spec.json --out runs/" in codes
+    # the reproduce command replays the run's lineage, relative to the folder that holds the runs folder
+    assert (
+        f"python -m studio run --spec lineage/1-sls-retrained.json --out {root.name}/sls-retrained-replay"
+        in codes
+    )
     assert any("its trained weights are exported" in m.value for m in at.markdown)
 
     at.button(key="export_active").click().run()

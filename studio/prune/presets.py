@@ -75,9 +75,12 @@ PRESETS: dict[str, MethodPreset] = {
             "alpha": Setting(0.3, f"{_SLS}: default alpha 0.3 of the top-down cut rule [§1.2 step 8]"),
             "keep_blocks": Setting(0, "the paper chooses the cut by the alpha rule, never by hand [§1.2]"),
             "embed": Setting("tsne", f"{_SLS}: sklearn TSNE(n_components=2, init='pca') [§1.2 step 6]"),
-            "perplexity": Setting(30.0, f"{_SLS}: sklearn's default perplexity, not overridden [§1.2 step 6]"),
+            "perplexity": Setting(
+                30.0, f"{_SLS}: sklearn's default perplexity, not overridden [§1.2 step 6]"
+            ),
             "lazy": Setting(
-                True, f"{_SLS}: t-SNE one layer at a time from the top, stopping at the first failure [§1.2 step 8]"
+                True,
+                f"{_SLS}: t-SNE one layer at a time from the top, stopping at the first failure [§1.2 step 8]",
             ),
             "samples": Setting(
                 1000,
@@ -87,7 +90,9 @@ PRESETS: dict[str, MethodPreset] = {
         },
         run={
             "batch_size": Setting(64, f"{_SLS}: train_dl batch 64 [§1.2 step 5]"),
-            "calib_split": Setting("train", f"{_SLS}: features of the training loader, no augmentation [§1.2 step 5]"),
+            "calib_split": Setting(
+                "train", f"{_SLS}: features of the training loader, no augmentation [§1.2 step 5]"
+            ),
         },
         cpu_reasons={
             "lazy": "off: the studio shows the whole silhouette curve; the cut is the same either way",
@@ -99,8 +104,12 @@ PRESETS: dict[str, MethodPreset] = {
         options={
             "ratio": Setting(0.5, "scripts/pruning, DeiT-4.2G: --pruning-ratio 0.5 [§2.6 table]"),
             "head_ratio": Setting(0.5, "scripts/pruning, DeiT-4.2G: --head-pruning-ratio 0.5 [§2.6 table]"),
-            "head_dim_ratio": Setting(0.25, "scripts/pruning, DeiT-4.2G: --head-dim-pruning-ratio 0.25 [§2.6 table]"),
-            "target_macs": Setting(None, "the reference hand-tunes the ratio triple per target; no MACs search [§2.6]"),
+            "head_dim_ratio": Setting(
+                0.25, "scripts/pruning, DeiT-4.2G: --head-dim-pruning-ratio 0.25 [§2.6 table]"
+            ),
+            "target_macs": Setting(
+                None, "the reference hand-tunes the ratio triple per target; no MACs search [§2.6]"
+            ),
             "importance": Setting("taylor", f"{_ISO}: GroupTaylorImportance() [§2.4]"),
             "round_to": Setting(2, f"{_ISO}: MetaPruner(..., round_to=2) [§2.6]"),
             "scale_policy": Setting("reset", f"{_ISO}: scale = head_dim**-0.5 after pruning [§2.6, §2.10]"),
@@ -175,12 +184,15 @@ PRESETS: dict[str, MethodPreset] = {
             "imp_scale": Setting(10.0, f"{_P3B} utils/args.py: pr-block-imp-scale 10 [§2.8]"),
             "tau_max": Setting(0.1, f"{_P3B} utils/args.py: pr-tau-max 0.1 [§2.8]"),
             "tau_min": Setting(0.0, f"{_P3B} utils/args.py: pr-tau-min 0.0 [§2.8]"),
-            "gate_weights": Setting(DEFAULT_GATE_WEIGHTS, f"{_P3B} utils/args.py: prune-scale-gate-imp [§2.8]"),
+            "gate_weights": Setting(
+                DEFAULT_GATE_WEIGHTS, f"{_P3B} utils/args.py: prune-scale-gate-imp [§2.8]"
+            ),
             "min_keep": Setting(0.0, f"{_P3B} PruneLoss.get_kr_blockwise: κ clamped to [0, 1] [§2.5]"),
             "block_params_only": Setting(False, f"{_P3B}: --prune-rate-by-block-param-only not set [§2.5]"),
             "zero_floor": Setting(False, f"{_P3B} transform_block_imp: the soft clamp alone [§2.4]"),
             "masks_in_optimizer": Setting(
-                True, f"{_P3B} utils/optimizer.py: the gates land in AdamW's no-decay group (quirk Q2) [§2.11]"
+                True,
+                f"{_P3B} utils/optimizer.py: the gates land in AdamW's no-decay group (quirk Q2) [§2.11]",
             ),
         },
         run={"batch_size": Setting(64, f"{_P3B} README: batch 64 per GPU [§2.8]")},
@@ -208,7 +220,9 @@ PRESETS: dict[str, MethodPreset] = {
             "target_density": Setting(0.05, f"{_SPA}: down to 95 % channel sparsity (19 steps) [§3.3]"),
             "epochs": Setting(20, f"{_SPA}: init epochs 20 for CIFAR (head-only half, then all) [§3.3]"),
             "recovery_epochs": Setting(10, f"{_SPA}: 10 recovery epochs per step for CIFAR [§3.3]"),
-            "score_batches": Setting(0, "src/filterprune.py: scores over one full pass of the training set [§3.2]"),
+            "score_batches": Setting(
+                0, "src/filterprune.py: scores over one full pass of the training set [§3.2]"
+            ),
         },
         run={"batch_size": Setting(16, f"{_SPA}: batch 16 [§3.3]")},
         cpu_reasons={
@@ -239,10 +253,14 @@ def get_preset(name: str, method: str) -> MethodPreset | None:
         return None
     key = f"paper:{method}" if name == "paper" else name
     if key not in PRESETS:
-        raise StudioError(f"Preset '{name}' is unknown for method '{method}'. Valid: {', '.join(preset_names(method))}.")
+        raise StudioError(
+            f"Preset '{name}' is unknown for method '{method}'. Valid: {', '.join(preset_names(method))}."
+        )
     preset = PRESETS[key]
     if preset.method != method:
-        raise StudioError(f"Preset '{name}' is for method '{preset.method}', not '{method}': use --preset paper.")
+        raise StudioError(
+            f"Preset '{name}' is for method '{preset.method}', not '{method}': use --preset paper."
+        )
     return preset
 
 
@@ -306,7 +324,11 @@ def markdown() -> str:
         "",
     ]
     for preset in PRESETS.values():
-        out += [f"## {preset.name}", "", "| setting | paper | source | studio (cpu) | why the studio differs |"]
+        out += [
+            f"## {preset.name}",
+            "",
+            "| setting | paper | source | studio (cpu) | why the studio differs |",
+        ]
         out.append("|---|---|---|---|---|")
         rows = [(k, s) for k, s in preset.options.items()] + [(f"run.{k}", s) for k, s in preset.run.items()]
         for key, s in rows:

@@ -17,7 +17,6 @@ import streamlit as st
 from ..compare import speed_rows
 from .charts import human, pct
 
-
 ABOVE_IDEAL = 1.05  # a measured speed-up this much above the MACs ratio is not noise: it is said, with why
 
 

@@ -34,7 +34,6 @@ from .charts import COLORS, pct
 from .results import speedup_note
 from .run_actions import make_active_button, result_actions
 
-
 PANEL_PX, LEGEND_ROW_PX = 250, 18  # an embedding panel's height; one legend entry's
 
 

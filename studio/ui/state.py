@@ -12,6 +12,7 @@ it stopped or reran) saves it, so a reload or a second tab with the same URL fin
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ WS_KEY, WS_STATE_KEY, WS_PRESENT_KEY = (
     "studio_workspace_state",
     "studio_workspace_present",
 )
+WS_MODEL_KEY = "studio_workspace_model"  # the model whose form values the session holds
+GLOBAL_FORMS, MAX_MODEL_FORMS = "*", 8  # form values for any model (the picker's); models remembered
 # what a page keeps in the session besides its widgets: the job it follows, its last result, what it computed.
 # Saved in the workspace as JSON and restored as is (a value that is not plain JSON is skipped).
 KEPT_KEYS = (
@@ -191,13 +194,34 @@ def begin_run() -> None:
         for key, value in saved.get("kept", {}).items():
             if key in KEPT_KEYS and key not in st.session_state:
                 st.session_state[key] = value
-    # Streamlit forgets a widget's value once a run does not draw it: the saved value stands in
-    forms = saved.get("forms", {})
+    # Streamlit forgets a widget's value once a run does not draw it: the saved value stands in. Values are kept
+    # per model (a slider's bounds follow the model's depth: another model's value could lie outside them)
+    mkey = _model_key()
+    if st.session_state.get(WS_MODEL_KEY) not in (None, mkey):  # the model changed in this session
+        for key in _forms_of(saved, st.session_state[WS_MODEL_KEY]):
+            if key in st.session_state:
+                del st.session_state[key]  # the previous model's value: not for this one (its default instead)
+    st.session_state[WS_MODEL_KEY] = mkey
+    forms = {**saved.get("forms", {}).get(GLOBAL_FORMS, {}), **_forms_of(saved, mkey)}
     for key, value in forms.items():
         if key not in st.session_state:
             st.session_state[key] = value
     # which saved values the page starts with: one it removes (a reset) is then forgotten, not restored
     st.session_state[WS_PRESENT_KEY] = [k for k in forms if k in st.session_state]
+
+
+def _model_key() -> str:
+    return json.dumps(model_spec().to_dict(), sort_keys=True, default=str)
+
+
+def _forms_of(saved: dict[str, Any], mkey: str) -> dict[str, Any]:
+    held = saved.get("forms", {}).get(mkey, {})
+    return held if isinstance(held, dict) else {}
+
+
+def _is_global_form(key: str) -> bool:
+    """Widgets whose value means the same for any model: the model and data picker's."""
+    return key.startswith("pick_")
 
 
 def end_run() -> None:
@@ -221,14 +245,30 @@ def end_run() -> None:
         "data": data_spec().to_dict(),
         "plan": None if plan is None else plan.to_dict(),
         "plan_source": None if source is None else str(source),
-        "forms": {**{k: v for k, v in saved.get("forms", {}).items() if k not in removed}, **forms},
+        "forms": _merge_forms(saved, forms, removed),
         "kept": {k: v for k, v in kept.items() if v is not None and jsonable(v)},
     }
     st.session_state[WS_STATE_KEY] = saved
     try:
-        workspace().save_state(saved)
+        # not workspace(): after st.stop() any call that touches the page (query params included) stops the
+        # script again, so the save reads only the session
+        Workspace.open(runs_root(), st.session_state[WS_KEY]).save_state(saved)
     except OSError as e:  # a full or read-only disk must not break the page; the session goes on in memory
         st.toast(f"The workspace could not be saved: {e}", icon=":material/warning:")
+
+
+def _merge_forms(saved: dict[str, Any], current: dict[str, Any], removed: set[str]) -> dict[str, Any]:
+    """The saved form values (global, and per model for the current model) updated with this run's values;
+    values of at most ``MAX_MODEL_FORMS`` models are kept (the oldest go first)."""
+    stored = {k: dict(v) for k, v in saved.get("forms", {}).items() if isinstance(v, dict)}
+    mkey = st.session_state.get(WS_MODEL_KEY) or _model_key()
+    for scope in (GLOBAL_FORMS, mkey):
+        values = {k: v for k, v in stored.pop(scope, {}).items() if k not in removed}
+        values.update({k: v for k, v in current.items() if _is_global_form(k) == (scope == GLOBAL_FORMS)})
+        stored[scope] = values  # re-inserted last: the most recently used scope
+    while len(stored) > MAX_MODEL_FORMS + 1:
+        stored.pop(next(k for k in stored if k != GLOBAL_FORMS))
+    return stored
 
 
 def analysis(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
