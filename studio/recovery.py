@@ -12,8 +12,11 @@ Losses (a hook for :func:`studio.train.fit`, see :class:`Distillation`):
 Schedules come from :func:`studio.train.lr_at` (linear warm-up then cosine per step); early stopping and model
 selection use validation accuracy. Recipes are data (:data:`PRESETS`): ``quick`` sized for a CPU, and ``paper``,
 which takes the epochs, learning rate, weight decay, warm-up, label smoothing and distillation of the method
-that pruned the model (from its plan), each with its source. The papers' data augmentation (RandAugment,
-mixup/cutmix, random erasing, repeated augmentation) is not reproduced, and each paper distils from its own
+that pruned the model (from its plan), each with its source. timm's own training parts are recipe options
+(:class:`~studio.train.TrainSpec`): ``mixup``/``cutmix`` (``timm.data.Mixup`` with ``SoftTargetCrossEntropy``,
+plain cross-entropy only), ``ema_decay`` (``timm.utils.ModelEmaV3``: the EMA weights are validated and kept) and
+``accum_steps`` (gradient accumulation); the presets leave them off, as their numbers were sized without them.
+RandAugment, random erasing and repeated augmentation are not reproduced, and each paper distils from its own
 teacher (e.g. RegNetY-160 for Isomorphic) where the studio uses the unpruned model.
 """
 

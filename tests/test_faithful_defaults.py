@@ -81,7 +81,7 @@ def test_cli_text_says_whether_the_target_was_met():
         },
     }
     text = _prune_text(d, None)
-    assert "target missed: the closest plan keeps 77.5% of the MACs, not 80.0%" in text
+    assert "target  missed: the closest plan keeps 77.5% of the MACs, not 80.0%" in text
     d["params"]["solved"].update(target_missed=False, macs_fraction=0.79)
     assert "target  met: keeps 79.0% of the MACs, asked 80.0%" in _prune_text(d, None)
 

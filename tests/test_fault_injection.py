@@ -74,9 +74,11 @@ def _check_files(run: Path) -> None:
     """Everything a reader opens is whole (written by rename only), whatever moment the kill hit."""
     for ckpt in RunDir(run).checkpoints():
         torch.load(ckpt, map_location="cpu", weights_only=True)
-    for name in ("status.json", JOB_FILE, "results.json", "spec.json"):
+    for name in ("status.json", JOB_FILE, "results.json", "spec.json", "export/manifest.json"):
         if (run / name).exists():
             json.loads((run / name).read_text())
+    if (run / "export" / "manifest.json").exists():  # an export is replaced whole, never half-written
+        load_file(str(run / "export" / "model.safetensors"))
 
 
 def _kill(pid: int) -> None:

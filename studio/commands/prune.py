@@ -225,7 +225,12 @@ def cmd_prune(args: argparse.Namespace) -> Output:
     folder, result = run_in_folder(
         spec, args.out, resume=args.resume, device=args.device, label=f"prune-{args.method}"
     )
-    active = active_preset(spec.method, spec.params, spec.to_dict())
+    # the preset line only where a method has a paper preset to tell apart from the studio's defaults
+    active = (
+        active_preset(spec.method, spec.params, spec.to_dict())
+        if len(preset_names(spec.method)) > 1
+        else None
+    )
     data = {"run": str(folder.path), "preset": active, **result.to_dict()}
     return Output(data, _prune_text(data, result.plan))
 
@@ -271,7 +276,8 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
     solved = (d.get("params") or {}).get("solved")
     if solved and "target_missed" in solved:  # every method that solves a MACs target records it
         met = f"met: keeps {solved['macs_fraction']:.1%} of the MACs, asked {solved['target_macs']:.1%}"
-        lines.append("target  " + (missed_message(solved) or met))
+        missed = missed_message(solved)
+        lines.append("target  " + (met if missed is None else missed.removeprefix("target ")))
     peak = d.get("peak_memory_mb") or {}
     if peak:
         lines.append("peak    " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in peak.items()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
 from ..workspace import Workspace, jsonable, new_id, valid_id
 
+_LOG = logging.getLogger(__name__)
 MODEL_KEY, DATA_KEY, PLAN_KEY = "studio_model_spec", "studio_data_spec", "studio_active_plan"
 PLAN_SOURCE_KEY = "studio_active_plan_source"
 WS_KEY, WS_STATE_KEY, WS_PRESENT_KEY = (
@@ -140,6 +142,26 @@ def workspace() -> Workspace:
     return Workspace.open(runs_root(), ws_id)
 
 
+def _raw_state() -> Any:
+    """The session's state without Streamlit's yield points.
+
+    After ``st.stop()`` every access through ``st.session_state`` stops the script again, so the save in the
+    entrypoint's ``finally`` reads the state object underneath; if that internal moved, the proxy (then a
+    stopped page is saved on its next run instead)."""
+    try:
+        from streamlit.runtime.state import get_session_state
+
+        inner = get_session_state()._state
+        inner.filtered_state  # noqa: B018 (the attribute the save reads: check it is there)
+        return inner
+    except Exception:
+        return st.session_state
+
+
+def _get(ss: Any, key: str, default: Any = None) -> Any:
+    return ss[key] if key in ss else default  # noqa: SIM401 (Streamlit's SessionState has no .get)
+
+
 def _widget_kinds() -> dict[str, str]:
     """User key -> the value kind of the widget drawn with it (``bool_value``, ``trigger_value``…).
 
@@ -156,18 +178,19 @@ def _widget_kinds() -> dict[str, str]:
         return {}
 
 
-def _form_values() -> dict[str, Any]:
+def _form_values(ss: Any) -> dict[str, Any]:
     """The session's widget values that are settings (not buttons, uploads or chart selections), by key."""
     kinds = _widget_kinds()
     out: dict[str, Any] = {}
-    for key in list(st.session_state.keys()):
+    keys = ss.filtered_state.keys() if hasattr(ss, "filtered_state") else ss.keys()
+    for key in list(keys):
         key = str(key)
         if key.startswith("studio_") or key.startswith("$$"):
             continue
         kind = kinds.get(key)
         if kind is None or kind in _NOT_FORM_VALUES:
             continue
-        value = st.session_state[key]
+        value = ss[key]
         if isinstance(value, tuple):
             value = list(value)
         if jsonable(value) and not isinstance(value, dict):
@@ -200,7 +223,9 @@ def begin_run() -> None:
     if st.session_state.get(WS_MODEL_KEY) not in (None, mkey):  # the model changed in this session
         for key in _forms_of(saved, st.session_state[WS_MODEL_KEY]):
             if key in st.session_state:
-                del st.session_state[key]  # the previous model's value: not for this one (its default instead)
+                del st.session_state[
+                    key
+                ]  # the previous model's value: not for this one (its default instead)
     st.session_state[WS_MODEL_KEY] = mkey
     forms = {**saved.get("forms", {}).get(GLOBAL_FORMS, {}), **_forms_of(saved, mkey)}
     for key, value in forms.items():
@@ -226,42 +251,44 @@ def _is_global_form(key: str) -> bool:
 
 def end_run() -> None:
     """After the page (called from a ``finally``: also after ``st.stop``/``st.rerun``): save the session into
-    the workspace; a write only happens when something changed."""
-    saved = st.session_state.get(WS_STATE_KEY)
-    if saved is None:
+    the workspace; a write only happens when something changed. Reads the raw state (see :func:`_raw_state`)."""
+    ss = _raw_state()
+    saved = _get(ss, WS_STATE_KEY)
+    if saved is None or _get(ss, WS_KEY) is None:
         return
-    plan = active_plan()
-    source = active_plan_source()
-    forms = _form_values()
+    plan, held = _get(ss, PLAN_KEY), _get(ss, PLAN_SOURCE_KEY)
+    source = None if plan is None or held is None or held[0].to_dict() != plan.to_dict() else held[1]
+    forms = _form_values(ss)
     # Streamlit drops the widgets a run did not draw only after the run, so a saved key missing now was removed
     # by the page itself (a reset)
-    removed = {k for k in st.session_state.get(WS_PRESENT_KEY, ()) if k not in st.session_state}
+    removed = {k for k in _get(ss, WS_PRESENT_KEY, ()) if k not in ss}
     # a kept key drawn as a widget (a run picker) is a form value: merged like one, not dropped off-page
-    kept = {k: st.session_state[k] for k in KEPT_KEYS if k in st.session_state and k not in forms}
+    kept = {k: ss[k] for k in KEPT_KEYS if k in ss and k not in forms}
     kept = {k: (sorted(v) if isinstance(v, (set, frozenset)) else v) for k, v in kept.items()}
+    model, data = _get(ss, MODEL_KEY) or ModelSpec("demo"), _get(ss, DATA_KEY) or DataSpec("demo")
+    mkey = _get(ss, WS_MODEL_KEY) or json.dumps(model.to_dict(), sort_keys=True, default=str)
     saved = {
         **saved,
-        "model": model_spec().to_dict(),
-        "data": data_spec().to_dict(),
+        "model": model.to_dict(),
+        "data": data.to_dict(),
         "plan": None if plan is None else plan.to_dict(),
         "plan_source": None if source is None else str(source),
-        "forms": _merge_forms(saved, forms, removed),
+        "forms": _merge_forms(saved, forms, removed, mkey),
         "kept": {k: v for k, v in kept.items() if v is not None and jsonable(v)},
     }
-    st.session_state[WS_STATE_KEY] = saved
+    ss[WS_STATE_KEY] = saved
     try:
-        # not workspace(): after st.stop() any call that touches the page (query params included) stops the
-        # script again, so the save reads only the session
-        Workspace.open(runs_root(), st.session_state[WS_KEY]).save_state(saved)
+        Workspace.open(runs_root(), ss[WS_KEY]).save_state(saved)
     except OSError as e:  # a full or read-only disk must not break the page; the session goes on in memory
-        st.toast(f"The workspace could not be saved: {e}", icon=":material/warning:")
+        _LOG.warning("The workspace could not be saved: %s", e)
 
 
-def _merge_forms(saved: dict[str, Any], current: dict[str, Any], removed: set[str]) -> dict[str, Any]:
+def _merge_forms(
+    saved: dict[str, Any], current: dict[str, Any], removed: set[str], mkey: str
+) -> dict[str, Any]:
     """The saved form values (global, and per model for the current model) updated with this run's values;
     values of at most ``MAX_MODEL_FORMS`` models are kept (the oldest go first)."""
     stored = {k: dict(v) for k, v in saved.get("forms", {}).items() if isinstance(v, dict)}
-    mkey = st.session_state.get(WS_MODEL_KEY) or _model_key()
     for scope in (GLOBAL_FORMS, mkey):
         values = {k: v for k, v in stored.pop(scope, {}).items() if k not in removed}
         values.update({k: v for k, v in current.items() if _is_global_form(k) == (scope == GLOBAL_FORMS)})
@@ -271,9 +298,26 @@ def _merge_forms(saved: dict[str, Any], current: dict[str, Any], removed: set[st
     return stored
 
 
+class _NotStored(LookupError):
+    """Raised inside the cached reader so that "not stored (yet)" is never cached."""
+
+
+@st.cache_resource(max_entries=256, show_spinner=False)
+def _read_analysis(folder: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    # a page reads its analyses on every rerun (12 embeddings per click on Layer separability): from disk once
+    # per process, then from here. Shared read-only across sessions; a name always holds the same result
+    held = Workspace(Path(folder)).get_analysis(name)
+    if held is None:
+        raise _NotStored(name)
+    return held
+
+
 def analysis(name: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """A computed analysis stored in this session's workspace: ``(meta, arrays)``, or None."""
-    return workspace().get_analysis(name)
+    """A computed analysis stored in this session's workspace: ``(meta, arrays)`` (read-only), or None."""
+    try:
+        return _read_analysis(str(workspace().path), name)
+    except _NotStored:
+        return None
 
 
 def keep_analysis(name: str, meta: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
