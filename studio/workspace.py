@@ -22,6 +22,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ VERSION = 1
 _ID = re.compile(r"^[a-z0-9]{8,40}$")  # the id becomes a folder name: no separators, no dots
 MAX_ANALYSES = 64
 MAX_ANALYSIS_BYTES = 256 * 2**20
+MAX_WORKSPACES = 64  # every visit without ?ws= starts one: the least recently saved beyond this go
 
 
 def new_id() -> str:
@@ -75,6 +77,29 @@ def jsonable(value: Any) -> bool:
     if isinstance(value, Mapping):
         return all(isinstance(k, str) and jsonable(v) for k, v in value.items())
     return False
+
+
+def prune_workspaces(
+    runs_root: str | Path, *, keep: int = MAX_WORKSPACES, spare: str | None = None
+) -> list[str]:
+    """Delete the least recently saved workspaces beyond ``keep`` (never ``spare``); returns the deleted ids.
+
+    Called when a session starts a new workspace, so the folder stays bounded however many visits there are."""
+    folder = Path(runs_root) / WORKSPACES
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        if p.is_dir() and valid_id(p.name) and p.name != spare:
+            try:
+                found.append(((p / STATE_FILE).stat().st_mtime if (p / STATE_FILE).exists() else 0.0, p))
+            except OSError:
+                continue
+    found.sort()
+    doomed = found[: max(0, len(found) - keep)]
+    for _, p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for _, p in doomed]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from studio.errors import StudioError
-from studio.workspace import WORKSPACES, Workspace, empty_state, jsonable, new_id, valid_id
+from studio.workspace import (
+    WORKSPACES,
+    Workspace,
+    empty_state,
+    jsonable,
+    new_id,
+    prune_workspaces,
+    valid_id,
+)
 
 
 def test_ids_are_names_and_bad_ones_are_refused(tmp_path):
@@ -81,3 +89,18 @@ def test_analyses_are_capped_least_recently_used_first(tmp_path):
 def test_jsonable():
     assert jsonable({"a": [1, 2.5, "x", None, True]})
     assert not jsonable({1: "int key"}) and not jsonable({"s": {1, 2}}) and not jsonable(float("inf"))
+
+
+def test_the_number_of_workspaces_is_bounded(tmp_path):
+    import os
+
+    ids = [new_id() for _ in range(5)]
+    for i, ws_id in enumerate(ids):
+        ws = Workspace.open(tmp_path, ws_id)
+        ws.save_state(empty_state())
+        os.utime(ws.path / "state.json", (1000 + i, 1000 + i))  # saved in this order
+    (tmp_path / WORKSPACES / "not-a-workspace.txt").write_text("kept")
+    assert prune_workspaces(tmp_path, keep=2, spare=ids[0]) == ids[1:3]  # the oldest go, the spared stays
+    left = sorted(p.name for p in (tmp_path / WORKSPACES).iterdir())
+    assert left == sorted([ids[0], ids[3], ids[4], "not-a-workspace.txt"])
+    assert prune_workspaces(tmp_path / "nowhere") == []

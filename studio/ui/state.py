@@ -28,7 +28,7 @@ from ..events import Event
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
-from ..workspace import Workspace, jsonable, new_id, valid_id
+from ..workspace import Workspace, jsonable, new_id, prune_workspaces, valid_id
 
 _LOG = logging.getLogger(__name__)
 MODEL_KEY, DATA_KEY, PLAN_KEY = "studio_model_spec", "studio_data_spec", "studio_active_plan"
@@ -137,6 +137,8 @@ def workspace() -> Workspace:
         asked = st.query_params.get("ws")
         ws_id = asked if valid_id(asked) else new_id()
         st.session_state[WS_KEY] = ws_id
+        if ws_id != asked:  # a new workspace: the oldest beyond the cap make room
+            prune_workspaces(runs_root(), spare=ws_id)
     if st.query_params.get("ws") != ws_id:
         st.query_params["ws"] = ws_id
     return Workspace.open(runs_root(), ws_id)
