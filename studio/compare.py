@@ -105,6 +105,16 @@ def origin(spec: Mapping[str, Any], *, depth: int = 4) -> tuple[str, str | None,
     return source, parent, params
 
 
+def _trained(kind: str, spec: Mapping[str, Any], results: Mapping[str, Any]) -> bool:
+    """Whether a run's ``after`` figures come after training: retraining, an SLS cut that retrained, and the
+    methods that train while they prune (P3B, SPLoRA)."""
+    if kind == "retrain" or results.get("kind") == "retrain" or kind in ("p3b", "splora"):
+        return True
+    if kind == "sls":
+        return spec.get("retrain") not in (None, "none") and spec.get("epochs") != 0
+    return False
+
+
 def run_row(run: RunDir) -> dict[str, Any] | None:
     """One comparable row of a run (None for a run without results yet)."""
     try:
@@ -116,7 +126,7 @@ def run_row(run: RunDir) -> dict[str, Any] | None:
     kind = str(spec.get("kind") or results.get("kind") or "run")
     after = results.get("after") if isinstance(results.get("after"), Mapping) else results
     before = results.get("before") if isinstance(results.get("before"), Mapping) else {}
-    recovered = kind == "retrain" or results.get("kind") == "retrain"
+    recovered = _trained(kind, spec, results)
     model, from_run, params = origin(spec)
     return {
         "run": run.path.name,

@@ -166,3 +166,15 @@ def test_compare_page_renders_the_calibration_view_from_real_tiny_runs(tmp_path,
     shown = sorted(float(y) for trace in scatter["data"] for y in _values(trace["y"]))
     assert shown == pytest.approx(sorted(p["actual"] for p in points))  # one point per recovered plan
     assert os.environ["STUDIO_RUNS"] == str(root)
+
+
+def test_runs_that_trained_are_not_labelled_before_recovery():
+    """A retrained SLS cut, P3B and SPLoRA report accuracy after training; a one-shot prune does not."""
+    from studio.compare import _trained
+
+    assert _trained("sls", {"retrain": "cpu"}, {}) and _trained("sls", {"retrain": "auto", "epochs": 3}, {})
+    assert not _trained("sls", {"retrain": "none"}, {}) and not _trained(
+        "sls", {"retrain": "cpu", "epochs": 0}, {}
+    )
+    assert _trained("p3b", {}, {}) and _trained("splora", {}, {}) and _trained("retrain", {}, {})
+    assert not _trained("prune", {}, {})
