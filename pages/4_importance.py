@@ -10,7 +10,7 @@ from studio.jobs import job_status
 from studio.ui import cached, charts, guide, state
 from studio.ui import importance as vm
 from studio.ui.charts import COLORS, human, pct
-from studio.ui.jobs import job_threads
+from studio.ui.jobs import job_threads, session_token
 from studio.ui.results import show_run_result
 
 st.title("Importance")
@@ -225,7 +225,9 @@ with state.user_errors():
         bar.done()
         dev = state.model_spec().device
         job = (
-            vm.start_retrain(res["export"], data, epochs, device=dev, threads=job_threads())
+            vm.start_retrain(
+                res["export"], data, epochs, device=dev, threads=job_threads(), owner=session_token()
+            )
             if retrain
             else None
         )

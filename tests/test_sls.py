@@ -260,7 +260,9 @@ def test_cli_analyze_sls_prints_one_json_object(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["depth"] == 12 and out["samples"] == 200 and len(out["layers"]) == 12
     assert 1 <= out["keep"] <= 12 and out["cut"] is None and out["fast_cut"]["keep"] == out["keep"]
-    assert main(["analyze", "sls", "--alpha", "3", "--device", "cpu"]) == 2
+    with pytest.raises(SystemExit) as e:  # refused while parsing: --alpha is a fraction
+        main(["analyze", "sls", "--alpha", "3", "--device", "cpu"])
+    assert e.value.code == 2
 
 
 def test_sls_spec_round_trips_through_spec_json():

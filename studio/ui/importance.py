@@ -167,12 +167,20 @@ def retrain_spec(export: str | Path, data: DataSpec, epochs: int, *, device: str
 
 
 def start_retrain(
-    export: str | Path, data: DataSpec, epochs: int, *, device: str = "cpu", threads: int | None = None
+    export: str | Path,
+    data: DataSpec,
+    epochs: int,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    owner: str | None = None,
 ) -> str:
     """Submit the retraining of a pruned export as a job next to its run; returns the job's run folder.
 
-    ``threads``: the job's CPU threads (the page passes the studio's thread policy, :mod:`studio.threads`).
+    ``threads``: the job's CPU threads (the page passes the studio's thread policy, :mod:`studio.threads`);
+    ``owner``: the session's token, so only that session may cancel or resume the job.
     """
     out = Path(export).parent.parent / f"{Path(export).parent.name}-retrain"
-    jobs.submit(retrain_spec(export, data, epochs, device=device), out, device=device, threads=threads)
+    spec = retrain_spec(export, data, epochs, device=device)
+    jobs.submit(spec, out, device=device, threads=threads, owner=owner)
     return str(out)
