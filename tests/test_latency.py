@@ -93,3 +93,42 @@ def test_onnxruntime_equals_pytorch_for_uneven_head_dims(tmp_path):
     assert {b.attn.head_dim for b in pruned.blocks} == {8, 5, 16}
     out = export_onnx(pruned, tmp_path / "m.onnx", [3, 32, 32], atol=1e-4)
     assert out["checked"] and out["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["magnitude", "isomorphic"])
+def test_a_latency_target_is_met_on_a_fake_timer(method, monkeypatch, tmp_path):
+    """The solver aims at the latency model's prediction, not MACs: on a device whose latency is a known
+    function of the structure, the pruned model's latency lands on the target."""
+    import studio.latency as lat
+    from studio.models import LoadedModel, data_config
+    from studio.prune import PruneRequest, make_plan
+
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path))
+    monkeypatch.setattr(lat, "time_ms", lambda m, size, batch, **_: structure_cost(m, size, batch))
+    m, base = make()
+    loaded = LoadedModel(m, base, data_config(m), [str(i) for i in range(5)], torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 5, (8,), generator=g))]
+    plan = make_plan(
+        method, PruneRequest(loaded, {"target_latency": 0.6}, batches if method == "isomorphic" else [])
+    )
+    dense = structure_cost(m, None, None)
+    measured = structure_cost(apply_plan(copy.deepcopy(m), plan), None, None)
+    assert measured / dense == pytest.approx(0.6, rel=0.05)
+    rec = plan.params["latency"]
+    assert rec["predicted_ms"] == pytest.approx(measured, rel=1e-6) and rec["target_latency"] == 0.6
+    # and MACs were not the target: the plan keeps a different fraction of them
+    assert abs(plan.summary["macs_fraction"] - 0.6) > 0.02
+
+
+def test_a_method_without_a_latency_model_refuses_the_latency_target():
+    from studio.models import LoadedModel, data_config
+    from studio.prune import PruneRequest, make_plan
+
+    m, base = make()
+    loaded = LoadedModel(m, base, data_config(m), [str(i) for i in range(5)], torch.device("cpu"))
+    with pytest.raises(StudioError, match="no option 'target_latency'"):
+        make_plan(
+            "savit",
+            PruneRequest(loaded, {"target_latency": 0.5}, [(torch.randn(4, 3, 32, 32), torch.arange(4))]),
+        )

@@ -278,6 +278,13 @@ def _prune_text(d: dict[str, Any], plan: PrunePlan | None) -> str:
         met = f"met: keeps {solved['macs_fraction']:.1%} of the MACs, asked {solved['target_macs']:.1%}"
         missed = missed_message(solved)
         lines.append("target  " + (met if missed is None else missed.removeprefix("target ")))
+    lat = (d.get("prune") or {}).get("latency")
+    if lat:
+        flag = "  MISSED (>10 %)" if lat["missed"] else ""
+        lines.append(
+            f"latency target {lat['target_ms']:.2f} ms, predicted {lat['predicted_ms']:.2f}, measured "
+            f"{lat['measured_ms']:.2f} (batch {lat['batch']}, {lat['backend']}; dense {lat['dense_ms']:.2f}){flag}"
+        )
     peak = d.get("peak_memory_mb") or {}
     if peak:
         lines.append("peak    " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in peak.items()))

@@ -25,6 +25,7 @@ from ..data import DataSpec, prepare
 from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, CancelToken, emit
+from ..latency import time_ms
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import PrunePlan
@@ -201,6 +202,28 @@ def calibration_seconds(spec: PruneSpec, loaded: LoadedModel, est: memory.Estima
     return per_image * passes * spec.batches * spec.batch_size
 
 
+LATENCY_MISS = 0.10  # a measured latency further than this from its target is flagged
+
+
+def measured_latency(loaded: LoadedModel, pruned: torch.nn.Module, plan: PrunePlan) -> dict[str, Any] | None:
+    """For a plan solved for a latency target: target, predicted and measured latency side by side, the dense
+    and pruned models timed back to back now (so both see the same load), a miss beyond 10 % flagged."""
+    rec = plan.params.get("latency")
+    if not isinstance(rec, dict):
+        return None
+    size, batch, backend = loaded.data_config["input_size"], int(rec["batch"]), str(rec["backend"])
+    dense_ms = time_ms(copy.deepcopy(loaded.model).eval(), size, batch, backend=backend)
+    pruned_ms = time_ms(pruned, size, batch, backend=backend)
+    target_ms = float(rec["target_latency"]) * dense_ms
+    return {
+        **rec,
+        "dense_ms": round(dense_ms, 4),
+        "target_ms": round(target_ms, 4),
+        "measured_ms": round(pruned_ms, 4),
+        "missed": abs(pruned_ms / target_ms - 1) > LATENCY_MISS,
+    }
+
+
 def run_prune(
     spec: PruneSpec,
     *,
@@ -251,6 +274,7 @@ def run_prune(
         message=f"plan keeps {s['macs_fraction']:.1%} of the MACs, {s['params_fraction']:.1%} of the params",
     )
     pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
+    latency = measured_latency(loaded, pruned, plan)
     eval_data = None
     if spec.evaluate and spec.data is not None:
         eval_data = prepare(
@@ -280,6 +304,7 @@ def run_prune(
                 if eval_data is None
                 else knn_signal(pruned, eval_data, seed=spec.seed, callbacks=callbacks, cancel=cancel)
             },
+            "latency": latency,
         },
         callbacks=callbacks,
         cancel=cancel,

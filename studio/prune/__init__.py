@@ -34,9 +34,10 @@ from typing import Any, Protocol
 import torch
 
 from ..analysis.criteria import accumulate_gradients
-from ..costs import with_summary
+from ..costs import arch_facts, with_summary
 from ..errors import StudioError
 from ..events import Callback, CancelToken
+from ..latency import profile_latency
 from ..memory import MODES
 from ..models import LoadedModel
 from ..plan import PrunePlan
@@ -117,7 +118,25 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         low=1,
         high=1024,
     ),
+    Option(
+        "target_latency",
+        float,
+        None,
+        "fraction of the dense model's measured latency to keep (e.g. 0.7), on this device at latency_batch "
+        "with latency_backend; solved with a latency model fitted to timed variants (studio.latency)",
+        low=0.01,
+        high=1.0,
+    ),
+    Option("latency_batch", int, 1, "batch size the latency target is for", low=1, high=4096),
+    Option(
+        "latency_backend",
+        str,
+        "eager",
+        "runtime the latency target is for",
+        choices=("eager", "compile", "onnxruntime"),
+    ),
 )
+LATENCY_OPTIONS = ("latency_batch", "latency_backend")
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,14 @@ class PruneRequest:
     batches: Sequence[Batch] = ()
     seed: int = 0
     micro_batch: int = 0
+    cost: Callable[[PrunePlan], float] | None = None  # fraction of the base a plan costs (None: MACs)
+
+    def target(self) -> float | None:
+        """The fraction a solver aims at: ``target_latency`` (with :attr:`cost` the latency model's) or
+        ``target_macs``."""
+        p = self.params
+        t = p.get("target_latency") if p.get("target_latency") is not None else p.get("target_macs")
+        return None if t is None else float(t)
 
     def gradients(
         self, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
@@ -187,6 +214,7 @@ class Budget:
 DEFAULT_CALIB_BATCHES = 8  # calibration batches of a method that states no need of its own (CPU-sized)
 
 MACS = Budget("target_macs", "Fraction of the MACs to keep", 0.1, 1.0, 0.5, 0.05)
+LATENCY = Budget("target_latency", "Fraction of the measured latency to keep", 0.1, 1.0, 0.7, 0.05)
 RATIO = Budget("ratio", "Fraction of units to remove in each scope", 0.0, 0.95, 0.3, 0.05)
 
 
@@ -271,6 +299,8 @@ class Method:
     def accepted(self) -> tuple[Option, ...]:
         """Every option it takes: the common ones it declares, then its own."""
         common = {b.option for b in self.budgets} | ({"round_to"} if self.rounds else set())
+        if "target_latency" in common:
+            common |= set(LATENCY_OPTIONS)
         return (*(o for o in COMMON_OPTIONS if o.name in common), *self.options)
 
     def resolve(self, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -312,6 +342,39 @@ def require_unpruned(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
+def latency_cost(
+    loaded: LoadedModel,
+    params: Mapping[str, Any],
+    *,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> tuple[Callable[[PrunePlan], float], dict[str, Any]]:
+    """The latency model of ``loaded`` on its device (fitted, or from the cache) as a solver's cost: a plan's
+    predicted latency as a fraction of the dense model's, and what the plan records of it."""
+    batch, backend = int(params.get("latency_batch") or 1), str(params.get("latency_backend") or "eager")
+    lm = profile_latency(
+        loaded.model,
+        loaded.base,
+        loaded.data_config["input_size"],
+        batch=batch,
+        backend=backend,
+        callbacks=callbacks,
+        cancel=cancel,
+    )
+    facts = arch_facts(loaded.base)
+    dense = lm.predict(PrunePlan.dense(loaded.base), facts)
+    record = {
+        "target_latency": float(params["target_latency"]),
+        "dense_measured_ms": round(lm.dense_ms, 4),
+        "dense_predicted_ms": round(dense, 4),
+        "fit_error": round(lm.fit_error, 4),
+        "batch": batch,
+        "backend": backend,
+        "variants": lm.variants,
+    }
+    return (lambda p: lm.predict(p, facts) / dense), record
+
+
 def make_plan(
     name: str, req: PruneRequest, *, callbacks: Sequence[Callback] = (), cancel: CancelToken | None = None
 ) -> PrunePlan:
@@ -327,11 +390,17 @@ def make_plan(
     if method.data_needed(params) and not req.batches:
         raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
     require_unpruned(req.loaded)
+    cost, latency = req.cost, None
+    if params.get("target_latency") is not None and cost is None:
+        cost, latency = latency_cost(req.loaded, params, callbacks=callbacks, cancel=cancel)
     plan = method.fn(
-        PruneRequest(req.loaded, params, req.batches, req.seed, req.micro_batch),
+        PruneRequest(req.loaded, params, req.batches, req.seed, req.micro_batch, cost),
         callbacks=callbacks,
         cancel=cancel,
     )
+    if latency is not None:
+        latency["predicted_ms"] = round(latency["dense_predicted_ms"] * cost(plan), 4)  # type: ignore[misc]
+        plan = plan.with_(params={**plan.params, "latency": latency})
     return with_summary(plan.validate())
 
 

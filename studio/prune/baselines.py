@@ -20,7 +20,7 @@ from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..plan import PrunePlan
 from ..surgery import check_supported
-from . import METHODS, Method, Option, PruneRequest
+from . import LATENCY, MACS, METHODS, RATIO, Method, Option, PruneRequest
 from .groups import unit_scores
 from .select import MODES, parse_scopes, plan_from_scores
 from .target import TOLERANCE, solve_staged
@@ -96,9 +96,9 @@ def plan_baseline(
             base, scores, by_scope, mode=mode, round_to=round_to, method=method, params=params
         )
 
-    target = params.get("target_macs")
+    target = req.target()
     if target is not None:
-        sol, ratios = solve_staged(build, len(groups), float(target), facts=arch_facts(base))
+        sol, ratios = solve_staged(build, len(groups), target, facts=arch_facts(base), cost=req.cost)
         achieved: dict[str, Any] = {
             "ratios": {s: round(r, 6) for g, r in zip(groups, ratios) for s in g if s in scopes},
             **sol.record(float(target)),
@@ -150,12 +150,22 @@ def prune_taylor(
 
 METHODS.add(
     "random",
-    Method("random", prune_random, "random structured pruning (seeded baseline)", options=(SCOPE, MODE)),
+    Method(
+        "random",
+        prune_random,
+        "random structured pruning (seeded baseline)",
+        options=(SCOPE, MODE),
+        budgets=(MACS, RATIO, LATENCY),
+    ),
 )
 METHODS.add(
     "magnitude",
     Method(
-        "magnitude", prune_magnitude, "L1/L2 norm of each unit's grouped weights", options=(SCOPE, MODE, NORM)
+        "magnitude",
+        prune_magnitude,
+        "L1/L2 norm of each unit's grouped weights",
+        options=(SCOPE, MODE, NORM),
+        budgets=(MACS, RATIO, LATENCY),
     ),
 )
 METHODS.add(
@@ -166,5 +176,6 @@ METHODS.add(
         "first-order Taylor |w·g| over calibration batches",
         options=(SCOPE, MODE),
         needs_data=True,
+        budgets=(MACS, RATIO, LATENCY),
     ),
 )

@@ -32,7 +32,7 @@ What differs from the reference, and why:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,7 @@ from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_fits
-from . import METHODS, Method, Option, PruneRequest
+from . import LATENCY, MACS, METHODS, RATIO, Method, Option, PruneRequest
 from .target import TOLERANCE, solve_ratio, target_record
 
 DEFAULT_RATIOS = (0.5, 0.5, 0.25)  # the paper's DeiT-4.2G triple (ρ, ρ_head, ρ_headdim)
@@ -390,10 +390,12 @@ def solve_scale(
     round_to: int = 1,
     scale_policy: str = "keep",
     params: dict[str, Any] | None = None,
+    cost: Callable[[PrunePlan], float] | None = None,
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> tuple[IsoStructure, float, float]:
-    """Bisect a scale ``s`` of the ratio triple so the plan keeps ``target`` of the MACs (±2 %).
+    """Bisect a scale ``s`` of the ratio triple so the plan keeps ``target`` of the MACs (±2 %), or of
+    ``cost`` (a latency model's prediction as a fraction of the dense model's).
 
     Returns the structure, ``s`` and the MACs fraction it keeps. One pruner run per trial.
     """
@@ -433,7 +435,7 @@ def solve_scale(
         progress(callbacks, "isomorphic bisection", trials[0], 26, scale=s)  # at most lo, hi + 24
         return st.plan
 
-    sol = solve_ratio(build, target, facts=arch_facts(base), lo=0.0, hi=s_max, iters=24)
+    sol = solve_ratio(build, target, facts=arch_facts(base), lo=0.0, hi=s_max, iters=24, cost=cost)
     if not sol.within(target):  # recorded as params.solved.target_missed by prune_isomorphic
         emit(
             callbacks,
@@ -499,7 +501,7 @@ def prune_isomorphic(
         grads = req.gradients(callbacks=callbacks, cancel=cancel)
     params = {**p, "seed": req.seed, "base_ratios": ratios.to_dict()}
     kw = dict(importance=importance, round_to=round_to, scale_policy=str(p.get("scale_policy") or "keep"))
-    target = p.get("target_macs")
+    target = req.target()
     if target is None:
         st = isomorphic_structure(req.loaded.model, req.loaded.base, grads, ratios, params=params, **kw)
     else:
@@ -510,6 +512,7 @@ def prune_isomorphic(
             ratios,
             float(target),
             params=params,
+            cost=req.cost,
             callbacks=callbacks,
             cancel=cancel,
             **kw,
@@ -550,5 +553,6 @@ METHODS.add(
         options=(HEAD_RATIO, HEAD_DIM_RATIO, IMPORTANCE, SCALE_POLICY),
         needs_data=uses_data,
         check=ratios_of,
+        budgets=(MACS, RATIO, LATENCY),
     ),
 )

@@ -74,10 +74,13 @@ def solve_ratio(
     hi: float = 1.0,
     tol: float = TOLERANCE,
     iters: int = 40,
+    cost: Callable[[PrunePlan], float] | None = None,
 ) -> Solution:
     """Bisect ``r`` in [lo, hi] so that ``build(r)`` keeps ``target`` of the base MACs (closest plan wins).
 
-    Raises :class:`StudioError` if even ``build(hi)`` keeps more than ``target·(1+tol)``.
+    ``cost``: another measure of a plan as a fraction of the base's (a latency model's prediction, see
+    :func:`studio.prune.latency_cost`), non-increasing in ``r`` like the MACs. Raises :class:`StudioError` if
+    even ``build(hi)`` keeps more than ``target·(1+tol)``.
     """
     if not 0.0 < target <= 1.0:
         raise StudioError(f"--target-macs must be a fraction in (0, 1], got {target}.")
@@ -86,7 +89,7 @@ def solve_ratio(
     base_macs = plan_cost(PrunePlan.dense(first.base), facts)["macs"]
 
     def frac(p: PrunePlan) -> float:
-        return plan_cost(p, facts)["macs"] / base_macs
+        return cost(p) if cost is not None else plan_cost(p, facts)["macs"] / base_macs
 
     f_lo = frac(first)
     if f_lo <= target:
@@ -94,6 +97,13 @@ def solve_ratio(
     last = build(hi)
     f_hi = frac(last)
     if f_hi > target * (1 + tol):
+        if cost is not None:
+            raise StudioError(
+                f"The smallest model these scopes allow is predicted at {f_hi:.1%} of the dense latency, above "
+                f"the target {target:.1%}: on this device and batch the latency hardly depends on these widths "
+                "(per-layer overheads dominate). Ask for a larger --target-latency, a larger --latency-batch, "
+                "or remove blocks (--method sls)."
+            )
         raise StudioError(
             f"The smallest model these scopes allow keeps {f_hi:.1%} of the MACs, above the target "
             f"{target:.1%}. Prune more scopes (e.g. --scope heads,mlp,embed) or ask for a larger "
@@ -123,6 +133,7 @@ def solve_staged(
     *,
     facts: ArchFacts | None = None,
     tol: float = TOLERANCE,
+    cost: Callable[[PrunePlan], float] | None = None,
 ) -> tuple[Solution, list[float]]:
     """Solve ``build([r_0, ..., r_{stages-1}])`` (one ratio per group of scopes, coarsest first) for ``target``.
 
@@ -138,7 +149,12 @@ def solve_staged(
         frozen = list(fixed)
         try:
             sol = solve_ratio(
-                lambda r, f=frozen, k=k: build(f + [r] * (stages - k)), target, facts=facts, lo=lo, tol=tol
+                lambda r, f=frozen, k=k: build(f + [r] * (stages - k)),
+                target,
+                facts=facts,
+                lo=lo,
+                tol=tol,
+                cost=cost,
             )
         except StudioError:
             if best is None:

@@ -1,0 +1,81 @@
+"""Prune to a measured latency: target, predicted and measured latency per model, method, backend and target.
+
+For each model the latency model is fitted on the chosen backend and batch (``studio.latency``: timed pruned
+variants, held-out error reported), each method solves for 70 % and 50 % of the dense latency, and the pruned
+model is timed back to back with the dense one. Prints a markdown table::
+
+    .venv/bin/python bench/latency.py --models demo deit_small_patch16_224 --backends eager onnxruntime
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from studio.errors import StudioError
+from studio.latency import profile_latency, time_ms
+from studio.models import LoadedModel, create_vit, data_config, describe_base
+from studio.prune import PruneRequest, make_plan
+from studio.surgery import apply_plan
+
+
+def load(name: str) -> LoadedModel:
+    if name == "demo":
+        from studio.load import load_model
+        from studio.models import ModelSpec
+
+        return load_model(ModelSpec("demo", device="cpu"))
+    torch.manual_seed(0)
+    m = create_vit(name, num_classes=10).eval()
+    return LoadedModel(
+        m, describe_base(m, name, {"num_classes": 10}), data_config(m), [], torch.device("cpu")
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["demo", "deit_small_patch16_224"])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "random"])
+    ap.add_argument("--backends", nargs="+", default=["eager", "onnxruntime"])
+    ap.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--variants", type=int, default=24)
+    args = ap.parse_args()
+    print("| model | backend | fit error | method | target | target ms | predicted ms | measured ms | miss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        loaded = load(name)
+        size = loaded.data_config["input_size"]
+        for backend in args.backends:
+            lm = profile_latency(
+                loaded.model, loaded.base, size, batch=args.batch, backend=backend, variants=args.variants
+            )
+            for method in args.methods:
+                for t in args.targets:
+                    params = {"target_latency": t, "latency_batch": args.batch, "latency_backend": backend}
+                    try:
+                        plan = make_plan(method, PruneRequest(loaded, params))
+                    except StudioError as e:
+                        print(
+                            f"| {name} | {backend} | {lm.fit_error:.1%} | {method} | {t:.0%} | – | – | – | {e} |"
+                        )
+                        continue
+                    pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
+                    dense_ms = time_ms(loaded.model, size, args.batch, backend=backend)
+                    ms = time_ms(pruned, size, args.batch, backend=backend)
+                    target_ms = t * dense_ms
+                    pred = plan.params["latency"]["predicted_ms"]
+                    print(
+                        f"| {name} | {backend} | {lm.fit_error:.1%} | {method} | {t:.0%} | {target_ms:.2f} | "
+                        f"{pred:.2f} | {ms:.2f} | {ms / target_ms - 1:+.1%} |"
+                    )
+
+
+if __name__ == "__main__":
+    main()
