@@ -53,13 +53,17 @@ def cache_dir() -> Path:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's structure and weights (cheap: sums and shapes, not the raw bytes)."""
+    """A hash of the model's structure and the raw bytes of every tensor.
+
+    Not sums: two models whose weights are permutations of each other (heads reordered) have equal sums and
+    must not share cached features. Hashing DeiT-S's 88 MB takes about 0.2 s.
+    """
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        if t.is_floating_point() and t.numel():
-            h.update(f"{float(t.double().sum()):.10e}{float(t.double().abs().sum()):.10e}".encode())
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        if t.numel():
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

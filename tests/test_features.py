@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from studio.data import TensorData
@@ -29,3 +31,18 @@ def test_cache_hit_returns_same_bank_and_misses_on_new_weights(tiny_vit, tmp_pat
         tiny_vit.blocks[0].mlp.fc2.bias += 1.0
     c = cached_extract(tiny_vit, data, {"data": "x"})
     assert not torch.equal(a.cls[0], c.cls[0])
+
+
+def test_fingerprint_tells_apart_models_whose_weights_are_permutations():
+    """Reordering heads keeps every per-tensor sum: the cache key must still differ (issue 13)."""
+    from studio.features import model_fingerprint
+    from studio.models import create_vit
+
+    torch.manual_seed(0)
+    a = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        w = b.blocks[0].attn.proj.weight
+        w.copy_(w.flip(1))  # same sums and shapes, other model
+    assert model_fingerprint(a) != model_fingerprint(b)
+    assert model_fingerprint(a) == model_fingerprint(copy.deepcopy(a))
