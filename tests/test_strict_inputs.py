@@ -343,3 +343,17 @@ def test_plan_with_a_huge_base_is_refused_at_once():
     with pytest.raises(StudioError, match=r"'base\.embed_dim' = 1,000,000,000 is out of range"):
         PrunePlan.dense(base).validate()
     assert time.perf_counter() - t < 1.0
+
+
+def test_every_preprocessing_field_can_be_set_for_any_source(capsys):
+    """Issue 13: a bare checkpoint and its export must be evaluable the same way, so crop and interpolation are
+    overridable like mean/std, and the override is what the evaluation uses."""
+    import json
+
+    from studio.cli import main
+
+    assert main(["eval", "--json", "--device", "cpu"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--json", "--device", "cpu", "--crop-pct", "0.9", "--interpolation", "bilinear"]) == 0
+    cropped = json.loads(capsys.readouterr().out)
+    assert cropped["n"] == plain["n"] and cropped["top1"] != plain["top1"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..argtypes import finite_float, json_object, positive_float, positive_int
+from ..argtypes import finite_float, in_range, json_object, positive_float, positive_int
 from ..data import DataSpec
 from ..errors import StudioError
 from ..events import Callback, CancelToken, Event
@@ -57,6 +57,17 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False) -> Non
     )
     g.add_argument("--mean", type=finite_float, nargs=3, help="override normalisation mean")
     g.add_argument("--std", type=positive_float, nargs=3, help="override normalisation std")
+    # every preprocessing field can be set for every source (checkpoint, export, demo): the same weights must
+    # be evaluated the same way however they were loaded
+    g.add_argument(
+        "--interpolation",
+        choices=("bicubic", "bilinear", "nearest"),
+        help="override the resize interpolation",
+    )
+    g.add_argument(
+        "--crop-pct", type=in_range(float, 0.05, 1.0), help="override the centre-crop fraction (1 = no crop)"
+    )
+    g.add_argument("--crop-mode", choices=("center", "squash", "border"), help="override the crop mode")
 
 
 def add_data_args(p: argparse.ArgumentParser, *, default: str | None = "demo") -> None:
@@ -86,6 +97,9 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         data["mean"] = list(args.mean)
     if getattr(args, "std", None):
         data["std"] = list(args.std)
+    for name in ("interpolation", "crop_pct", "crop_mode"):
+        if getattr(args, name, None) is not None:
+            data[name] = getattr(args, name)
     return ModelSpec(
         source=args.model,
         arch=args.arch,
