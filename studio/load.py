@@ -139,12 +139,29 @@ def _load_strict(
             f"{path.name} does not fit the architecture: {'; '.join(parts)}. Check --arch, --img-size and the "
             "timm kwargs (patch size, width, depth); for a different classifier use --num-classes N --reset-head."
         )
+    # load_state_dict casts silently: integer (e.g. quantised) weights would become a different model
+    cast = [
+        f"{k} ({sd[k].dtype})"
+        for k, v in own.items()
+        if k in sd and v.is_floating_point() and not sd[k].is_floating_point()
+    ]
+    if cast:
+        raise StudioError(
+            f"{path.name} stores non-float weights ({', '.join(cast[:2])}): a quantised or non-weight file. "
+            "Give the float checkpoint (or dequantise it first)."
+        )
     model.load_state_dict(sd, strict=not allow_missing_head)
 
 
 def _load_folder(folder: Path, spec: ModelSpec, device: torch.device, *, name: str) -> LoadedModel:
     loaded = load_exported(folder, device=device, data_overrides=spec.data)
     loaded.source = name
+    size = loaded.data_config["input_size"][-1]
+    if spec.img_size is not None and spec.img_size != size:
+        raise StudioError(
+            f"{name} is a built model for {size} px inputs; --img-size applies to checkpoint files only (an "
+            "export keeps the resolution it was trained at). Drop --img-size."
+        )
     if spec.num_classes is not None and spec.num_classes != loaded.base.num_classes and not spec.reset_head:
         raise StudioError(
             f"{name} classifies {loaded.base.num_classes} classes but {spec.num_classes} were asked for. "

@@ -354,6 +354,33 @@ def test_every_preprocessing_field_can_be_set_for_any_source(capsys):
 
     assert main(["eval", "--json", "--device", "cpu"]) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert main(["eval", "--json", "--device", "cpu", "--crop-pct", "0.9", "--interpolation", "bilinear"]) == 0
+    assert (
+        main(["eval", "--json", "--device", "cpu", "--crop-pct", "0.9", "--interpolation", "bilinear"]) == 0
+    )
     cropped = json.loads(capsys.readouterr().out)
     assert cropped["n"] == plain["n"] and cropped["top1"] != plain["top1"]
+
+
+def test_img_size_for_a_built_model_is_refused_not_ignored():
+    from studio.load import load_model
+    from studio.models import ModelSpec
+
+    with pytest.raises(StudioError, match="--img-size applies to checkpoint files only"):
+        load_model(ModelSpec("demo", img_size=64, device="cpu"))
+    assert load_model(ModelSpec("demo", img_size=32, device="cpu")).data_config["input_size"] == [3, 32, 32]
+
+
+def test_integer_weights_are_refused_instead_of_cast(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from studio.load import load_model
+    from studio.models import ModelSpec, create_vit
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    sd = {k: v.contiguous() for k, v in create_vit("vit_tiny_patch16_224", **kw).state_dict().items()}
+    sd["blocks.0.attn.qkv.weight"] = (sd["blocks.0.attn.qkv.weight"] * 100).to(torch.int32)
+    save_file(sd, str(tmp_path / "q.safetensors"))
+    spec = ModelSpec(str(tmp_path / "q.safetensors"), arch="vit_tiny_patch16_224", device="cpu", kwargs=kw)
+    with pytest.raises(StudioError, match="non-float weights .*blocks.0.attn.qkv.weight"):
+        load_model(spec)
