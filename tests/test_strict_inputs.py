@@ -382,5 +382,5 @@ def test_integer_weights_are_refused_instead_of_cast(tmp_path):
     sd["blocks.0.attn.qkv.weight"] = (sd["blocks.0.attn.qkv.weight"] * 100).to(torch.int32)
     save_file(sd, str(tmp_path / "q.safetensors"))
     spec = ModelSpec(str(tmp_path / "q.safetensors"), arch="vit_tiny_patch16_224", device="cpu", kwargs=kw)
-    with pytest.raises(StudioError, match="non-float weights .*blocks.0.attn.qkv.weight"):
+    with pytest.raises(StudioError, match=r"non-float weights .*blocks\.0\.attn\.qkv\.weight"):
         load_model(spec)
