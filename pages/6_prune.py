@@ -3,9 +3,10 @@
 import pandas as pd
 import streamlit as st
 
+from studio import memory
 from studio.compare import plan_diff, plan_table
 from studio.flows import start
-from studio.flows.prune import PruneSpec
+from studio.flows.prune import PruneSpec, calibration_estimate
 from studio.plan import PrunePlan
 from studio.prune import get_method, load_methods
 from studio.prune.presets import CPU, active_preset, apply_preset, get_preset, preset_names
@@ -84,6 +85,13 @@ spec = PruneSpec(
     preset=preset_name,
 )
 c2.caption(f"Active preset: **{active_preset(name, params, spec.to_dict())}**")
+if not method.trains:
+    # what the calibration will hold at its peak, before anything runs (studio.memory; checked by the run)
+    estimate = calibration_estimate(spec, state.pristine_model())
+    if estimate is not None:
+        st.caption(
+            f"Calibration memory: {estimate.describe()}; {memory.gib(memory.available_bytes())} free here."
+        )
 if method.trains:  # minutes or more: a job that a reload or a closed tab does not stop
     st.info(
         f"{name} trains while it prunes: it runs as a background job that a reload or a closed tab does not stop."
