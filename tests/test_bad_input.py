@@ -532,6 +532,34 @@ def cancel_of_another_session_s_job(tmp: Path) -> str:
     return engine(lambda: jobs.cancel_job(run.path, owner="a" * 32))
 
 
+def img_size_for_a_built_model(tmp: Path) -> str:
+    from studio.load import load_model
+    from studio.models import ModelSpec
+
+    return engine(lambda: load_model(ModelSpec("demo", img_size=64, device="cpu")))
+
+
+def integer_weights(tmp: Path) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    from studio.load import load_model
+    from studio.models import ModelSpec, create_vit
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    sd = {k: v.contiguous() for k, v in create_vit("vit_tiny_patch16_224", **kw).state_dict().items()}
+    sd["blocks.0.attn.qkv.weight"] = sd["blocks.0.attn.qkv.weight"].mul(100).to(torch.int32)
+    save_file(sd, str(tmp / "q.safetensors"))
+    spec = ModelSpec(str(tmp / "q.safetensors"), arch="vit_tiny_patch16_224", device="cpu", kwargs=kw)
+    return engine(lambda: load_model(spec))
+
+
+def unsupported_family(tmp: Path) -> str:
+    from studio.models import create_vit
+
+    return engine(lambda: create_vit("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2))
+
+
 @dataclass(frozen=True)
 class Case:
     fn: Callable[[Path], str]
@@ -695,6 +723,19 @@ CASES = [
         "Cancel of a job another browser session started",
         "job panel (Runs, Retrain, ...)",
         "only it can cancel",
+    ),
+    Case(
+        img_size_for_a_built_model,
+        "`--img-size 64` for the demo or an export",
+        "CLI / Model page",
+        "Drop --img-size",
+    ),
+    Case(integer_weights, "a checkpoint with int32 weights", "Model page", "non-float weights"),
+    Case(
+        unsupported_family,
+        "a timm ViT with parallel blocks (`vit_small_patch16_18x2_224`)",
+        "Model page",
+        "ParallelThingsBlock",
     ),
 ]
 
