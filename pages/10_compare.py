@@ -11,10 +11,12 @@ from studio.attention import attention_pair
 from studio.compare import (
     SIGNALS,
     STAGES,
+    back_to_back,
     calibration,
     calibration_points,
     collect,
     label,
+    load_range,
     pareto_mask,
     per_class_change,
     plan_diff,
@@ -23,6 +25,7 @@ from studio.compare import (
     rank_untried,
     speed_columns,
 )
+from studio.jobs import list_jobs
 from studio.runs import RunDir
 from studio.ui import cached, charts, guide, state
 
@@ -53,7 +56,23 @@ with state.user_errors():
     )
     if not sizes:
         c2.caption("No run measured throughput: prune with “Measure throughput” on to compare speed.")
+    fresh = st.session_state.get("cmp_fresh", {}).get(bs) if bs else None
+    if bs and fresh is None:
+        loads = load_range(rows, bs)
+        if loads is None or loads[1] > 1.5 * max(loads[0], 0.5):
+            st.warning(
+                "These throughputs were measured when each run ran, under different machine load"
+                + ("" if loads is None else f" (load {loads[0]:.1f} to {loads[1]:.1f})")
+                + ": they are not comparable. Re-measure them back to back below.",
+                icon=":material/speed:",
+            )
     df = pd.DataFrame(speed_columns(rows, bs) if bs else rows)
+    if fresh is not None:  # figures measured back to back now replace the ones taken whenever each run ran
+        by = {f["model"]: f["images_per_s"] for f in fresh}
+        df["images_per_s"] = [by.get(r) for r in df["run"]]
+        ref = by.get("dense")
+        df["measured_speedup"] = [v / ref if v and ref else None for v in df["images_per_s"]]
+        st.caption(f"Throughput measured back to back now (batch {bs}); runs not re-measured are left out.")
     for col in ("images_per_s", "measured_speedup"):
         if col not in df:
             df[col] = None
@@ -107,6 +126,41 @@ with state.user_errors():
         },
     )
     charts.download_csv(df.drop(columns=["path"], errors="ignore"), "runs", key="cmp_csv")
+
+with state.user_errors():
+    st.subheader("Measure back to back", divider="gray")
+    st.caption(
+        "Times the dense model and every exported run now, interleaved round by round (medians), so a change "
+        "in machine load hits them all alike."
+    )
+    busy = [j.name for j in list_jobs(state.runs_root()) if j.state in ("starting", "running")]
+    if busy:
+        st.warning(
+            f"A studio job is running ({', '.join(busy[:3])}): it shares the CPU, so the figures would be slowed "
+            "by it. Measure when it has finished.",
+            icon=":material/warning:",
+        )
+    b1, b2 = st.columns(2)
+    mbs = b1.number_input("Batch size", 1, 1024, int(bs or 1), key="cmp_b2b_bs")
+    rounds = b2.number_input("Rounds", 1, 50, 7, key="cmp_b2b_rounds")
+    if st.button("Re-measure back to back", key="cmp_b2b", icon=":material/speed:", disabled=bool(busy)):
+        models = {"dense": state.pristine_model().model}
+        for r in rows:
+            if r["has_export"]:
+                models[r["run"]] = cached.run_model(f"{r['path']}/export").model
+        bar = state.StreamlitProgress("Measuring back to back")
+        result = back_to_back(
+            models,
+            state.pristine_model().data_config["input_size"],
+            int(mbs),
+            rounds=int(rounds),
+            callbacks=[bar],
+        )
+        bar.done()
+        st.session_state.setdefault("cmp_fresh", {})[int(mbs)] = result
+        st.rerun()
+    for size, result in sorted(st.session_state.get("cmp_fresh", {}).items()):
+        st.dataframe(pd.DataFrame(result), hide_index=True, key=f"cmp_fresh_table_{size}")
 
 with state.user_errors():
     st.subheader("Per-class accuracy change", divider="gray")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -90,6 +91,8 @@ class ThroughputResult:
     repeats: int
     warmup: int
     threads: int = field(default_factory=torch.get_num_threads)
+    # the machine's 1-minute load when measured: figures taken under different load are not comparable
+    load_avg: float = field(default_factory=lambda: round(os.getloadavg()[0], 2))
 
     def to_dict(self) -> dict:
         return asdict(self)

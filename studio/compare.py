@@ -12,7 +12,9 @@ number of runs), the signal to trust, and the untried candidates sorted by it.
 
 from __future__ import annotations
 
+import os
 import re
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,9 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .analysis.separability import knn_accuracy
+from .bench import measure_throughput
 from .errors import StudioError
-from .events import Callback, CancelToken
+from .events import Callback, CancelToken, check, progress
 from .export import read_manifest
 from .features import extract
 from .plan import PrunePlan, diff
@@ -78,6 +81,16 @@ def _top1(d: Mapping[str, Any] | None) -> float | None:
 def _throughput(d: Mapping[str, Any] | None) -> dict[int, float]:
     tp = (d or {}).get("throughput") or {}
     return {int(bs): float(r["images_per_s"]) for bs, r in tp.items() if isinstance(r, Mapping)}
+
+
+def _throughput_detail(d: Mapping[str, Any] | None) -> dict[int, dict[str, Any]]:
+    """Per batch size what was recorded with the figure (the machine load, threads)."""
+    tp = (d or {}).get("throughput") or {}
+    return {
+        int(bs): {"load_avg": r.get("load_avg"), "threads": r.get("threads")}
+        for bs, r in tp.items()
+        if isinstance(r, Mapping)
+    }
 
 
 def _source(spec: Mapping[str, Any]) -> str:
@@ -148,7 +161,9 @@ def run_row(run: RunDir) -> dict[str, Any] | None:
         "params_dense": None if recovered else before.get("params"),
         "macs_dense": None if recovered else before.get("macs"),
         "throughput": _throughput(after),
+        "throughput_detail": _throughput_detail(after),
         "dense_throughput": {} if recovered else _throughput(before),
+        "dense_throughput_detail": {} if recovered else _throughput_detail(before),
         "has_export": (run.export_dir / "manifest.json").exists(),
     }
 
@@ -177,6 +192,7 @@ def collect(root: str | Path, *, model: str | None = None) -> list[dict[str, Any
                 "params": base["params_dense"],
                 "macs": base["macs_dense"],
                 "throughput": base["dense_throughput"],
+                "throughput_detail": base["dense_throughput_detail"],
                 "dense_throughput": base["dense_throughput"],
                 "has_export": False,
             }
@@ -199,7 +215,7 @@ def speed_columns(rows: Sequence[dict[str, Any]], batch_size: int) -> list[dict[
         ref = (r.get("dense_throughput") or (dense or {}).get("throughput") or {}).get(batch_size)
         out.append(
             {
-                **{k: v for k, v in r.items() if k not in ("throughput", "dense_throughput")},
+                **{k: v for k, v in r.items() if not k.startswith(("throughput", "dense_throughput"))},
                 "images_per_s": ips,
                 "measured_speedup": ips / ref if ips and ref else None,
             }
@@ -267,6 +283,68 @@ def plan_diff(a: PrunePlan | None, b: PrunePlan | None, base: PrunePlan | None =
     ref = a or b or base
     assert ref is not None
     return diff(a or PrunePlan.dense(ref.base), b or PrunePlan.dense(ref.base))
+
+
+def back_to_back(
+    models: Mapping[str, torch.nn.Module],
+    input_size: Sequence[int],
+    batch_size: int,
+    *,
+    rounds: int = 7,
+    warmup: int = 3,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> list[dict[str, Any]]:
+    """Throughput of every model measured now, interleaved: each round times every model once, in an order
+    rotated round to round, and each figure is the median over the rounds. A drift in machine load then hits
+    every model alike, which figures taken whenever each run ran cannot promise. The load before and after is
+    recorded with the figures."""
+    if not models:
+        raise StudioError("Pick at least one model to measure.")
+    if rounds < 1:
+        raise StudioError(f"Give at least one round, got {rounds}.")
+    names = list(models)
+    load_before = round(os.getloadavg()[0], 2)
+    for n in names:  # warm every model before the first timed round
+        measure_throughput(models[n], input_size, batch_size=batch_size, warmup=warmup, repeats=1)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            check(cancel)
+            t = measure_throughput(models[n], input_size, batch_size=batch_size, warmup=0, repeats=1)
+            times[n].append(t.latency_ms)
+        progress(callbacks, "back-to-back throughput", r + 1, rounds)
+    load_after = round(os.getloadavg()[0], 2)
+    out = []
+    for n in names:
+        med = statistics.median(times[n])
+        out.append(
+            {
+                "model": n,
+                "batch_size": batch_size,
+                "images_per_s": batch_size / med * 1e3,
+                "latency_ms": med,
+                "spread_ms": max(times[n]) - min(times[n]),
+                "rounds": rounds,
+                "load_before": load_before,
+                "load_after": load_after,
+            }
+        )
+    return out
+
+
+def load_range(rows: Sequence[Mapping[str, Any]], batch_size: int) -> tuple[float, float] | None:
+    """The machine load under which the stored throughputs at ``batch_size`` were measured (min, max), or None
+    when a figure does not record it (measured before the studio recorded load)."""
+    loads = []
+    for r in rows:
+        t = (r.get("throughput_detail") or {}).get(batch_size)
+        if (r.get("throughput") or {}).get(batch_size) is None:
+            continue
+        if not t or t.get("load_avg") is None:
+            return None
+        loads.append(float(t["load_avg"]))
+    return (min(loads), max(loads)) if loads else None
 
 
 def speed_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
