@@ -3,11 +3,8 @@ pre-recovery signal predicted the recovered accuracy, and attention maps of the 
 
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.subplots import make_subplots
 
-from studio.attention import attention_pair
 from studio.compare import (
     SIGNALS,
     STAGES,
@@ -27,6 +24,7 @@ from studio.compare import (
 )
 from studio.jobs import list_jobs
 from studio.runs import RunDir
+from studio.ui import attention as ui_attention
 from studio.ui import cached, charts, guide, state
 
 st.title("Compare runs")
@@ -278,43 +276,11 @@ with state.user_errors():
     if not exported_runs:
         st.info("Prune a model (with export on) to see its attention beside the dense model's.")
     else:
-        c1, c2, c3 = st.columns(3)
-        pick = c1.selectbox(
+        pick = st.selectbox(
             "Pruned model", list(exported_runs), format_func=exported_runs.get, key="cmp_attn_run"
         )
-        image = c2.number_input("Test image", min_value=0, value=0, step=1, key="cmp_attn_image")
-        depth = state.pristine_model().base.depth
-        block = c3.number_input("Block", min_value=0, max_value=depth - 1, value=0, key="cmp_attn_block")
-        pair = attention_pair(
-            state.pristine_model(), cached.run_model(f"{pick}/export"), state.data_spec(), [int(image)]
+        ui_attention.view(
+            state.pristine_model(), cached.run_model(f"{pick}/export"), state.data_spec(), key="cmp_attn"
         )
-        H = pair.num_heads[int(block)]
-        fig = make_subplots(
-            rows=2,
-            cols=H + 1,
-            row_titles=["dense", "pruned"],
-            column_titles=[f"head {h}" for h in range(H)] + ["rollout"],
-        )
-        for row, maps in ((1, pair.dense), (2, pair.pruned)):
-            b = maps.block(int(block))
-            for h in range(H):
-                if b is not None and h in b.heads:
-                    z = b.maps[0, b.heads.index(h)].tolist()
-                    fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis"), row=row, col=h + 1)
-                else:  # removed head (or the whole block): marked, no map
-                    fig.add_annotation(
-                        text="removed", showarrow=False, row=row, col=h + 1, font={"color": "#C62828"}
-                    )
-            fig.add_trace(go.Heatmap(z=maps.rollout[0].tolist(), coloraxis="coloraxis"), row=row, col=H + 1)
-        fig.update_yaxes(autorange="reversed", showticklabels=False)
-        fig.update_xaxes(showticklabels=False)
-        fig.update_layout(
-            title=f"Block {int(block)}, test image {int(image)} (label {pair.labels[0]})",
-            coloraxis={"colorscale": "Viridis"},
-            height=360,
-        )
-        c1, c2 = st.columns([1, 5])
-        c1.image(pair.images[0], caption=f"image {int(image)}", clamp=True, width=120)
-        c2.plotly_chart(fig, key="cmp_attn_maps")
 
 guide.next_step(("pages/11_export.py", "export the model you chose"))

@@ -7,6 +7,7 @@ import streamlit as st
 
 from studio.analysis import importance as imp
 from studio.jobs import job_status
+from studio.ui import attention as ui_attention
 from studio.ui import cached, charts, guide, state
 from studio.ui import importance as vm
 from studio.ui.charts import COLORS, human, pct
@@ -212,6 +213,17 @@ with state.user_errors():
     for col, key, label in ((m1, "macs", "Active plan MACs"), (m2, "params", "Active plan params")):
         col.metric(label, human(now[key]), pct(now[f"{key}_fraction"]), "off", delta_arrow="off")
     m3.metric("Edits", len(edits), help="; ".join(edits[-5:]) or None)  # a toggle back undoes, not adds
+
+    st.subheader("Where each head looks on one image", divider="gray")
+    st.caption(
+        "The class token's attention per head, in the dense model (top) and with the active plan applied "
+        "(bottom), from the models' own attention modules; removed heads are marked."
+    )
+    if st.toggle(
+        "Show the attention maps of the active plan", key="imp_attn_on"
+    ):  # a forward pass: on demand
+        dense = state.pristine_model()
+        ui_attention.view(dense, ui_attention.with_plan(dense, active), state.data_spec(), key="imp_attn")
 
     st.subheader("Prune and measure", divider="gray")
     r1, r2 = st.columns([1, 1])

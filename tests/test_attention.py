@@ -114,3 +114,30 @@ def test_compare_page_shows_dense_and_pruned_maps_with_removed_heads_marked(tmp_
     assert len(removed) == 3 - len(kept)  # only in the pruned row, one per removed head
     # dense row: every head and the rollout; pruned row: the kept heads and the rollout
     assert len(fig["data"]) == (3 + 1) + (len(kept) + 1)
+
+
+def test_importance_page_shows_the_active_plans_attention_with_removed_heads_marked(monkeypatch, tmp_path):
+    """The Importance page's view: which heads matter for this image, dense vs the active plan."""
+    import json
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from studio.plan import BlockPlan, PrunePlan
+    from studio.ui.state import PLAN_KEY
+
+    monkeypatch.setenv("STUDIO_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
+    at.run()
+    from studio.load import load_model
+    from studio.models import ModelSpec
+
+    base = load_model(ModelSpec("demo", device="cpu")).base
+    plan = PrunePlan(base, tuple(BlockPlan(i, heads=(0, 1) if i == 0 else None) for i in range(base.depth)))
+    at.session_state[PLAN_KEY] = plan.validate()
+    at.switch_page("pages/4_importance.py").run()
+    at.toggle(key="imp_attn_on").set_value(True).run()
+    assert not at.exception, at.exception
+    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "imp_attn_maps" in c.proto.id)
+    removed = [a for a in spec["layout"].get("annotations", []) if a.get("text") == "removed"]
+    assert len(removed) == 1  # head 2 of block 0, in the pruned row only
