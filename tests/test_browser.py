@@ -175,6 +175,11 @@ def test_demo_walkthrough_in_a_real_browser(server):
             assert _go(page, "Compare")
             page.locator(".js-plotly-plot").first.wait_for()
             _check(page, "10_compare", problems)
+            # the attention view: dense vs pruned CLS maps per head, removed heads marked (issue 18)
+            attention = page.get_by_text("Attention maps, dense vs pruned")
+            attention.scroll_into_view_if_needed()
+            expect(page.get_by_text("removed").first).to_be_visible()
+            _check(page, "10b_attention", problems)
 
             assert _go(page, "Export")
             expect(page.get_by_text("Downloads")).to_be_visible()
