@@ -26,6 +26,7 @@ from studio.jobs import list_jobs
 from studio.runs import RunDir
 from studio.ui import attention as ui_attention
 from studio.ui import cached, charts, guide, state
+from studio.ui.results import group_diff
 
 st.title("Compare runs")
 st.caption(
@@ -198,7 +199,7 @@ with state.user_errors():
         "Plan B", list(named), index=min(1, len(named) - 1), format_func=named.get, key="cmp_diff_b"
     )
     pa, pb = (None if p == "dense" else plan_of(RunDir(p)) for p in (a, b))
-    changes = plan_diff(pa, pb) if (pa or pb) else []
+    changes = group_diff(plan_diff(pa, pb)) if (pa or pb) else []  # one line per change, not per block
     st.markdown("\n".join(f"- {c}" for c in changes[:60]) if changes else "Same structure.")
     for col, plan, key in ((c1, pa, "a"), (c2, pb, "b")):
         if plan is not None:
