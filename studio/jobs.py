@@ -176,11 +176,26 @@ def _reap(pid: int) -> int | None:
     return os.waitstatus_to_exitcode(status)
 
 
-def _read_exit_code(run: Path) -> int | None:
+def _read_exit_code(run: Path, since: float | None = None) -> int | None:
+    """The exit code the wrapper recorded, if it was recorded after ``since`` (this attempt's start): the
+    wrapper of a cancelled attempt can write its code late, after a resumed attempt has started."""
+    f = run / EXIT_FILE
     try:
-        return int((run / EXIT_FILE).read_text().strip())
+        if since is not None and f.stat().st_mtime < since - 1.0:
+            return None
+        return int(f.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+def _wait_for_wrapper(job: dict[str, Any], timeout: float = 15.0) -> None:
+    """Let an earlier attempt's wrapper record its exit code before a new attempt starts (so it cannot
+    overwrite the new attempt's record afterwards)."""
+    pid = job.get("wrapper_pid")
+    end = time.time() + timeout
+    while pid and _alive(pid, job.get("wrapper_start")) and time.time() < end:
+        _reap(pid)
+        time.sleep(0.1)
 
 
 def _alive(pid: int | None, start_time: int | None = None) -> bool:
@@ -389,6 +404,8 @@ def start_job(
     launch_device = devs[0] if nproc == 1 else ("cuda" if devs[0] != "cpu" else "cpu")
     cmd = _command(argv, launch_device, nproc)
     run.path.mkdir(parents=True, exist_ok=True)
+    if (run.path / JOB_FILE).exists():
+        _wait_for_wrapper(_job(run.path))
     locks = _acquire(devs, run.path)
     _sweep_leftovers(run.path)
     # the thread policy (studio.threads): the cores left by the server (when it runs) and the running jobs
@@ -656,7 +673,7 @@ def job_status(run_dir: str | Path) -> JobStatus:
     unwritable = False
     exit_code = job.get("exit_code")
     if pid and not alive and exit_code is None and job:
-        exit_code = _read_exit_code(run.path)
+        exit_code = _read_exit_code(run.path, job.get("started"))
         # the wrapper's own status when we are its parent (frees the zombie); job.json files older than the
         # trainer's own pid named the wrapper as "pid"
         reaped = _reap(int(job.get("wrapper_pid") or pid))
