@@ -151,12 +151,18 @@ def test_compare_page_renders_the_calibration_view_from_real_tiny_runs(tmp_path,
     table = next(d.value for d in at.dataframe if "spearman" in d.value.columns)
     rows = dict(zip(table["label"], table["n"]))
     assert rows["accuracy right after pruning"] == 3 and rows["MACs kept"] == 3
-    # the prune flow records the kNN accuracy of the cut features (prune.signals.knn_top1) for the page
+    # the prune flow records the kNN accuracy of the cut features and the share of the magnitude score the plan
+    # removed (prune.signals) for the page; a smaller MACs target removes more of it
     assert all(0 <= p["knn_pruned"] <= 1 for p in points)
     assert (
         rows["kNN accuracy of the cut features"] == 3
-        and rows["criterion score removed (less is better)"] == 0
+        and rows["criterion score removed (less is better)"] == 3
     )
+    removed = [
+        json.loads((root / f"p{i}" / "results.json").read_text())["prune"]["signals"] for i in range(3)
+    ]
+    shares = [r["removed_score"] for r in removed]
+    assert 1 > shares[0] > shares[1] > shares[2] > 0, shares
     expected = calibration(points)
     notes = [m.value for m in (*at.success, *at.info)]
     assert expected["reason"] in notes
@@ -178,3 +184,34 @@ def test_runs_that_trained_are_not_labelled_before_recovery():
     )
     assert _trained("p3b", {}, {}) and _trained("splora", {}, {}) and _trained("retrain", {}, {})
     assert not _trained("prune", {}, {})
+
+
+def test_removed_score_is_the_share_of_each_scored_kind_removed_averaged_over_kinds():
+    from studio.analysis.criteria import UnitScores
+    from studio.plan import BaseArch, BlockPlan, PrunePlan
+    from studio.prune.select import plan_from_scores, removed_score
+
+    base = BaseArch(
+        arch="t",
+        kwargs={},
+        embed_dim=8,
+        depth=2,
+        num_heads=(4, 4),
+        head_dim=2,
+        mlp_hidden=(4, 4),
+        num_classes=3,
+    )
+    scores = UnitScores("x", heads=((1, 2, 3, 4), (5, 5, 5, 5)), mlp=((0, 0, 1, 1), (1, 1, 1, 1)))
+    dense = PrunePlan.dense(base)
+    assert removed_score(scores, dense) == 0.0
+    # heads: block 0 loses heads 0 and 1 (3 of the 30 head score); mlp: block 1 loses 2 neurons (2 of 6)
+    plan = dense.with_(blocks=(BlockPlan(0, heads=(2, 3)), BlockPlan(1, mlp=(0, 1))))
+    assert removed_score(scores, plan) == pytest.approx((3 / 30 + 2 / 6) / 2, abs=1e-6)
+    # a removed block removes all its units
+    assert removed_score(scores, dense.with_(blocks=(BlockPlan(0),))) == pytest.approx(
+        (20 / 30 + 4 / 6) / 2, abs=1e-6
+    )
+    # the plans the selection builds carry it, and removing the top units removes more score than the bottom
+    low = plan_from_scores(base, scores, {"heads": 0.5})
+    assert low.summary["removed_score"] == pytest.approx((3 + 10) / 30 / 2, abs=1e-6)
+    assert removed_score(UnitScores("x"), plan) is None

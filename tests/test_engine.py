@@ -37,6 +37,9 @@ TINY_OPTIONS = {
     "splora": {"epochs": 1, "recovery_epochs": 0, "prune_step": 0.5, "score_batches": 1, "rank": 2.0},
     "sls": {"embed": "none"},
 }
+DEPTH_ONLY = {
+    "sls"
+}  # cuts whole blocks by separability: it scores no units, so it has no removed-score signal
 
 
 def _methods() -> list[str]:
@@ -57,6 +60,12 @@ def test_every_planning_method_gives_a_plan_the_surgery_applies_at_its_analytic_
     counted = profile(pruned, demo_loaded.data_config["input_size"])
     assert counted["params"] == plan.summary["params_after"] and counted["macs"] == plan.summary["macs_after"]
     assert plan.summary["macs_after"] < plan.summary["macs_before"], "the default budget prunes something"
+    # the "criterion score removed" signal (Compare ranks plans by it): every unit-scoring method records it
+    score = plan.summary.get("removed_score")
+    if name in DEPTH_ONLY:
+        assert score is None
+    else:
+        assert score is not None and 0.0 < score < 1.0, score
 
 
 @pytest.mark.parametrize("name", _methods())

@@ -302,7 +302,9 @@ def run_prune(
             "signals": {
                 "knn_top1": None
                 if eval_data is None
-                else knn_signal(pruned, eval_data, seed=spec.seed, callbacks=callbacks, cancel=cancel)
+                else knn_signal(pruned, eval_data, seed=spec.seed, callbacks=callbacks, cancel=cancel),
+                # the share of the method's criterion score on the removed units (None for a method without one)
+                "removed_score": plan.summary.get("removed_score"),
             },
             "latency": latency,
         },

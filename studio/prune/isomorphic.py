@@ -43,6 +43,7 @@ from torch import nn
 from ..analysis.criteria import (
     IMPORTANCES,
     Grads,
+    UnitScores,
     classifiers,
     example_inputs,
     group_scores,
@@ -55,6 +56,8 @@ from ..events import Callback, CancelToken, check, emit, progress
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_fits
 from . import LATENCY, MACS, METHODS, RATIO, Method, Option, PruneRequest
+from .groups import unit_scores
+from .select import SCOPES, removed_score
 from .target import TOLERANCE, solve_ratio, target_record
 
 DEFAULT_RATIOS = (0.5, 0.5, 0.25)  # the paper's DeiT-4.2G triple (ρ, ρ_head, ρ_headdim)
@@ -540,7 +543,20 @@ def prune_isomorphic(
             message=f"guard: global head ranking emptied blocks {list(st.guarded_blocks)}; "
             "kept their best head",
         )
-    return st.plan
+    score = removed_score(criterion_scores(req.loaded.model, grads), st.plan)
+    return st.plan.with_(summary={**st.plan.summary, "removed_score": score})
+
+
+def criterion_scores(model: nn.Module, grads: Grads | None) -> UnitScores:
+    """Isomorphic's criterion per unit, summed over each unit's coupled weights: ``|w ⊙ g|`` (Taylor) or ``w²``
+    (torch-pruning's magnitude, p = 2) -- the scores behind the plan's "criterion score removed" signal."""
+    elem = {
+        n: (p.detach() * grads[n].to(p.device)).abs()
+        if grads is not None and n in grads
+        else (torch.zeros_like(p) if grads is not None else p.detach().pow(2))
+        for n, p in model.named_parameters()
+    }
+    return unit_scores(model, elem, SCOPES)  # type: ignore[arg-type]
 
 
 METHODS.add(

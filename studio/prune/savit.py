@@ -47,12 +47,14 @@ from typing import Any
 
 import numpy as np
 
+from ..analysis.criteria import UnitScores
 from ..analysis.gate_scores import SavitScores, savit_scores
 from ..costs import ArchFacts, arch_facts, plan_cost
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from . import DEFAULT_CALIB_BATCHES, MACS, METHODS, Method, Option, PruneRequest
+from .select import removed_score
 from .target import target_record
 
 
@@ -261,9 +263,11 @@ def plan_from_allocation(
         BlockPlan(i, heads=_kept(base.num_heads[i], rh[i]), mlp=_kept(base.mlp_hidden[i], rm[i]))
         for i in range(base.depth)
     )
-    return PrunePlan(
+    plan = PrunePlan(
         base=base, blocks=blocks, embed=_kept(base.embed_dim, re_), method="savit", params=dict(params or {})
-    ).validate()
+    )
+    unit = UnitScores("taylor2", heads=scores.heads, mlp=scores.mlp, embed=scores.embed)
+    return plan.with_(summary={**plan.summary, "removed_score": removed_score(unit, plan)}).validate()
 
 
 def max_pruned(base: BaseArch, protect_fraction: float) -> tuple[int, int, int]:

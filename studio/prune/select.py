@@ -70,6 +70,37 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[int, ...] | None:
     return tuple(sorted(int(i) for i in order))
 
 
+def removed_score(scores: UnitScores, plan: PrunePlan) -> float | None:
+    """The share of the criterion's score mass on the units ``plan`` removes, in [0, 1] (less is better).
+
+    Each unit kind the criterion scored counts equally (its removed score over its total, over all blocks; a
+    removed block removes all its units), so the figure does not depend on the criterion's scale or on how
+    many units a kind has. It is the "criterion score removed" signal the Compare page ranks plans by; None
+    when nothing was scored. Negative scores count as 0 (a score is "higher = keep").
+    """
+    shares = []
+    for scope in ("heads", "head_dims", "mlp", "embed"):
+        ts = scores.tensors(scope)
+        if ts is None:
+            continue
+        if isinstance(ts, torch.Tensor):
+            pairs = [(ts, plan.embed)]
+        else:
+            pairs = []
+            for i, t in enumerate(ts):
+                b = plan.block(i)
+                pairs.append((t, () if b is None else getattr(b, scope)))
+        total = removed = 0.0
+        for t, kept in pairs:
+            t = t.clamp(min=0)
+            total += float(t.sum())
+            if kept is not None:
+                removed += float(t.sum()) - float(t[list(kept)].sum()) if kept else float(t.sum())
+        if total > 0:
+            shares.append(removed / total)
+    return None if not shares else round(sum(shares) / len(shares), 6)
+
+
 def _counts(scores: Sequence[torch.Tensor], ratio: float, mode: str, round_to: int) -> list[int]:
     if mode == "global":
         return global_counts(scores, ratio, round_to)
@@ -121,6 +152,5 @@ def plan_from_scores(
         BlockPlan(i, heads=kept["heads"][i], head_dims=kept["head_dims"][i], mlp=kept["mlp"][i])
         for i in range(depth)
     )
-    return PrunePlan(
-        base=base, blocks=blocks, embed=embed, method=method, params=dict(params or {})
-    ).validate()
+    plan = PrunePlan(base=base, blocks=blocks, embed=embed, method=method, params=dict(params or {}))
+    return plan.with_(summary={**plan.summary, "removed_score": removed_score(scores, plan)}).validate()
