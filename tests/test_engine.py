@@ -15,6 +15,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from studio.analysis.importance import ImportanceSpec
 from studio.bench import profile
 from studio.data import DataSpec
 from studio.flows import FLOWS, create_run, load_flows, run_folder, spec_from_dict
@@ -155,17 +156,23 @@ def _example(kind: str, tmp: Path) -> object:
         src = create_run(PruneSpec(demo, "magnitude", {"target_macs": 0.5}, DATA, bench=False), tmp / "src")
         run_folder(src)
         return RecoverySpec(ModelSpec(str(src.export_dir), device="cpu"), DATA, demo, overrides={"epochs": 1})
+    if kind == "importance":
+        return ImportanceSpec(demo, DATA, criteria=("l1", "taylor", "ablation"), batches=1, batch_size=16)
     raise AssertionError(f"flow '{kind}' has no example spec here: add one so it is tested")
 
 
 def _figures(res: dict) -> dict:
     """What must replay exactly (timings and paths aside)."""
     keep = ("params", "macs", "top1", "loss", "n", "matches_plan")
-    return {
+    out = {
         "plan": res["plan"],
         "before": {k: res["before"].get(k) for k in keep},
         "after": {k: res["after"].get(k) for k in keep},
     }
+    if res["kind"] == "importance":  # an analysis: its figures are the scores
+        scores = res["importance"]["scores"]
+        out["scores"] = {c: {k: v for k, v in s.items() if k != "seconds"} for c, s in scores.items()}
+    return out
 
 
 @pytest.mark.slow

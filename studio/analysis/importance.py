@@ -412,6 +412,47 @@ class ImportanceSpec:
     micro_batch: int = 0  # images per pass; 0: the largest within the activation budget
     ablation_samples: int = 0  # ablate on the first N calibration images only; 0: all
 
+    @property
+    def kind(self) -> str:
+        return "importance"
+
+    def validate(self) -> None:
+        """Refuse an unknown criterion or a calibration the criteria cannot use, before any work starts."""
+        if not self.criteria:
+            raise StudioError(f"Give at least one criterion: {', '.join(CRITERIA.names())}.")
+        for n in self.criteria:
+            CRITERIA.get(n)
+        for name in ("batches", "batch_size", "micro_batch", "ablation_samples", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_size" else 0):
+                low = 1 if name == "batch_size" else 0
+                raise StudioError(f"--{name.replace('_', '-')} must be a whole number ≥ {low}, got {v!r}.")
+        if self.split not in ("train", "val", "test"):
+            raise StudioError(f"The calibration split must be train, val or test, not {self.split!r}.")
+        needs = [n for n in self.criteria if CRITERIA.get(n).needs_data]
+        if needs and (self.data is None or self.batches == 0):
+            raise StudioError(
+                f"Criteria {', '.join(needs)} need calibration data: give --data and --batches ≥ 1 "
+                "(or keep only l1, l2)."
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ImportanceSpec:
+        try:
+            return cls(
+                model=ModelSpec.from_dict(d.get("model") or {}),
+                data=None if d.get("data") is None else DataSpec.from_dict(d["data"]),
+                criteria=tuple(str(c) for c in d.get("criteria", DEFAULT_CRITERIA)),
+                batches=int(d.get("batches", 4)),
+                batch_size=int(d.get("batch_size", 64)),
+                split=str(d.get("split", "train")),
+                seed=int(d.get("seed", 0)),
+                micro_batch=int(d.get("micro_batch", 0)),
+                ablation_samples=int(d.get("ablation_samples", 0)),
+            )
+        except (TypeError, ValueError) as e:
+            raise StudioError(f"The importance spec is malformed ({e}).") from None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": "importance",
