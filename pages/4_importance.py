@@ -26,15 +26,21 @@ st.caption(
 with state.user_errors():
     loaded = state.pristine_model()
     base, data = loaded.base, state.data_spec()
-    c1, c2, c3 = st.columns([3, 1, 1])
+    c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
     crits = c1.multiselect("Criteria", imp.CRITERIA.names(), list(imp.DEFAULT_CRITERIA), key="imp_criteria")
     n_batches = int(c2.number_input("Calibration batches", 1, 64, 4, key="imp_batches"))
-    n_bins = int(c3.slider("Neuron bins", 4, 32, 16, key="imp_bins", help="MLP neurons binned by rank"))
+    n_abl = c3.number_input(
+        "Ablation images", 0, 4096, 0, key="imp_ablation", help="0: every calibration image"
+    )
+    n_bins = int(c4.slider("Neuron bins", 4, 32, 16, key="imp_bins", help="MLP neurons binned by rank"))
     if not crits:
         st.info("Pick at least one criterion.")
         st.stop()
     mkey, dkey = cached.model_key(), cached.data_key()
-    result = imp.ImportanceResult.from_dict(scores(mkey, dkey, tuple(sorted(crits)), n_batches, loaded, data))
+    spec = vm.importance_spec(state.model_spec(), data, crits, n_batches, ablation_samples=int(n_abl))
+    result = scores(spec, loaded)
+    if result is None:
+        st.stop()  # scoring runs as a job: its panel is drawn above
 
     st.subheader("What a method removes at a budget", divider="gray")
     b1, b2, b3 = st.columns([1, 2, 1])

@@ -80,3 +80,43 @@ def test_use_method_plan_makes_it_active():
     assert plan.method == "magnitude"
     assert abs(plan.summary["macs_fraction"] / 0.5 - 1) <= 0.02
     assert _metric(at, "Active plan MACs") == _metric(at, "Planned MACs")
+
+
+def test_real_size_scoring_runs_as_a_job_that_a_reload_finds(monkeypatch, tmp_path):
+    import json
+    import time
+
+    import studio.ui.importance as vm
+    from studio.analysis.importance import run_importance
+    from studio.flows import read_spec
+    from studio.jobs import job_status
+    from studio.runs import list_runs
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("STUDIO_RUNS", str(root))
+    monkeypatch.setattr(vm, "INLINE_MACS", 0.0)  # every model is "real size": scoring goes to a job
+    at = _page()
+    assert not at.get("plotly_chart"), "no heat map before the scores exist"
+    assert any("background job" in i.value for i in at.info)
+    at.button(key="imp_job").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (run,) = list_runs(root)
+    spec = read_spec(run)
+    assert spec.kind == "importance" and spec.criteria == ("ablation", "l2") and spec.batches == 1
+
+    # a reload while it runs (a new session) follows the same job: never a second one
+    again = _page()
+    assert len(list_runs(root)) == 1 and not again.exception
+    deadline = time.time() + 300
+    while job_status(run.path).state != "done":
+        assert job_status(run.path).state in ("queued", "running"), job_status(run.path)
+        assert time.time() < deadline, "the scoring job did not finish"
+        time.sleep(0.5)
+
+    done = _page()
+    assert len(done.get("plotly_chart")) == 3 and len(list_runs(root)) == 1
+    # the job's scores are the inline computation's
+    res = json.loads(run.results_file.read_text())
+    assert res["kind"] == "importance" and res["plan"] is None
+    inline = run_importance(spec).get("l2")
+    assert res["importance"]["scores"]["l2"]["heads"] == [list(r) for r in inline.heads]

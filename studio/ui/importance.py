@@ -16,8 +16,10 @@ import torch
 from .. import jobs
 from ..analysis.criteria import Batch, accumulate_gradients
 from ..analysis.gate_scores import SavitScores, savit_scores
+from ..analysis.importance import CRITERIA, ImportanceSpec
 from ..costs import plan_cost, with_summary
 from ..data import DataSpec
+from ..errors import StudioError
 from ..events import Callback, CancelToken
 from ..flows import start
 from ..flows.prune import PruneSpec
@@ -28,9 +30,64 @@ from ..prune import PruneRequest, make_plan
 from ..prune.isomorphic import DEFAULT_RATIOS, IsoRatios, solve_scale
 from ..prune.savit import savit_plan
 from ..recovery import infer_teacher
-from ..runs import RunDir
+from ..runs import RunDir, list_runs
 
 OVERLAY_METHODS = ("savit", "isomorphic", "magnitude", "random")
+
+# Scoring work (multiply-accumulates) the page does inline, in its script thread; more runs as a job with progress
+# and cancel. The demo's five criteria on 4 x 64 images are ~0.13 TMAC (seconds); DeiT-S at 224 px is ~46 TMAC
+# (about 4.4 TMAC took 420 s on this project's 2-core CPU: docs/results/scale.md).
+INLINE_MACS = 2e11
+BACKWARD = 3.0  # a forward and a backward pass cost about three forwards
+
+
+def scoring_macs(base: BaseArch, criteria: Sequence[str], images: int, ablation_images: int = 0) -> float:
+    """About how many MACs scoring ``criteria`` on ``images`` calibration images takes (the page's
+    inline-or-job choice). Magnitudes are free; Taylor and SAViT's taylor2 share one forward+backward pass per
+    image; ablation costs about half a forward per head on each image it uses (the tokens entering a block are
+    computed once, the rest of the model runs per ablated head)."""
+    forward = plan_cost(PrunePlan.dense(base))["macs"]
+    names = set(criteria)
+    total = BACKWARD * forward * images if names & {"taylor", "taylor2"} else 0.0
+    if "ablation" in names:
+        used = images if ablation_images <= 0 else min(images, ablation_images)
+        total += 0.5 * forward * used * sum(base.num_heads)
+    others = [n for n in names - {"taylor", "taylor2", "ablation"} if CRITERIA.get(n).needs_data]
+    return total + BACKWARD * forward * images * len(
+        others
+    )  # a criterion registered later: a pass of its own
+
+
+def importance_spec(
+    model: ModelSpec,
+    data: DataSpec,
+    criteria: Sequence[str],
+    batches: int,
+    *,
+    ablation_samples: int = 0,
+) -> ImportanceSpec:
+    """The one form of the page's scoring, inline or as a job (64-image calibration batches)."""
+    return ImportanceSpec(
+        model=model,
+        data=data,
+        criteria=tuple(sorted(criteria)),
+        batches=int(batches),
+        batch_size=64,
+        ablation_samples=int(ablation_samples),
+    )
+
+
+def importance_run(root: str | Path, spec: ImportanceSpec) -> RunDir | None:
+    """The newest run of exactly ``spec`` under ``root`` (any state), so a reload or a second tab finds the
+    job it started, or the scores it already wrote."""
+    want = spec.to_dict()
+    for run in list_runs(root):
+        try:
+            if run.spec() == want:
+                return run
+        except (OSError, ValueError, StudioError):
+            continue  # a damaged spec.json is the Runs page's to report, not a match
+    return None
 
 
 class MethodPlanner:

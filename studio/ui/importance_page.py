@@ -3,30 +3,77 @@ and the clickable heat map (the computing view-model is :mod:`studio.ui.importan
 
 from __future__ import annotations
 
+import json
+
 import plotly.graph_objects as go
 import streamlit as st
 
 from ..analysis import importance as imp
+from ..flows.importance import importance_of
+from ..jobs import job_status
 from . import charts, state
+from . import importance as vm
 from .charts import COLORS
+from .jobs import start_job_button
+from .run_actions import follow
 
 
 @st.cache_data(max_entries=16, show_spinner="Scoring heads and neurons…")
-def _scores(mkey: str, dkey: str, criteria: tuple, n: int, _loaded, _data) -> dict:
-    batches = imp.calibration(_loaded, _data, "train", n, 64)
-    return imp.compute_importance(_loaded, batches, criteria).to_dict()
+def _scores(spec_key: str, _spec: imp.ImportanceSpec, _loaded) -> dict:
+    return imp.run_importance(_spec, loaded=_loaded).to_dict()
 
 
-def scores(mkey: str, dkey: str, criteria: tuple, n: int, loaded, data) -> dict:
-    """The importance result, from the session's workspace when it was computed there (a reload, a second tab,
-    a restarted server), else computed (and cached in the process) and kept in the workspace."""
-    name = f"importance:{mkey}:{dkey}:{','.join(criteria)}:{n}"
+@st.fragment(run_every="2s")
+def _rerun_when_done(run_dir: str) -> None:
+    """Redraw the whole page once the scoring job has written its scores (the job panel is a fragment)."""
+    if job_status(run_dir).state == "done":
+        st.rerun()
+
+
+def scores(spec: imp.ImportanceSpec, loaded) -> imp.ImportanceResult | None:
+    """The scores of ``spec``: from the session's workspace (a reload, a second tab, a restarted server), from
+    a finished scoring job of the same spec, or computed inline when the work is small (the demo). Real-size
+    scoring runs as a job (progress, cancel): this draws its start button or its panel and returns None until
+    the job is done."""
+    key = json.dumps(spec.to_dict(), sort_keys=True)
+    name = f"importance:{key}"
     held = state.analysis(name)
     if held is not None:
-        return held[0]
-    result = _scores(mkey, dkey, criteria, n, loaded, data)
+        return imp.ImportanceResult.from_dict(held[0])
+    run = vm.importance_run(state.runs_root(), spec)
+    status = None if run is None else job_status(run.path)
+    if run is not None and status is not None and status.state == "done":
+        result = importance_of(run).to_dict()
+    else:
+        images = spec.batches * spec.batch_size
+        work = vm.scoring_macs(loaded.base, spec.criteria, images, spec.ablation_samples)
+        if work > vm.INLINE_MACS:
+            _as_job(spec, run, work, images)
+            return None
+        result = _scores(key, spec, loaded)
     state.keep_analysis(name, result)
-    return result
+    return imp.ImportanceResult.from_dict(result)
+
+
+def _as_job(spec: imp.ImportanceSpec, run, work: float, images: int) -> None:
+    if run is not None and job_status(run.path).active:
+        st.info(
+            "Scoring runs in the background; the heat maps appear when it is done.",
+            icon=":material/hourglass:",
+        )
+        follow(run.path)
+        _rerun_when_done(str(run.path))
+        return
+    st.info(
+        f"Scoring {', '.join(spec.criteria)} on {images} images is about {work / 1e12:.1f} TMAC for this model: "
+        "too long for the page, so it runs as a background job with progress and cancel. Fewer calibration "
+        "batches or ablation images make it faster.",
+        icon=":material/schedule:",
+    )
+    if run is not None:
+        follow(run.path)  # the last attempt, cancelled or failed: its panel says what happened
+    if start_job_button("Score in the background", spec, key="imp_job") is not None:
+        st.rerun()
 
 
 def set_plan(plan) -> None:
