@@ -3,9 +3,11 @@
 import pandas as pd
 import streamlit as st
 
-from studio.benchmark import Target, benchmark, dtypes_for
+from studio.benchmark import dtypes_for
 from studio.compare import collect, label
-from studio.ui import cached, charts, guide, state
+from studio.flows import start
+from studio.ui import benchmark as vm
+from studio.ui import charts, guide, state
 from studio.ui.charts import COLORS
 from studio.ui.sidebar import model_label
 
@@ -21,7 +23,7 @@ with state.user_errors():
     loaded = state.pristine_model()
     current = state.model_spec().source
     runs = [r for r in collect(state.runs_root(), model=current) if r["has_export"]]
-    options = {"dense": f"dense: {model_label(current)}"}
+    options = {vm.DENSE: f"dense: {model_label(current)}"}
     options |= {r["path"]: label(r) for r in runs}
     if not runs:
         guide.needs(
@@ -37,20 +39,29 @@ with state.user_errors():
     warmup = c1.number_input("Warm-up passes", 1, 200, 5, key="bench_warmup")
     repeats = c2.number_input("Timed passes", 3, 500, 20, key="bench_repeats")
 
+    spec = vm.benchmark_spec(
+        state.model_spec(), {p: options[p] for p in picked}, sizes, dtypes, warmup=warmup, repeats=repeats
+    )
+    problem = state.problem_of(spec)  # a bad choice is said here, before anything is timed
+    if problem:
+        st.error(problem, icon=":material/error:")
     if st.button(
-        "Run benchmark", type="primary", key="bench_run", icon=":material/speed:", disabled=not picked
+        "Run benchmark",
+        type="primary",
+        key="bench_run",
+        icon=":material/speed:",
+        disabled=problem is not None,
     ):
-        targets = [
-            Target(options[p], loaded if p == "dense" else cached.run_model(f"{p}/export")) for p in picked
-        ]
         bar = state.StreamlitProgress("Measuring")
-        rows = benchmark(
-            targets, sorted(sizes), dtypes, warmup=int(warmup), repeats=int(repeats), callbacks=[bar]
-        )
+        run, _ = start(spec, root=state.runs_root(), loaded=loaded, callbacks=[bar])
         bar.done()
-        st.session_state["bench_rows"] = rows
+        st.session_state["bench_last_run"] = str(run.path)
 
-    rows = st.session_state.get("bench_rows")
+    # this session's last benchmark, else (a reload, a new tab) the newest one of this model: nothing is lost
+    shown = vm.last_benchmark(state.runs_root(), current, st.session_state.get("bench_last_run"))
+    rows = None if shown is None else shown.results()["benchmark"]["rows"]
+    if shown is not None and str(shown.path) != st.session_state.get("bench_last_run"):
+        st.caption(f"The last benchmark of this model, `{shown.path.name}`; run again to measure anew.")
     if rows:
         df = pd.DataFrame(rows)
         st.subheader("Speed-up: measured vs ideal", divider="gray")

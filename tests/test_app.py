@@ -127,6 +127,11 @@ def test_prune_benchmark_compare_export_pages(tmp_path, monkeypatch):
     bench = at.dataframe[-1].value
     assert len(bench) == 4 and (bench["images_per_s"] > 0).all()
     assert bench.groupby("model")["ideal_speedup"].first().max() == pytest.approx(2.0, rel=0.05)
+    # the figures are a benchmark run's: a reload (a new session) shows them again instead of an empty page
+    again = _app().run()
+    again.switch_page("pages/9_benchmark.py").run()
+    assert again.dataframe[-1].value.equals(bench)
+    assert any("The last benchmark of this model" in c.value for c in again.caption)
 
     at.switch_page("pages/10_compare.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]

@@ -19,6 +19,7 @@ from studio.analysis.importance import ImportanceSpec
 from studio.bench import profile
 from studio.data import DataSpec
 from studio.flows import FLOWS, create_run, load_flows, run_folder, spec_from_dict
+from studio.flows.benchmark import BenchmarkSpec
 from studio.flows.prune import PruneSpec
 from studio.flows.retrain import RecoverySpec
 from studio.flows.sls import SLSRunSpec
@@ -156,6 +157,8 @@ def _example(kind: str, tmp: Path) -> object:
         src = create_run(PruneSpec(demo, "magnitude", {"target_macs": 0.5}, DATA, bench=False), tmp / "src")
         run_folder(src)
         return RecoverySpec(ModelSpec(str(src.export_dir), device="cpu"), DATA, demo, overrides={"epochs": 1})
+    if kind == "benchmark":
+        return BenchmarkSpec((("dense", demo),), batch_sizes=(2,), warmup=1, repeats=2, rounds=1)
     if kind == "importance":
         return ImportanceSpec(demo, DATA, criteria=("l1", "taylor", "ablation"), batches=1, batch_size=16)
     raise AssertionError(f"flow '{kind}' has no example spec here: add one so it is tested")

@@ -20,10 +20,7 @@ from ..load import load_model
 from ..models import LoadedModel
 from ..runs import RunDir
 from . import FLOWS, Flow
-from .stages import Measure, RunResult, finish
-
-# an analysis measures nothing but the model's cost and exports nothing (there is no pruned model)
-COST_ONLY = Measure(evaluate=False, bench=False, export=False)
+from .stages import COST_ONLY, RunResult, finish
 
 
 def run_importance_flow(

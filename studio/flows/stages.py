@@ -33,7 +33,16 @@ from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..runs import RunDir
 
-__all__ = ["Batch", "Measure", "RunResult", "calibration_batches", "compare", "finish", "measure"]
+__all__ = [
+    "COST_ONLY",
+    "Batch",
+    "Measure",
+    "RunResult",
+    "calibration_batches",
+    "compare",
+    "finish",
+    "measure",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,11 @@ class Measure:
     bench_repeats: int = 10
     export: bool = True
     onnx: bool = False
+
+
+# What an analysis flow (importance, benchmark) measures of its model: its counted cost only; there is no pruned
+# model to evaluate or export
+COST_ONLY = Measure(evaluate=False, bench=False, export=False)
 
 
 @dataclass(frozen=True)
