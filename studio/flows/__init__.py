@@ -74,7 +74,8 @@ class Flow:
     """A registered kind of work.
 
     Attributes:
-        kind: the ``kind`` in ``spec.json`` (``prune``, ``p3b``, ``splora``, ``sls``, ``retrain``).
+        kind: the ``kind`` in ``spec.json`` (``prune``, ``p3b``, ``splora``, ``sls``, ``retrain``, ``importance``,
+            ``benchmark``).
         spec_type: the frozen spec dataclass (``from_dict`` reads ``spec.json``).
         run: ``run(spec, *, run, loaded, callbacks, cancel, resume) -> RunResult``.
         summary: one line for ``python -m studio run --help`` and the Runs page.

@@ -1,6 +1,7 @@
 """The shared tail of every flow, written once: calibration, measure before/after, compare, export, results.
 
-Every kind of work (prune, P3B, SPLoRA, SLS, retrain) ends the same way: the pruned (or recovered) model and
+Every kind of work (prune, P3B, SPLoRA, SLS, retrain; the analyses importance and benchmark with no plan and
+``COST_ONLY``) ends the same way: the pruned (or recovered) model and
 its plan go through :func:`finish`, which counts params/MACs (they must equal the plan's analytic ones),
 evaluates, times throughput, exports (safetensors + manifest, optionally ONNX) and writes ``results.json``
 in one shape (:class:`RunResult`)::
