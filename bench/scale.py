@@ -234,6 +234,9 @@ def main() -> None:
                     figure = f"MACs kept {after['macs'] / d['before']['macs']:.1%}"
                 if after.get("top1") is not None:
                     figure += f"{', ' if figure else ''}top-1 after {after['top1']:.3f}"
+                scores = d.get("scores")
+                if isinstance(scores, dict):  # analyze importance: each criterion's own seconds
+                    figure = ", ".join(f"{c} {s['seconds']:.0f} s" for c, s in scores.items())
             else:
                 figure = "failed: " + (r["err"].strip().splitlines() or ["?"])[-1][:120]
             row = {

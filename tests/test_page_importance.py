@@ -97,7 +97,7 @@ def test_real_size_scoring_runs_as_a_job_that_a_reload_finds(monkeypatch, tmp_pa
     monkeypatch.setattr(vm, "INLINE_MACS", 0.0)  # every model is "real size": scoring goes to a job
     at = _page()
     assert not at.get("plotly_chart"), "no heat map before the scores exist"
-    assert any("background job" in i.value for i in at.info)
+    assert any("background job" in i.value and "measured forward speed" in i.value for i in at.info)
     at.button(key="imp_job").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     (run,) = list_runs(root)
@@ -120,3 +120,17 @@ def test_real_size_scoring_runs_as_a_job_that_a_reload_finds(monkeypatch, tmp_pa
     assert res["kind"] == "importance" and res["plan"] is None
     inline = run_importance(spec).get("l2")
     assert res["importance"]["scores"]["l2"]["heads"] == [list(r) for r in inline.heads]
+
+
+def test_the_scoring_estimate_counts_each_criterions_passes():
+    from studio.load import load_model
+    from studio.models import ModelSpec
+    from studio.ui.importance import scoring_macs
+
+    base = load_model(ModelSpec("demo", device="cpu")).base
+    assert scoring_macs(base, ["l1", "l2"], 256) == 0  # magnitudes read the weights only
+    one = scoring_macs(base, ["taylor"], 256)
+    assert one > 0 and scoring_macs(base, ["taylor", "taylor2"], 256) == one  # one shared backward pass
+    ablation = scoring_macs(base, ["ablation"], 256)
+    assert scoring_macs(base, ["ablation"], 256, 32) == ablation / 8  # on 32 of the 256 images
+    assert ablation > one  # half a forward per head beats one forward+backward on every image

@@ -7,6 +7,8 @@ retraining its export is a :class:`~studio.flows.retrain.RecoverySpec` submitted
 
 from __future__ import annotations
 
+import copy
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,19 @@ def scoring_macs(base: BaseArch, criteria: Sequence[str], images: int, ablation_
     return total + BACKWARD * forward * images * len(
         others
     )  # a criterion registered later: a pass of its own
+
+
+def macs_per_second(loaded: LoadedModel, images: int = 2) -> float:
+    """This machine's measured forward rate for ``loaded``'s model (one warm-up, one timed pass of ``images``
+    random images, on a copy): what turns :func:`scoring_macs` into the page's time estimate."""
+    model = copy.deepcopy(loaded.model).eval()
+    x = torch.randn(images, *loaded.data_config["input_size"], device=loaded.device)
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        model(x)
+        dt = time.perf_counter() - t0
+    return plan_cost(PrunePlan.dense(loaded.base))["macs"] * images / max(dt, 1e-9)
 
 
 def importance_spec(

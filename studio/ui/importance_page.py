@@ -48,14 +48,19 @@ def scores(spec: imp.ImportanceSpec, loaded) -> imp.ImportanceResult | None:
         images = spec.batches * spec.batch_size
         work = vm.scoring_macs(loaded.base, spec.criteria, images, spec.ablation_samples)
         if work > vm.INLINE_MACS:
-            _as_job(spec, run, work, images)
+            _as_job(spec, run, loaded, work, images)
             return None
         result = _scores(key, spec, loaded)
     state.keep_analysis(name, result)
     return imp.ImportanceResult.from_dict(result)
 
 
-def _as_job(spec: imp.ImportanceSpec, run, work: float, images: int) -> None:
+@st.cache_data(max_entries=8, ttl=600, show_spinner="Timing one forward pass…")
+def _rate(spec_key: str, _loaded) -> float:
+    return vm.macs_per_second(_loaded)
+
+
+def _as_job(spec: imp.ImportanceSpec, run, loaded, work: float, images: int) -> None:
     if run is not None and job_status(run.path).active:
         st.info(
             "Scoring runs in the background; the heat maps appear when it is done.",
@@ -64,10 +69,12 @@ def _as_job(spec: imp.ImportanceSpec, run, work: float, images: int) -> None:
         follow(run.path)
         _rerun_when_done(str(run.path))
         return
+    minutes = work / _rate(json.dumps(spec.model.to_dict(), sort_keys=True), loaded) / 60
+    took = "under a minute" if minutes < 1 else f"about {minutes:.0f} min"
     st.info(
-        f"Scoring {', '.join(spec.criteria)} on {images} images is about {work / 1e12:.1f} TMAC for this model: "
-        "too long for the page, so it runs as a background job with progress and cancel. Fewer calibration "
-        "batches or ablation images make it faster.",
+        f"Scoring {', '.join(spec.criteria)} on {images} images is about {work / 1e12:.1f} TMAC for this model, "
+        f"{took} at this machine's measured forward speed: too long for the page, so it runs as "
+        "a background job with progress and cancel. Fewer calibration batches or ablation images make it faster.",
         icon=":material/schedule:",
     )
     if run is not None:
