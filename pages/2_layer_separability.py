@@ -3,7 +3,7 @@
 import streamlit as st
 
 from studio import jobs
-from studio.analysis.separability import EMBEDDINGS
+from studio.analysis.separability import EMBEDDINGS, SeparabilitySpec
 from studio.analysis.sls_cut import sls_cut
 from studio.flows import start
 from studio.flows.sls import SLSRunSpec
@@ -64,8 +64,9 @@ alpha = c[3].slider(
 )
 feats = None
 with state.user_errors():
-    feats = ui.features(cached.model_key(), cached.data_key(), split, samples, loaded, state.data_spec())
-    curve = ui.fast(feats.key, feats)
+    spec = SeparabilitySpec(state.model_spec(), state.data_spec(), split=split, samples=samples, embed=method)
+    feats = ui.features_or_job(spec, loaded, cached.model_key(), cached.data_key())
+    curve = None if feats is None else ui.fast(feats.key, feats)
 if feats is None:
     st.stop()
 

@@ -118,6 +118,16 @@ def extract(
     )
 
 
+def bank_path(model: torch.nn.Module, key: dict[str, Any], *, with_inputs: bool = False) -> Path:
+    """Where :func:`cached_extract` keeps the features of ``model`` on the data ``key`` describes."""
+    digest = hashlib.sha256(
+        json.dumps(
+            {"model": model_fingerprint(model), "inputs": with_inputs, **key}, sort_keys=True, default=str
+        ).encode()
+    ).hexdigest()[:24]
+    return cache_dir() / f"{digest}.safetensors"
+
+
 def cached_extract(
     model: torch.nn.Module,
     data: Dataset,
@@ -128,12 +138,7 @@ def cached_extract(
     cancel: CancelToken | None = None,
 ) -> FeatureBank:
     """:func:`extract`, cached on disk by (model fingerprint, ``key`` describing data/split/transform)."""
-    digest = hashlib.sha256(
-        json.dumps(
-            {"model": model_fingerprint(model), "inputs": with_inputs, **key}, sort_keys=True, default=str
-        ).encode()
-    ).hexdigest()[:24]
-    path = cache_dir() / f"{digest}.safetensors"
+    path = bank_path(model, key, with_inputs=with_inputs)
     if path.exists():
         try:
             return FeatureBank.from_tensors(load_file(str(path)))

@@ -86,7 +86,7 @@ def test_real_size_scoring_runs_as_a_job_that_a_reload_finds(monkeypatch, tmp_pa
     import json
     import time
 
-    import studio.ui.importance as vm
+    import studio.ui.background as background
     from studio.analysis.importance import run_importance
     from studio.flows import read_spec
     from studio.jobs import job_status
@@ -94,7 +94,7 @@ def test_real_size_scoring_runs_as_a_job_that_a_reload_finds(monkeypatch, tmp_pa
 
     root = tmp_path / "runs"
     monkeypatch.setenv("STUDIO_RUNS", str(root))
-    monkeypatch.setattr(vm, "INLINE_MACS", 0.0)  # every model is "real size": scoring goes to a job
+    monkeypatch.setattr(background, "INLINE_MACS", 0.0)  # every model is "real size": scoring goes to a job
     at = _page()
     assert not at.get("plotly_chart"), "no heat map before the scores exist"
     assert any("background job" in i.value and "measured forward speed" in i.value for i in at.info)

@@ -56,3 +56,44 @@ def test_page_embeds_layers_picks_a_cut_and_prunes():
     at.button(key="sls_result_active").click().run()
     _ok(at)
     assert "4/12 blocks" in " ".join(m.value for m in at.sidebar.markdown)
+
+
+def test_a_real_size_analysis_runs_as_a_job_whose_caches_the_page_then_reads(monkeypatch, tmp_path):
+    import time
+
+    import studio.ui.background as background
+    from studio.flows import read_spec
+    from studio.jobs import job_status
+    from studio.runs import list_runs
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("STUDIO_RUNS", str(root))
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))  # nothing extracted yet
+    monkeypatch.setattr(background, "INLINE_MACS", 0.0)  # every model is "real size"
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180).run()
+    at.session_state["sls_samples"] = 60
+    at.session_state["sls_embed"] = "pca"
+    at.switch_page(PAGE).run()
+    _ok(at)
+    assert not at.get("plotly_chart") and any("background job" in i.value for i in at.info)
+    at.button(key="sls_job").click().run()
+    _ok(at)
+    (run,) = list_runs(root)
+    spec = read_spec(run)
+    assert spec.kind == "separability" and spec.samples == 60 and spec.embed == "pca"
+    deadline = time.time() + 300
+    while job_status(run.path).state != "done":
+        assert job_status(run.path).state in ("queued", "running"), job_status(run.path)
+        assert time.time() < deadline, "the separability job did not finish"
+        time.sleep(0.5)
+    res = run.results()["separability"]
+    assert len(res["layers"]) == 12 and all(r["silhouette"] is not None for r in res["layers"])
+
+    # a reload: the features come from the job's disk cache (no second job), the curve and the cut are there
+    again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180).run()
+    again.session_state["sls_samples"] = 60
+    again.session_state["sls_embed"] = "pca"
+    again.switch_page(PAGE).run()
+    _ok(again)
+    assert len(list_runs(root)) == 1 and again.get("plotly_chart")
+    assert f"Suggested: keep {res['keep']}" in " ".join(m.value for m in again.markdown)

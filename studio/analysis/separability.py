@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 from ..data import DataSpec, check_labels, in_memory, load_split
 from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
-from ..features import cache_dir, cached_extract
+from ..features import bank_path, cache_dir, cached_extract
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..runs import atomic_path
@@ -69,7 +69,13 @@ class SeparabilitySpec:
     lazy: bool = False
     knn_k: int = 10
 
+    @property
+    def kind(self) -> str:
+        return "separability"
+
     def validate(self) -> SeparabilitySpec:
+        if self.split not in SPLITS:
+            raise StudioError(f"Unknown analysis split '{self.split}': use {', '.join(SPLITS)}.")
         if self.embed not in (*EMBEDDINGS, "none"):
             raise StudioError(f"Unknown embedding '{self.embed}': use {', '.join(EMBEDDINGS)} or none.")
         if self.samples is not None and self.samples < 10:
@@ -84,6 +90,7 @@ class SeparabilitySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "kind": "separability",
             "model": self.model.to_dict(),
             "data": self.data.to_dict(),
             "split": self.split,
@@ -95,6 +102,25 @@ class SeparabilitySpec:
             "lazy": self.lazy,
             "knn_k": self.knn_k,
         }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SeparabilitySpec:
+        try:
+            samples = d.get("samples", 1000)
+            return cls(
+                model=ModelSpec.from_dict(d.get("model") or {}),
+                data=DataSpec.from_dict(d.get("data") or {}),
+                split=str(d.get("split", "train")),
+                samples=None if samples is None else int(samples),
+                embed=str(d.get("embed", "tsne")),
+                alpha=float(d.get("alpha", DEFAULT_ALPHA)),
+                perplexity=float(d.get("perplexity", 30.0)),
+                seed=int(d.get("seed", 0)),
+                lazy=bool(d.get("lazy", False)),
+                knn_k=int(d.get("knn_k", 10)),
+            )
+        except (TypeError, ValueError) as e:
+            raise StudioError(f"The separability spec is malformed ({e}).") from None
 
     def with_(self, **changes: Any) -> SeparabilitySpec:
         return replace(self, **changes)
@@ -155,6 +181,31 @@ def features_from_bank(
     return LayerFeatures(cls, labels, idx, names, split, _digest(cls.tobytes(), labels.tobytes()))
 
 
+def _subset(
+    loaded: LoadedModel, data: DataSpec, split: str, samples: int | None, seed: int
+) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """The split, the seeded subset's indices and the feature bank's cache key of that subset."""
+    ds = load_split(data, split, loaded.data_config)
+    check_labels(ds, loaded.base.num_classes, split, class_names=loaded.known_class_names)
+    idx = np.arange(len(ds))
+    if samples is not None and samples < len(ds):
+        idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:samples])
+    key = {
+        "data": data.to_dict(),
+        "split": split,
+        "transform": loaded.data_config,
+        "subset": _digest(idx.astype(np.int64).tobytes()),
+    }
+    return ds, idx, key
+
+
+def features_cached(loaded: LoadedModel, spec: SeparabilitySpec) -> bool:
+    """Whether the features ``spec`` analyses are already on disk (so reading them takes a moment, not an
+    extraction over every image): what lets a page skip the job a separability run has done."""
+    _, _, key = _subset(loaded, spec.data, spec.split, spec.samples, spec.seed)
+    return bank_path(loaded.model, key).exists()
+
+
 def layer_features(
     loaded: LoadedModel,
     data: DataSpec,
@@ -166,21 +217,9 @@ def layer_features(
     cancel: CancelToken | None = None,
 ) -> LayerFeatures:
     """Per-block CLS tokens of a seeded subset of ``split``, through the (disk-cached) feature bank."""
-
-    ds = load_split(data, split, loaded.data_config)
-    check_labels(ds, loaded.base.num_classes, split, class_names=loaded.known_class_names)
-    n_all = len(ds)
-    idx = np.arange(n_all)
-    if samples is not None and samples < n_all:
-        idx = np.sort(np.random.default_rng(seed).permutation(n_all)[:samples])
+    ds, idx, key = _subset(loaded, data, split, samples, seed)
     sub = type(ds)([ds.items[i] for i in idx], ds.class_names, ds.transform)
-    emit(callbacks, "log", message=f"analysing {len(sub)} of {n_all} {split} images")
-    key = {
-        "data": data.to_dict(),
-        "split": split,
-        "transform": loaded.data_config,
-        "subset": _digest(idx.astype(np.int64).tobytes()),
-    }
+    emit(callbacks, "log", message=f"analysing {len(sub)} of {len(ds)} {split} images")
     bank = cached_extract(loaded.model, in_memory(sub), key, callbacks=callbacks, cancel=cancel)
     return features_from_bank(
         bank.cls.numpy(), bank.labels.numpy(), indices=idx, class_names=ds.class_names, split=split

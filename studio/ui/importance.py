@@ -21,7 +21,6 @@ from ..analysis.gate_scores import SavitScores, savit_scores
 from ..analysis.importance import CRITERIA, ImportanceSpec
 from ..costs import plan_cost, with_summary
 from ..data import DataSpec
-from ..errors import StudioError
 from ..events import Callback, CancelToken
 from ..flows import start
 from ..flows.prune import PruneSpec
@@ -32,14 +31,10 @@ from ..prune import PruneRequest, make_plan
 from ..prune.isomorphic import DEFAULT_RATIOS, IsoRatios, solve_scale
 from ..prune.savit import savit_plan
 from ..recovery import infer_teacher
-from ..runs import RunDir, list_runs
+from ..runs import RunDir
 
 OVERLAY_METHODS = ("savit", "isomorphic", "magnitude", "random")
 
-# Scoring work (multiply-accumulates) the page does inline, in its script thread; more runs as a job with progress
-# and cancel. The demo's five criteria on 4 x 64 images are ~0.13 TMAC (seconds); DeiT-S at 224 px is ~46 TMAC
-# (about 4.4 TMAC took 420 s on this project's 2-core CPU: docs/results/scale.md).
-INLINE_MACS = 2e11
 BACKWARD = 3.0  # a forward and a backward pass cost about three forwards
 
 
@@ -90,19 +85,6 @@ def importance_spec(
         batch_size=64,
         ablation_samples=int(ablation_samples),
     )
-
-
-def importance_run(root: str | Path, spec: ImportanceSpec) -> RunDir | None:
-    """The newest run of exactly ``spec`` under ``root`` (any state), so a reload or a second tab finds the
-    job it started, or the scores it already wrote."""
-    want = spec.to_dict()
-    for run in list_runs(root):
-        try:
-            if run.spec() == want:
-                return run
-        except (OSError, ValueError, StudioError):
-            continue  # a damaged spec.json is the Runs page's to report, not a match
-    return None
 
 
 class MethodPlanner:

@@ -10,24 +10,14 @@ import streamlit as st
 
 from ..analysis import importance as imp
 from ..flows.importance import importance_of
-from ..jobs import job_status
-from . import charts, state
+from . import background, charts, state
 from . import importance as vm
 from .charts import COLORS
-from .jobs import start_job_button
-from .run_actions import follow
 
 
 @st.cache_data(max_entries=16, show_spinner="Scoring heads and neurons…")
 def _scores(spec_key: str, _spec: imp.ImportanceSpec, _loaded) -> dict:
     return imp.run_importance(_spec, loaded=_loaded).to_dict()
-
-
-@st.fragment(run_every="2s")
-def _rerun_when_done(run_dir: str) -> None:
-    """Redraw the whole page once the scoring job has written its scores (the job panel is a fragment)."""
-    if job_status(run_dir).state == "done":
-        st.rerun()
 
 
 def scores(spec: imp.ImportanceSpec, loaded) -> imp.ImportanceResult | None:
@@ -40,15 +30,25 @@ def scores(spec: imp.ImportanceSpec, loaded) -> imp.ImportanceResult | None:
     held = state.analysis(name)
     if held is not None:
         return imp.ImportanceResult.from_dict(held[0])
-    run = vm.importance_run(state.runs_root(), spec)
-    status = None if run is None else job_status(run.path)
-    if run is not None and status is not None and status.state == "done":
-        result = importance_of(run).to_dict()
+    done = background.finished(spec)
+    if done is not None:
+        result = importance_of(done).to_dict()
     else:
         images = spec.batches * spec.batch_size
         work = vm.scoring_macs(loaded.base, spec.criteria, images, spec.ablation_samples)
-        if work > vm.INLINE_MACS:
-            _as_job(spec, run, loaded, work, images)
+        if work > background.INLINE_MACS:
+            minutes = work / _rate(json.dumps(spec.model.to_dict(), sort_keys=True), loaded) / 60
+            took = "under a minute" if minutes < 1 else f"about {minutes:.0f} min"
+            background.offer_job(
+                spec,
+                key="imp_job",
+                label="Score in the background",
+                why=f"Scoring {', '.join(spec.criteria)} on {images} images is about {work / 1e12:.1f} TMAC for "
+                f"this model, {took} at this machine's measured forward speed: too long for the page, so it "
+                "runs as a background job with progress and cancel. Fewer calibration batches or ablation "
+                "images make it faster.",
+                waiting="Scoring runs in the background; the heat maps appear when it is done.",
+            )
             return None
         result = _scores(key, spec, loaded)
     state.keep_analysis(name, result)
@@ -58,29 +58,6 @@ def scores(spec: imp.ImportanceSpec, loaded) -> imp.ImportanceResult | None:
 @st.cache_data(max_entries=8, ttl=600, show_spinner="Timing one forward pass…")
 def _rate(spec_key: str, _loaded) -> float:
     return vm.macs_per_second(_loaded)
-
-
-def _as_job(spec: imp.ImportanceSpec, run, loaded, work: float, images: int) -> None:
-    if run is not None and job_status(run.path).active:
-        st.info(
-            "Scoring runs in the background; the heat maps appear when it is done.",
-            icon=":material/hourglass:",
-        )
-        follow(run.path)
-        _rerun_when_done(str(run.path))
-        return
-    minutes = work / _rate(json.dumps(spec.model.to_dict(), sort_keys=True), loaded) / 60
-    took = "under a minute" if minutes < 1 else f"about {minutes:.0f} min"
-    st.info(
-        f"Scoring {', '.join(spec.criteria)} on {images} images is about {work / 1e12:.1f} TMAC for this model, "
-        f"{took} at this machine's measured forward speed: too long for the page, so it runs as "
-        "a background job with progress and cancel. Fewer calibration batches or ablation images make it faster.",
-        icon=":material/schedule:",
-    )
-    if run is not None:
-        follow(run.path)  # the last attempt, cancelled or failed: its panel says what happened
-    if start_job_button("Score in the background", spec, key="imp_job") is not None:
-        st.rerun()
 
 
 def set_plan(plan) -> None:

@@ -19,17 +19,20 @@ from ..analysis.separability import (
     FastCurve,
     LayerEmbedding,
     LayerFeatures,
+    SeparabilitySpec,
     embed_layer,
     fast_curve,
+    features_cached,
     layer_features,
 )
 from ..analysis.sls_cut import Cut
+from ..costs import plan_cost
 from ..data import DataSpec
 from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..prune.sls import PAPER_SELECTION_NOTE
 from ..summary import measure_speed
-from . import charts, state
+from . import background, charts, state
 from .charts import COLORS, pct
 from .results import speedup_note
 from .run_actions import make_active_button, result_actions
@@ -39,9 +42,37 @@ PANEL_PX, LEGEND_ROW_PX = 250, 18  # an embedding panel's height; one legend ent
 
 @st.cache_data(max_entries=8, show_spinner="Extracting every block's CLS tokens…")
 def features(
-    mkey: str, dkey: str, split: str, samples: int, _loaded: LoadedModel, _data: DataSpec
+    mkey: str, dkey: str, split: str, samples: int | None, _loaded: LoadedModel, _data: DataSpec
 ) -> LayerFeatures:
     return layer_features(_loaded, _data, split=split, samples=samples)
+
+
+def features_or_job(
+    spec: SeparabilitySpec, loaded: LoadedModel, mkey: str, dkey: str
+) -> LayerFeatures | None:
+    """The analysis set's per-block CLS tokens: from the disk cache (a finished separability job filled it) or
+    extracted inline when that is quick; at real size a separability job (features and every layer's embedding,
+    with progress and cancel) is offered or followed instead, and None returned until it is done."""
+    forward = plan_cost(PrunePlan.dense(loaded.base))["macs"]
+    work = forward * (spec.samples or 10_000)
+    if work > background.INLINE_MACS and not features_cached(loaded, spec):
+        background.offer_job(
+            spec,
+            key="sls_job",
+            label="Analyse in the background",
+            why=f"Reading every block's CLS tokens of up to {spec.samples or 'all'} images is about "
+            f"{work / 1e12:.1f} TMAC for this model, plus a {spec.embed} embedding per layer: too long for the page, "
+            "so it runs as a background job with progress and cancel. Fewer samples make it faster.",
+            waiting="The analysis runs in the background; the curves and embeddings appear when it is done.",
+        )
+        return None
+    feats = features(mkey, dkey, spec.split, spec.samples, loaded, spec.data)
+    if spec.embed != "none" and background.finished(spec) is not None:
+        # the job embedded every layer too (on disk): show them as if "Embed all layers" had been pressed
+        wanted = st.session_state.setdefault("sls_embedded", [])
+        if f"{feats.key}:{spec.embed}" not in wanted:
+            wanted.append(f"{feats.key}:{spec.embed}")
+    return feats
 
 
 @st.cache_data(max_entries=32, show_spinner="Scoring every layer…")
