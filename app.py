@@ -27,6 +27,7 @@ SECTIONS: dict[str, list[tuple[str, str, str, str]]] = {
         ("pages/2_layer_separability.py", "Layer separability", ":material/scatter_plot:", "separability"),
         ("pages/3_block_benefit.py", "Block benefit", ":material/stacked_bar_chart:", "block-benefit"),
         ("pages/4_importance.py", "Importance", ":material/grid_view:", "importance"),
+        ("pages/12_sensitivity.py", "Sensitivity", ":material/show_chart:", "sensitivity"),
         ("pages/5_adapters.py", "Adapters", ":material/tune:", "adapters"),
     ],
     "Prune": [("pages/6_prune.py", "Prune", ":material/content_cut:", "prune")],

@@ -9,7 +9,7 @@ from studio.compare import collect, label
 from studio.export import read_manifest
 from studio.modelcard import export_zip, lineage, lineage_command, lineage_specs, model_card
 from studio.runs import RunDir
-from studio.ui import cached, guide, state
+from studio.ui import cached, guide, shape, state
 from studio.ui.charts import human, pct
 from studio.workflow import export_onnx_for, export_plan_run
 
@@ -74,6 +74,8 @@ with state.user_errors():
     k[1].metric("MACs / image", human(metrics.get("macs")))
     k[2].metric("Test accuracy", pct(metrics.get("top1")))
     k[3].metric("Weights", f"{(run.export_dir / 'model.safetensors').stat().st_size / 2**20:.1f} MB")
+    with st.expander("Shape: the widths this model keeps, per block", expanded=True):
+        shape.show_shape(manifest.get("plan"), key="export_shape", name=f"{run.path.name}-shape")
 
     # the whole lineage (e.g. prune -> retrain), each step replayed from the one before, paths relative to the
     # folder that holds the runs folder; the specs ship in the zip's lineage/ folder

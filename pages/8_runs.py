@@ -10,6 +10,7 @@ import streamlit as st
 from studio import jobs
 from studio.ui import guide, state
 from studio.ui.charts import human
+from studio.ui.curves import overlay_section
 from studio.ui.jobs import STATE_ICONS, curves_figure, job_panel, mine
 
 st.title("Runs")
@@ -71,6 +72,9 @@ st.caption(
 )
 if shown.empty:
     st.stop()
+
+with st.expander("Compare training curves: several runs overlaid"):
+    overlay_section(shown.to_dict("records"), key="runs_overlay")
 
 name = st.selectbox("Open a run", list(shown["run"]), key="runs_open")
 row = next(r for r in rows if r["run"] == name)

@@ -16,6 +16,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from studio.analysis.importance import ImportanceSpec
+from studio.analysis.separability import SeparabilitySpec
 from studio.bench import profile
 from studio.data import DataSpec
 from studio.flows import FLOWS, create_run, load_flows, run_folder, spec_from_dict
@@ -157,10 +158,16 @@ def _example(kind: str, tmp: Path) -> object:
         src = create_run(PruneSpec(demo, "magnitude", {"target_macs": 0.5}, DATA, bench=False), tmp / "src")
         run_folder(src)
         return RecoverySpec(ModelSpec(str(src.export_dir), device="cpu"), DATA, demo, overrides={"epochs": 1})
+    if kind == "separability":
+        return SeparabilitySpec(demo, DATA, samples=48, embed="pca")
     if kind == "benchmark":
         return BenchmarkSpec((("dense", demo),), batch_sizes=(2,), warmup=1, repeats=2, rounds=1)
     if kind == "importance":
         return ImportanceSpec(demo, DATA, criteria=("l1", "taylor", "ablation"), batches=1, batch_size=16)
+    if kind == "sensitivity":
+        from studio.flows.sensitivity import SensitivitySpec
+
+        return SensitivitySpec(demo, DataSpec("demo", limit=96), fractions=(0.5, 0.75))
     raise AssertionError(f"flow '{kind}' has no example spec here: add one so it is tested")
 
 
@@ -172,6 +179,10 @@ def _figures(res: dict) -> dict:
         "before": {k: res["before"].get(k) for k in keep},
         "after": {k: res["after"].get(k) for k in keep},
     }
+    if res["kind"] == "separability":  # an analysis: its figures are the per-layer scores and the cut
+        out["layers"], out["keep"] = res["separability"]["layers"], res["separability"]["keep"]
+    if res["kind"] == "sensitivity":  # an analysis: its figures are the sweep's rows
+        out["rows"] = res["sensitivity"]["rows"]
     if res["kind"] == "importance":  # an analysis: its figures are the scores
         scores = res["importance"]["scores"]
         out["scores"] = {c: {k: v for k, v in s.items() if k != "seconds"} for c, s in scores.items()}

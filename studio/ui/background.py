@@ -12,15 +12,15 @@ from ..errors import StudioError
 from ..flows import Spec
 from ..jobs import job_status
 from ..runs import RunDir, list_runs
-from .jobs import start_job_button
+from .jobs import device_picker, start_job_button
 from .run_actions import follow
 from .state import runs_root
 
-# Work (multiply-accumulates) a page does inline, in its script thread; more runs as a job with progress and
-# cancel. The demo's importance scoring (five criteria, 4 x 64 images) is ~0.13 TMAC (seconds); DeiT-S at 224 px
-# is ~46 TMAC, and SLS's features of 1,000 DeiT-S images ~4.6 TMAC (minutes on this project's 2-core CPU, which
-# runs ~26 GMAC/s: docs/results/scale.md).
-INLINE_MACS = 2e11
+# Work (multiply-accumulates) a page does inline, in its script thread: about 20 s on this project's 2-core CPU,
+# which runs ~26 GMAC/s (docs/results/scale.md); more runs as a job with progress and cancel. On the demo the
+# importance scoring (five criteria, 4 x 64 images) is ~0.13 TMAC and the default sensitivity sweep ~0.2 TMAC;
+# DeiT-S at 224 px needs ~46 TMAC to score and ~4.6 TMAC for SLS's features of 1,000 images.
+INLINE_MACS = 5e11
 
 
 def run_of(spec: Spec, root: str | Path | None = None) -> RunDir | None:
@@ -48,11 +48,14 @@ def _rerun_when_done(run_dir: str) -> None:
         st.rerun()
 
 
-def offer_job(spec: Spec, *, key: str, label: str, why: str, waiting: str) -> None:
+def offer_job(
+    spec: Spec, *, key: str, label: str, why: str, waiting: str, device_key: str | None = None
+) -> None:
     """Follow the running job of ``spec``, or explain ``why`` it runs as a job and offer the ``label`` button.
 
     Args:
         waiting: what the page shows while the job runs (what appears when it is done).
+        device_key: draw a device picker (keyed so) beside the button, for work worth a GPU; else the CPU.
     """
     run = run_of(spec)
     if run is not None and job_status(run.path).active:
@@ -63,5 +66,6 @@ def offer_job(spec: Spec, *, key: str, label: str, why: str, waiting: str) -> No
     st.info(why, icon=":material/schedule:")
     if run is not None:
         follow(run.path)  # the last attempt, cancelled or failed: its panel says what happened
-    if start_job_button(label, spec, key=key) is not None:
+    device = device_picker(device_key)[0] if device_key else "cpu"
+    if start_job_button(label, spec, key=key, device=device) is not None:
         st.rerun()

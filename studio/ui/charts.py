@@ -125,6 +125,16 @@ def style(
     return fig
 
 
+def legend_under_title(fig: go.Figure, height: int) -> go.Figure:
+    """Move the legend up to just below the title, for figures with subplot titles (they sit where
+    :func:`style` puts the legend)."""
+    y = 1 - (MODEBAR_PX + 34) / height  # in container pixels: below the toolbar strip and the title
+    fig.update_layout(
+        legend=dict(yref="container", y=y, yanchor="top"), margin=dict(t=fig.layout.margin.t + 22)
+    )
+    return fig
+
+
 def hover(title: str = "%{x}", **fields: str) -> str:
     """A hover template: a bold title line, then one ``label: value`` line per field.
 

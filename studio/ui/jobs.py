@@ -183,6 +183,8 @@ def curves_figure(run_dir: str | Path) -> go.Figure | None:
     steps, epochs = pd.DataFrame(data["steps"]), pd.DataFrame(data["epochs"])
     if steps.empty and epochs.empty:
         return None
+    if not epochs.empty:  # records count epochs from 0; the page says "epoch 1 / N" (and so do the overlays)
+        epochs["epoch"] = epochs["epoch"] + 1
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("Training loss", "Per epoch"), specs=[[{}, {"secondary_y": True}]]
     )
