@@ -10,9 +10,9 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from studio.analysis.criteria import calibration_batches
+from studio.analysis.criteria import calibration_batches, keep_count
 from studio.analysis.importance import CRITERIA
-from studio.analysis.sensitivity import keep_count, sensitivity, sweep_plan
+from studio.analysis.sensitivity import sensitivity, sweep_plan
 from studio.data import DataSpec, prepare
 from studio.errors import Cancelled, StudioError
 from studio.evaluate import evaluate, logits_of

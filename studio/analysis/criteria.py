@@ -10,6 +10,7 @@ and attached to a copy (:func:`with_grads`): the cached model is never touched.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,23 @@ class UnitScores:
             embed=None if embed is None else fn(embed),  # type: ignore[arg-type]
             seconds=self.seconds,
         )
+
+
+# the selection rule every method and analysis shares: keep the top-scored units, at least one
+def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
+    """Units kept of ``n`` when removing ``ratio`` of them: at least 1, rounded up to ``round_to`` (≤ n)."""
+    k = max(1, n - math.floor(ratio * n + 1e-9))
+    if round_to > 1:
+        k = min(n, math.ceil(k / round_to) * round_to)
+    return k
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[int, ...] | None:
+    """Indices of the ``k`` highest scores (ties: lower index first), sorted; ``None`` if all are kept."""
+    if k >= len(scores):
+        return None
+    order = torch.argsort(-scores.double(), stable=True)[:k]
+    return tuple(sorted(int(i) for i in order))
 
 
 def make_importance(name: str) -> tp.importance.Importance:

@@ -28,7 +28,7 @@ from ..events import Callback, CancelToken, check, emit, progress
 from ..models import LoadedModel
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import apply_plan, check_fits
-from .criteria import Batch, UnitScores
+from .criteria import Batch, UnitScores, keep_count, top_k
 from .importance import CRITERIA
 
 SCOPES = ("heads", "mlp")
@@ -124,20 +124,6 @@ class SensitivityResult:
         )
 
 
-def keep_count(n: int, fraction: float) -> int:
-    """Units kept of ``n`` when removing ``fraction`` of them: at least 1 (the rule of
-    :func:`studio.prune.select.keep_count`, which this layer may not import: analysis sits below methods)."""
-    return max(1, n - math.floor(fraction * n + 1e-9))
-
-
-def kept_units(scores: Sequence[float], k: int) -> tuple[int, ...] | None:
-    """Indices of the ``k`` highest scores (ties: lower index), sorted; None when all are kept (a dense block)."""
-    if k >= len(scores):
-        return None
-    order = torch.argsort(-torch.tensor(scores, dtype=torch.float64), stable=True)[:k]
-    return tuple(sorted(int(i) for i in order))
-
-
 def check_fractions(fractions: Sequence[float], *, low_inclusive: bool = False) -> tuple[float, ...]:
     """The fractions sorted and deduplicated; refused (one sentence) unless each lies in (0, 1) -- or [0, 1)
     with ``low_inclusive`` (the engine accepts 0, the dense model pruned by nothing, as a check)."""
@@ -162,7 +148,9 @@ def sweep_plan(base: BaseArch, scores: UnitScores, scope: str, block: int, fract
     rows = getattr(scores, scope)
     if rows is None:
         raise StudioError(f"Criterion '{scores.criterion}' does not score {scope}: pick another criterion.")
-    keep = kept_units(rows[block], keep_count(units_of(base, scope, block), fraction))
+    keep = top_k(
+        torch.tensor(rows[block], dtype=torch.float64), keep_count(units_of(base, scope, block), fraction)
+    )
     blocks = tuple(
         BlockPlan(i, **({scope: keep} if i == block else {})) for i in range(base.depth)
     )  # every other block stays dense

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.criteria import UnitScores
+from ..analysis.criteria import UnitScores, keep_count, top_k
 from ..errors import StudioError
 from ..plan import BaseArch, BlockPlan, PrunePlan
 
@@ -37,14 +37,6 @@ def parse_scopes(text: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def keep_count(n: int, ratio: float, round_to: int = 1) -> int:
-    """Units kept of ``n`` when removing ``ratio`` of them: at least 1, rounded up to ``round_to`` (≤ n)."""
-    k = max(1, n - math.floor(ratio * n + 1e-9))
-    if round_to > 1:
-        k = min(n, math.ceil(k / round_to) * round_to)
-    return k
-
-
 def global_counts(scores: Sequence[torch.Tensor], ratio: float, round_to: int = 1) -> list[int]:
     """Kept units per group when the lowest-scored ``ratio`` of all units is removed across groups (≥ 1 each)."""
     sizes = [len(s) for s in scores]
@@ -60,14 +52,6 @@ def global_counts(scores: Sequence[torch.Tensor], ratio: float, round_to: int = 
     if round_to > 1:
         kept = [min(n, math.ceil(k / round_to) * round_to) for k, n in zip(kept, sizes)]
     return kept
-
-
-def top_k(scores: torch.Tensor, k: int) -> tuple[int, ...] | None:
-    """Indices of the ``k`` highest scores (ties: lower index first), sorted; ``None`` if all are kept."""
-    if k >= len(scores):
-        return None
-    order = torch.argsort(-scores.double(), stable=True)[:k]
-    return tuple(sorted(int(i) for i in order))
 
 
 def removed_score(scores: UnitScores, plan: PrunePlan) -> float | None:

@@ -15,8 +15,9 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.colors import sample_colorscale
 
+from ..analysis.criteria import keep_count
 from ..analysis.importance import CRITERIA
-from ..analysis.sensitivity import SensitivityResult, keep_count, units_of
+from ..analysis.sensitivity import SensitivityResult, units_of
 from ..costs import plan_cost
 from ..data import DataSpec, load_split
 from ..flows import start
