@@ -258,3 +258,86 @@ def test_three_concurrent_browser_sessions_keep_their_own_plans(server):
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
+
+
+def _job_story(page, problems: list[str], *, name: str, start: str, done_timeout_s: float) -> str:
+    """Start a job with the page's ``start`` button, reload mid-job, Cancel, Resume, and wait until it is done;
+    returns the run's name (the job panel's bold title)."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("button", name=start).click()
+    expect(page.get_by_text("· running").first).to_be_visible()
+    run = page.locator("strong").filter(has_text=re.compile(r"^\d{8}-\d{6}")).first.inner_text()
+    _check(page, f"{name}_1_running", problems)
+    # a reload in the middle of the job: the page follows the same job (the workspace is in the URL)
+    page.reload()
+    _settle(page)
+    expect(page.get_by_text(run).first).to_be_visible()
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    expect(page.get_by_text("Cancelled: a checkpoint was saved")).to_be_visible()
+    _settle(page)
+    _check(page, f"{name}_2_cancelled", problems)
+    page.get_by_role("button", name="Resume", exact=True).click()
+    expect(page.get_by_text("attempt 2").first).to_be_visible()
+    # when the job ends, its panel redraws the page, which then shows the run's result and its actions
+    expect(page.get_by_role("button", name="Make active")).to_be_visible(timeout=done_timeout_s * 1000)
+    _settle(page)
+    _check(page, f"{name}_3_done", problems)
+    return run
+
+
+def test_jobs_survive_a_reload_cancel_and_resume_and_a_second_tab_sees_them(server):
+    """P3B and SPLoRA as a person drives them: start, reload mid-job, Cancel to a checkpoint, Resume to the
+    end; then a second tab with the same URL shows the same workspace (the followed run, the form values)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    exe = _chromium()
+    url, runs = server
+    expect.set_options(timeout=PAGE_TIMEOUT_S * 1000)
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 2200})
+        page = context.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+        try:
+            page.goto(url)
+            expect(page.get_by_text("Test accuracy")).to_be_visible()
+            _settle(page)
+
+            assert _go(page, "Block benefit")
+            epochs = page.get_by_role("spinbutton", name="Epochs (prune + fine-tune)")
+            epochs.fill("6")
+            epochs.press("Enter")
+            _settle(page)
+            p3b = _job_story(page, problems, name="13_p3b", start="Start P3B", done_timeout_s=900)
+
+            assert _go(page, "Adapters")
+            page.locator('[data-testid="stRadio"]').filter(has_text="Train").get_by_text(
+                "SPLoRA", exact=True
+            ).click()
+            _settle(page)
+            for label, value in (("Adapter epochs", "2"), ("Recovery epochs per step", "0"), ("Rank r", "2")):
+                box = page.get_by_role("spinbutton", name=label)
+                box.fill(value)
+                box.press("Enter")
+                _settle(page)
+            _job_story(page, problems, name="14_splora", start="Start SPLoRA", done_timeout_s=900)
+
+            # a second tab with the same URL: the same workspace, so Block benefit shows the same P3B run
+            assert _go(page, "Block benefit")
+            second = context.new_page()
+            second.set_default_timeout(PAGE_TIMEOUT_S * 1000)
+            second.goto(page.url)
+            _settle(second)
+            expect(second.get_by_role("combobox", name="Run")).to_have_value(p3b)
+            second.get_by_text("Start a P3B run").click()  # collapsed now that runs exist
+            expect(second.get_by_role("spinbutton", name="Epochs (prune + fine-tune)")).to_have_value("6")
+            _check(second, "15_second_tab", problems)
+        finally:
+            browser.close()
+    assert not problems, "\n".join(problems)
+    from studio import jobs
+
+    resumed = [jobs.job_status(r) for r in runs.iterdir() if (r / "job.json").exists()]
+    assert sum(s.state == "done" and s.attempt >= 2 for s in resumed) >= 2, resumed  # P3B and SPLoRA

@@ -189,3 +189,23 @@ def test_cli_prints_one_json_object(capsys):
     d = json.loads(out)
     assert d["criteria"] == ["l1", "l2"] and len(d["scores"]["l1"]["heads"]) == 12
     assert main(["analyze", "importance", "--criterion", "nope", "--batches", "0"]) == 2
+
+
+@pytest.mark.parametrize("name", CRITERIA.names())
+def test_every_registered_criterion_scores_the_units_and_repeats_exactly(name, tiny):
+    """Parametrised over the one criteria registry: a new criterion is tested the moment it is registered."""
+    from studio.analysis.importance import grouped_criteria, torch_pruning_importance
+
+    crit = CRITERIA.get(name)
+    data = batches() if crit.needs_data else []
+    first, again = crit.fn(tiny, data, seed=3), crit.fn(tiny, data, seed=3)
+    assert first.criterion == name and first.heads is not None
+    assert [len(r) for r in first.heads] == list(tiny.base.num_heads)
+    assert all(torch.isfinite(torch.tensor(r)).all() for r in first.heads)
+    assert first.heads == again.heads, "a criterion is deterministic for a seed"
+    assert (name in grouped_criteria()) == (crit.torch_pruning is not None)
+    if crit.torch_pruning is None:
+        with pytest.raises(StudioError, match="cannot rank torch-pruning groups"):
+            torch_pruning_importance(name)
+    else:
+        assert torch_pruning_importance(name) is not None

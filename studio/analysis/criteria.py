@@ -31,7 +31,6 @@ from ..plan import BaseArch
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Matrix = tuple[tuple[float, ...], ...]
-IMPORTANCES = ("taylor", "l1", "l2", "random")
 Grads = Mapping[str, torch.Tensor]
 
 
@@ -146,16 +145,15 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[int, ...] | None:
 
 
 def make_importance(name: str) -> tp.importance.Importance:
-    """torch-pruning's grouped importance by name (the reference's ``--pruning-type`` choices)."""
+    """torch-pruning's grouped importance by name (the reference's ``--pruning-type`` choices); which criterion
+    uses which is declared in the one criteria registry (``Criterion.torch_pruning``)."""
     if name == "taylor":
         return tp.importance.GroupTaylorImportance()
     if name in ("l1", "l2"):
         return tp.importance.GroupMagnitudeImportance(p=int(name[1]))
     if name == "random":
         return tp.importance.RandomImportance()
-    raise StudioError(
-        f"Unknown importance '{name}' for isomorphic pruning; use one of {', '.join(IMPORTANCES)}."
-    )
+    raise StudioError(f"Unknown torch-pruning importance '{name}': use taylor, l1, l2 or random.")
 
 
 def classifiers(model: nn.Module) -> list[nn.Module]:

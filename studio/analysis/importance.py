@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
 from .. import memory
@@ -113,12 +114,18 @@ CriterionFn = Callable[..., UnitScores]
 
 @dataclass(frozen=True)
 class Criterion:
-    """A registered importance criterion: ``fn(loaded, batches, *, seed, callbacks, cancel) -> UnitScores``."""
+    """A registered importance criterion: ``fn(loaded, batches, *, seed, callbacks, cancel) -> UnitScores``.
+
+    The one registry of criteria: the Importance analysis and page, the sensitivity sweep and the methods that
+    rank through torch-pruning (Isomorphic's ``--importance``: the criteria with ``torch_pruning`` set, ranked by
+    that torch-pruning importance on the same dependency groups) all read it.
+    """
 
     name: str
     fn: CriterionFn
     summary: str
     needs_data: bool = True
+    torch_pruning: str | None = None  # the torch-pruning importance giving the same grouped score
 
 
 CRITERIA: Registry[Criterion] = Registry("importance criterion")
@@ -145,6 +152,13 @@ def _magnitude(p: int) -> CriterionFn:
         return _grouped(loaded, f"l{p}", f"l{p}", None)
 
     return fn
+
+
+def random_criterion(loaded: LoadedModel, batches: Sequence[Batch], *, seed: int = 0, **_: Any) -> UnitScores:
+    """Seeded random scores of every unit (torch-pruning's RandomImportance): the baseline a criterion beats."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _grouped(loaded, "random", "random", None)
 
 
 def taylor_criterion(
@@ -311,16 +325,55 @@ def ablation_criterion(
     return UnitScores("ablation", heads=heads, seconds=time.time() - t0)
 
 
-CRITERIA.add("l1", Criterion("l1", _magnitude(1), "L1 norm of each unit's grouped weights", needs_data=False))
-CRITERIA.add("l2", Criterion("l2", _magnitude(2), "L2 norm of each unit's grouped weights", needs_data=False))
 CRITERIA.add(
-    "taylor", Criterion("taylor", taylor_criterion, "grouped Taylor |w·g| (torch-pruning, Isomorphic)")
+    "l1",
+    Criterion(
+        "l1", _magnitude(1), "L1 norm of each unit's grouped weights", needs_data=False, torch_pruning="l1"
+    ),
+)
+CRITERIA.add(
+    "l2",
+    Criterion(
+        "l2", _magnitude(2), "L2 norm of each unit's grouped weights", needs_data=False, torch_pruning="l2"
+    ),
+)
+CRITERIA.add(
+    "taylor",
+    Criterion(
+        "taylor", taylor_criterion, "grouped Taylor |w·g| (torch-pruning, Isomorphic)", torch_pruning="taylor"
+    ),
+)
+CRITERIA.add(
+    "random",
+    Criterion(
+        "random",
+        random_criterion,
+        "seeded random scores (the baseline)",
+        needs_data=False,
+        torch_pruning="random",
+    ),
 )
 CRITERIA.add("taylor2", Criterion("taylor2", taylor2_criterion, "SAViT gate score (∂L/∂g)²"))
 CRITERIA.add(
     "ablation", Criterion("ablation", ablation_criterion, "Δloss when one head is removed (ground truth)")
 )
 DEFAULT_CRITERIA = ("l1", "l2", "taylor", "taylor2", "ablation")
+
+
+def grouped_criteria() -> tuple[str, ...]:
+    """The criteria a torch-pruning pruner can rank with (Isomorphic's ``--importance`` choices)."""
+    return tuple(n for n in CRITERIA.names() if CRITERIA.get(n).torch_pruning is not None)
+
+
+def torch_pruning_importance(criterion: str) -> tp.importance.Importance:
+    """The torch-pruning importance object criterion ``criterion`` ranks with (refused, listing the choices, for
+    a criterion torch-pruning cannot rank by)."""
+    tp_name = CRITERIA.get(criterion).torch_pruning
+    if tp_name is None:
+        raise StudioError(
+            f"Criterion '{criterion}' cannot rank torch-pruning groups; use {', '.join(grouped_criteria())}."
+        )
+    return make_importance(tp_name)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:

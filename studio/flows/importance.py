@@ -10,53 +10,29 @@ pruned: ``plan`` is null, ``before`` and ``after`` both hold the model's counted
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from typing import Any
 
 from ..analysis.importance import ImportanceResult, ImportanceSpec, run_importance
-from ..errors import StudioError
 from ..events import Callback, CancelToken
-from ..load import load_model
 from ..models import LoadedModel
 from ..runs import RunDir
 from . import FLOWS, Flow
-from .stages import COST_ONLY, RunResult, finish
+from .stages import analysis_flow, section_of
 
 
-def run_importance_flow(
-    spec: ImportanceSpec,
-    *,
-    run: RunDir | None,
-    loaded: LoadedModel | None = None,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-    resume: bool = False,
-) -> RunResult:
-    """Score ``spec.criteria`` on ``spec.model`` over its calibration batches and write the run's results."""
-    t0 = time.time()
-    loaded = loaded or load_model(spec.model)
-    result = run_importance(spec, loaded=loaded, callbacks=callbacks, cancel=cancel)
-    return finish(
-        kind="importance",
-        method="importance",
-        loaded=loaded,
-        model=loaded.model,
-        plan=None,
-        how=COST_ONLY,
-        run=run,
-        started=t0,
-        section=result.to_dict(),
-        callbacks=callbacks,
-        cancel=cancel,
-    )
+def _score(
+    spec: ImportanceSpec, loaded: LoadedModel, callbacks: Sequence[Callback], cancel: CancelToken | None
+) -> dict[str, Any]:
+    return run_importance(spec, loaded=loaded, callbacks=callbacks, cancel=cancel).to_dict()
+
+
+run_importance_flow = analysis_flow("importance", _score)
 
 
 def importance_of(run: RunDir) -> ImportanceResult:
     """The scores a finished importance run recorded (refused, saying why, for any other run)."""
-    res = run.results() or {}
-    if res.get("kind") != "importance" or not isinstance(res.get("importance"), dict):
-        raise StudioError(f"{run.path} is not a finished importance run: it has no scores to read.")
-    return ImportanceResult.from_dict(res["importance"])
+    return ImportanceResult.from_dict(section_of(run, "importance"))
 
 
 FLOWS.add(

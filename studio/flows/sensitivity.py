@@ -12,7 +12,6 @@ page submits it as a job (``python -m studio run RUN``); on the demo it runs inl
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +22,10 @@ from ..analysis.sensitivity import DEFAULT_FRACTIONS, SCOPES, SensitivityResult,
 from ..data import DataSpec, prepare
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
-from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..runs import RunDir
 from . import FLOWS, Flow
-from .stages import COST_ONLY, RunResult, finish
+from .stages import analysis_flow, section_of
 
 SPLITS = ("train", "val", "test")
 HEADS_ONLY = ("ablation",)  # criteria that score heads and nothing else (head ablation)
@@ -148,21 +146,10 @@ class SensitivitySpec:
         return dataclasses.replace(self, **changes)
 
 
-def run_sensitivity(
-    spec: SensitivitySpec,
-    *,
-    run: RunDir | None,
-    loaded: LoadedModel | None = None,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-    resume: bool = False,
-) -> RunResult:
-    """Score the units, evaluate the dense model and every single-block pruning, and write the rows.
-
-    ``resume`` has nothing to continue (the sweep keeps no checkpoints): the run simply runs again.
-    """
-    t0 = time.time()
-    loaded = loaded or load_model(spec.model)
+def _sweep(
+    spec: SensitivitySpec, loaded: LoadedModel, callbacks: Sequence[Callback], cancel: CancelToken | None
+) -> dict[str, Any]:
+    """Score the units, evaluate the dense model and every single-block pruning: the run's section."""
     batches = []
     if spec.needs_data:
         emit(callbacks, "log", message=f"drawing {spec.batches} calibration batches of {spec.calib_split}")
@@ -188,28 +175,16 @@ def run_sensitivity(
         callbacks=callbacks,
         cancel=cancel,
     )
-    section = {**result.to_dict(), "calibration_images": sum(len(y) for _, y in batches)}
-    return finish(
-        kind="sensitivity",
-        method="sensitivity",
-        loaded=loaded,
-        model=loaded.model,
-        plan=None,
-        how=COST_ONLY,
-        run=run,
-        started=t0,
-        section=section,
-        callbacks=callbacks,
-        cancel=cancel,
-    )
+    return {**result.to_dict(), "calibration_images": sum(len(y) for _, y in batches)}
+
+
+# the sweep keeps no checkpoints: a resumed run simply runs again
+run_sensitivity = analysis_flow("sensitivity", _sweep)
 
 
 def sensitivity_of(run: RunDir) -> SensitivityResult:
     """The sweep a finished sensitivity run recorded (refused, saying why, for any other run)."""
-    res = run.results() or {}
-    if res.get("kind") != "sensitivity" or not isinstance(res.get("sensitivity"), dict):
-        raise StudioError(f"{run.path} is not a finished sensitivity run: it has no sweep to read.")
-    return SensitivityResult.from_dict(res["sensitivity"])
+    return SensitivityResult.from_dict(section_of(run, "sensitivity"))
 
 
 FLOWS.add(

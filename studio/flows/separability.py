@@ -11,44 +11,23 @@ section (``results["separability"]``) is :meth:`SeparabilityResult.to_dict` (per
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from typing import Any
 
 from ..analysis.separability import SeparabilitySpec, analyze
 from ..events import Callback, CancelToken
-from ..load import load_model
 from ..models import LoadedModel
-from ..runs import RunDir
 from . import FLOWS, Flow
-from .stages import COST_ONLY, RunResult, finish
+from .stages import analysis_flow
 
 
-def run_separability(
-    spec: SeparabilitySpec,
-    *,
-    run: RunDir | None,
-    loaded: LoadedModel | None = None,
-    callbacks: Sequence[Callback] = (),
-    cancel: CancelToken | None = None,
-    resume: bool = False,
-) -> RunResult:
-    """Analyse every layer of ``spec.model`` and write the scores and the cut (a rerun reads the disk caches)."""
-    t0 = time.time()
-    loaded = loaded or load_model(spec.model)
-    result = analyze(spec, loaded=loaded, callbacks=callbacks, cancel=cancel)
-    return finish(
-        kind="separability",
-        method="sls",
-        loaded=loaded,
-        model=loaded.model,
-        plan=None,
-        how=COST_ONLY,
-        run=run,
-        started=t0,
-        section=result.to_dict(),
-        callbacks=callbacks,
-        cancel=cancel,
-    )
+def _analyse(
+    spec: SeparabilitySpec, loaded: LoadedModel, callbacks: Sequence[Callback], cancel: CancelToken | None
+) -> dict[str, Any]:
+    return analyze(spec, loaded=loaded, callbacks=callbacks, cancel=cancel).to_dict()
+
+
+run_separability = analysis_flow("separability", _analyse)
 
 
 FLOWS.add(

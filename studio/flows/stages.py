@@ -27,9 +27,11 @@ from .. import memory
 from ..analysis.criteria import Batch, calibration_batches
 from ..bench import measure_throughput, profile
 from ..device import describe_device
+from ..errors import StudioError
 from ..evaluate import evaluate
 from ..events import Callback, CancelToken, check, emit
 from ..export import export_loaded, export_onnx
+from ..load import load_model
 from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..runs import RunDir
@@ -238,3 +240,49 @@ def finish(
         run.write_results(result.to_dict())
     emit(callbacks, "status", state="done")
     return result
+
+
+def analysis_flow(
+    kind: str,
+    analyse: Callable[[Any, LoadedModel, Sequence[Callback], CancelToken | None], Mapping[str, Any]],
+) -> Callable[..., RunResult]:
+    """The run function of an analysis flow (importance, separability, sensitivity): load the model (or use the
+    studio's cached one), ``analyse(spec, loaded, callbacks, cancel)`` into the flow's section, and end in the
+    shared tail with nothing pruned (``plan`` null, ``before``/``after`` the model's counted cost). An analysis
+    keeps no checkpoint: ``resume`` runs it again (its disk caches make a rerun cheap)."""
+
+    def run_analysis(
+        spec: Any,
+        *,
+        run: RunDir | None,
+        loaded: LoadedModel | None = None,
+        callbacks: Sequence[Callback] = (),
+        cancel: CancelToken | None = None,
+        resume: bool = False,
+    ) -> RunResult:
+        started = time.time()
+        loaded = loaded or load_model(spec.model)
+        section = analyse(spec, loaded, callbacks, cancel)
+        return finish(
+            kind=kind,
+            method=kind,
+            loaded=loaded,
+            model=loaded.model,
+            plan=None,
+            how=COST_ONLY,
+            run=run,
+            started=started,
+            section=section,
+            callbacks=callbacks,
+            cancel=cancel,
+        )
+
+    return run_analysis
+
+
+def section_of(run: RunDir, kind: str) -> dict[str, Any]:
+    """The flow's own section of a finished run of ``kind`` (refused, saying why, for any other run)."""
+    res = run.results() or {}
+    if res.get("kind") != kind or not isinstance(res.get(kind), dict):
+        raise StudioError(f"{run.path} is not a finished {kind} run: it has nothing of that kind to read.")
+    return res[kind]

@@ -41,15 +41,14 @@ import torch_pruning as tp
 from torch import nn
 
 from ..analysis.criteria import (
-    IMPORTANCES,
     Grads,
     UnitScores,
     classifiers,
     example_inputs,
     group_scores,
-    make_importance,
     with_grads,
 )
+from ..analysis.importance import grouped_criteria, torch_pruning_importance
 from ..costs import arch_facts
 from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
@@ -125,7 +124,7 @@ def _make_pruner(
         pruner = tp.pruner.MetaPruner(
             m,
             example_inputs(m),
-            importance=make_importance(importance),
+            importance=torch_pruning_importance(importance),
             global_pruning=True,
             isomorphic=True,
             pruning_ratio=ratios.embed_mlp,
@@ -358,7 +357,7 @@ def isomorphic_structure(
             heads=False,
             prune=False,
         )
-        head_scores = group_scores(_pruner_copy(model, grads), make_importance(importance))["heads"]
+        head_scores = group_scores(_pruner_copy(model, grads), torch_pruning_importance(importance))["heads"]
     blocks, embed = _plan(base, removed, dims_only, head_scores, empty)
     plan = PrunePlan(
         base=base,
@@ -460,7 +459,11 @@ HEAD_DIM_RATIO = Option(
     "Isomorphic: ρ_headdim, fraction of head dims removed (one scope of all qkv)",
 )
 IMPORTANCE = Option(
-    "importance", str, "taylor", "Isomorphic: torch-pruning grouped importance", choices=IMPORTANCES
+    "importance",
+    str,
+    "taylor",
+    "Isomorphic: torch-pruning grouped importance (a criterion of the one registry)",
+    choices=grouped_criteria(),
 )
 SCALE_POLICY = Option(
     "scale_policy",

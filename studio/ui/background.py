@@ -41,13 +41,6 @@ def finished(spec: Spec) -> RunDir | None:
     return run if run is not None and job_status(run.path).state == "done" and run.results() else None
 
 
-@st.fragment(run_every="2s")
-def _rerun_when_done(run_dir: str) -> None:
-    """Redraw the whole page once the job has finished (the job panel is a fragment of its own)."""
-    if job_status(run_dir).state == "done":
-        st.rerun()
-
-
 def offer_job(
     spec: Spec, *, key: str, label: str, why: str, waiting: str, device_key: str | None = None
 ) -> None:
@@ -60,8 +53,7 @@ def offer_job(
     run = run_of(spec)
     if run is not None and job_status(run.path).active:
         st.info(waiting, icon=":material/hourglass:")
-        follow(run.path)
-        _rerun_when_done(str(run.path))
+        follow(run.path)  # its panel redraws the page when the job is done
         return
     st.info(why, icon=":material/schedule:")
     if run is not None:

@@ -245,6 +245,9 @@ def _eta(seconds: float | None) -> str:
     return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
 
 
+_SEEN_KEY = "studio_jobs_seen_active"  # run folder -> whether the panel last saw its job active
+
+
 @st.fragment(run_every="2s")
 def job_panel(run_dir: str | Path) -> None:
     """Follow one job live (re-runs every 2 s): status, progress, ETA, device, memory, curves, controls."""
@@ -255,6 +258,13 @@ def job_panel(run_dir: str | Path) -> None:
         st.error(str(e))
         return
     key = f"job_{s.name}"
+    # a job that ends while the panel follows it: redraw the whole page once, so what the page shows of a
+    # finished run (its result, Make active / Retrain / Export) appears without a click -- a fragment alone
+    # only redraws itself
+    seen = st.session_state.setdefault(_SEEN_KEY, {})
+    was_active, seen[run_dir] = seen.get(run_dir), s.active
+    if was_active and not s.active:
+        st.rerun()
     # any flow's checkpoint counts (P3B's and SPLoRA's phase files too, not only checkpoint.pt)
     resumable = s.resumable or (s.state in ("cancelled", "failed") and RunDir(run_dir).has_checkpoint)
     st.markdown(
