@@ -78,6 +78,12 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int], *, batch_size:
     }
 
 
+def load_avg() -> float:
+    """The machine's 1-minute load average, recorded beside every speed figure (figures measured under
+    different load are not comparable)."""
+    return round(os.getloadavg()[0], 2)
+
+
 @dataclass(frozen=True)
 class ThroughputResult:
     """Measured speed of one model at one batch size."""
@@ -92,7 +98,7 @@ class ThroughputResult:
     warmup: int
     threads: int = field(default_factory=torch.get_num_threads)
     # the machine's 1-minute load when measured: figures taken under different load are not comparable
-    load_avg: float = field(default_factory=lambda: round(os.getloadavg()[0], 2))
+    load_avg: float = field(default_factory=load_avg)
 
     def to_dict(self) -> dict:
         return asdict(self)

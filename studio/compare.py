@@ -12,7 +12,6 @@ number of runs), the signal to trust, and the untried candidates sorted by it.
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .analysis.separability import knn_accuracy
-from .bench import measure_throughput
+from .bench import load_avg, measure_throughput
 from .errors import StudioError
 from .events import Callback, CancelToken, check, progress
 from .export import read_manifest
@@ -304,7 +303,7 @@ def back_to_back(
     if rounds < 1:
         raise StudioError(f"Give at least one round, got {rounds}.")
     names = list(models)
-    load_before = round(os.getloadavg()[0], 2)
+    load_before = load_avg()
     for n in names:  # warm every model before the first timed round
         measure_throughput(models[n], input_size, batch_size=batch_size, warmup=warmup, repeats=1)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -314,7 +313,7 @@ def back_to_back(
             t = measure_throughput(models[n], input_size, batch_size=batch_size, warmup=0, repeats=1)
             times[n].append(t.latency_ms)
         progress(callbacks, "back-to-back throughput", r + 1, rounds)
-    load_after = round(os.getloadavg()[0], 2)
+    load_after = load_avg()
     out = []
     for n in names:
         med = statistics.median(times[n])

@@ -10,12 +10,12 @@ dtype and batch size), the ``reference`` and the ``load_avg`` of the machine bef
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..bench import load_avg
 from ..benchmark import DTYPES, Target, benchmark
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
@@ -23,7 +23,7 @@ from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..runs import RunDir
 from . import FLOWS, Flow
-from .stages import COST_ONLY, RunResult, finish
+from .stages import RunResult, finish_analysis
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,6 @@ class BenchmarkSpec:
         return dataclasses.replace(self, **changes)
 
 
-def _load_avg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def run_benchmark(
     spec: BenchmarkSpec,
     *,
@@ -122,7 +115,7 @@ def run_benchmark(
         emit(callbacks, "log", message=f"loading {name}")
         use = loaded if loaded is not None and loaded.source == ms.source else load_model(ms)
         targets.append(Target(name, use))
-    load_before = _load_avg()
+    load_before = load_avg()
     rows = benchmark(
         targets,
         sorted(int(b) for b in spec.batch_sizes),
@@ -136,19 +129,8 @@ def run_benchmark(
     )
     reference = spec.reference or spec.models[0][0]
     ref = next(t.loaded for t in targets if t.name == reference)
-    return finish(
-        kind="benchmark",
-        method="benchmark",
-        loaded=ref,
-        model=ref.model,
-        plan=None,
-        how=COST_ONLY,
-        run=run,
-        started=t0,
-        section={"rows": rows, "reference": reference, "load_avg": [load_before, _load_avg()]},
-        callbacks=callbacks,
-        cancel=cancel,
-    )
+    section = {"rows": rows, "reference": reference, "load_avg": [load_before, load_avg()]}
+    return finish_analysis("benchmark", ref, run, t0, section, callbacks=callbacks, cancel=cancel)
 
 
 FLOWS.add(

@@ -263,21 +263,36 @@ def analysis_flow(
         started = time.time()
         loaded = loaded or load_model(spec.model)
         section = analyse(spec, loaded, callbacks, cancel)
-        return finish(
-            kind=kind,
-            method=kind,
-            loaded=loaded,
-            model=loaded.model,
-            plan=None,
-            how=COST_ONLY,
-            run=run,
-            started=started,
-            section=section,
-            callbacks=callbacks,
-            cancel=cancel,
-        )
+        return finish_analysis(kind, loaded, run, started, section, callbacks=callbacks, cancel=cancel)
 
     return run_analysis
+
+
+def finish_analysis(
+    kind: str,
+    loaded: LoadedModel,
+    run: RunDir | None,
+    started: float,
+    section: Mapping[str, Any],
+    *,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> RunResult:
+    """The shared tail of an analysis (nothing pruned): ``loaded``'s counted cost as ``before``/``after``, no
+    plan, no export, and ``section`` as the flow's own part of ``results.json``."""
+    return finish(
+        kind=kind,
+        method=kind,
+        loaded=loaded,
+        model=loaded.model,
+        plan=None,
+        how=COST_ONLY,
+        run=run,
+        started=started,
+        section=section,
+        callbacks=callbacks,
+        cancel=cancel,
+    )
 
 
 def section_of(run: RunDir, kind: str) -> dict[str, Any]:

@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from ..compare import SIGNALS, back_to_back, calibration, calibration_points, rank_untried
 from ..jobs import list_jobs
-from . import cached, state
+from . import cached, charts, state
 
 
 def back_to_back_section(rows: list[dict[str, Any]], bs: int | None) -> None:
@@ -90,17 +89,18 @@ def signal_section(model: str | None) -> None:
             key="cmp_cal_signal",
         )
         pts = pd.DataFrame(cal["points"]).dropna(subset=[signal])
-        fig = px.scatter(
+        fig = charts.scatter(
             pts,
             x=signal,
             y="actual",
             color="method",
             hover_data=["prune_run", "retrain_run", "target_macs"],
-            labels={signal: SIGNALS[signal], "actual": "accuracy after recovery"},
             title=f"{SIGNALS[signal]} vs accuracy after recovery ({cal['data']})",
+            x_title=SIGNALS[signal],
+            y_title="accuracy after recovery",
         )
         fig.update_yaxes(tickformat=".0%")
-        st.plotly_chart(fig, key="cmp_cal_scatter")
+        charts.show(fig, pts, key="cmp_cal_scatter", name="signal_calibration")
         if cal["recommended"]:
             untried = rank_untried(state.runs_root(), cal["recommended"], model=model)
             if untried:

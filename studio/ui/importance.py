@@ -7,8 +7,6 @@ retraining its export is a :class:`~studio.flows.retrain.RecoverySpec` submitted
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from .. import jobs
 from ..analysis.criteria import Batch, accumulate_gradients
 from ..analysis.gate_scores import SavitScores, savit_scores
 from ..analysis.importance import CRITERIA, ImportanceSpec
+from ..bench import measure_throughput
 from ..costs import plan_cost, with_summary
 from ..data import DataSpec
 from ..events import Callback, CancelToken
@@ -56,16 +55,12 @@ def scoring_macs(base: BaseArch, criteria: Sequence[str], images: int, ablation_
 
 
 def macs_per_second(loaded: LoadedModel, images: int = 2) -> float:
-    """This machine's measured forward rate for ``loaded``'s model (one warm-up, one timed pass of ``images``
-    random images, on a copy): what turns :func:`scoring_macs` into the page's time estimate."""
-    model = copy.deepcopy(loaded.model).eval()
-    x = torch.randn(images, *loaded.data_config["input_size"], device=loaded.device)
-    with torch.inference_mode():
-        model(x)
-        t0 = time.perf_counter()
-        model(x)
-        dt = time.perf_counter() - t0
-    return plan_cost(PrunePlan.dense(loaded.base))["macs"] * images / max(dt, 1e-9)
+    """This machine's measured forward rate for ``loaded``'s model, by the studio's throughput protocol (one
+    warm-up, one timed pass of ``images`` images): what turns :func:`scoring_macs` into the page's estimate."""
+    r = measure_throughput(
+        loaded.model, loaded.data_config["input_size"], batch_size=images, warmup=1, repeats=1
+    )
+    return plan_cost(PrunePlan.dense(loaded.base))["macs"] * r.images_per_s
 
 
 def importance_spec(
