@@ -9,7 +9,7 @@ from studio.compare import collect, label
 from studio.export import read_manifest
 from studio.modelcard import export_zip, lineage, lineage_command, lineage_specs, model_card
 from studio.runs import RunDir
-from studio.ui import cached, guide, shape, state
+from studio.ui import cached, checks, guide, shape, state
 from studio.ui.charts import human, pct
 from studio.workflow import export_onnx_for, export_plan_run
 
@@ -149,6 +149,11 @@ with state.user_errors():
             key="export_onnx_file",
             icon=":material/download:",
         )
+
+    st.subheader("Checked on", divider="gray")
+    st.dataframe(
+        checks.backend_checks(run.export_dir, state.runs_root()), hide_index=True, key="export_checks"
+    )
 
     st.subheader("Load it, reproduce it", divider="gray")
     st.code(

@@ -1,8 +1,8 @@
 """Benchmark: measured throughput and latency of several models, with the ideal (MACs) speed-up beside it."""
 
-import pandas as pd
 import streamlit as st
 
+from studio.backends import BACKENDS
 from studio.benchmark import dtypes_for
 from studio.compare import collect, label
 from studio.flows import start
@@ -15,8 +15,9 @@ st.title("Benchmark")
 st.caption(
     "Every model is timed in this server process on the current device, the models taking turns over three "
     "rounds (median): warm-up, device synchronisation, inference mode, fixed shapes. The ideal speed-up is the "
-    "ratio of MACs; the measured one is what the hardware gives. The gap comes from memory traffic, kernel "
-    "launch overheads and widths that are not multiples of 8."
+    "ratio of MACs; the measured one is what the hardware gives, on each deployment backend (PyTorch eager, "
+    "torch.compile, ONNX Runtime), and the efficiency is measured / ideal. The gap comes from memory traffic, "
+    "kernel launch overheads and widths that are not multiples of 8."
 )
 
 with state.user_errors():
@@ -35,12 +36,27 @@ with state.user_errors():
     )
     sizes = c2.multiselect("Batch sizes", [1, 8, 16, 32, 64, 128, 256], [1, 64], key="bench_sizes")
     dtypes = c3.multiselect("Dtypes", dtypes_for(loaded.device), ["float32"], key="bench_dtypes")
-    c1, c2, _ = st.columns([1, 1, 4])
+    c1, c2, c3 = st.columns([1, 1, 4])
     warmup = c1.number_input("Warm-up passes", 1, 200, 5, key="bench_warmup")
     repeats = c2.number_input("Timed passes", 3, 500, 20, key="bench_repeats")
+    backends = c3.multiselect(
+        "Backends",
+        BACKENDS.names(),
+        ["eager"],
+        format_func=lambda b: f"{b}: {BACKENDS.get(b).summary}",
+        key="bench_backends",
+        help="Each model is prepared once per backend and batch size (an ONNX export; torch.compile compiles, "
+        "tens of seconds per model) and then timed. ONNX Runtime times float32 only.",
+    )
 
     spec = vm.benchmark_spec(
-        state.model_spec(), {p: options[p] for p in picked}, sizes, dtypes, warmup=warmup, repeats=repeats
+        state.model_spec(),
+        {p: options[p] for p in picked},
+        sizes,
+        dtypes,
+        backends=backends,
+        warmup=warmup,
+        repeats=repeats,
     )
     problem = state.problem_of(spec)  # a bad choice is said here, before anything is timed
     if problem:
@@ -63,30 +79,29 @@ with state.user_errors():
     if shown is not None and str(shown.path) != st.session_state.get("bench_last_run"):
         st.caption(f"The last benchmark of this model, `{shown.path.name}`; run again to measure anew.")
     if rows:
-        df = pd.DataFrame(rows)
-        st.subheader("Speed-up: measured vs ideal", divider="gray")
+        df = vm.rows_frame(rows)
+        skipped = shown.results()["benchmark"].get("skipped") or []
+        if skipped:
+            st.caption("Not timed: " + ", ".join(f"{s['backend']} in {s['dtype']}" for s in skipped) + ".")
+        st.subheader("Speed-up: measured per backend vs ideal", divider="gray")
         c1, c2 = st.columns(2)
         bs = c1.selectbox("Batch size", sorted(df["batch_size"].unique()), key="bench_show_bs")
         dt = c2.selectbox("Dtype", list(df["dtype"].unique()), key="bench_show_dtype")
         sel = df[(df["batch_size"] == bs) & (df["dtype"] == dt)]
-        long = sel.melt(
-            id_vars=["model", "images_per_s", "macs"],
-            value_vars=["measured_speedup", "ideal_speedup"],
-            var_name="speed-up",
-            value_name="factor",
-        )
-        long["speed-up"] = long["speed-up"].map(
-            {"measured_speedup": "measured", "ideal_speedup": "ideal (MACs)"}
-        )
+        long = vm.speedup_bars(sel)
         fig = charts.bar(
             long,
             x="model",
             y="factor",
-            color="speed-up",
-            colors={"measured": COLORS["recovered"], "ideal (MACs)": COLORS["muted"]},
-            custom_data=["images_per_s", "macs"],
+            color="series",
+            colors={"ideal (MACs)": COLORS["muted"], "measured · eager": COLORS["recovered"]},
+            custom_data=["images_per_s", "efficiency", "macs"],
             hovertemplate=charts.hover(
-                "%{x}", speed_up="×%{y:.2f}", images_per_s="%{customdata[0]:.1f}", MACs="%{customdata[1]:,}"
+                "%{x}",
+                speed_up="×%{y:.2f}",
+                images_per_s="%{customdata[0]:.1f}",
+                efficiency="%{customdata[1]:.0%}",
+                MACs="%{customdata[2]:,}",
             ),
             y_title=f"× vs {sel['model'].iloc[0] if len(sel) else 'reference'}",
         )
@@ -101,7 +116,7 @@ with state.user_errors():
                 x="batch_size",
                 y="images_per_s",
                 color="model",
-                line_dash="dtype",
+                line_dash="setting",
                 log_x=True,
                 title="Images per second",
                 hovertemplate=charts.hover("batch %{x}", images_per_s="%{y:.1f}"),
@@ -113,7 +128,7 @@ with state.user_errors():
                 x="batch_size",
                 y="latency_ms",
                 color="model",
-                line_dash="dtype",
+                line_dash="setting",
                 log_x=True,
                 log_y=True,
                 title="Latency per batch (ms, median)",
@@ -130,6 +145,7 @@ with state.user_errors():
                 "latency_ms_p90": st.column_config.NumberColumn("p90 ms", format="%.2f"),
                 "ideal_speedup": st.column_config.NumberColumn("ideal ×", format="%.2f"),
                 "measured_speedup": st.column_config.NumberColumn("measured ×", format="%.2f"),
+                "efficiency": st.column_config.NumberColumn("efficiency", format="percent"),
             },
         )
         charts.download_csv(df, "benchmark", key="bench_csv")

@@ -14,12 +14,15 @@ import copy
 import os
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .backends import BACKENDS
+from .errors import StudioError
 from .events import Callback, CancelToken, check, progress
 
 _ATTENTION_OPS = {
@@ -96,6 +99,7 @@ class ThroughputResult:
     dtype: str
     repeats: int
     warmup: int
+    backend: str = "eager"  # the runtime it was timed on (studio.backends)
     threads: int = field(default_factory=torch.get_num_threads)
     # the machine's 1-minute load when measured: figures taken under different load are not comparable
     load_avg: float = field(default_factory=load_avg)
@@ -109,6 +113,73 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A model readied once on a backend for a fixed input: ``run()`` is one timed pass."""
+
+    run: Callable[[], Any]
+    device: torch.device
+    batch_size: int
+    dtype: str
+    backend: str
+
+
+def prepare(
+    model: torch.nn.Module,
+    input_size: Sequence[int],
+    *,
+    batch_size: int = 1,
+    dtype: torch.dtype | None = None,
+    backend: str = "eager",
+) -> Prepared:
+    """Ready ``model`` (in evaluation mode) on ``backend`` for a random batch; refuses a dtype the backend lacks."""
+    runtime = BACKENDS.get(backend)
+    dtype_name = str(dtype or torch.float32).removeprefix("torch.")
+    if not runtime.supports(dtype_name):
+        raise StudioError(
+            f"The {backend} backend times {' or '.join(runtime.dtypes)} only, not {dtype_name}: pick another "
+            "dtype or the eager backend."
+        )
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, *input_size[-3:], device=device)
+    return Prepared(runtime.prepare(model.eval(), x, dtype), device, batch_size, dtype_name, backend)
+
+
+def time_prepared(
+    p: Prepared,
+    *,
+    warmup: int,
+    repeats: int,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> ThroughputResult:
+    """The one measuring protocol: ``warmup`` passes, then the median (and p90) of ``repeats`` timed passes,
+    each between device synchronisations."""
+    times: list[float] = []
+    for i in range(warmup + repeats):
+        check(cancel)
+        _sync(p.device)
+        t0 = time.perf_counter()
+        p.run()
+        _sync(p.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        progress(callbacks, f"throughput bs{p.batch_size}", i + 1, warmup + repeats)
+    med = statistics.median(times)
+    p90 = sorted(times)[max(0, round(0.9 * len(times)) - 1)]
+    return ThroughputResult(
+        batch_size=p.batch_size,
+        images_per_s=p.batch_size / med,
+        latency_ms=med * 1e3,
+        latency_ms_p90=p90 * 1e3,
+        device=str(p.device),
+        dtype=p.dtype,
+        repeats=repeats,
+        warmup=warmup,
+        backend=p.backend,
+    )
+
+
 def measure_throughput(
     model: torch.nn.Module,
     input_size: Sequence[int],
@@ -117,6 +188,7 @@ def measure_throughput(
     warmup: int = 10,
     repeats: int = 30,
     dtype: torch.dtype | None = None,
+    backend: str = "eager",
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> ThroughputResult:
@@ -124,36 +196,14 @@ def measure_throughput(
 
     Args:
         dtype: autocast dtype (e.g. ``torch.bfloat16`` on CUDA); None measures float32.
+        backend: the runtime (:data:`studio.backends.BACKENDS`) the model is prepared for once and timed on.
     """
-    device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
-    x = torch.randn(batch_size, *input_size[-3:], device=device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    times: list[float] = []
-    with torch.inference_mode(), autocast:
-        for i in range(warmup + repeats):
-            check(cancel)
-            _sync(device)
-            t0 = time.perf_counter()
-            model(x)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            progress(callbacks, f"throughput bs{batch_size}", i + 1, warmup + repeats)
-    model.train(was_training)
-    med = statistics.median(times)
-    p90 = sorted(times)[max(0, round(0.9 * len(times)) - 1)]
-    return ThroughputResult(
-        batch_size=batch_size,
-        images_per_s=batch_size / med,
-        latency_ms=med * 1e3,
-        latency_ms_p90=p90 * 1e3,
-        device=str(device),
-        dtype=str(dtype or torch.float32).removeprefix("torch."),
-        repeats=repeats,
-        warmup=warmup,
-    )
+    try:
+        p = prepare(model, input_size, batch_size=batch_size, dtype=dtype, backend=backend)
+        return time_prepared(p, warmup=warmup, repeats=repeats, callbacks=callbacks, cancel=cancel)
+    finally:
+        model.train(was_training)
 
 
 def paired_speedup(

@@ -1,11 +1,12 @@
 """Benchmark several models side by side: measured throughput and latency next to the ideal (MACs) speed-up.
 
-Each model is measured with the protocol of :func:`studio.bench.measure_throughput` (warm-up, device sync,
-``inference_mode``, fixed shapes, median of repeats) at every chosen batch size and dtype, in the same process on
-the same device, the models taking turns over several rounds (median over rounds), so the measured speed-ups
-compare like with like even when other work shares the machine. The ideal speed-up is
-the reference model's MACs divided by the model's (what a perfectly compute-bound device would give); the gap
-between the two is the point of the page.
+Each model is measured with the studio's one protocol (:func:`studio.bench.time_prepared`: warm-up, device
+sync, ``inference_mode``, fixed shapes, median of repeats) on every chosen deployment backend
+(:mod:`studio.backends`: eager, ``torch.compile``, ONNX Runtime), batch size and dtype, in the same process on the
+same device, the models taking turns over several rounds (median over rounds), so the measured speed-ups compare
+like with like even when other work shares the machine. The ideal speed-up is the reference model's MACs divided
+by the model's (what a perfectly compute-bound device would give); the efficiency is measured / ideal per
+backend, and the gap between the two is the point of the page.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .bench import count_macs, count_params, measure_throughput
+from .backends import BACKENDS
+from .bench import count_macs, count_params, prepare, time_prepared
 from .errors import StudioError
 from .events import Callback, CancelToken, progress
 from .models import LoadedModel
@@ -46,11 +48,22 @@ class Target:
     loaded: LoadedModel
 
 
+def plan_pairs(
+    backends: Sequence[str], dtypes: Sequence[str]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (backend, dtype) pairs to time and those skipped because the backend cannot run the dtype (ONNX
+    Runtime times the float32 export only)."""
+    pairs = [(b, d) for b in backends for d in dtypes]
+    timed = [(b, d) for b, d in pairs if BACKENDS.get(b).supports(d)]
+    return timed, [p for p in pairs if p not in timed]
+
+
 def benchmark(
     targets: Sequence[Target],
     batch_sizes: Sequence[int] = (1, 64),
     dtypes: Sequence[str] = ("float32",),
     *,
+    backends: Sequence[str] = ("eager",),
     warmup: int = 5,
     repeats: int = 20,
     reference: str | None = None,
@@ -58,15 +71,19 @@ def benchmark(
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every (model, dtype, batch size); one row each, with speed-ups against ``reference``.
+    """Measure every (model, backend, dtype, batch size); one row each, with speed-ups against ``reference``
+    on the same backend, dtype and batch size.
 
     Args:
+        backends: runtimes from :data:`studio.backends.BACKENDS`; each model is prepared once per backend, dtype
+            and batch size (an ONNX export, a compilation), then timed.
         reference: the name of the target the speed-ups are relative to (default: the first).
-        rounds: the models take turns this many times per (dtype, batch size), ``repeats // rounds`` timed
-            passes each; the median over rounds is reported, so slow drifts in machine load cancel out.
+        rounds: the models take turns this many times per (backend, dtype, batch size), ``repeats // rounds``
+            timed passes each; the median over rounds is reported, so slow drifts in machine load cancel out.
     Returns:
-        Rows with ``model``, ``batch_size``, ``dtype``, ``images_per_s``, ``latency_ms``, ``latency_ms_p90``,
-        ``params``, ``macs``, ``ideal_speedup`` (MACs ratio) and ``measured_speedup`` (throughput ratio).
+        Rows with ``model``, ``backend``, ``batch_size``, ``dtype``, ``images_per_s``, ``latency_ms``,
+        ``latency_ms_p90``, ``params``, ``macs``, ``ideal_speedup`` (MACs ratio), ``measured_speedup``
+        (throughput ratio) and ``efficiency`` (measured / ideal: 1 is a perfectly compute-bound device).
     """
     if not targets:
         raise StudioError("Pick at least one model to benchmark.")
@@ -78,35 +95,45 @@ def benchmark(
     reference = reference or names[0]
     if reference not in names:
         raise StudioError(f"Reference '{reference}' is not among the models measured ({', '.join(names)}).")
+    pairs, _ = plan_pairs(backends, dtypes)
+    if not pairs:
+        raise StudioError(
+            f"None of the backends {', '.join(backends)} can time {', '.join(dtypes)}: add float32 or the eager "
+            "backend."
+        )
     facts = {t.name: (count_macs(t.loaded.model, t.loaded.data_config["input_size"])["total"],
                       count_params(t.loaded.model)) for t in targets}  # fmt: skip
     rows: list[dict[str, Any]] = []
-    total, done = len(dtypes) * len(batch_sizes) * rounds * len(targets), 0
+    total, done = len(pairs) * len(batch_sizes) * rounds * len(targets), 0
     per_round = max(1, repeats // rounds)
-    for name in dtypes:
+    for backend, name in pairs:
         for bs in batch_sizes:
+            ready = {
+                t.name: prepare(
+                    t.loaded.model,
+                    t.loaded.data_config["input_size"],
+                    batch_size=int(bs),
+                    dtype=_dtype(name, t.loaded.device),
+                    backend=backend,
+                )
+                for t in targets
+            }
             # models take turns, round after round, so a load change on the machine hits all of them alike
             got: dict[str, list[Any]] = {t.name: [] for t in targets}
             for _ in range(rounds):
                 for t in targets:
-                    r = measure_throughput(
-                        t.loaded.model,
-                        t.loaded.data_config["input_size"],
-                        batch_size=int(bs),
-                        warmup=warmup,
-                        repeats=per_round,
-                        dtype=_dtype(name, t.loaded.device),
-                        cancel=cancel,
+                    got[t.name].append(
+                        time_prepared(ready[t.name], warmup=warmup, repeats=per_round, cancel=cancel)
                     )
-                    got[t.name].append(r)
                     done += 1
-                    progress(callbacks, "benchmark", done, total, model=t.name)
+                    progress(callbacks, "benchmark", done, total, model=t.name, backend=backend)
             for t in targets:
                 rs = got[t.name]
                 macs, params = facts[t.name]
                 rows.append(
                     {
                         "model": t.name,
+                        "backend": backend,
                         "batch_size": int(bs),
                         "dtype": name,
                         "images_per_s": statistics.median(r.images_per_s for r in rs),
@@ -119,9 +146,10 @@ def benchmark(
                         "repeats": per_round * rounds,
                     }
                 )
-    ref = {(r["dtype"], r["batch_size"]): r for r in rows if r["model"] == reference}
+    ref = {(r["backend"], r["dtype"], r["batch_size"]): r for r in rows if r["model"] == reference}
     for r in rows:
-        base = ref[(r["dtype"], r["batch_size"])]
+        base = ref[(r["backend"], r["dtype"], r["batch_size"])]
         r["ideal_speedup"] = base["macs"] / r["macs"]
         r["measured_speedup"] = r["images_per_s"] / base["images_per_s"]
+        r["efficiency"] = r["measured_speedup"] / r["ideal_speedup"]
     return rows

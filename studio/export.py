@@ -89,11 +89,44 @@ def export(
     try:
         known = class_names is not None if class_names_known is None else class_names_known
         _write_export(staging, model, base, plan, data_config, class_names, known, metrics, extra, dtype)
+        _check_reload(staging, model, (data_config or {}).get("input_size"), exact=dtype is None)
         _replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+RELOAD_CHECK = "reload.json"
+RELOAD_ATOL = 1e-4
+
+
+def _check_reload(
+    folder: Path, model: torch.nn.Module, input_size: Sequence[int] | None, *, exact: bool
+) -> None:
+    """Load the written folder back the way a user will (no pickle, strict) and compare its logits with the
+    model's on a seeded random batch; record the result in ``reload.json`` and refuse an export that does not
+    reload to the same model (float32 weights; smaller stored dtypes are recorded, not refused)."""
+    size = list(input_size or data_config(model)["input_size"])
+    device = next(model.parameters()).device
+    x = torch.randn(2, *size[-3:], generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            want = model.eval()(x).float()
+            got = load_exported(folder, device=device).model(x).float()
+    finally:
+        model.train(was_training)
+    diff = float((want - got).abs().max()) if want.shape == got.shape else float("inf")
+    write_json(
+        folder / RELOAD_CHECK,
+        {"backend": "eager", "checked": True, "max_abs_diff": diff, "atol": RELOAD_ATOL, "exact": exact},
+    )
+    if exact and not diff <= RELOAD_ATOL:
+        raise StudioError(
+            f"The export does not reload to the same model (max |logit difference| {diff:.2e} > {RELOAD_ATOL}): "
+            "this is a studio bug for this architecture; please report it with the model name."
+        )
 
 
 def _replace_folder(new: Path, folder: Path) -> None:

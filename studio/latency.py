@@ -1,9 +1,9 @@
-"""Latency on the device the model will run on: deployment backends, and a per-unit latency model fitted to
-timed pruned variants, so a pruning target can be a measured latency instead of a MACs fraction.
+"""Latency on the device the model will run on: a per-unit latency model fitted to timed pruned variants, so a
+pruning target can be a measured latency instead of a MACs fraction.
 
-Backends (:data:`BACKENDS`): PyTorch ``eager`` (``inference_mode``), ``compile`` (``torch.compile``, where
-it works on this machine) and ``onnxruntime`` (CPU execution provider; CUDA's where present). Every timing is
-the median of repeated passes after warm-up, synchronised on CUDA.
+Timings run on any deployment backend of :data:`studio.backends.BACKENDS` (PyTorch eager, ``torch.compile``,
+ONNX Runtime) through the studio's one measuring protocol (:func:`studio.bench.measure_throughput`: warm-up,
+device synchronisation, median of repeats).
 
 The latency model: MACs are a loose proxy (a 17-token model at batch 1 is dominated by per-layer overheads),
 so the studio times a small designed set of variants of the loaded model — per block a random number of kept
@@ -17,14 +17,12 @@ cached per (architecture, input size, device, dtype, batch, backend, threads) un
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,84 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backends import BACKENDS
+from .bench import measure_throughput
 from .costs import ArchFacts, arch_facts, plan_cost
 from .errors import StudioError
 from .events import Callback, CancelToken, check, progress
-from .export import export_onnx
 from .plan import BaseArch, BlockPlan, PrunePlan
-from .registry import Registry
 from .runs import write_json
 from .surgery import apply_plan
 
 Timer = Callable[[torch.nn.Module, Sequence[int], int], float]  # (model, input_size, batch) -> ms
-
-
-# ------------------------------------------------------------------------------------------------ backends
-@dataclass(frozen=True)
-class Backend:
-    """A deployment runtime: ``runner(model, x)`` prepares the model once and returns a zero-arg call."""
-
-    name: str
-    summary: str
-    prepare: Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]
-
-
-BACKENDS: Registry[Backend] = Registry("backend")
-
-
-def _eager(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    def run() -> Any:
-        with torch.inference_mode():
-            return model(x)
-
-    return run
-
-
-def _compiled(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    try:
-        fn = torch.compile(copy.deepcopy(model).eval(), dynamic=False)
-        with torch.inference_mode():
-            fn(x)  # compiles now, so a machine without a working compiler fails here, clearly
-    except Exception as e:  # torch.compile raises many types (missing compiler, inductor errors)
-        raise StudioError(
-            f"torch.compile does not work on this machine ({type(e).__name__}: {str(e)[:120]}); use the "
-            "eager or onnxruntime backend."
-        ) from None
-
-    def run() -> Any:
-        with torch.inference_mode():
-            return fn(x)
-
-    return run
-
-
-def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    import onnxruntime as ort  # optional at import time: only this backend needs it
-
-    folder = Path(tempfile.mkdtemp(prefix="studio-ort-"))
-    path = folder / "model.onnx"
-    export_onnx(model, path, list(x.shape[1:]), check=False)
-    providers = ["CPUExecutionProvider"]
-    if x.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()  # the studio's thread policy, not ORT's own
-    session = ort.InferenceSession(str(path), opts, providers=providers)
-    name = session.get_inputs()[0].name
-    feed = {name: x.detach().cpu().numpy()}
-    with contextlib.suppress(OSError):
-        path.unlink()
-        folder.rmdir()
-
-    def run() -> Any:
-        return session.run(None, feed)
-
-    return run
-
-
-BACKENDS.add("eager", Backend("eager", "PyTorch eager, inference_mode", _eager))
-BACKENDS.add("compile", Backend("compile", "torch.compile (inductor)", _compiled))
-BACKENDS.add("onnxruntime", Backend("onnxruntime", "ONNX Runtime (CPU / CUDA provider)", _onnxruntime))
 
 
 def time_ms(
@@ -123,20 +53,11 @@ def time_ms(
     warmup: int = 5,
     repeats: int = 20,
 ) -> float:
-    """Median wall time (ms) of one pass of ``batch`` images through ``model`` on ``backend``."""
-    device = next(model.parameters()).device
-    x = torch.randn(batch, *input_size[-3:], device=device)
-    run = BACKENDS.get(backend).prepare(model.eval(), x)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + repeats):
-        sync()
-        t0 = time.perf_counter()
-        run()
-        sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time (ms) of one pass of ``batch`` images through ``model`` on ``backend`` (the studio's one
+    measuring protocol, :func:`studio.bench.measure_throughput`)."""
+    return measure_throughput(
+        model, input_size, batch_size=batch, warmup=warmup, repeats=repeats, backend=backend
+    ).latency_ms
 
 
 # ---------------------------------------------------------------------------------------- latency model

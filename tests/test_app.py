@@ -122,11 +122,14 @@ def test_prune_benchmark_compare_export_pages(tmp_path, monkeypatch):
     at.number_input(key="bench_repeats").set_value(3)
     at.number_input(key="bench_warmup").set_value(1)
     at.multiselect(key="bench_sizes").set_value([1, 8])
+    at.multiselect(key="bench_backends").set_value(["eager", "onnxruntime"])
     at.button(key="bench_run").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     bench = at.dataframe[-1].value
-    assert len(bench) == 4 and (bench["images_per_s"] > 0).all()
+    assert len(bench) == 8 and (bench["images_per_s"] > 0).all()
+    assert set(bench["backend"]) == {"eager", "onnxruntime"}
     assert bench.groupby("model")["ideal_speedup"].first().max() == pytest.approx(2.0, rel=0.05)
+    assert (bench["efficiency"] == bench["measured_speedup"] / bench["ideal_speedup"]).all()
     # the figures are a benchmark run's: a reload (a new session) shows them again instead of an empty page
     again = _app().run()
     again.switch_page("pages/9_benchmark.py").run()
@@ -142,6 +145,12 @@ def test_prune_benchmark_compare_export_pages(tmp_path, monkeypatch):
     at.switch_page("pages/11_export.py").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert {"Params", "MACs / image", "Test accuracy"} <= {m.label for m in at.metric}
+    # which backends this export was checked and timed on: the eager reload, and the benchmark above
+    checked = next(d.value for d in at.dataframe if "correctness" in d.value).set_index("backend")
+    assert checked.loc["eager", "correctness"].startswith("reloads with the same logits")
+    assert checked.loc["onnxruntime", "correctness"].startswith("not exported")
+    assert "img/s" in checked.loc["eager", "timed"] and "img/s" in checked.loc["onnxruntime", "timed"]
+    assert checked.loc["compile", "timed"].startswith("not timed")
     # the reproduce command covers the run's lineage (one prune step here), relative to the runs folder
     codes = [c.value.splitlines() for c in at.code]
     replay = next(c for c in codes if c[0].startswith("# 1 step(s): prune"))

@@ -142,3 +142,28 @@ def test_onnx_export_parity(tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"images": torch.randn(5, 3, 32, 32).numpy()})[0]  # dynamic batch
     assert out.shape == (5, 5)
+
+
+def test_every_export_is_reloaded_and_checked_before_it_lands(tmp_path, monkeypatch):
+    """The export loads its own folder back (no pickle, strict) and compares logits; one that would not reload
+    to the same model is refused and nothing is left behind."""
+    import studio.export as ex
+
+    _, folder = pruned_export(tmp_path)
+    check = json.loads((folder / ex.RELOAD_CHECK).read_text())
+    assert check["checked"] and check["backend"] == "eager" and 0 <= check["max_abs_diff"] <= ex.RELOAD_ATOL
+
+    real = ex.load_exported
+
+    def drifted(path, **kw):  # a reload that silently changes one weight: what the check exists to catch
+        loaded = real(path, **kw)
+        with torch.no_grad():
+            loaded.model.head.bias.add_(0.5)
+        return loaded
+
+    monkeypatch.setattr(ex, "load_exported", drifted)
+    torch.manual_seed(0)
+    model = create_vit("vit_tiny_patch16_224", **KW).eval()
+    with pytest.raises(StudioError, match="does not reload to the same model"):
+        export(model, describe_base(model, "vit_tiny_patch16_224", KW), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from studio.backends import BACKENDS
 from studio.errors import StudioError
 from studio.export import export_onnx
-from studio.latency import BACKENDS, FEATURES, design, features, fit, profile_latency, time_ms
+from studio.latency import FEATURES, design, features, fit, profile_latency, time_ms
 from studio.models import create_vit, describe_base
 from studio.plan import BlockPlan, PrunePlan
 from studio.surgery import apply_plan

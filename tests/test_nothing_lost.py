@@ -50,7 +50,11 @@ def test_export_refuses_an_existing_export_and_replaces_it_whole_when_asked(tmp_
     assert "--overwrite" in _one_line_error(capsys)
     assert (out / "model.onnx").exists() and (out / "model.safetensors").stat().st_mtime_ns == before
     assert main(["export", "--model", "demo", "--device", "cpu", "--out", str(out), "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]  # no stale ONNX
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+        "reload.json",
+    ]  # no ONNX
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp")]  # no staging folders left
 
 

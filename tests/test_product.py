@@ -121,6 +121,48 @@ def test_benchmark_rows_and_speedups(demo_loaded):
         benchmark([], (1,))
 
 
+def test_benchmark_times_every_backend_and_reports_efficiency(demo_loaded):
+    """Each backend's speed-up is against the reference on the same backend; ONNX Runtime, which runs the float32
+    export only, is skipped in bfloat16 and the spec says so before anything is timed."""
+    from studio.benchmark import Target, benchmark, plan_pairs
+    from studio.costs import with_summary
+    from studio.flows.benchmark import BenchmarkSpec
+    from studio.models import ModelSpec
+    from studio.plan import BlockPlan, PrunePlan
+    from studio.surgery import apply_plan
+
+    plan = with_summary(PrunePlan(demo_loaded.base, tuple(BlockPlan(i) for i in range(6))))
+    half = copy.copy(demo_loaded)
+    half.model = apply_plan(copy.deepcopy(demo_loaded.model), plan).eval()
+    backends, dtypes = ("eager", "onnxruntime"), ("float32", "bfloat16")
+    rows = benchmark(
+        [Target("dense", demo_loaded), Target("half", half)],
+        (1, 4),
+        dtypes,
+        backends=backends,
+        warmup=1,
+        repeats=3,
+        rounds=1,
+    )
+    timed, skipped = plan_pairs(backends, dtypes)
+    assert skipped == [("onnxruntime", "bfloat16")] and len(timed) == 3
+    assert len(rows) == 3 * 2 * 2
+    assert {(r["backend"], r["dtype"]) for r in rows} == set(timed)
+    for r in rows:
+        if r["model"] == "dense":  # the reference on its own backend, not eager's
+            assert r["measured_speedup"] == 1.0 and r["efficiency"] == 1.0
+        else:
+            assert r["ideal_speedup"] == pytest.approx(2.0, rel=0.05)
+            assert r["efficiency"] == pytest.approx(r["measured_speedup"] / r["ideal_speedup"])
+    demo = ModelSpec("demo")
+    with pytest.raises(StudioError, match="Unknown backend 'tensorrt'"):
+        BenchmarkSpec((("dense", demo),), backends=("tensorrt",)).validate()
+    with pytest.raises(StudioError, match="onnxruntime cannot time bfloat16: add float32"):
+        BenchmarkSpec((("dense", demo),), dtypes=("bfloat16",), backends=("onnxruntime",)).validate()
+    spec = BenchmarkSpec((("dense", demo),), backends=backends)
+    assert BenchmarkSpec.from_dict(spec.to_dict()) == spec
+
+
 def _cli(argv: list[str], capsys) -> dict:
     """Run the CLI in this process (same parsing as the shell command) and return its --json output."""
     from studio.cli import main

@@ -8,10 +8,12 @@ import time
 import torch
 
 from ..argtypes import nonnegative_int, positive_int
+from ..backends import BACKENDS
 from ..bench import count_macs, count_params, measure_throughput
 from ..data import prepare
 from ..demo import DemoBuildSpec, build_demo
 from ..device import describe_device
+from ..errors import StudioError
 from ..evaluate import evaluate
 from ..features import cached_extract
 from ..load import load_model
@@ -39,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=nonnegative_int, default=10)
     p.add_argument("--repeats", type=positive_int, default=30)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BACKENDS.names(),
+        default=["eager"],
+        help="deployment runtimes to time the model on (ONNX Runtime: float32 only)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("features", help="extract (and cache) the per-block feature bank")
@@ -103,6 +112,9 @@ def cmd_eval(args: argparse.Namespace) -> Output:
 
 
 def cmd_bench(args: argparse.Namespace) -> Output:
+    bad = [b for b in args.backends if not BACKENDS.get(b).supports(args.dtype)]
+    if bad:  # said before the model loads
+        raise StudioError(f"{', '.join(bad)} cannot time {args.dtype}: use --dtype float32 or drop {bad[0]}.")
     loaded = load_model(model_spec(args))
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     rows = [
@@ -113,15 +125,17 @@ def cmd_bench(args: argparse.Namespace) -> Output:
             warmup=args.warmup,
             repeats=args.repeats,
             dtype=dtype,
+            backend=backend,
             callbacks=[stderr_progress()],
         ).to_dict()
+        for backend in args.backends
         for bs in args.batch_sizes
     ]
     out = {"model": loaded.source, "device": describe_device(loaded.device), "results": rows}
     return Output(
         out,
         f"{loaded.source} on {out['device']}\n"
-        + table(rows, ["batch_size", "images_per_s", "latency_ms", "latency_ms_p90", "dtype"]),
+        + table(rows, ["backend", "batch_size", "images_per_s", "latency_ms", "latency_ms_p90", "dtype"]),
     )
 
 

@@ -4,7 +4,8 @@ speed-up, as a run (``results.json`` keeps the figures, so a reload or the Runs 
 The measuring protocol is :func:`studio.benchmark.benchmark` (the models take turns over rounds in one process,
 so the speed-ups compare like with like). Nothing is pruned: ``plan`` is null, ``before``/``after`` hold the
 reference model's counted cost, and the flow's section (``results["benchmark"]``) holds ``rows`` (one per model,
-dtype and batch size), the ``reference`` and the ``load_avg`` of the machine before and after measuring.
+backend, dtype and batch size), the ``reference``, the ``skipped`` (backend, dtype) pairs and the ``load_avg`` of
+the machine before and after measuring.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..backends import BACKENDS
 from ..bench import load_avg
-from ..benchmark import DTYPES, Target, benchmark
+from ..benchmark import DTYPES, Target, benchmark, plan_pairs
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..load import load_model
@@ -33,12 +35,15 @@ class BenchmarkSpec:
     Attributes:
         models: ``(display name, model)`` pairs, measured in this order; the first is the reference unless
             ``reference`` names another.
-        rounds: the models take turns this many times per (dtype, batch size); the median is reported.
+        backends: deployment runtimes (:data:`studio.backends.BACKENDS`); a (backend, dtype) pair the backend
+            cannot run (ONNX Runtime in bfloat16) is skipped and listed in the results.
+        rounds: the models take turns this many times per (backend, dtype, batch size); the median is reported.
     """
 
     models: tuple[tuple[str, ModelSpec], ...]
     batch_sizes: tuple[int, ...] = (1, 64)
     dtypes: tuple[str, ...] = ("float32",)
+    backends: tuple[str, ...] = ("eager",)
     warmup: int = 5
     repeats: int = 20
     rounds: int = 3
@@ -62,6 +67,16 @@ class BenchmarkSpec:
             raise StudioError(f"Unknown dtype '{bad[0] if bad else ''}': use {', '.join(DTYPES)}.")
         if int(self.warmup) < 0 or int(self.rounds) < 1 or int(self.repeats) < 1:
             raise StudioError("Give warm-up ≥ 0, rounds ≥ 1 and at least one timed pass.")
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise StudioError(
+                f"Unknown backend '{unknown[0] if unknown else ''}': use {', '.join(BACKENDS.names())}."
+            )
+        if not plan_pairs(self.backends, self.dtypes)[0]:
+            raise StudioError(
+                f"{' and '.join(self.backends)} cannot time {' or '.join(self.dtypes)}: add float32 or the eager "
+                "backend."
+            )
         if "float16" in self.dtypes and all(m.device == "cpu" for _, m in self.models):
             raise StudioError("float16 is measured on a GPU only; on the CPU use float32 or bfloat16.")
         if self.reference is not None and self.reference not in names:
@@ -73,6 +88,7 @@ class BenchmarkSpec:
             "models": [{"name": n, "model": m.to_dict()} for n, m in self.models],
             "batch_sizes": list(self.batch_sizes),
             "dtypes": list(self.dtypes),
+            "backends": list(self.backends),
             "warmup": self.warmup,
             "repeats": self.repeats,
             "rounds": self.rounds,
@@ -86,6 +102,7 @@ class BenchmarkSpec:
                 models=tuple((str(m["name"]), ModelSpec.from_dict(m["model"])) for m in d["models"]),
                 batch_sizes=tuple(int(b) for b in d.get("batch_sizes", (1, 64))),
                 dtypes=tuple(str(t) for t in d.get("dtypes", ("float32",))),
+                backends=tuple(str(b) for b in d.get("backends", ("eager",))),
                 warmup=int(d.get("warmup", 5)),
                 repeats=int(d.get("repeats", 20)),
                 rounds=int(d.get("rounds", 3)),
@@ -120,6 +137,7 @@ def run_benchmark(
         targets,
         sorted(int(b) for b in spec.batch_sizes),
         spec.dtypes,
+        backends=spec.backends,
         warmup=int(spec.warmup),
         repeats=int(spec.repeats),
         reference=spec.reference,
@@ -129,7 +147,13 @@ def run_benchmark(
     )
     reference = spec.reference or spec.models[0][0]
     ref = next(t.loaded for t in targets if t.name == reference)
-    section = {"rows": rows, "reference": reference, "load_avg": [load_before, load_avg()]}
+    skipped = [{"backend": b, "dtype": d} for b, d in plan_pairs(spec.backends, spec.dtypes)[1]]
+    section = {
+        "rows": rows,
+        "reference": reference,
+        "skipped": skipped,
+        "load_avg": [load_before, load_avg()],
+    }
     return finish_analysis("benchmark", ref, run, t0, section, callbacks=callbacks, cancel=cancel)
 
 

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from ..analysis.criteria import accumulate_gradients
+from ..backends import BACKENDS
 from ..costs import arch_facts, with_summary
 from ..errors import StudioError
 from ..events import Callback, CancelToken
@@ -133,7 +134,7 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         str,
         "eager",
         "runtime the latency target is for",
-        choices=("eager", "compile", "onnxruntime"),
+        choices=tuple(BACKENDS.names()),
     ),
 )
 LATENCY_OPTIONS = ("latency_batch", "latency_backend")

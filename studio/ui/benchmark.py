@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import pandas as pd
+
 from ..errors import StudioError
 from ..flows.benchmark import BenchmarkSpec
 from ..models import ModelSpec
@@ -20,6 +22,7 @@ def benchmark_spec(
     batch_sizes: Sequence[int],
     dtypes: Sequence[str],
     *,
+    backends: Sequence[str] = ("eager",),
     warmup: int,
     repeats: int,
 ) -> BenchmarkSpec:
@@ -33,9 +36,29 @@ def benchmark_spec(
         models=models,
         batch_sizes=tuple(sorted(int(b) for b in batch_sizes)),
         dtypes=tuple(dtypes),
+        backends=tuple(backends),
         warmup=int(warmup),
         repeats=int(repeats),
     )
+
+
+def rows_frame(rows: Sequence[Mapping[str, object]]) -> pd.DataFrame:
+    """A benchmark run's rows as a table; runs from before backends were recorded were timed eagerly."""
+    df = pd.DataFrame(rows)
+    if "backend" not in df:
+        df.insert(1, "backend", "eager")
+    if "efficiency" not in df:
+        df["efficiency"] = df["measured_speedup"] / df["ideal_speedup"]
+    df["setting"] = df["backend"] + " · " + df["dtype"]  # one line style per (backend, dtype) in the charts
+    return df
+
+
+def speedup_bars(rows: pd.DataFrame) -> pd.DataFrame:
+    """The speed-up chart's long table for one batch size and dtype: a measured bar per backend, one ideal bar."""
+    measured = rows.assign(series="measured · " + rows["backend"], factor=rows["measured_speedup"])
+    ideal = rows.drop_duplicates("model").assign(series="ideal (MACs)", factor=lambda d: d["ideal_speedup"])
+    keep = ["model", "series", "factor", "images_per_s", "efficiency", "macs"]
+    return pd.concat([measured, ideal.assign(images_per_s=float("nan"), efficiency=1.0)])[keep]
 
 
 def last_benchmark(root: str | Path, source: str, session_run: str | None = None) -> RunDir | None:
