@@ -5,6 +5,7 @@ variants, held-out error reported), each method solves for 70 % and 50 % of the 
 model is timed back to back with the dense one. Prints a markdown table::
 
     .venv/bin/python bench/latency.py --models demo deit_small_patch16_224 --backends eager onnxruntime
+    .venv/bin/python bench/latency.py --widths --batch 1   # where rounding widths pays off instead
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio.errors import StudioError
-from studio.latency import profile_latency, time_ms
+from studio.latency import profile_latency, time_ms, width_payoff
 from studio.models import LoadedModel, create_vit, data_config, describe_base
 from studio.prune import PruneRequest, make_plan
 from studio.surgery import apply_plan
@@ -46,7 +47,33 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--variants", type=int, default=24)
+    ap.add_argument(
+        "--widths",
+        action="store_true",
+        help="print instead where rounding widths to 8/16/32 pays off (studio.latency.width_payoff)",
+    )
     args = ap.parse_args()
+    if args.widths:
+        print("| model | backend | batch | unit | round to | width | MACs | ms | vs uneven | pays |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name in args.models:
+            loaded = load(name)
+            for backend in args.backends:
+                rows = width_payoff(
+                    loaded.model,
+                    loaded.base,
+                    loaded.data_config["input_size"],
+                    batch=args.batch,
+                    backend=backend,
+                    use_cache=False,
+                )
+                for r in rows:
+                    print(
+                        f"| {name} | {backend} | {args.batch} | {r['unit']} | {r['multiple']} | {r['width']} | "
+                        f"{r['macs'] / 1e6:.1f} M | {r['ms']:.2f} | {r['ms_vs_uneven']:.3f} | "
+                        f"{'yes' if r['pays'] else 'no'} |"
+                    )
+        return
     print("| model | backend | fit error | method | target | target ms | predicted ms | measured ms | miss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:

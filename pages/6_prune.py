@@ -11,7 +11,7 @@ from studio.plan import PrunePlan
 from studio.prune import get_method, load_methods
 from studio.prune.presets import CPU, active_preset, apply_preset, get_preset, preset_names
 from studio.runs import RunDir
-from studio.ui import charts, forms, guide, state
+from studio.ui import charts, forms, guide, state, widths
 from studio.ui import jobs as ui_jobs
 from studio.ui.results import group_diff, show_run_result
 from studio.workflow import load_plan_text
@@ -41,6 +41,9 @@ run_fields: dict = {}
 if preset is None:
     st.markdown("##### Budget")
     params = forms.budget_widgets(method, state.pristine_model().base.depth, "prune")
+    if method.rounds:
+        with st.expander("Hardware-friendly widths, measured on this device"):
+            widths.show(state.pristine_model(), "prune_widths")
 else:  # the paper's values as they are (the CLI can override single ones: prune --preset paper --OPTION V)
     params, run_fields = apply_preset(preset.name, name, {})
     rows = [{"setting": k, "value": str(v.value), "source": v.source} for k, v in preset.options.items()]

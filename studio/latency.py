@@ -214,3 +214,121 @@ def profile_latency(
     if timer is None:
         write_json(f, out.to_dict())
     return out
+
+
+# --------------------------------------------------------------------------------- hardware-friendly widths
+MULTIPLES = (1, 8, 16, 32)
+
+
+NOISE = (
+    0.02  # CPU timings repeat within about 2 %: a rounded width within that of the uneven one costs nothing
+)
+
+
+def _uneven(width: int) -> int:
+    """An odd width near ``width`` (no multiple above 1 divides it): one above a multiple of 32 where the width
+    allows, so rounding it up to 8, 16 and 32 gives three different widths."""
+    return (width // 32) * 32 + 1 if width >= 32 else width | 1
+
+
+def _widths_file(
+    base: BaseArch,
+    input_size: Sequence[int],
+    device: torch.device,
+    batch: int,
+    backend: str,
+    keep: float,
+    multiples: Sequence[int],
+) -> Path:
+    key = cache_key(base, input_size, device, "float32", batch, backend)
+    return _cache_file(f"widths-{key}-{keep}-{'-'.join(str(m) for m in multiples)}")
+
+
+def cached_width_payoff(
+    base: BaseArch,
+    input_size: Sequence[int],
+    device: torch.device,
+    *,
+    batch: int = 1,
+    backend: str = "eager",
+    keep: float = 0.5,
+    multiples: Sequence[int] = MULTIPLES,
+) -> list[dict[str, Any]] | None:
+    """The rows :func:`width_payoff` measured earlier for this setting, or None (a reload shows them again)."""
+    f = _widths_file(base, input_size, device, batch, backend, keep, multiples)
+    try:
+        return json.loads(f.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def width_payoff(
+    model: torch.nn.Module,
+    base: BaseArch,
+    input_size: Sequence[int],
+    *,
+    batch: int = 1,
+    backend: str = "eager",
+    keep: float = 0.5,
+    multiples: Sequence[int] = MULTIPLES,
+    warmup: int = 3,
+    repeats: int = 10,
+    timer: Timer | None = None,
+    use_cache: bool = True,
+    callbacks: Sequence[Callback] = (),
+    cancel: CancelToken | None = None,
+) -> list[dict[str, Any]]:
+    """Where rounding widths pays off on this device, measured rather than assumed.
+
+    For each unit kind (MLP neurons, head dims) and each multiple ``m``, every block keeps about ``keep`` of
+    that unit, starting from an odd width (one above a multiple of 32) rounded *up* to ``m`` (so a rounded
+    model does more arithmetic). A row is ``{unit, multiple, width, macs, ms, ms_vs_uneven, pays}``: rounding
+    pays where the rounded model is no slower than the uneven one (within :data:`NOISE`) despite its extra MACs.
+    Cached like the latency model.
+    """
+    BACKENDS.get(backend)
+    if not 0.0 < keep < 1.0:
+        raise StudioError(f"keep must be a fraction in (0, 1), got {keep}.")
+    f = _widths_file(base, input_size, next(model.parameters()).device, batch, backend, keep, multiples)
+    if use_cache and timer is None and f.exists():
+        return json.loads(f.read_text())["rows"]
+
+    def clock(m: torch.nn.Module) -> float:
+        if timer is not None:
+            return timer(m, input_size, batch)
+        return time_ms(m, input_size, batch, backend=backend, warmup=warmup, repeats=repeats)
+
+    facts = arch_facts(base)
+    units = {
+        "mlp": lambda i, w: BlockPlan(i, mlp=tuple(range(w))),
+        "head_dim": lambda i, w: BlockPlan(i, head_dims=tuple(range(w))),
+    }
+    full = {"mlp": list(base.mlp_hidden), "head_dim": [base.head_dim] * base.depth}
+    rows: list[dict[str, Any]] = []
+    total, done = len(units) * len(multiples), 0
+    for unit, block in units.items():
+        for m in multiples:
+            check(cancel)
+            widths = [min(n, -(-_uneven(int(n * keep)) // m) * m) for n in full[unit]]
+            plan = PrunePlan(
+                base, tuple(block(i, w) for i, w in enumerate(widths)), method="widths"
+            ).validate()
+            ms = clock(apply_plan(copy.deepcopy(model), plan).eval())
+            rows.append(
+                {
+                    "unit": unit,
+                    "multiple": int(m),
+                    "width": int(widths[0]),
+                    "macs": int(plan_cost(plan, facts)["macs"]),
+                    "ms": float(ms),
+                }
+            )
+            done += 1
+            progress(callbacks, "width timings", done, total)
+    for r in rows:
+        uneven = next(u for u in rows if u["unit"] == r["unit"] and u["multiple"] == min(multiples))
+        r["ms_vs_uneven"] = r["ms"] / uneven["ms"]
+        r["pays"] = r["multiple"] > min(multiples) and r["ms"] <= uneven["ms"] * (1 + NOISE)
+    if timer is None:
+        write_json(f, {"rows": rows, "batch": batch, "backend": backend, "keep": keep})
+    return rows

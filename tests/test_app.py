@@ -210,3 +210,18 @@ def test_the_navigation_lists_only_page_files_that_exist(tmp_path):
     assert at.title[0].value == "Model & data"
     with pytest.raises(ValueError):
         at.switch_page("pages/6_prune.py")  # not registered: its file is absent here
+
+
+def test_prune_page_measures_where_rounding_widths_pays_and_a_reload_shows_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))
+    at = _app().run()
+    at.switch_page("pages/6_prune.py").run()
+    assert not any(m.value.startswith("On this device") for m in at.markdown)
+    at.button(key="prune_widths_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    said = [m.value for m in at.markdown if m.value.startswith("On this device")]
+    assert len(said) == 1 and "MLP widths" in said[0] and "head dims" in said[0]
+    again = _app().run()  # a reload: the measurement is read back, not timed again
+    again.switch_page("pages/6_prune.py").run()
+    assert [m.value for m in again.markdown if m.value.startswith("On this device")] == said
+    assert len(list((tmp_path / "cache" / "latency").glob("widths-*.json"))) == 1

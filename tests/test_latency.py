@@ -133,3 +133,36 @@ def test_a_method_without_a_latency_model_refuses_the_latency_target():
             "savit",
             PruneRequest(loaded, {"target_latency": 0.5}, [(torch.randn(4, 3, 32, 32), torch.arange(4))]),
         )
+
+
+def aligned_cost(model: torch.nn.Module, _size, _batch) -> float:
+    """A device that runs widths divisible by 16 at full speed and anything else at a third of it."""
+    ms = 0.0
+    for b in model.blocks:
+        for width in (b.mlp.fc1.out_features, b.attn.head_dim):
+            ms += width * (1.0 if width % 16 == 0 else 3.0) * 1e-3
+    return ms
+
+
+def test_width_payoff_finds_where_rounding_pays_on_a_known_device():
+    """On a device that is fast only at multiples of 16, rounding up to 16 or 32 pays (faster despite more
+    MACs), rounding to 8 does not; the uneven widths are odd and rounding adds arithmetic."""
+    from studio.latency import width_payoff
+
+    m, base = make()
+    rows = width_payoff(m, base, [3, 32, 32], keep=0.5, timer=aligned_cost)
+    assert {(r["unit"], r["multiple"]) for r in rows} == {
+        (u, k) for u in ("mlp", "head_dim") for k in (1, 8, 16, 32)
+    }
+    mlp = {r["multiple"]: r for r in rows if r["unit"] == "mlp"}
+    assert (
+        mlp[1]["width"] == 97
+        and mlp[8]["width"] == 104
+        and mlp[16]["width"] == 112
+        and mlp[32]["width"] == 128
+    )
+    assert mlp[1]["macs"] < mlp[8]["macs"] < mlp[16]["macs"] < mlp[32]["macs"]
+    assert not mlp[1]["pays"] and not mlp[8]["pays"] and mlp[16]["pays"] and mlp[32]["pays"]
+    assert mlp[16]["ms_vs_uneven"] < 1 < mlp[8]["ms_vs_uneven"]
+    with pytest.raises(StudioError, match="keep must be a fraction"):
+        width_payoff(m, base, [3, 32, 32], keep=1.0, timer=aligned_cost)
