@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from studio.backends import BACKENDS
+from studio.device import describe_device, resolve_device
 from studio.errors import StudioError
 from studio.latency import profile_latency, time_ms, width_payoff
 from studio.models import LoadedModel, create_vit, data_config, describe_base
@@ -26,17 +28,15 @@ from studio.prune import PruneRequest, make_plan
 from studio.surgery import apply_plan
 
 
-def load(name: str) -> LoadedModel:
+def load(name: str, device: torch.device) -> LoadedModel:
     if name == "demo":
         from studio.load import load_model
         from studio.models import ModelSpec
 
-        return load_model(ModelSpec("demo", device="cpu"))
+        return load_model(ModelSpec("demo", device=str(device)))
     torch.manual_seed(0)
-    m = create_vit(name, num_classes=10).eval()
-    return LoadedModel(
-        m, describe_base(m, name, {"num_classes": 10}), data_config(m), [], torch.device("cpu")
-    )
+    m = create_vit(name, num_classes=10).eval().to(device)
+    return LoadedModel(m, describe_base(m, name, {"num_classes": 10}), data_config(m), [], device)
 
 
 def main() -> None:
@@ -47,17 +47,26 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", type=float, default=[0.7, 0.5])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--variants", type=int, default=24)
+    ap.add_argument("--device", default="auto", help="auto (a GPU where present), cpu or cuda")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="autocast dtype of every timing (bfloat16 is the GPU table's; ONNX Runtime runs float32 only)",
+    )
     ap.add_argument(
         "--widths",
         action="store_true",
         help="print instead where rounding widths to 8/16/32 pays off (studio.latency.width_payoff)",
     )
     args = ap.parse_args()
+    device = resolve_device(args.device)
+    print(f"device {describe_device(device)}, dtype {args.dtype}, batch {args.batch}\n")
     if args.widths:
         print("| model | backend | batch | unit | round to | width | MACs | ms | vs uneven | pays |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name in args.models:
-            loaded = load(name)
+            loaded = load(name, device)
             for backend in args.backends:
                 rows = width_payoff(
                     loaded.model,
@@ -77,15 +86,29 @@ def main() -> None:
     print("| model | backend | fit error | method | target | target ms | predicted ms | measured ms | miss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
-        loaded = load(name)
+        loaded = load(name, device)
         size = loaded.data_config["input_size"]
         for backend in args.backends:
+            if not BACKENDS.get(backend).supports(args.dtype):
+                print(f"| {name} | {backend} | – | – | – | – | – | – | {backend} has no {args.dtype} |")
+                continue
             lm = profile_latency(
-                loaded.model, loaded.base, size, batch=args.batch, backend=backend, variants=args.variants
+                loaded.model,
+                loaded.base,
+                size,
+                batch=args.batch,
+                backend=backend,
+                dtype=args.dtype,
+                variants=args.variants,
             )
             for method in args.methods:
                 for t in args.targets:
-                    params = {"target_latency": t, "latency_batch": args.batch, "latency_backend": backend}
+                    params = {
+                        "target_latency": t,
+                        "latency_batch": args.batch,
+                        "latency_backend": backend,
+                        "latency_dtype": args.dtype,
+                    }
                     try:
                         plan = make_plan(method, PruneRequest(loaded, params))
                     except StudioError as e:
@@ -94,8 +117,8 @@ def main() -> None:
                         )
                         continue
                     pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
-                    dense_ms = time_ms(loaded.model, size, args.batch, backend=backend)
-                    ms = time_ms(pruned, size, args.batch, backend=backend)
+                    dense_ms = time_ms(loaded.model, size, args.batch, backend=backend, dtype=args.dtype)
+                    ms = time_ms(pruned, size, args.batch, backend=backend, dtype=args.dtype)
                     target_ms = t * dense_ms
                     pred = plan.params["latency"]["predicted_ms"]
                     print(

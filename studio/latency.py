@@ -50,13 +50,20 @@ def time_ms(
     batch: int,
     *,
     backend: str = "eager",
+    dtype: str = "float32",
     warmup: int = 5,
     repeats: int = 20,
 ) -> float:
-    """Median wall time (ms) of one pass of ``batch`` images through ``model`` on ``backend`` (the studio's one
-    measuring protocol, :func:`studio.bench.measure_throughput`)."""
+    """Median wall time (ms) of one pass of ``batch`` images through ``model`` on ``backend`` in ``dtype``
+    (autocast; the studio's one measuring protocol, :func:`studio.bench.measure_throughput`)."""
     return measure_throughput(
-        model, input_size, batch_size=batch, warmup=warmup, repeats=repeats, backend=backend
+        model,
+        input_size,
+        batch_size=batch,
+        warmup=warmup,
+        repeats=repeats,
+        backend=backend,
+        dtype=None if dtype == "float32" else getattr(torch, dtype),
     ).latency_ms
 
 
@@ -155,6 +162,7 @@ def profile_latency(
     *,
     batch: int = 1,
     backend: str = "eager",
+    dtype: str = "float32",
     variants: int = 24,
     held_out: float = 0.25,
     warmup: int = 3,
@@ -169,19 +177,20 @@ def profile_latency(
 
     ``timer`` replaces the clock (tests pass a known cost function); the model is never changed.
     """
-    BACKENDS.get(backend)
+    if not BACKENDS.get(backend).supports(dtype):
+        raise StudioError(f"The {backend} backend cannot time {dtype}: use float32 or the eager backend.")
     if variants < 8:
         raise StudioError(
             f"Give at least 8 latency variants to fit {len(FEATURES)} coefficients, got {variants}."
         )
     device = next(model.parameters()).device
-    key = cache_key(base, input_size, device, "float32", batch, backend)
+    key = cache_key(base, input_size, device, dtype, batch, backend)
     f = _cache_file(key)
     if use_cache and timer is None and f.exists():
         return LatencyModel.from_dict(json.loads(f.read_text()))
 
     def clock(m: torch.nn.Module) -> float:
-        return time_ms(m, input_size, batch, backend=backend, warmup=warmup, repeats=repeats)
+        return time_ms(m, input_size, batch, backend=backend, dtype=dtype, warmup=warmup, repeats=repeats)
 
     timer_fn: Callable[[torch.nn.Module], float] = (
         (lambda m: timer(m, input_size, batch)) if timer is not None else clock

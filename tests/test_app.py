@@ -225,3 +225,20 @@ def test_prune_page_measures_where_rounding_widths_pays_and_a_reload_shows_it(tm
     again.switch_page("pages/6_prune.py").run()
     assert [m.value for m in again.markdown if m.value.startswith("On this device")] == said
     assert len(list((tmp_path / "cache" / "latency").glob("widths-*.json"))) == 1
+
+
+def test_prune_page_prunes_to_a_latency_target_and_shows_target_predicted_and_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))
+    at = _app().run()
+    at.switch_page("pages/6_prune.py").run()
+    at.radio(key="prune_budget_magnitude").set_value("Fraction of the measured latency to keep").run()
+    assert at.selectbox(key="prune_lat_latency_backend").value == "eager"  # the latency's runtime is asked
+    at.slider(key="prune_target_latency").set_value(0.7)
+    at.number_input(key="prune_lat_latency_batch").set_value(32)  # at batch 1 the demo is overhead-bound
+    at.checkbox(key="prune_eval").uncheck()
+    at.checkbox(key="prune_bench").uncheck()
+    at.button(key="prune_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    said = [m.value for m in [*at.success, *at.warning] if m.value.startswith("Latency target 70%")]
+    assert len(said) == 1 and "predicted" in said[0] and "batch 32, eager, float32" in said[0]

@@ -4,6 +4,7 @@ model, and ONNX Runtime computes what PyTorch does for uneven head dims."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -166,3 +167,32 @@ def test_width_payoff_finds_where_rounding_pays_on_a_known_device():
     assert mlp[16]["ms_vs_uneven"] < 1 < mlp[8]["ms_vs_uneven"]
     with pytest.raises(StudioError, match="keep must be a fraction"):
         width_payoff(m, base, [3, 32, 32], keep=1.0, timer=aligned_cost)
+
+
+def test_the_latency_bench_runs_its_gpu_table_path_on_the_cpu(tmp_path):
+    """The GPU table is the same script under bfloat16: on this CPU it runs that path (autocast timings, the
+    latency model and target in bfloat16) and says which backend has no bfloat16."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "STUDIO_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    argv = ["--models", "demo", "--methods", "magnitude", "--backends", "eager", "onnxruntime"]
+    argv += ["--targets", "0.7", "--variants", "8", "--dtype", "bfloat16", "--device", "cpu"]
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "latency.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=True,
+    ).stdout
+    assert out.startswith("device cpu") and "dtype bfloat16" in out.splitlines()[0]
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| demo")]
+    eager = [r for r in rows if r[1].strip() == "eager"]
+    assert len(eager) == 1 and float(eager[0][6]) > 0 and float(eager[0][7]) > 0  # predicted and measured ms
+    assert any("onnxruntime has no bfloat16" in r[-1] for r in rows)
+    cached = [json.loads(f.read_text()) for f in (tmp_path / "latency").glob("*.json")]
+    assert len(cached) == 1 and cached[0]["backend"] == "eager"

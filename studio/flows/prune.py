@@ -212,8 +212,9 @@ def measured_latency(loaded: LoadedModel, pruned: torch.nn.Module, plan: PrunePl
     if not isinstance(rec, dict):
         return None
     size, batch, backend = loaded.data_config["input_size"], int(rec["batch"]), str(rec["backend"])
-    dense_ms = time_ms(copy.deepcopy(loaded.model).eval(), size, batch, backend=backend)
-    pruned_ms = time_ms(pruned, size, batch, backend=backend)
+    dtype = str(rec.get("dtype", "float32"))
+    dense_ms = time_ms(copy.deepcopy(loaded.model).eval(), size, batch, backend=backend, dtype=dtype)
+    pruned_ms = time_ms(pruned, size, batch, backend=backend, dtype=dtype)
     target_ms = float(rec["target_latency"]) * dense_ms
     return {
         **rec,

@@ -136,8 +136,15 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         "runtime the latency target is for",
         choices=tuple(BACKENDS.names()),
     ),
+    Option(
+        "latency_dtype",
+        str,
+        "float32",
+        "dtype the latency target is for (autocast; bfloat16/float16 as deployed on a GPU)",
+        choices=("float32", "bfloat16", "float16"),
+    ),
 )
-LATENCY_OPTIONS = ("latency_batch", "latency_backend")
+LATENCY_OPTIONS = ("latency_batch", "latency_backend", "latency_dtype")
 
 
 @dataclass(frozen=True)
@@ -353,12 +360,14 @@ def latency_cost(
     """The latency model of ``loaded`` on its device (fitted, or from the cache) as a solver's cost: a plan's
     predicted latency as a fraction of the dense model's, and what the plan records of it."""
     batch, backend = int(params.get("latency_batch") or 1), str(params.get("latency_backend") or "eager")
+    dtype = str(params.get("latency_dtype") or "float32")
     lm = profile_latency(
         loaded.model,
         loaded.base,
         loaded.data_config["input_size"],
         batch=batch,
         backend=backend,
+        dtype=dtype,
         callbacks=callbacks,
         cancel=cancel,
     )
@@ -371,6 +380,7 @@ def latency_cost(
         "fit_error": round(lm.fit_error, 4),
         "batch": batch,
         "backend": backend,
+        "dtype": dtype,
         "variants": lm.variants,
     }
     return (lambda p: lm.predict(p, facts) / dense), record

@@ -7,7 +7,7 @@ from typing import Any
 
 import streamlit as st
 
-from ..prune import COMMON_OPTIONS, Method, Option
+from ..prune import COMMON_OPTIONS, LATENCY_OPTIONS, Method, Option
 
 
 def option_widget(opt: Option, key: str) -> Any:
@@ -60,6 +60,10 @@ def budget_widgets(method: Method, depth: int, prefix: str) -> dict[str, Any]:
         chosen.label, kind(low), kind(high), kind(default), kind(chosen.step), key=f"{prefix}_{chosen.option}"
     )
     params: dict[str, Any] = {chosen.option: value}
+    if chosen.option == "target_latency":  # a latency is for a batch size, a runtime and a dtype: say which
+        params.update(
+            option_widgets([o for o in COMMON_OPTIONS if o.name in LATENCY_OPTIONS], f"{prefix}_lat")
+        )
     rounding = next(o for o in COMMON_OPTIONS if o.name == "round_to")
     if method.rounds and b3.checkbox(
         "Round widths to 8", value=True, key=f"{prefix}_round8", help=rounding.help

@@ -105,6 +105,19 @@ def show_run_result(res: Mapping[str, Any], *, key: str) -> None:
     note = speedup_note(res)
     if note:
         st.info(note, icon=":material/speed:")
+    lat = (res.get(res["kind"]) or {}).get("latency")
+    if (
+        lat
+    ):  # a latency target: target, predicted and measured side by side (dense and pruned timed back to back)
+        text = (
+            f"Latency target {pct(lat['target_latency'], digits=0)} of the dense {lat['dense_ms']:.2f} ms = "
+            f"**{lat['target_ms']:.2f} ms** (batch {lat['batch']}, {lat['backend']}, {lat.get('dtype', 'float32')}): "
+            f"predicted {lat['predicted_ms']:.2f} ms (latency model, held-out error {lat['fit_error']:.1%}), "
+            f"measured **{lat['measured_ms']:.2f} ms** ({lat['measured_ms'] / lat['target_ms'] - 1:+.1%})."
+        )
+        (st.warning if lat["missed"] else st.success)(
+            text + (" Missed by more than 10 %." if lat["missed"] else ""), icon=":material/timer:"
+        )
     if not after.get("matches_plan", True):
         st.warning("The counted params/MACs of the pruned model differ from the plan's analytic cost.")
     solved = (res.get("params") or {}).get("solved") or {}
