@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -101,6 +102,23 @@ def wrap(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module | None:
     return DistributedDataParallel(model, device_ids=ids)
 
 
+def average_(tensors: Sequence[torch.Tensor | None], ctx: DistContext | None) -> None:
+    """Replace each tensor, in place, by its mean over the ranks (one all-reduce of a flat buffer); a
+    single-process context leaves them as they are. For the state a method keeps outside the DDP model
+    (P3B's gate gradients, probe gradients and benefits), which DDP does not synchronise."""
+    ts = [t for t in tensors if t is not None]
+    if ctx is None or not ctx.distributed or not ts:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in ts])
+    dist.all_reduce(flat)
+    flat /= ctx.world
+    i = 0
+    for t in ts:
+        n = t.numel()
+        t.copy_(flat[i : i + n].view_as(t).to(t.dtype))
+        i += n
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
@@ -143,11 +161,15 @@ def params_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def gather(value: str, ctx: DistContext) -> list[str]:
+    """Every rank's ``value`` (rank order), collected on all ranks (``[value]`` single-process)."""
+    if not ctx.distributed:
+        return [value]
+    out: list[str | None] = [None] * ctx.world
+    dist.all_gather_object(out, value)
+    return [str(d) for d in out]
+
+
 def gather_digests(model: torch.nn.Module, ctx: DistContext) -> list[str]:
     """Every rank's :func:`params_digest` (rank order), collected on all ranks."""
-    own = params_digest(model)
-    if not ctx.distributed:
-        return [own]
-    out: list[str | None] = [None] * ctx.world
-    dist.all_gather_object(out, own)
-    return [str(d) for d in out]
+    return gather(params_digest(model), ctx)

@@ -90,3 +90,58 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert res["retrain"]["train"]["history"][0]["train_loss"] == metric[0]["train_loss"]
     assert read_json(run / "status.json")["state"] == "done"
     assert (run / "export" / "manifest.json").exists()
+
+
+def _torchrun(run: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for var in distributed.ENV_VARS:
+        env.pop(var, None)
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "studio", "run", str(run),
+           "--device", "cpu", *extra]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
+def test_p3b_under_torchrun_two_ranks_agree_and_a_cancelled_run_resumes_to_the_same_model(tmp_path):
+    """P3B as its paper runs it (several processes, gradient accumulation): the ranks keep identical gates,
+    probes and benefits, so they slice alike and end with identical weights; a run cancelled mid-pruning
+    (both ranks at the same step) and resumed ends exactly where the uninterrupted one does."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from studio.data import DataSpec
+    from studio.flows import create_run
+    from studio.flows.prune import PruneSpec
+    from studio.models import ModelSpec
+
+    params = {"epochs": 8, "probe": "mean", "steps_per_update": 1, "prune_ratio": 0.5, "accum_steps": 2}
+    spec = PruneSpec(ModelSpec("demo", device="cpu"), "p3b", params, DataSpec("demo", limit=128), batch_size=16,
+                     bench=False)  # fmt: skip
+    whole, cut = create_run(spec, tmp_path / "whole"), create_run(spec, tmp_path / "cut")
+    a = _torchrun(whole.path)
+    b = _torchrun(cut.path)
+    deadline = time.time() + 600
+    while not (cut.path / "p3b_prune.pt").exists() and b.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    cut.cancel_file.write_text("cancel\n")  # the Cancel button: both ranks stop at the same step
+    _, err = b.communicate(timeout=600)
+    assert read_json(cut.path / "status.json")["state"] == "cancelled", err[-2000:]
+    resumed = _torchrun(cut.path, "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    _, err = a.communicate(timeout=600)
+    assert a.returncode == 0, err[-3000:]
+
+    res, again = read_json(whole.path / "results.json"), read_json(cut.path / "results.json")
+    p3b = res["p3b"]
+    assert p3b["world"] == 2 and p3b["accum_steps"] == 2 and p3b["replicas_identical"] is True
+    assert len(set(p3b["plan_digests"])) == 1 and len(p3b["replica_digests"]) == 2
+    assert res["plan"] == again["plan"] and again["p3b"]["plan_digests"] == p3b["plan_digests"]
+    ours, theirs = (
+        load_file(str(whole.export_dir / "model.safetensors")),
+        load_file(str(cut.export_dir / "model.safetensors")),
+    )
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    setup = next(e["data"] for e in RunDir(whole.path).events() if e["kind"] == "p3b_setup")
+    assert setup["world"] == 2 and setup["accum_steps"] == 2

@@ -9,10 +9,14 @@ continues where the run stopped (finished epochs are not trained again).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
 
+from .. import distributed
 from ..analysis.block_benefit import SETUP_EVENT
 from ..costs import with_summary
 from ..data import prepare
@@ -20,6 +24,7 @@ from ..errors import StudioError
 from ..evaluate import evaluate
 from ..events import Callback, CancelToken, Event, emit
 from ..models import LoadedModel
+from ..plan import PrunePlan
 from ..prune import get_method
 from ..prune.p3b import P3BPruner, Schedule, settings_from_params
 from ..runs import RunDir
@@ -62,6 +67,13 @@ def _run_wide(
     return [shifted(cb) for cb in callbacks]
 
 
+def plan_digest(plan: PrunePlan) -> str:
+    """SHA-256 of the plan's structure (the kept units): every rank of a torchrun group must slice alike."""
+    d = plan.to_dict()
+    kept = {"blocks": d["blocks"], "embed": d.get("embed")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_p3b(
     spec: PruneSpec,
     *,
@@ -70,8 +82,11 @@ def run_p3b(
     callbacks: Sequence[Callback] = (),
     cancel: CancelToken | None = None,
     resume: bool = False,
-) -> RunResult:
+) -> RunResult | None:
     """Prune while fine-tuning, slice, fine-tune the sliced model, then the shared tail.
+
+    Runs single-process, or as one rank of a ``torchrun`` group (:mod:`studio.distributed`, as the paper's
+    4-GPU command): only rank 0 writes into ``run`` and returns the result (other ranks return None).
 
     Args:
         spec: a :class:`~studio.flows.prune.PruneSpec` with ``method="p3b"`` and ``data`` set.
@@ -84,17 +99,51 @@ def run_p3b(
     params = get_method("p3b").resolve(spec.params)
     if spec.data is None:
         raise StudioError("P3B fine-tunes while it prunes: give --data (e.g. --data demo).")
+    ctx = distributed.setup(spec.model.device)
+    main = ctx.is_main
+    cbs: list[Callback] = list(callbacks) if main else []  # rank 0 alone writes events
+    try:
+        distributed.barrier(ctx)  # rank 0 has cleared a leftover CANCEL (run_folder) before any rank reads it
+        plain = cancel or CancelToken(run.cancel_file if run is not None else None)
+        token = distributed.SyncedCancel(plain, ctx) if ctx.distributed else plain
+        out = _run(spec, params, run, loaded, ctx, cbs, token, plain, resume, t0)
+        return out if main else None
+    finally:
+        distributed.teardown(ctx)
+
+
+def _run(
+    spec: PruneSpec,
+    params: dict,
+    run: RunDir | None,
+    loaded: LoadedModel | None,
+    ctx: distributed.DistContext,
+    callbacks: Sequence[Callback],
+    cancel: CancelToken,
+    plain: CancelToken,
+    resume: bool,
+    t0: float,
+) -> RunResult | None:
+    """One rank's P3B: every rank trains on its shard through DDP (the pruner keeps gates, probes and benefits
+    identical across ranks); rank 0 alone evaluates, measures and exports. ``cancel`` is the token every rank
+    reads once per step (synchronised under torchrun); ``plain`` the one rank 0 alone reads in the tail."""
+    main = ctx.is_main
+    if ctx.distributed:  # each rank on its own device (torchrun's LOCAL_RANK), a fresh copy of the model
+        loaded = None
+        spec = dataclasses.replace(spec, model=spec.model.with_(device=str(ctx.device)))
     loaded = model_for(spec, loaded)
     base = loaded.base
     settings = settings_from_params(params, loaded.device, spec.seed)
     ncls = base.num_classes
+    accum = int(params.get("accum_steps") or 1)
     emit(callbacks, "log", message="preparing data")
     train = prepare(spec.data, "train", loaded.data_config, ncls, class_names=loaded.known_class_names)
     val = prepare(spec.data, "val", loaded.data_config, ncls, class_names=loaded.known_class_names)
     test = prepare(spec.data, spec.eval_split, loaded.data_config, ncls, class_names=loaded.known_class_names)
     model = copy.deepcopy(loaded.model)
     epochs = int(params["epochs"])
-    spe = max(1, math.ceil(len(train) / spec.batch_size))
+    # optimizer steps per epoch, as fit counts them: this rank's shard, in groups of accum micro-batches
+    spe = max(1, math.ceil(max(1, math.ceil(math.ceil(len(train) / ctx.world) / spec.batch_size)) / accum))
     schedule = Schedule.for_run(
         epochs,
         spe,
@@ -103,14 +152,15 @@ def run_p3b(
         finalize=params.get("finalize_epoch"),
         steps_per_update=params.get("steps_per_update"),
     )
-    pruner = P3BPruner(model, base, schedule, settings, callbacks=callbacks)
-    emit(callbacks, SETUP_EVENT, **pruner.setup_record())
+    pruner = P3BPruner(model, base, schedule, settings, callbacks=callbacks, ctx=ctx)
+    emit(callbacks, SETUP_EVENT, **pruner.setup_record(), world=ctx.world, accum_steps=accum)
     lr = float(params["lr"])
     common = dict(
         batch_size=spec.batch_size,
         weight_decay=float(params["weight_decay"]),
         label_smoothing=settings.label_smoothing,
         seed=spec.seed,
+        accum_steps=accum,
     )
     # Q5: the reference prunes at a constant learning rate (no scheduler while a prune ratio is set)
     phase1 = TrainSpec(
@@ -118,6 +168,7 @@ def run_p3b(
     )
     emit(callbacks, "status", state="pruning", schedule=schedule.to_dict(), epochs=epochs)
     total_steps = epochs * spe
+    dist_args = dict(rank=ctx.rank, world=ctx.world)
     fit(
         model,
         train,
@@ -130,16 +181,18 @@ def run_p3b(
         cancel=cancel,
         checkpoint=None if run is None else run.path / PRUNE_CHECKPOINT,
         resume=resume,
+        ddp_model=distributed.wrap(model, ctx),
+        **dist_args,
     )
     plan = pruner.finalize()
-    masked_top1 = evaluate(model, test).top1  # final hard masks, LN over all channels (Q3)
+    masked_top1 = evaluate(model, test).top1 if main else None  # final hard masks, LN over all C (Q3)
     pruner.remove()
     plan = with_summary(plan)
-    if run is not None:
+    if run is not None and main:
         plan.save(run.plan_file)
     emit(callbacks, "log", message=plan.describe())
     pruned = apply_plan(model, plan)
-    sliced_top1 = evaluate(pruned, test).top1
+    sliced_top1 = evaluate(pruned, test).top1 if main else None
     finetune = epochs - schedule.finalize_epoch
     best_epoch = None
     if finetune > 0:
@@ -164,8 +217,14 @@ def run_p3b(
             cancel=cancel,
             checkpoint=None if run is None else run.path / FINETUNE_CHECKPOINT,
             resume=resume,
+            ddp_model=distributed.wrap(pruned, ctx),  # the sliced model is a new module: a new DDP wrapper
+            **dist_args,
         )
         best_epoch = None if res.best_epoch is None else res.best_epoch + schedule.finalize_epoch
+    digests = distributed.gather_digests(pruned, ctx)
+    plans = distributed.gather(plan_digest(plan), ctx)  # the masks each rank sliced by
+    if not main:
+        return None
     pruned.eval()
     return finish(
         kind="p3b",
@@ -187,9 +246,14 @@ def run_p3b(
             "probe": settings.patch_probe,
             "params_fraction": after["params"] / before["params"],
             "budget_params": (1 - settings.prune_ratio) * before["params"],
+            "world": ctx.world,
+            "accum_steps": accum,
+            "replicas_identical": len(set(digests)) == 1,
+            "replica_digests": digests,
+            "plan_digests": plans,
         },
         callbacks=callbacks,
-        cancel=cancel,
+        cancel=plain,
     )
 
 

@@ -71,6 +71,7 @@ from ..analysis.block_benefit import (
     FeatureTaps,
     block_names,
 )
+from ..distributed import DistContext, average_
 from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, emit
@@ -456,8 +457,11 @@ class P3BPruner:
         settings: P3BSettings,
         *,
         callbacks: Sequence[Callback] = (),
+        ctx: DistContext | None = None,
     ) -> None:
-
+        """``ctx``: the torchrun group this rank belongs to (None: one process). Gates, probes and benefits sit
+        outside the DDP model, so the pruner averages their gradients and benefits over the ranks itself,
+        once per optimizer step: every rank then holds the same masks, κ and probes."""
         vit = check_supported(model)
         self.model, self.base, self.schedule, self.settings = vit, base, schedule, settings
         self.callbacks = list(callbacks)
@@ -506,7 +510,10 @@ class P3BPruner:
         self.kappa_applied = np.ones(n)
         self.theta = settings.tau_max
         self.updates = 0
-        self._y: torch.Tensor | None = None
+        self.ctx = ctx
+        # this optimizer step's benefit sums over its micro-batches (gradient accumulation) and their count
+        self._step_benefit: list[torch.Tensor] = []
+        self._step_micro = 0
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _exact(self) -> bool:
@@ -549,27 +556,47 @@ class P3BPruner:
             groups.append({"params": self.gate_tensors(), "weight_decay": 0.0})
         return groups
 
+    # P3B acts once per optimizer step on the step's gradients, so it can run with gradient accumulation
+    accumulates = True
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, state: Any) -> torch.Tensor:
 
         self.probes.train()
         logits = logits_of(model, x)
         state.logits = logits
-        self._y = y
+        # the probes learn from this micro-batch's detached features in their own backward, outside autocast;
+        # with accumulation their loss is a mean over the step's micro-batches, like the model's
+        with torch.autocast(self.device.type, enabled=False):
+            losses = self.probes(self.taps.stacked(), y, label_smoothing=self.settings.label_smoothing)
+            accum = max(1, int(getattr(state.spec, "accum_steps", 1)))
+            (losses.total / accum if accum > 1 else losses.total).backward()
+            dc, dp = losses.benefit()
+        if not self._step_benefit:
+            self._step_benefit = [
+                torch.zeros_like(dc, dtype=torch.float64),
+                torch.zeros_like(dp, dtype=torch.float64),
+            ]
+        self._step_benefit[0] += dc.detach().double()
+        self._step_benefit[1] += dp.detach().double()
+        self._step_micro += 1
         return F.cross_entropy(logits.float(), y, label_smoothing=self.settings.label_smoothing)
 
     def after_backward(self, state: Any) -> None:
         t = state.step
         sched = self.schedule
+        dc, dp = (b / max(1, self._step_micro) for b in self._step_benefit)
+        self._step_benefit, self._step_micro = [], 0
+        # one all-reduce per step: the gate and probe gradients and the benefits this rank saw on its shard
+        average_(
+            [*(m.grad for m in self.gate_tensors()), *(p.grad for p in self.probes.parameters()), dc, dp],
+            self.ctx,
+        )
         if sched.t_start <= t < sched.t_final:
             for b in self.branches:
                 b.accumulate()
         if not self.settings.masks_in_optimizer:
             for m in self.gate_tensors():
                 m.grad = None
-        # the probes learn from detached features in their own backward (their grads land before the step)
-        losses = self.probes(self.taps.stacked(), self._y, label_smoothing=self.settings.label_smoothing)
-        losses.total.backward()
-        dc, dp = losses.benefit()
         self.epoch_meter.add(dc, dp)
         if t >= sched.t_start:
             self.window.add(dc, dp)
@@ -715,6 +742,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("sparse_epoch", int, None, "epoch where κ reaches its target (default 25%)"),
     Option("finalize_epoch", int, None, "slice after this many epochs, fine-tune the rest (default 50%)"),
     Option("steps_per_update", int, None, "optimizer steps between mask updates (default: ~3 per epoch)"),
+    Option(
+        "accum_steps",
+        int,
+        1,
+        "micro-batches of --batch-size per optimizer step (gradient accumulation; the paper: 2, on 4 GPUs)",
+        low=1,
+        high=1024,
+    ),
     Option(
         "probe",
         str,
