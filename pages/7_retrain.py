@@ -50,6 +50,10 @@ model = str(Path(picked["path"]) / "export")
 teacher_spec = infer_teacher(model)
 
 st.markdown("##### Recipe")
+_RECIPE_KEYS = [f"retrain_{k}" for k in ("kd", "t", "alpha", "epochs", "lr", "ls", "patience")]
+_RECIPE_KEYS += [
+    f"retrain_{k}" for k in ("augment", "aa", "re", "mixup", "cutmix")
+]  # widgets showing the recipe
 r1, r2 = st.columns([1, 2])
 preset = r1.selectbox(
     "Preset",
@@ -60,6 +64,11 @@ preset = r1.selectbox(
 with state.user_errors():
     recipe = resolve_recipe(preset, picked["method"])
     r2.caption(f"**{recipe.name}** — {recipe.source}")
+    # another recipe (preset, or the method behind "paper"): its widgets show its values, not the last ones typed
+    if st.session_state.get("retrain_recipe_shown") != recipe.name:
+        for key in _RECIPE_KEYS:
+            st.session_state.pop(key, None)
+        st.session_state["retrain_recipe_shown"] = recipe.name
 
     k1, k2, k3 = st.columns(3)
     kd = k1.radio(
@@ -95,6 +104,45 @@ with state.user_errors():
     patience = o4.number_input(
         "Early stop (epochs, 0 = off)", 0, 100, recipe.early_stop or 0, key="retrain_patience"
     )
+    # timm's training parts, as the recipe sets them (the DeiT-recipe papers: RandAugment, erasing, Mixup/CutMix)
+    a1, a2, a3, a4, a5 = st.columns([1.2, 1.6, 1, 1, 1])
+    augment = a1.checkbox(
+        "Augment training images",
+        value=recipe.train_spec().augments,
+        key="retrain_augment",
+        help="timm's training transform: random resized crop and flip, then the policy and random erasing. "
+        "Off: the images the model is evaluated on, decoded once.",
+    )
+    policy = a2.text_input(
+        "RandAugment / AutoAugment policy",
+        value=recipe.auto_augment or "",
+        key="retrain_aa",
+        disabled=not augment,
+        help="a timm policy string, e.g. rand-m9-mstd0.5-inc1 (DeiT's RandAugment); empty: none.",
+    )
+    re_prob = a3.number_input(
+        "Random erasing p", 0.0, 1.0, float(recipe.re_prob), 0.05, key="retrain_re", disabled=not augment
+    )
+    mixup = a4.number_input(
+        "Mixup α",
+        0.0,
+        10.0,
+        float(recipe.mixup),
+        0.1,
+        key="retrain_mixup",
+        disabled=kd != "none",
+        help="timm's Mixup (DeiT: 0.8); with the plain cross-entropy only, so off while distilling.",
+    )
+    cutmix = a5.number_input(
+        "CutMix α",
+        0.0,
+        10.0,
+        float(recipe.cutmix),
+        0.1,
+        key="retrain_cutmix",
+        disabled=kd != "none",
+        help="timm's CutMix (DeiT: 1.0); with the plain cross-entropy only, so off while distilling.",
+    )
     device, nproc = device_picker("retrain")
     data = state.data_spec()
     st.caption(f"Data: {data} (train to fit, val to select and stop early, test for the final number).")
@@ -107,6 +155,11 @@ overrides = {
     "label_smoothing": float(smoothing),
     "early_stop": int(patience),
     **({"alpha": float(alpha), "temperature": float(temperature)} if kd != "none" else {}),
+    "augment": bool(augment),
+    "auto_augment": (policy.strip() or "none") if augment else "none",
+    "re_prob": float(re_prob) if augment else 0.0,
+    "mixup": float(mixup) if kd == "none" else 0.0,
+    "cutmix": float(cutmix) if kd == "none" else 0.0,
 }
 spec = RecoverySpec(
     model=ModelSpec(model, device=device),

@@ -1,11 +1,17 @@
 """Labelled image data: the embedded digits demo, ImageFolder trees and VTAB-1k list files.
 
-Eval transforms come from the model's data config (timm ``create_transform``). Bad input is reported with the
-file (and line) at fault; ``skip_bad_files`` drops unreadable images instead, and lists what it dropped.
+Eval transforms come from the model's data config (timm ``create_transform``); a training split may instead take
+timm's training transform (random resized crop, flip, a RandAugment/AutoAugment policy, random erasing: see
+:func:`make_transform`), drawn per image from the seed, the epoch and the image's index (:class:`Augmented`). Bad
+input is reported with the file (and line) at fault; ``skip_bad_files`` drops unreadable images instead, and lists
+what it dropped.
 """
 
 from __future__ import annotations
 
+import functools
+import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,9 +322,16 @@ def _vtab(spec: DataSpec, split: str) -> ImageList:
 
 # ------------------------------------------------------------------------------------------------ public
 def load_split(
-    spec: DataSpec, split: str, data_config: Mapping[str, Any] | None = None, *, train_transform: bool = False
+    spec: DataSpec,
+    split: str,
+    data_config: Mapping[str, Any] | None = None,
+    *,
+    train_transform: bool = False,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
 ) -> ImageList:
-    """One split with the model's eval transform (or timm's train transform), checked for bad files."""
+    """One split with the model's eval transform (or timm's train transform, see :func:`make_transform`), checked
+    for bad files."""
     ds = DATASETS.get(spec.kind)(spec, split)
     if spec.skip_bad_files and spec.kind != "demo":
         items, origin, skipped = _drop_bad(ds.items, ds.origin)
@@ -327,7 +340,9 @@ def load_split(
         ds = ImageList(items, ds.class_names, None, origin, skipped, ds.named)
     ds = ds.subset(spec.limit, spec.seed)
     if data_config is not None:
-        ds = ds.with_transform(make_transform(data_config, train=train_transform))
+        ds = ds.with_transform(
+            make_transform(data_config, train=train_transform, auto_augment=auto_augment, re_prob=re_prob)
+        )
     return ds
 
 
@@ -383,9 +398,21 @@ def check_classes(ds: ImageList, class_names: Sequence[str], split: str = "") ->
     )
 
 
-def make_transform(cfg: Mapping[str, Any], *, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+def make_transform(
+    cfg: Mapping[str, Any], *, train: bool = False, auto_augment: str | None = None, re_prob: float = 0.0
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The model's eval transform, or with ``train`` timm's training transform (``create_transform(is_training=
+    True)``): a random resized crop (scale 0.08-1) and a horizontal flip, then the ``auto_augment`` policy (a timm
+    policy string, e.g. DeiT's ``rand-m9-mstd0.5-inc1``) or, without one, timm's colour jitter 0.4, and random
+    erasing with probability ``re_prob`` in timm's ``pixel`` mode (per-pixel noise, DeiT's ``--remode``).
+    ``auto_augment`` or ``re_prob`` imply ``train``.
+    """
     from timm.data import create_transform
 
+    train = train or bool(auto_augment) or re_prob > 0
+    extra: dict[str, Any] = {}
+    if train:
+        extra = {"auto_augment": auto_augment or None, "re_prob": float(re_prob), "re_mode": "pixel"}
     return create_transform(
         input_size=tuple(cfg["input_size"]),
         is_training=train,
@@ -394,7 +421,52 @@ def make_transform(cfg: Mapping[str, Any], *, train: bool = False) -> Callable[[
         interpolation=cfg.get("interpolation", "bicubic"),
         crop_pct=cfg.get("crop_pct", 1.0),
         crop_mode=cfg.get("crop_mode", "center"),
+        **extra,
     )
+
+
+AUTO_AUGMENT_EXAMPLES = "'rand-m9-mstd0.5-inc1' (DeiT's RandAugment), 'v0', 'original' or 'augmix-m5-w4-d2'"
+_RAND_OP_SETS = ("weights", "3a", "3aw")  # timm.data.auto_augment.rand_augment_choices
+_PROBE_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
+
+
+def check_auto_augment(policy: Any) -> str | None:
+    """``policy`` as the training transform takes it (``None`` for none, also from ``""`` or ``"none"``), or one
+    sentence saying why timm cannot use it: timm builds the policy here, before any training, and a section that
+    timm would silently skip (``rand-m9-zz``: no number) is refused too."""
+    if policy is None:
+        return None
+    if not isinstance(policy, str):
+        raise StudioError(
+            f"The auto-augment policy must be a timm policy string such as {AUTO_AUGMENT_EXAMPLES}, not "
+            f"{policy!r}."
+        )
+    text = policy.strip()
+    if text.lower() in ("", "none"):
+        return None
+    problem = _policy_problem(text)
+    if problem:
+        raise StudioError(
+            f"Auto-augment policy {text!r} is not valid ({problem}): give a timm policy string such as "
+            f"{AUTO_AUGMENT_EXAMPLES}, or none."
+        )
+    return text
+
+
+@functools.lru_cache(maxsize=64)
+def _policy_problem(text: str) -> str | None:
+    name, *sections = text.split("-")
+    for s in sections:
+        if name == "rand" and s.startswith("t"):  # a named op set: timm takes any other name for its default
+            if s[1:] not in _RAND_OP_SETS:
+                return f"its op set {s!r} is none of {', '.join('t' + n for n in _RAND_OP_SETS)}"
+        elif not re.search(r"\d", s):
+            return f"its section {s!r} has no number, so timm would ignore it"
+    try:
+        make_transform(_PROBE_CONFIG, train=True, auto_augment=text)
+    except Exception as e:  # timm asserts (AssertionError) or fails to parse a number (ValueError)
+        return f"timm cannot build it: {str(e).strip()[:80] or type(e).__name__}"
+    return None
 
 
 def tensorize(ds: ImageList, *, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -468,15 +540,66 @@ def prepare(
     *,
     class_names: Sequence[str] | None,
     train_transform: bool = False,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
 ) -> Dataset:
     """A split ready for a model: its transform, labels and classes checked against the model's, small splits in
     memory.
 
     ``class_names`` is required (give ``loaded.known_class_names``): every caller states the model's classes, so
-    no flow can skip the check that the data's labels mean what the model's outputs mean.
+    no flow can skip the check that the data's labels mean what the model's outputs mean. With
+    ``train_transform`` (implied by ``auto_augment`` or ``re_prob``, see :func:`make_transform`) the split is
+    :class:`Augmented`: decoded and transformed anew each epoch, never kept in memory.
     """
-    ds = load_split(spec, split, data_config, train_transform=train_transform)
+    auto_augment = check_auto_augment(auto_augment)  # "none" -> None; a bad policy -> one sentence
+    augmenting = train_transform or bool(auto_augment) or re_prob > 0
+    ds = load_split(
+        spec, split, data_config, train_transform=augmenting, auto_augment=auto_augment, re_prob=re_prob
+    )
     check_labels(ds, num_classes, split, class_names=class_names)
-    if len(ds) <= IN_MEMORY_MAX and not train_transform:
+    if augmenting:
+        return Augmented(ds)
+    if len(ds) <= IN_MEMORY_MAX:
         return in_memory(ds)
     return ds
+
+
+class Augmented(Dataset):
+    """A split under a random (training) transform, drawn per image from ``(seed, epoch, index)``.
+
+    Each item seeds torch's CPU generator, ``random`` and numpy's global generator (what timm's and torchvision's
+    transforms draw from) from those three numbers, and restores them afterwards. So an image's augmentation does
+    not depend on the batch order, the number of loader workers, the rank or a resume, and the rest of training
+    draws what it would draw without augmentation. :func:`studio.train.fit` calls :meth:`set_epoch` before each
+    epoch's loader: another epoch gives other crops of the same images.
+    """
+
+    def __init__(self, ds: ImageList, *, seed: int = 0, epoch: int = 0) -> None:
+        self.ds, self.seed, self.epoch = ds, seed, epoch
+        self.class_names, self.named = ds.class_names, ds.named
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        self.epoch = int(epoch)
+        if seed is not None:
+            self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.ds.labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        words = [self.seed % 2**32, self.seed // 2**32 % 2**32, self.epoch % 2**32, int(i) % 2**32]
+        s = int(np.random.SeedSequence(words).generate_state(1)[0])
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            torch.default_generator.manual_seed(s)  # the CPU generator only: CUDA's stays the training's
+            random.seed(s)
+            np.random.seed(s)
+            return self.ds[i]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])

@@ -27,8 +27,11 @@ session or the CLI (``python -m studio jobs list|status|cancel|logs``) sees the 
 - One job per device on the machine: a lock file per device in a per-user folder (``$STUDIO_LOCK_DIR``, else
   ``$XDG_RUNTIME_DIR/pruning-studio/locks``, else ``<tmp>/pruning-studio-<uid>/locks``) holds the pid of the
   trainer using it, whatever folder its run lives in, and a second job on a busy device is refused with a
-  message naming the running one. A lock whose process is gone is stale and taken over. A training command run
-  in the foreground (``retrain``, ``run``) takes the same lock for its duration.
+  message naming the running one, or, submitted with ``queue=True`` (the pages do), waits as ``queued``
+  (``queued.json`` in its folder) until :func:`dispatch` starts it: each job's launcher runs ``jobs dispatch``
+  as its trainer exits, so the queue moves on with no page open. A lock whose process is gone is stale and
+  taken over. A training command run in the foreground (``retrain``, ``run``) takes the same lock for its
+  duration.
 - With ``nproc > 1`` the command runs under ``torchrun --standalone --nproc_per_node N`` (one process per GPU,
   DistributedDataParallel, see :mod:`studio.distributed`).
 """
@@ -59,9 +62,12 @@ from .threads import SERVER_ENV, job_threads
 
 # sh -c _WRAPPER EXIT_FILE PID_FILE cmd...: start the trainer, write its pid, ignore the signals meant for it,
 # wait and record its exit code atomically (so a status poll from any process learns how it ended)
+# then, its device now free, start the jobs queued for it (``jobs dispatch``) before exiting with the code
 _WRAPPER = (
     'pidf=$1; shift; "$@" & child=$!; echo "$child" > "$pidf"; trap "" TERM INT; wait "$child"; code=$?; '
-    'echo "$code" > "$0.tmp"; mv "$0.tmp" "$0"; exit "$code"'
+    'echo "$code" > "$0.tmp"; mv "$0.tmp" "$0"; q="$STUDIO_DISPATCH_ROOT"; '
+    'if [ -n "$q" ] && ls "$q"/*/queued.json >/dev/null 2>&1; then '
+    '"$STUDIO_PYTHON" -m studio jobs dispatch "$q" >/dev/null 2>&1; fi; exit "$code"'
 )
 # the trainer's first step: a session and process group of its own (pid = pgid = sid), then the command itself;
 # the pid is kept across exec, so the pid the wrapper records is the trainer's
@@ -69,9 +75,20 @@ _SETSID = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 # set in a job's environment: its launcher holds the device lock, the trainer must not take it again
 JOB_LOCK_ENV = "STUDIO_JOB_LOCKED"
 FINAL_STATES = ("done", "failed", "cancelled")
-ACTIVE_STATES = ("starting", "running", "cancelling")
+ACTIVE_STATES = ("queued", "starting", "running", "cancelling")
+QUEUE_FILE = (
+    "queued.json"  # a job waiting for its device: how to start it (argv, device, nproc, threads, owner)
+)
 LOCK_DIR_ENV = "STUDIO_LOCK_DIR"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DeviceBusy(StudioError):
+    """The device a job needs runs another job (``holder``: that job's run folder)."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -79,14 +96,15 @@ class JobStatus:
     """A snapshot of one run as a job (everything read from its folder and ``/proc``).
 
     Attributes:
-        state: ``created`` (never started as a job), ``starting``, ``running``, ``cancelling``, ``done``,
-            ``failed`` or ``cancelled``.
+        state: ``created`` (never started as a job), ``queued`` (waiting for its device), ``starting``,
+            ``running``, ``cancelling``, ``done``, ``failed`` or ``cancelled``.
         error: for ``failed``: the last error the job reported (or why it is considered failed).
         progress: the last ``progress`` event's data (``task``, ``done``, ``total``, ``epoch``, ``loss``).
         eta_s: seconds left for the current task, from the rate of this attempt's progress events.
         rss_mb: resident memory of the job's processes now (Linux), or the last one it reported.
         resumable: a checkpoint exists and the run did not finish.
         epochs: the number of epochs the training loop was asked for (from its status event).
+        waiting_for: for ``queued``: the run folder of the job holding the device.
     """
 
     run: str
@@ -107,6 +125,7 @@ class JobStatus:
     attempt: int
     epochs: int | None = None
     owner: str | None = None  # :func:`owner_id` of the browser session that started it; None: the CLI
+    waiting_for: str | None = None
 
     @property
     def active(self) -> bool:
@@ -311,10 +330,11 @@ def _acquire(devs: Sequence[str], run: Path, folder: Path | None = None) -> list
                         time.sleep(0.2)  # being written by another launcher right now
                         continue
                     if holder is not None and _alive(holder.get("pid"), holder.get("pid_start")):
-                        raise StudioError(
+                        raise DeviceBusy(
                             f"Device {dev} is busy: job {Path(holder['run']).name} (pid {holder['pid']}) runs "
-                            "on it. Wait for it to finish, cancel it (Runs page, or python -m studio jobs "
-                            f"cancel {holder['run']}), or pick another device."
+                            "on it. Wait for it to finish, queue this one behind it, cancel it (Runs page, or "
+                            f"python -m studio jobs cancel {holder['run']}), or pick another device.",
+                            str(holder["run"]),
                         ) from None
                     path.unlink(missing_ok=True)  # stale: its job is gone
                     continue
@@ -421,7 +441,7 @@ def start_job(
         MKL_NUM_THREADS=str(n_threads),
         PYTHONUNBUFFERED="1",
         PYTHONPATH=os.pathsep.join(p for p in (str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        **{JOB_LOCK_ENV: "1"},
+        **{JOB_LOCK_ENV: "1", "STUDIO_DISPATCH_ROOT": str(run.path.parent), "STUDIO_PYTHON": sys.executable},
         **dict(env or {}),
     )
     if nproc > 1 and devs[0] != "cpu":  # torchrun's workers take GPUs 0..N-1: make those the locked ones
@@ -488,6 +508,7 @@ def start_job(
         "owner": owner,
     }
     write_json(run.path / JOB_FILE, job)
+    (run.path / QUEUE_FILE).unlink(missing_ok=True)
     if os.name != "posix":
         write_text(run.path / PID_FILE, f"{pid}\n")
     for p in locks:
@@ -538,32 +559,83 @@ def submit(
     threads: int | None = None,
     env: Mapping[str, str] | None = None,
     owner: str | None = None,
+    queue: bool = False,
 ) -> JobStatus:
     """Validate ``spec``, write it as the new run folder's ``spec.json`` and start ``python -m studio run RUN``.
 
     The one way work becomes a job: nothing builds command-line arguments from a spec. A refused spec (bad
     combination, busy device) raises :class:`StudioError` and leaves no run folder behind. ``owner`` is the
     starting browser session's token (only its digest is stored; see the module docstring), None from the CLI.
+    ``queue``: on a busy device, wait for it instead of refusing: the job is ``queued`` and starts when the
+    jobs before it on that device have ended (:func:`dispatch`, run by each job's launcher as it exits).
     """
     run = Path(run_dir).resolve()
     spec.validate()
     _job_devices(device, nproc)  # an unknown device is refused before the folder exists
     fresh = not run.exists()
     create_run(spec, run)
+    how = {
+        "argv": ["run", str(run)],
+        "device": device,
+        "nproc": nproc,
+        "threads": threads,
+        "env": dict(env or {}),
+        "owner": None if owner is None else owner_id(owner),
+    }
     try:
-        return start_job(
-            ["run", str(run)],
-            run,
-            device=device,
-            nproc=nproc,
-            threads=threads,
-            env=env,
-            owner=None if owner is None else owner_id(owner),
-        )
+        return _start_queued(run, how)
+    except DeviceBusy as e:
+        if not queue:
+            if fresh:
+                shutil.rmtree(run, ignore_errors=True)
+            raise
+        write_json(run / QUEUE_FILE, {**how, "queued_at": time.time(), "behind": e.holder})
+        RunDir(run).set_status("queued", behind=e.holder)
+        return job_status(run)
     except StudioError:
         if fresh:
             shutil.rmtree(run, ignore_errors=True)
         raise
+
+
+def _start_queued(run: Path, how: Mapping[str, Any]) -> JobStatus:
+    return start_job(
+        list(how["argv"]),
+        run,
+        device=str(how["device"]),
+        nproc=int(how["nproc"]),
+        threads=how.get("threads"),
+        env=how.get("env") or None,
+        owner=how.get("owner"),
+    )
+
+
+def dispatch(root: str | Path) -> list[str]:
+    """Start the queued jobs under ``root`` whose device is free, oldest first; returns the runs started.
+
+    Each job's launcher runs this as its trainer exits (``python -m studio jobs dispatch ROOT``), so a queue
+    moves on without the studio open; a page following a queued job runs it too. A queued job that can no
+    longer start (its spec or device went away) is marked failed with the reason.
+    """
+    root = Path(root)
+    queued = []
+    for f in root.glob(f"*/{QUEUE_FILE}"):
+        try:
+            queued.append((float(read_json(f).get("queued_at", 0)), f.parent))
+        except StudioError:
+            continue
+    started = []
+    for _, run in sorted(queued):
+        try:
+            how = read_json(run / QUEUE_FILE)
+            _start_queued(run, how)
+            started.append(run.name)
+        except DeviceBusy:
+            continue  # still busy: it keeps its place
+        except (StudioError, OSError) as e:
+            (run / QUEUE_FILE).unlink(missing_ok=True)
+            RunDir(run).set_status("failed", error=f"the queued job could not start: {e}")
+    return started
 
 
 # ------------------------------------------------------------------------------------------------- status
@@ -685,7 +757,10 @@ def job_status(run_dir: str | Path) -> JobStatus:
             except OSError:
                 unwritable = True  # a read-only folder must not break the status poll (nor the Runs page)
     error = None
-    if alive:
+    queued = (run.path / QUEUE_FILE).exists() and not alive
+    if queued:
+        state = "queued"
+    elif alive:
         state = "cancelling" if run.cancel_file.exists() else "running"
     elif reported in FINAL_STATES:
         state = reported
@@ -727,11 +802,13 @@ def job_status(run_dir: str | Path) -> JobStatus:
         name=run.path.name,
         state=state,
         command=list(job.get("command", [])),
-        device=str(job.get("device") or res.get("device") or ""),
+        device=str(
+            job.get("device") or res.get("device") or (_queued_how(run.path).get("device") if queued else "")
+        ),
         nproc=int(job.get("nproc", 1)),
         pid=pid,
         started=job.get("started"),
-        ended=None if alive else job.get("ended") or status.get("time"),
+        ended=None if alive or queued else job.get("ended") or status.get("time"),
         error=error,
         progress=prog,
         eta_s=eta if alive else None,
@@ -740,8 +817,34 @@ def job_status(run_dir: str | Path) -> JobStatus:
         epochs=res.get("epochs"),
         resumable=state in ("cancelled", "failed") and _has_checkpoint(run),
         attempt=int(job.get("attempt", 0)),
-        owner=job.get("owner") if isinstance(job.get("owner"), str) else None,
+        owner=_queue_owner(run.path, job),
+        waiting_for=_waiting_for(run.path) if queued else None,
     )
+
+
+def _queued_how(run: Path) -> dict[str, Any]:
+    """A queued job's ``queued.json`` (how to start it), or {} when there is none."""
+    try:
+        return dict(read_json(run / QUEUE_FILE)) if (run / QUEUE_FILE).exists() else {}
+    except StudioError:
+        return {}
+
+
+def _queue_owner(run: Path, job: Mapping[str, Any]) -> str | None:
+    owner = job.get("owner") or _queued_how(run).get("owner")  # a queued job has no job.json yet
+    return owner if isinstance(owner, str) else None
+
+
+def _waiting_for(run: Path) -> str | None:
+    """The run holding the device a queued job waits for (the live lock holder), else the one it queued behind."""
+    how = _queued_how(run)
+    if not how:
+        return None
+    for dev in _job_devices(str(how.get("device", "cpu")), int(how.get("nproc", 1))):
+        holder = device_holder(dev)
+        if holder is not None:
+            return str(holder.get("run"))
+    return how.get("behind")
 
 
 def list_jobs(root: str | Path) -> list[JobStatus]:
@@ -798,6 +901,10 @@ def cancel_job(run_dir: str | Path, *, force: bool = False, owner: str | None = 
     _check_owner(st, owner, "cancel")
     if not st.active:
         raise StudioError(f"Run {run.path.name} is not running (it is {st.state}); nothing to cancel.")
+    if st.state == "queued":  # it never started: take it out of the queue
+        (run.path / QUEUE_FILE).unlink(missing_ok=True)
+        run.set_status("cancelled", reason="cancelled while queued")
+        return job_status(run.path)
     write_text(run.cancel_file, f"cancel requested at {time.time()}\n")
     if force and st.pid:
         _terminate(int(_job(run.path).get("pgid") or st.pid), int(st.pid))

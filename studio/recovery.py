@@ -13,11 +13,15 @@ Schedules come from :func:`studio.train.lr_at` (linear warm-up then cosine per s
 selection use validation accuracy. Recipes are data (:data:`PRESETS`): ``quick`` sized for a CPU, and ``paper``,
 which takes the epochs, learning rate, weight decay, warm-up, label smoothing and distillation of the method
 that pruned the model (from its plan), each with its source. timm's own training parts are recipe options
-(:class:`~studio.train.TrainSpec`): ``mixup``/``cutmix`` (``timm.data.Mixup`` with ``SoftTargetCrossEntropy``,
-plain cross-entropy only), ``ema_decay`` (``timm.utils.ModelEmaV3``: the EMA weights are validated and kept) and
-``accum_steps`` (gradient accumulation); the presets leave them off, as their numbers were sized without them.
-RandAugment, random erasing and repeated augmentation are not reproduced, and each paper distils from its own
-teacher (e.g. RegNetY-160 for Isomorphic) where the studio uses the unpruned model.
+(:class:`~studio.train.TrainSpec`): ``augment``/``auto_augment``/``re_prob`` (timm's training transform on the
+training split, see :func:`studio.data.make_transform`: random resized crop and flip, a RandAugment/AutoAugment
+policy string, random erasing in pixel mode), ``mixup``/``cutmix`` (``timm.data.Mixup`` with
+``SoftTargetCrossEntropy``, plain cross-entropy only), ``ema_decay`` (``timm.utils.ModelEmaV3``: the EMA weights
+are validated and kept) and ``accum_steps`` (gradient accumulation). The paper recipes that fine-tune with DeiT's
+recipe (P3B, SAViT, Isomorphic, DeiT) set its RandAugment and random erasing 0.25, and Mixup 0.8 / CutMix 1.0
+where they train without distillation (P3B, SAViT); ``quick`` leaves all of it off, as it was sized without it.
+Repeated augmentation (DeiT's ``RASampler``) is not reproduced, EMA and accumulation are left off, and each paper
+distils from its own teacher (e.g. RegNetY-160 for Isomorphic) where the studio uses the unpruned model.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data import check_auto_augment
 from .errors import StudioError
 from .models import ModelSpec
 from .petl import ADAPTER_TRAINABLE
@@ -63,6 +68,11 @@ class Recipe:
     cutmix: float = 0.0
     ema_decay: float | None = None
     accum_steps: int = 1  # micro-batches per optimizer step: batch_size x accum_steps is the effective batch
+    # timm's training transform (TrainSpec.augment): random resized crop + flip, a RandAugment/AutoAugment policy
+    # string and random erasing (pixel mode); auto_augment or re_prob imply augment
+    augment: bool = False
+    auto_augment: str | None = None
+    re_prob: float = 0.0
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -70,7 +80,7 @@ class Recipe:
         # would train on NaN losses), and a negative decay or warm-up would go unnoticed, so check numbers first
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "kd", "trainable", "source") or value is None:
+            if f.name in ("name", "kd", "trainable", "source", "augment", "auto_augment") or value is None:
                 continue
             whole = f.name in ("epochs", "batch_size", "early_stop")
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -102,6 +112,17 @@ class Recipe:
             raise StudioError(
                 f"Gradient accumulation steps must be a whole number ≥ 1, not {self.accum_steps}."
             )
+        if not isinstance(self.augment, bool):
+            raise StudioError(
+                f"Recipe setting 'augment' is {self.augment!r}: it must be true or false; fix it in the run's "
+                "spec.json (overrides) or pass --augment / --no-augment."
+            )
+        if self.re_prob > 1:
+            raise StudioError(
+                f"The random erasing probability re_prob must be in [0, 1] (DeiT: 0.25), not {self.re_prob}."
+            )
+        # "none" or "" (how a flag or the page turns a preset's policy off) is stored as None
+        object.__setattr__(self, "auto_augment", check_auto_augment(self.auto_augment))
 
     def with_(self, **overrides: Any) -> Recipe:
         """This recipe with the given fields replaced (``None`` values are ignored: the recipe keeps its own)."""
@@ -133,6 +154,9 @@ class Recipe:
             cutmix=self.cutmix,
             ema_decay=self.ema_decay,
             accum_steps=int(self.accum_steps),
+            augment=self.augment,
+            auto_augment=self.auto_augment,
+            re_prob=float(self.re_prob),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +167,15 @@ _DEIT_SOURCE = (
     "DeiT (Touvron et al., ICML 2021), facebookresearch/deit main.py defaults: AdamW lr 5e-4 x batch/512, "
     "wd 0.05, 300 epochs, 5 warm-up epochs, cosine to 1e-5, label smoothing 0.1, hard distillation"
 )
+# DeiT's training augmentation, the main.py defaults that facebookresearch/deit, SAViT's main_deploy.py and P3B's
+# utils/args.py share: RandAugment, random erasing 0.25 in pixel mode, Mixup 0.8 and CutMix 1.0 (and repeated
+# augmentation, which the studio does not reproduce)
+_DEIT_AA = "rand-m9-mstd0.5-inc1"
+_DEIT_AUG = (
+    "--aa rand-m9-mstd0.5-inc1, --reprob 0.25 (--remode pixel), --mixup 0.8, --cutmix 1.0; repeated "
+    "augmentation (--repeated-aug) is not reproduced"
+)
+_KD_NO_MIX = "the studio mixes with the plain cross-entropy only, and this recipe distils"
 
 # ``quick`` was sized on the demo (docs/results/jobs.md); the ``paper`` recipes are read from the authors' code,
 # see shared/research/methods_*.md. Learning rates are the papers' at their global batch (not rescaled).
@@ -159,7 +192,10 @@ PRESETS: dict[str, Recipe] = {
         temperature=4.0,
         alpha=0.5,
         early_stop=3,
-        source="this project: a short CPU recipe sized on the demo (docs/results/jobs.md)",
+        source=(
+            "this project: a short CPU recipe sized on the demo (docs/results/jobs.md), without training "
+            "augmentation (the eval-transform images stay in memory)"
+        ),
     ),
     "paper:sls": Recipe(
         "paper:sls",
@@ -185,10 +221,15 @@ PRESETS: dict[str, Recipe] = {
         warmup_epochs=0,
         min_lr=1e-5,
         label_smoothing=0.1,
+        auto_augment=_DEIT_AA,
+        re_prob=0.25,
+        mixup=0.8,
+        cutmix=1.0,
         source=(
             "P3B (Glandorf et al., arXiv 2506.23675), PatGlan/Pruning_by_Block_Benefit utils/args.py and "
             "README: fine-tune with AdamW lr 5e-4 x batch/512, wd 0.05, cosine to 1e-5 without warm-up, "
-            "300 epochs (the default; the README gives none), label smoothing 0.1"
+            "300 epochs (the default; the README gives none), label smoothing 0.1; augmentation as DeiT's "
+            f"(utils/args.py defaults): {_DEIT_AUG}"
         ),
     ),
     "paper:savit": Recipe(
@@ -199,10 +240,15 @@ PRESETS: dict[str, Recipe] = {
         warmup_epochs=0,
         min_lr=1e-5,
         label_smoothing=0.1,
+        auto_augment=_DEIT_AA,
+        re_prob=0.25,
+        mixup=0.8,
+        cutmix=1.0,
         source=(
             "SAViT (Zheng et al., NeurIPS 2022), hikvision-research/SAViT scripts: 300 epochs, AdamW lr 5e-4 x "
             "batch/512 = 1e-3 at its 8 x 128 images, wd 0.05, cosine to 1e-5, no warm-up, label smoothing 0.1; "
-            "the README names a teacher but distillation defaults to none"
+            "the README names a teacher but distillation defaults to none; augmentation as DeiT's (main_deploy.py "
+            f"defaults, which the scripts keep): {_DEIT_AUG}"
         ),
     ),
     "paper:isomorphic": Recipe(
@@ -215,10 +261,18 @@ PRESETS: dict[str, Recipe] = {
         label_smoothing=0.1,
         kd="hard",
         alpha=0.5,
+        # torchvision's RandAugment (2 ops at magnitude 9 of its 31 bins, severity growing with the magnitude)
+        # in timm's terms: 9/30 of the range is timm's m3 of 10, two ops, increasing
+        auto_augment="rand-m3-n2-inc1",
+        re_prob=0.25,
         source=(
             "Isomorphic Pruning (Fang et al., ECCV 2024, arXiv 2407.04616), VainF/Isomorphic-Pruning "
             "scripts/finetuning/deit_*.sh: 300 epochs, AdamW lr 5e-4, wd 0.05, cosine without warm-up, label "
-            "smoothing 0.1, DeiT hard distillation (from RegNetY-160 there; from the unpruned model here)"
+            "smoothing 0.1, DeiT hard distillation (from RegNetY-160 there; from the unpruned model here); "
+            "--auto-augment ra (torchvision's RandAugment, 2 ops at magnitude 9 of 31 bins: timm's "
+            "rand-m3-n2-inc1 here) and --random-erase 0.25 (torchvision erases to zero, timm's pixel mode to "
+            "noise); --ra-sampler (repeated augmentation) is not reproduced, and its --mixup-alpha 0.8 and "
+            f"--cutmix-alpha 1.0 are off here: {_KD_NO_MIX}"
         ),
     ),
     "paper:deit": Recipe(
@@ -231,7 +285,9 @@ PRESETS: dict[str, Recipe] = {
         label_smoothing=0.1,
         kd="hard",
         alpha=0.5,
-        source=_DEIT_SOURCE,
+        auto_augment=_DEIT_AA,
+        re_prob=0.25,
+        source=f"{_DEIT_SOURCE}; augmentation: {_DEIT_AUG}; Mixup and CutMix are off here: {_KD_NO_MIX}",
     ),
 }
 

@@ -1,9 +1,9 @@
 """The one training loop: demo build, retraining, P3B, SPLoRA and distributed recovery all use it.
 
 AdamW with linear warm-up and cosine decay (per step), bf16 autocast on CUDA, a choice of trainable parameters,
-model selection on the validation split, checkpoint + exact resume (the data order is a pure function of seed
-and epoch, and RNG state is saved, so a resumed run equals an uninterrupted one on CPU), a cancel token checked
-every step, and two kinds of attachments:
+model selection on the validation split, checkpoint + exact resume (the data order, and a training augmentation
+(:class:`studio.data.Augmented`), are pure functions of seed and epoch, and RNG state is saved, so a resumed run
+equals an uninterrupted one on CPU), a cancel token checked every step, and two kinds of attachments:
 
 - ``callbacks`` observe (progress and metric events for the CLI, the UI and ``events.jsonl``);
 - ``hooks`` participate: objects with any of ``loss(model, x, y, state)``, ``after_backward(state)``,
@@ -31,6 +31,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .data import check_auto_augment
 from .errors import Cancelled, StudioError
 from .evaluate import evaluate, logits_of
 from .events import Callback, CancelToken, emit, progress
@@ -62,9 +63,28 @@ class TrainSpec:
     mix_prob: float = 1.0  # probability a batch is mixed at all
     ema_decay: float | None = None  # None: no EMA; else the EMA weights are validated, selected and kept
     accum_steps: int = 1  # micro-batches of batch_size per optimizer step (the papers' grad accumulation)
+    # timm's training transform for the training split (studio.data.make_transform, applied where the flow loads
+    # it): random resized crop + flip, a RandAugment/AutoAugment policy string (DeiT: rand-m9-mstd0.5-inc1) and
+    # random erasing in timm's pixel mode (DeiT: 0.25). auto_augment or re_prob imply augment; off, the training
+    # split is the eval transform's images, kept in memory
+    augment: bool = False
+    auto_augment: str | None = None
+    re_prob: float = 0.0
 
     def validate(self) -> TrainSpec:
         """Refuse settings the loop cannot honour, in one sentence each."""
+        if not isinstance(self.augment, bool):
+            raise StudioError(f"augment must be true or false, got {self.augment!r}.")
+        if (
+            isinstance(self.re_prob, bool)
+            or not isinstance(self.re_prob, int | float)
+            or not 0.0 <= self.re_prob <= 1.0  # NaN fails too
+        ):
+            raise StudioError(
+                f"The random erasing probability re_prob must be a number in [0, 1] (DeiT: 0.25), got "
+                f"{self.re_prob!r}."
+            )
+        check_auto_augment(self.auto_augment)
         if self.mixup < 0 or self.cutmix < 0 or not 0.0 <= self.mix_prob <= 1.0:
             raise StudioError("Mixup and CutMix alphas must be ≥ 0 and the mix probability in [0, 1].")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
@@ -82,6 +102,11 @@ class TrainSpec:
     @property
     def mixes(self) -> bool:
         return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
+
+    @property
+    def augments(self) -> bool:
+        """Whether the training split takes timm's training transform (see the fields above)."""
+        return bool(self.augment or check_auto_augment(self.auto_augment) or self.re_prob > 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +244,12 @@ def fit(
     """
     device = next(model.parameters()).device
     spec.validate()
+    if spec.augments and not hasattr(train_data, "set_epoch"):  # never a silent no-op
+        raise StudioError(
+            "This training asks for augmentation (augment, auto_augment or re_prob) but its training images are "
+            "fixed tensors: load the split with studio.data.prepare(..., train_transform=True, auto_augment=..., "
+            "re_prob=...), or turn augmentation off."
+        )
     torch.manual_seed(spec.seed)
     select_trainable(model, spec.trainable)
     mixer = _mixer(model, spec, hooks)
@@ -234,10 +265,15 @@ def fit(
         g["lr_scale"] = g["base_lr"] / spec.lr
     n = len(train_data)  # type: ignore[arg-type]
     accum = spec.accum_steps
-    if accum > 1 and any(hasattr(h, "after_backward") or hasattr(h, "after_step") for h in hooks):
+    # a hook acting on every step must say it reads the step's accumulated gradients (P3B does: its gates
+    # and probes act once per optimizer step)
+    if accum > 1 and any(
+        (hasattr(h, "after_backward") or hasattr(h, "after_step")) and not getattr(h, "accumulates", False)
+        for h in hooks
+    ):
         raise StudioError(
-            "Gradient accumulation cannot run with a method that acts on every step (P3B's gates, SPLoRA's "
-            "masks): set accum_steps to 1."
+            "Gradient accumulation cannot run with a method that acts on every micro-batch (SPLoRA's masks): "
+            "set accum_steps to 1."
         )
     batches_per_epoch = max(1, math.ceil(math.ceil(n / world) / spec.batch_size))
     steps_per_epoch = math.ceil(batches_per_epoch / accum)  # optimizer steps; the last group may be smaller
@@ -268,6 +304,8 @@ def fit(
     try:
         for epoch in range(start_epoch, spec.epochs):
             state.epoch = epoch
+            if hasattr(train_data, "set_epoch"):  # studio.data.Augmented: this epoch's crops, from the seed
+                train_data.set_epoch(epoch, seed=spec.seed)
             sampler = EpochSampler(
                 n, seed=spec.seed, epoch=epoch, skip=skip * accum * spec.batch_size, rank=rank, world=world
             )

@@ -131,3 +131,23 @@ def test_start_p3b_shows_the_new_run_with_progress_and_cancel_then_resume(root):
     at.run()
     assert jobs.job_status(run).state == "cancelled"
     assert f"{key}_resume" in _buttons(at), [b.key for b in at.button]
+
+
+def test_a_start_on_a_busy_device_queues_the_job_and_the_page_says_behind_what(root):
+    busy = root / "busy"
+    jobs.submit(PruneSpec(DEMO, "p3b", {"epochs": 40}, DATA, batch_size=32, bench=False), busy, threads=1)
+    try:
+        at = _page("pages/3_block_benefit.py")
+        at.button(key="bb_new_start").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        run = Path(at.session_state["bb_new_start_run"])
+        st = jobs.job_status(run)
+        assert st.state == "queued" and st.waiting_for == str(busy.resolve())
+        said = [i.value for i in at.info if i.value.startswith("Queued")]
+        assert said and f"when {busy.name} ends" in said[0]
+        key = f"job_{run.name}"
+        _buttons(at)[f"{key}_cancel"].click().run()  # the owner takes it out of the queue
+        assert jobs.job_status(run).state == "cancelled" and not (run / "job.json").exists()
+    finally:
+        jobs.cancel_job(busy)
+        _wait(busy, lambda s: not s.active)

@@ -33,6 +33,19 @@ _RECIPE_FLAGS = {  # flag -> (type, recipe field, help)
     "--alpha": (fraction, "alpha", "distillation weight α (1 − α on the labels)"),
     "--early-stop": (positive_int, "early_stop", "stop after N epochs without validation gain"),
     "--trainable": (str, "trainable", "all, head, or re:<regex> over parameter names"),
+    "--auto-augment": (
+        str,
+        "auto_augment",
+        "timm RandAugment/AutoAugment policy of the training images, e.g. rand-m9-mstd0.5-inc1 (DeiT's); "
+        "none = no policy (a policy implies --augment)",
+    ),
+    "--re-prob": (
+        fraction,
+        "re_prob",
+        "random erasing probability, timm's pixel mode (DeiT: 0.25; implies --augment)",
+    ),
+    "--mixup": (nonnegative_float, "mixup", "Mixup alpha (DeiT: 0.8; 0 = off; needs --kd none)"),
+    "--cutmix": (nonnegative_float, "cutmix", "CutMix alpha (DeiT: 1.0; 0 = off; needs --kd none)"),
 }
 
 
@@ -75,9 +88,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     for flag, (typ, _, text) in _RECIPE_FLAGS.items():
         r.add_argument(flag, type=typ, help=text)
+    r.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="timm's training transform (random resized crop + flip) on the training images; --no-augment with "
+        "--auto-augment none --re-prob 0 turns a preset's augmentation off",
+    )
     p.set_defaults(func=cmd_retrain)
 
-    j = sub.add_parser("jobs", help="background jobs: list, status, cancel, resume, logs, start")
+    j = sub.add_parser("jobs", help="background jobs: list, status, cancel, resume, logs, start, dispatch")
     jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     a = jsub.add_parser("list", help="every run with its status")
     a.add_argument("--root", default=None, help="runs folder (default $STUDIO_RUNS or runs)")
@@ -109,6 +129,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--threads", type=positive_int, help="OMP_NUM_THREADS of each process")
     a.add_argument("argv", nargs=argparse.REMAINDER, help="the command (it must have --out or --run)")
     a.set_defaults(func=cmd_start)
+    a = jsub.add_parser("dispatch", help="start the queued jobs of a runs folder whose device is free")
+    a.add_argument("root", nargs="?", default=None, help="runs folder (default $STUDIO_RUNS or runs)")
+    add_common(a)
+    a.set_defaults(func=cmd_dispatch)
 
 
 # --------------------------------------------------------------------------------------------- retrain
@@ -129,6 +153,7 @@ def _spec_from_args(args: argparse.Namespace) -> RecoverySpec:
         field: getattr(args, flag[2:].replace("-", "_")) for flag, (_, field, _) in _RECIPE_FLAGS.items()
     }
     overrides["kd"] = args.kd
+    overrides["augment"] = args.augment
     spec = RecoverySpec(
         model=model,
         data=data_spec(args),
@@ -256,6 +281,11 @@ def cmd_resume(args: argparse.Namespace) -> Output:
 def cmd_logs(args: argparse.Namespace) -> Output:
     text = jobs.read_log(args.run, args.stream, args.lines)
     return Output({"run": args.run, "stream": args.stream, "log": text}, text)
+
+
+def cmd_dispatch(args: argparse.Namespace) -> Output:
+    started = jobs.dispatch(args.root or _runs_root())
+    return Output({"started": started}, "started: " + (", ".join(started) or "none"))
 
 
 def cmd_start(args: argparse.Namespace) -> Output:

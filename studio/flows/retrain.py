@@ -142,8 +142,18 @@ def run_recovery(
         recipe = spec.recipe(method)
         emit(cbs, "log", message=f"recipe {recipe.name} ({recipe.source})")
         n_classes = loaded.base.num_classes
+        ts = recipe.train_spec(seed=spec.seed)
+        # the recipe's augmentation (timm's training transform) on the training split only; every rank, and a
+        # resumed run, builds it from the same spec, and each image's draw is a function of (seed, epoch, index)
         train = prepare(
-            spec.data, "train", loaded.data_config, n_classes, class_names=loaded.known_class_names
+            spec.data,
+            "train",
+            loaded.data_config,
+            n_classes,
+            class_names=loaded.known_class_names,
+            train_transform=ts.augment,
+            auto_augment=ts.auto_augment,
+            re_prob=ts.re_prob,
         )
         val = prepare(spec.data, "val", loaded.data_config, n_classes, class_names=loaded.known_class_names)
         test = (
@@ -191,7 +201,6 @@ def run_recovery(
             before.update(top1=ev.top1, loss=ev.loss, n=ev.n)
             emit(cbs, "metric", stage="before", top1=ev.top1, loss=ev.loss)
 
-        ts = recipe.train_spec(seed=spec.seed)
         select_trainable(loaded.model, ts.trainable)  # before DDP: it only syncs what requires grad
         ddp = distributed.wrap(loaded.model, ctx)
         checkpoint = run.checkpoint_file if run is not None else None

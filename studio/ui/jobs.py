@@ -33,6 +33,7 @@ from .state import runs_root, user_errors
 
 STATE_ICONS = {
     "created": ":material/draft:",
+    "queued": ":material/schedule:",
     "starting": ":material/hourglass_top:",
     "running": ":material/progress_activity:",
     "cancelling": ":material/hourglass_bottom:",
@@ -153,10 +154,22 @@ def start_job_button(
         return None
     run = new_run_dir(root or runs_root(), spec)
     with user_errors():
-        jobs.submit(spec, run, device=device, nproc=nproc, threads=job_threads(nproc), owner=session_token())
+        # a busy device queues the job behind the running one instead of refusing it
+        s = jobs.submit(
+            spec,
+            run,
+            device=device,
+            nproc=nproc,
+            threads=job_threads(nproc),
+            owner=session_token(),
+            queue=True,
+        )
         running_threads.clear()  # the next share counts this job
         st.session_state[f"{key}_run"] = str(run)
-        st.toast(f"Started {run.name}", icon=":material/play_arrow:")
+        if s.state == "queued":
+            st.toast(f"Queued {run.name}: it starts when {device} is free", icon=":material/schedule:")
+        else:
+            st.toast(f"Started {run.name}", icon=":material/play_arrow:")
         return run
     return None
 
@@ -294,6 +307,14 @@ def job_panel(run_dir: str | Path) -> None:
         )
     elif s.state == "done":
         st.success("Done.", icon=":material/check_circle:")
+    elif s.state == "queued":
+        jobs.dispatch(Path(run_dir).parent)  # the device may have freed with no launcher left to say so
+        behind = Path(s.waiting_for).name if s.waiting_for else "another job"
+        st.info(
+            f"Queued: it starts on {s.device or 'its device'} when {behind} ends. Cancel takes it out of the "
+            "queue.",
+            icon=":material/schedule:",
+        )
     msg = st.session_state.get(_MSG_KEY)
     if msg:
         st.error(msg)

@@ -28,8 +28,9 @@ EXPORT_PICK, RETRAIN_PICK = "export_run", "retrain_pick"  # what those pages pre
 
 
 def started_as_job(run_dir: str | Path) -> bool:
-    """Whether the run was started by the job launcher (it has a ``job.json``), so Cancel/Resume apply."""
-    return (Path(run_dir) / JOB_FILE).exists()
+    """Whether the run was started by the job launcher (it has a ``job.json``) or waits in its queue, so
+    Cancel/Resume apply."""
+    return (Path(run_dir) / JOB_FILE).exists() or (Path(run_dir) / jobs.QUEUE_FILE).exists()
 
 
 def unfinished(run_dir: str | Path) -> bool:
