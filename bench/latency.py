@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from studio.backends import BACKENDS
 from studio.device import describe_device, resolve_device
 from studio.errors import StudioError
-from studio.latency import profile_latency, time_ms, width_payoff
+from studio.latency import measured_fraction, profile_latency, time_ms, width_payoff
 from studio.models import LoadedModel, create_vit, data_config, describe_base
 from studio.prune import PruneRequest, make_plan
 from studio.surgery import apply_plan
@@ -83,14 +83,17 @@ def main() -> None:
                         f"{'yes' if r['pays'] else 'no'} |"
                     )
         return
-    print("| model | backend | fit error | method | target | target ms | predicted ms | measured ms | miss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | backend | fit error | method | target | target ms | predicted ms | measured ms | miss "
+        "| solver rounds (measured fraction) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         loaded = load(name, device)
         size = loaded.data_config["input_size"]
         for backend in args.backends:
             if not BACKENDS.get(backend).supports(args.dtype):
-                print(f"| {name} | {backend} | – | – | – | – | – | – | {backend} has no {args.dtype} |")
+                print(f"| {name} | {backend} | – | – | – | – | – | – | {backend} has no {args.dtype} | |")
                 continue
             lm = profile_latency(
                 loaded.model,
@@ -113,17 +116,23 @@ def main() -> None:
                         plan = make_plan(method, PruneRequest(loaded, params))
                     except StudioError as e:
                         print(
-                            f"| {name} | {backend} | {lm.fit_error:.1%} | {method} | {t:.0%} | – | – | – | {e} |"
+                            f"| {name} | {backend} | {lm.fit_error:.1%} | {method} | {t:.0%} | – | – | – | {e} | |"
                         )
                         continue
                     pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
+                    # dense and pruned timed in interleaved pairs: the fraction is the pairs' median ratio
                     dense_ms = time_ms(loaded.model, size, args.batch, backend=backend, dtype=args.dtype)
-                    ms = time_ms(pruned, size, args.batch, backend=backend, dtype=args.dtype)
+                    ms = dense_ms * measured_fraction(
+                        loaded.model, pruned, size, args.batch, backend=backend, dtype=args.dtype
+                    )
                     target_ms = t * dense_ms
                     pred = plan.params["latency"]["predicted_ms"]
+                    rounds = ", ".join(
+                        f"{r['measured']:.3f}" for r in plan.params["latency"].get("rounds", [])
+                    )
                     print(
                         f"| {name} | {backend} | {lm.fit_error:.1%} | {method} | {t:.0%} | {target_ms:.2f} | "
-                        f"{pred:.2f} | {ms:.2f} | {ms / target_ms - 1:+.1%} |"
+                        f"{pred:.2f} | {ms:.2f} | {ms / target_ms - 1:+.1%} | {rounds} |"
                     )
 
 

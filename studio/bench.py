@@ -214,22 +214,21 @@ def paired_speedup(
     warmup: int,
     repeats: int,
     dtype: torch.dtype | None = None,
+    backend: str = "eager",
 ) -> float:
-    """Median over ``repeats`` of (dense time / pruned time), each pair timed back to back.
+    """Median over ``repeats`` of (dense time / pruned time), each pair timed back to back on ``backend``.
 
     Pairing cancels slow drifts in CPU contention (other processes on a shared machine), which otherwise bias a
-    ratio of two medians taken minutes apart.
+    ratio of two medians taken minutes apart. Each model is prepared once (an ONNX export, a compilation).
     """
-    for m in (dense, pruned):
-        measure_throughput(m, input_size, batch_size=batch_size, warmup=warmup, repeats=1, dtype=dtype)
+    a = prepare(dense, input_size, batch_size=batch_size, dtype=dtype, backend=backend)
+    b = prepare(pruned, input_size, batch_size=batch_size, dtype=dtype, backend=backend)
+    for p in (a, b):
+        time_prepared(p, warmup=warmup, repeats=1)
     ratios = []
     for _ in range(repeats):
-        t_dense = measure_throughput(
-            dense, input_size, batch_size=batch_size, warmup=0, repeats=1, dtype=dtype
-        ).latency_ms
-        t_pruned = measure_throughput(
-            pruned, input_size, batch_size=batch_size, warmup=0, repeats=1, dtype=dtype
-        ).latency_ms
+        t_dense = time_prepared(a, warmup=0, repeats=1).latency_ms
+        t_pruned = time_prepared(b, warmup=0, repeats=1).latency_ms
         ratios.append(t_dense / t_pruned)
     return statistics.median(ratios)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .backends import BACKENDS
-from .bench import measure_throughput
+from .bench import measure_throughput, paired_speedup
 from .costs import ArchFacts, arch_facts, plan_cost
 from .errors import StudioError
 from .events import Callback, CancelToken, check, progress
@@ -65,6 +65,31 @@ def time_ms(
         backend=backend,
         dtype=None if dtype == "float32" else getattr(torch, dtype),
     ).latency_ms
+
+
+def measured_fraction(
+    dense: torch.nn.Module,
+    pruned: torch.nn.Module,
+    input_size: Sequence[int],
+    batch: int,
+    *,
+    backend: str = "eager",
+    dtype: str = "float32",
+    warmup: int = 5,
+    repeats: int = 30,
+) -> float:
+    """The pruned model's latency as a fraction of the dense one's, the two timed in interleaved pairs (the
+    median of pruned / dense over ``repeats`` pairs), so a change of load on the machine hits both alike."""
+    return 1.0 / paired_speedup(
+        dense,
+        pruned,
+        input_size,
+        batch,
+        warmup,
+        repeats,
+        dtype=None if dtype == "float32" else getattr(torch, dtype),
+        backend=backend,
+    )
 
 
 # ---------------------------------------------------------------------------------------- latency model
@@ -315,14 +340,27 @@ def width_payoff(
     full = {"mlp": list(base.mlp_hidden), "head_dim": [base.head_dim] * base.depth}
     rows: list[dict[str, Any]] = []
     total, done = len(units) * len(multiples), 0
+    ref = min(multiples)
     for unit, block in units.items():
-        for m in multiples:
+        uneven: torch.nn.Module | None = None
+        uneven_ms = 0.0
+        for m in sorted(multiples):
             check(cancel)
             widths = [min(n, -(-_uneven(int(n * keep)) // m) * m) for n in full[unit]]
             plan = PrunePlan(
                 base, tuple(block(i, w) for i, w in enumerate(widths)), method="widths"
             ).validate()
-            ms = clock(apply_plan(copy.deepcopy(model), plan).eval())
+            variant = apply_plan(copy.deepcopy(model), plan).eval()
+            if m == ref:
+                uneven, uneven_ms = variant, clock(variant)
+                ms = uneven_ms
+            elif timer is not None:
+                ms = clock(variant)
+            else:  # against the uneven width in interleaved pairs: differences of a few % are the point
+                assert uneven is not None
+                ms = uneven_ms * measured_fraction(
+                    uneven, variant, input_size, batch, backend=backend, warmup=warmup, repeats=3 * repeats
+                )
             rows.append(
                 {
                     "unit": unit,

@@ -25,7 +25,9 @@ refused with the method's own options listed.
 
 from __future__ import annotations
 
+import copy
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import latency
 from ..analysis.criteria import accumulate_gradients
 from ..backends import BACKENDS
 from ..costs import arch_facts, with_summary
@@ -43,6 +46,7 @@ from ..memory import MODES
 from ..models import LoadedModel
 from ..plan import PrunePlan
 from ..registry import Registry
+from ..surgery import apply_plan
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -410,9 +414,66 @@ def make_plan(
         cancel=cancel,
     )
     if latency is not None:
-        latency["predicted_ms"] = round(latency["dense_predicted_ms"] * cost(plan), 4)  # type: ignore[misc]
+        assert cost is not None
+        plan, cost = _close_latency_loop(method, req, params, plan, cost, latency, callbacks, cancel)
+        latency["predicted_ms"] = round(latency["dense_predicted_ms"] * cost(plan), 4)
         plan = plan.with_(params={**plan.params, "latency": latency})
     return with_summary(plan.validate())
+
+
+def _scaled(cost: Callable[[PrunePlan], float], k: float) -> Callable[[PrunePlan], float]:
+    return lambda p: k * cost(p)
+
+
+LATENCY_TOL = 0.03  # a measured latency within 3 % of its target ends the correction rounds
+LATENCY_ROUNDS = 3  # solves at most: the latency model's, then up to two corrected by measurement
+
+
+def _close_latency_loop(
+    method: Method,
+    req: PruneRequest,
+    params: Mapping[str, Any],
+    plan: PrunePlan,
+    cost: Callable[[PrunePlan], float],
+    record: dict[str, Any],
+    callbacks: Sequence[Callback],
+    cancel: CancelToken | None,
+) -> tuple[PrunePlan, Callable[[PrunePlan], float]]:
+    """Measure the solved plan and, while it misses its target by more than :data:`LATENCY_TOL`, scale the
+    latency model by measured / predicted at that plan and solve again (the model's linear terms miss what
+    kernels do at a given width: a local correction where the plan lands). Each round is recorded in
+    ``record["rounds"]``; the plan measured closest to the target is kept."""
+    target = float(params["target_latency"])
+    batch, backend = int(record["batch"]), str(record["backend"])
+    dtype, size = str(record["dtype"]), req.loaded.data_config["input_size"]
+
+    def fraction(p: PrunePlan) -> float:
+        dense = copy.deepcopy(req.loaded.model).eval()
+        pruned = apply_plan(copy.deepcopy(req.loaded.model), p).eval()
+        return latency.measured_fraction(dense, pruned, size, batch, backend=backend, dtype=dtype)
+
+    rounds: list[dict[str, float]] = []
+    best = (math.inf, plan, cost)
+    for i in range(LATENCY_ROUNDS):
+        measured = fraction(plan)
+        predicted = cost(plan)
+        rounds.append({"predicted": round(predicted, 4), "measured": round(measured, 4)})
+        miss = abs(measured / target - 1)
+        if miss < best[0]:
+            best = (miss, plan, cost)
+        if miss <= LATENCY_TOL or i == LATENCY_ROUNDS - 1:
+            break
+        cost = _scaled(cost, measured / max(predicted, 1e-9))
+        try:
+            plan = method.fn(
+                PruneRequest(req.loaded, params, req.batches, req.seed, req.micro_batch, cost),
+                callbacks=callbacks,
+                cancel=cancel,
+            )
+        except StudioError:  # the corrected model says the target is out of reach: keep the best so far
+            break
+    record["rounds"] = rounds
+    return best[1], best[2]
 
 
 def all_options() -> dict[str, Option]:

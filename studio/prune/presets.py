@@ -194,6 +194,7 @@ PRESETS: dict[str, MethodPreset] = {
                 True,
                 f"{_P3B} utils/optimizer.py: the gates land in AdamW's no-decay group (quirk Q2) [§2.11]",
             ),
+            "accum_steps": Setting(2, f"{_P3B} README: 4 GPUs x batch 64, gradient accumulation 2 [§2.8]"),
         },
         run={"batch_size": Setting(64, f"{_P3B} README: batch 64 per GPU [§2.8]")},
         cpu_reasons={
@@ -204,9 +205,13 @@ PRESETS: dict[str, MethodPreset] = {
             "at epoch 50 and fine-tunes in a separate 300-epoch run",
             "probe": "auto: conv on a GPU, mean-pool on a CPU (conv probes add ≈64 M parameters for DeiT-S)",
             "masks_in_optimizer": "off: AdamW moving the gates between updates looks unintended (Q2)",
+            "accum_steps": "1: one process's batch of 64 is the step; the paper accumulates 2 to reach its global "
+            "batch of 512 on 4 GPUs",
         },
         not_reproduced=(
-            "4 GPUs x 64 with gradient accumulation 2 (global batch 512): the studio's P3B runs on one device",
+            "the 4 GPUs themselves: start the job with 4 processes (the page's GPUs box, or torchrun "
+            "--nproc_per_node 4 -m studio run RUN) for the global batch of 512",
+            "mask-update steps count optimizer steps, where the reference counts micro-batches (Q7)",
             "RandAugment, mixup/cutmix, random erasing and repeated augmentation (the DeiT recipe)",
         ),
     ),
