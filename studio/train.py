@@ -37,6 +37,15 @@ from .evaluate import evaluate, logits_of
 from .events import Callback, CancelToken, emit, progress
 from .runs import atomic_path
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle")
+SGD_MOMENTUM = 0.9
+ONECYCLE = {
+    "pct_start": 0.3,
+    "div_factor": 25.0,
+    "final_div_factor": 1e4,
+}  # torch.optim.lr_scheduler.OneCycleLR
+
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -63,6 +72,11 @@ class TrainSpec:
     mix_prob: float = 1.0  # probability a batch is mixed at all
     ema_decay: float | None = None  # None: no EMA; else the EMA weights are validated, selected and kept
     accum_steps: int = 1  # micro-batches of batch_size per optimizer step (the papers' grad accumulation)
+    # "adamw", or "sgd" (momentum 0.9: SPLoRA's reference ViT run); weight_decay applies to either
+    optimizer: str = "adamw"
+    # "cosine": linear warm-up then cosine to min_lr; "onecycle": torch's OneCycleLR shape (30 % cosine rise from
+    # lr/25, then cosine to lr/25/1e4), the schedule of SPLoRA's reference ViT run
+    schedule: str = "cosine"
     # timm's training transform for the training split (studio.data.make_transform, applied where the flow loads
     # it): random resized crop + flip, a RandAugment/AutoAugment policy string (DeiT: rand-m9-mstd0.5-inc1) and
     # random erasing in timm's pixel mode (DeiT: 0.25). auto_augment or re_prob imply augment; off, the training
@@ -73,6 +87,10 @@ class TrainSpec:
 
     def validate(self) -> TrainSpec:
         """Refuse settings the loop cannot honour, in one sentence each."""
+        if self.optimizer not in OPTIMIZERS:
+            raise StudioError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
+        if self.schedule not in SCHEDULES:
+            raise StudioError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         if not isinstance(self.augment, bool):
             raise StudioError(f"augment must be true or false, got {self.augment!r}.")
         if (
@@ -208,8 +226,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def lr_at(step: int, spec: TrainSpec, steps_per_epoch: int) -> float:
-    """Linear warm-up then cosine decay to ``min_lr``, per optimizer step."""
+    """Linear warm-up then cosine decay to ``min_lr``, per optimizer step; or OneCycleLR's shape (``onecycle``)."""
     total = max(1, spec.epochs * steps_per_epoch)
+    if spec.schedule == "onecycle":
+        start = spec.lr / ONECYCLE["div_factor"]
+        end = start / ONECYCLE["final_div_factor"]
+        up = max(1.0, ONECYCLE["pct_start"] * total - 1)  # torch counts the peak at step pct_start·total - 1
+        if step <= up:
+            return start + (spec.lr - start) * 0.5 * (1 - math.cos(math.pi * step / up))
+        t = min(1.0, (step - up) / max(1.0, total - 1 - up))
+        return end + (spec.lr - end) * 0.5 * (1 + math.cos(math.pi * t))
     warm = min(total - 1, int(spec.warmup_epochs * steps_per_epoch))
     if step < warm:
         return spec.lr * (step + 1) / warm
@@ -259,7 +285,12 @@ def fit(
     groups = _param_groups(model, spec.weight_decay)
     for extra in _call(hooks, "param_groups"):
         groups += extra
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr)
+    params = [g for g in groups if g["params"]]
+    optimizer = (
+        torch.optim.SGD(params, lr=spec.lr, momentum=SGD_MOMENTUM)
+        if spec.optimizer == "sgd"
+        else torch.optim.AdamW(params, lr=spec.lr)
+    )
     for g in optimizer.param_groups:
         g.setdefault("base_lr", g["lr"])
         g["lr_scale"] = g["base_lr"] / spec.lr

@@ -271,16 +271,47 @@ def test_normalisation_per_layer_and_global_choice():
     assert chosen == {}
 
 
-def test_weight_criterion_reads_the_adapted_rows():
+def test_weight_and_l2_criteria_score_whole_groups_of_the_adapted_weights():
+    """A neuron's group is its fc1 row (weight and bias) and its fc2 column, each as W0 + BA: weight sums |w|,
+    l2 sums w² over it (the reference ViT run's grouped L2 magnitude); an embedding channel's group reaches the
+    norms and the classifier too."""
     m, _ = tiny()
     sm = apply_splora(m, 4)
-    fc1 = sm.blocks[0].mlp.fc1
+    random_adapters(sm)
+    fc1, fc2 = sm.blocks[0].mlp.fc1, sm.blocks[0].mlp.fc2
     with torch.no_grad():
         fc1.lora_B[5] = 10.0
+    w1, w2 = fc1.weight + fc1.lora_B @ fc1.lora_A, fc2.weight + fc2.lora_B @ fc2.lora_A
+    for criterion, power in (("weight", 1), ("l2", 2)):
+        s = raw_scores(sm, criterion, [])
+        expected = w1.abs().pow(power).sum(1) + fc1.bias.abs().pow(power) + w2.abs().pow(power).sum(0)
+        assert torch.allclose(s[("mlp", 0)], expected.double(), rtol=1e-5), criterion
+        assert int(s[("mlp", 0)].argmax()) == 5
     s = raw_scores(sm, "weight", [])
-    expected = (fc1.weight + fc1.lora_B @ fc1.lora_A).abs().sum(1)
-    assert torch.allclose(s[("mlp", 0)], expected.double())
-    assert int(s[("mlp", 0)].argmax()) == 5
+    with torch.no_grad():
+        sm.head.weight[:, 3] += 100.0  # the classifier reads embedding channel 3
+    assert raw_scores(sm, "weight", [])[("embed", -1)][3] > s[("embed", -1)][3] + 100
+
+
+def test_uniform_selection_takes_the_same_fraction_from_every_layer():
+    _, base = tiny()
+    masks = UnitMasks.full(base)
+    scopes = ("head_dims", "mlp")
+    g = torch.Generator().manual_seed(0)
+    scores = {k: torch.rand(len(m), dtype=torch.float64, generator=g) for k, m in masks.layers(scopes)}
+    half = len(scores[("mlp", 1)]) // 2
+    scores[("mlp", 1)][:half] = 1e-9  # many near-dead units in one layer: the global ranking takes them all
+    total = sum(m.numel() for _, m in masks.layers(scopes))
+    n = total // 4
+    chosen = choose_pruned(scores, masks, scopes, n, "l2", "uniform")
+    assert sum(len(v) for v in chosen.values()) == n
+    for key, m in masks.layers(scopes):
+        taken = chosen.get(key, [])
+        assert abs(len(taken) - m.numel() / 4) <= 1, key  # the same fraction of every layer
+        rest = [j for j in range(m.numel()) if j not in taken]
+        assert max(float(scores[key][j]) for j in taken) <= min(float(scores[key][j]) for j in rest)
+    glob = choose_pruned(scores, masks, scopes, n, "l2", "global")
+    assert len(glob[("mlp", 1)]) >= min(n, half) > len(chosen[("mlp", 1)])
 
 
 def test_taylor_and_grad_scores_match_a_manual_computation():
@@ -448,3 +479,49 @@ def test_cancel_then_resume_equals_an_uninterrupted_schedule(tmp_path):
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
     done = run_series(loaded, loaded.base, splits, "splora", opts, checkpoint=ckpt, resume=True)
     assert len(done.steps) == 4  # a finished series is not trained again
+
+
+def test_the_vit_protocol_is_the_reference_vit_run(monkeypatch):
+    """protocol=vit: grouped L2 magnitude, uniform per layer, SGD + OneCycle with clipping, the head alone for
+    the first half of the adapter epochs, lr 3·bs/256; an explicit option still wins."""
+    import studio.prune.splora as sp
+    from studio.prune.splora import Splits, run_series
+
+    opts = SploraOptions.from_params({"protocol": "vit", "epochs": 2}, batch_size=16)
+    assert (opts.criterion, opts.selection) == ("l2", "uniform") and opts.lr_for("splora") == 3.0 * 16 / 256
+    assert opts.lr_for("finetune") == pytest.approx(0.0125 * 16 / 32)
+    assert SploraOptions.from_params({"protocol": "vit", "criterion": "taylor"}).criterion == "taylor"
+    assert (SploraOptions.from_params({}).criterion, SploraOptions.from_params({}).selection) == (
+        "taylor",
+        "global",
+    )
+    with pytest.raises(StudioError, match="--protocol must be one of"):
+        SploraOptions.from_params({"protocol": "resnet"})
+
+    seen: list[TrainSpec] = []
+    real_fit = sp.fit
+    monkeypatch.setattr(
+        sp,
+        "fit",
+        lambda model, tr, va, spec, **kw: (seen.append(spec), real_fit(model, tr, va, spec, **kw))[1],
+    )
+    loaded = tiny_loaded()
+    splits = Splits(train=digits_like(64, seed=1), val=digits_like(32, seed=2), test=None)
+    opts = SploraOptions.from_params(
+        {"protocol": "vit", "rank": 2, "epochs": 2, "recovery_epochs": 1, "prune_step": 0.25,
+         "target_density": 0.5, "scope": "head_dims,mlp"},
+        batch_size=32,
+    )  # fmt: skip
+    series = run_series(loaded, loaded.base, splits, "splora", opts)
+    head, adapters, *recovery = seen
+    assert (
+        head.trainable == "head"
+        and head.epochs == 1
+        and adapters.epochs == 1
+        and adapters.trainable != "head"
+    )
+    assert all(s.optimizer == "sgd" and s.schedule == "onecycle" and s.grad_clip == 1.0 for s in seen)
+    assert all(s.weight_decay == 5e-4 for s in seen) and recovery
+    for scope in ("head_dims", "mlp"):  # every layer kept the same fraction
+        kept = {round(float(m.float().mean()), 2) for m in getattr(series.masks, scope)}
+        assert len(kept) == 1 and kept.pop() == pytest.approx(0.5, abs=0.05), scope

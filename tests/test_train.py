@@ -80,3 +80,34 @@ def test_schedule_warmup_then_cosine():
     assert lr_at(9, spec, 10) == pytest.approx(1.0)
     assert lr_at(99, spec, 10) < 0.01
     assert all(lr_at(s, spec, 10) >= lr_at(s + 1, spec, 10) for s in range(10, 99))
+
+
+def test_onecycle_is_torchs_onecyclelr_and_sgd_is_the_optimizer_asked_for():
+    """SPLoRA's reference ViT run trains with SGD (momentum 0.9) and OneCycleLR: the studio's per-step schedule
+    equals torch's scheduler, and fit builds the optimizer the spec names; unknown names are refused."""
+    import torch
+
+    from studio.errors import StudioError
+    from studio.train import TrainSpec, lr_at
+
+    spec = TrainSpec(epochs=4, lr=0.1, schedule="onecycle")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)
+    for step in range(100):
+        assert lr_at(step, spec, 25) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), step
+        opt.step()
+        if step < 99:
+            sched.step()
+    seen = []
+
+    class Look:
+        def after_step(self, state):
+            seen.append((type(state.optimizer).__name__, state.optimizer.param_groups[0]["lr"]))
+
+    sgd = TrainSpec(epochs=1, batch_size=16, lr=0.05, seed=1, optimizer="sgd", schedule="onecycle")
+    fit(_model(), _data(), None, sgd, hooks=[Look()])
+    assert {name for name, _ in seen} == {"SGD"} and seen[0][1] == pytest.approx(lr_at(0, sgd, 6))
+    with pytest.raises(StudioError, match="optimizer must be one of adamw, sgd"):
+        TrainSpec(optimizer="lamb").validate()
+    with pytest.raises(StudioError, match="schedule must be one of cosine, onecycle"):
+        TrainSpec(schedule="step").validate()

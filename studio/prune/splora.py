@@ -86,10 +86,24 @@ from ..splora import (
 from ..surgery import apply_plan
 from ..train import TrainSpec, fit
 from . import METHODS, Budget, Method, Option
+from .groups import unit_scores
+from .select import SCOPES
 
-CRITERIA = ("weight", "grad", "taylor")
+CRITERIA = ("weight", "l2", "grad", "taylor")
+SELECTIONS = ("global", "uniform")
+# the two protocols of the reference code (channel-spa-experiments): main_cnn.py's and main_vit.py's, each as the
+# defaults of the options it sets; an option given explicitly wins
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "cnn": {"criterion": "taylor", "selection": "global"},
+    "vit": {"criterion": "l2", "selection": "uniform"},
+}
+VIT_TRAINING = {  # main_vit.py: SGD m0.9, wd 5e-4, OneCycleLR, grad-clip 1.0, head only for the first half
+    "optimizer": "sgd",
+    "schedule": "onecycle",
+    "weight_decay": 5e-4,
+    "grad_clip": 1.0,
+}
 MODES = ("splora", "finetune")
-SCOPES = ("heads", "head_dims", "mlp", "embed")
 DEFAULT_LR = {"splora": 1e-2, "finetune": 1e-3}
 RECOVERY_LR_FACTOR = 1 / 3  # the paper's recovery lr = lr / 3
 DENSITY_DEFINITION = (
@@ -120,9 +134,27 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "criterion",
         str,
-        "taylor",
-        "channel criterion, normalised per layer then ranked globally",
+        None,
+        "channel criterion (default: the protocol's, taylor for cnn, l2 for vit); weight/l2 are |w| / w² summed "
+        "over each unit's whole group of adapted weights",
         choices=CRITERIA,
+    ),
+    Option(
+        "protocol",
+        str,
+        "cnn",
+        "cnn: the paper's ResNet protocol (Taylor criterion, global ranking, AdamW + cosine here); vit: the "
+        "reference ViT run (grouped L2 magnitude, uniform per layer, SGD + OneCycle, grad-clip 1, head only for "
+        "the first half of the adapter epochs, lr 3·bs/256 for SPLoRA and 0.0125·bs/32 for fine-pruning)",
+        choices=tuple(PROTOCOLS),
+    ),
+    Option(
+        "selection",
+        str,
+        None,
+        "global: normalise per layer, then rank all layers together (the paper's CNN protocol); uniform: every "
+        "layer loses the same fraction per step (the reference ViT run); default: the protocol's",
+        choices=SELECTIONS,
     ),
     Option(
         "target_density",
@@ -160,7 +192,9 @@ class SploraOptions:
     compare: bool = False
     rank: float = 8.0
     init_range: float = DEFAULT_INIT_RANGE
+    protocol: str = "cnn"
     criterion: str = "taylor"
+    selection: str = "global"
     target_density: float = 0.3
     prune_step: float = 0.05
     epochs: int = 10
@@ -175,6 +209,10 @@ class SploraOptions:
     def from_params(cls, params: Mapping[str, Any], *, batch_size: int = 64, seed: int = 0) -> SploraOptions:
         """Check the method's options (and the common budget options) and say how to fix bad ones."""
         given = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None}
+        protocol = str(given.get("protocol", "cnn"))
+        if protocol not in PROTOCOLS:
+            raise StudioError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}.")
+        given = {**PROTOCOLS[protocol], **given}
         if "scope" in given:
             given["scope"] = parse_scope(given["scope"])
         opts = cls(**{**given, "batch_size": batch_size, "seed": seed})
@@ -192,6 +230,8 @@ class SploraOptions:
             raise StudioError(
                 f"--criterion must be one of {', '.join(CRITERIA)} (LRP is not supported on ViTs)."
             )
+        if opts.selection not in SELECTIONS:
+            raise StudioError(f"--selection must be one of {', '.join(SELECTIONS)}, not {opts.selection!r}.")
         return opts
 
     @property
@@ -200,11 +240,16 @@ class SploraOptions:
         return MODES if self.compare else (self.mode,)
 
     def lr_for(self, series: str) -> float:
-        return (
-            self.lr
-            if self.lr is not None and (series == self.mode or not self.compare)
-            else DEFAULT_LR[series]
-        )
+        if self.lr is not None and (series == self.mode or not self.compare):
+            return self.lr
+        if self.protocol == "vit":  # main_vit.py's linear scaling rules
+            return 3.0 * self.batch_size / 256 if series == "splora" else 0.0125 * self.batch_size / 32
+        return DEFAULT_LR[series]
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The optimizer, schedule, weight decay and clipping of the protocol (TrainSpec fields)."""
+        return dict(VIT_TRAINING) if self.protocol == "vit" else {}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -375,19 +420,16 @@ def raw_scores(
     blocks = list(model.blocks)
     E = int(model.embed_dim)
     out: dict[LayerKey, torch.Tensor] = {}
-    if criterion == "weight":
-        embed = torch.zeros(E, dtype=torch.float64)
-        for i, blk in enumerate(blocks):
-            a = blk.attn
-            H, d = a.num_heads, a.head_dim
-            qkv = a.qkv.adapted_weight().abs().sum(1).double().cpu().view(3, H, d)
-            out[("heads", i)], out[("head_dims", i)] = qkv.sum((0, 2)), qkv.sum((0, 1))
-            out[("mlp", i)] = blk.mlp.fc1.adapted_weight().abs().sum(1).double().cpu()
-            for lin in (a.proj, blk.mlp.fc2):
-                embed += lin.adapted_weight().abs().sum(1).double().cpu()
-        conv = model.patch_embed.proj.weight.detach()
-        embed += conv.abs().flatten(1).sum(1).double().cpu()
-        out[("embed", -1)] = embed
+    if criterion in ("weight", "l2"):
+        # the whole group of each unit (the studio's one grouped sum, studio.prune.groups) on the adapted weights
+        power = 1 if criterion == "weight" else 2
+        scores = unit_scores(
+            model, {n: t.abs().pow(power) for n, t in adapted_tensors(model).items()}, SCOPES
+        )
+        for i in range(len(blocks)):
+            for scope in ("heads", "head_dims", "mlp"):
+                out[(scope, i)] = torch.tensor(getattr(scores, scope)[i], dtype=torch.float64)
+        out[("embed", -1)] = torch.tensor(scores.embed, dtype=torch.float64)
         return out
     if criterion not in ("grad", "taylor"):
         raise StudioError(f"Unknown SPLoRA criterion '{criterion}'. Valid: {', '.join(CRITERIA)}.")
@@ -441,12 +483,33 @@ def raw_scores(
     return out
 
 
+def adapted_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model`` under its plain timm name, the adapted layers' weights as ``W0 + BA`` (masked):
+    what a unit's group holds once the adapters are fused (adapter factors and masks themselves left out)."""
+    wrapped = {f"{name}.norm.": f"{name}." for name, _ in masked_norms(model)}
+    out = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        for (
+            inner,
+            plain,
+        ) in wrapped.items():  # a MaskedNorm's LayerNorm: blocks.0.norm1.norm.weight -> norm1.weight
+            if name.startswith(inner):
+                name = plain + name[len(inner) :]
+                break
+        out[name] = p.detach()
+    for name, layer in splora_layers(model):
+        out[f"{name}.weight"] = layer.adapted_weight()
+    return out
+
+
 def normalise(scores: torch.Tensor, alive: torch.Tensor, criterion: str) -> torch.Tensor:
     """The paper's per-layer normalisation over the alive units: ``s/Σs`` (weight) or ``s/‖s‖₂`` (grad, taylor);
     pruned units get ``+inf`` so they are never picked again."""
     s = scores.double().clone()
     live = s[alive]
-    denom = live.sum() if criterion == "weight" else live.norm(p=2)
+    denom = live.sum() if criterion in ("weight", "l2") else live.norm(p=2)
     if float(denom) > 0:
         s = s / denom
     s[~alive] = math.inf
@@ -459,11 +522,17 @@ def choose_pruned(
     scopes: Sequence[str],
     n_remove: int,
     criterion: str,
+    selection: str = "global",
 ) -> dict[LayerKey, list[int]]:
-    """The ``n_remove`` globally lowest-scored alive units (after per-layer normalisation), every layer keeping one.
+    """The ``n_remove`` alive units to prune, every layer keeping one.
 
+    ``global`` (the paper's CNN protocol): the globally lowest scores after per-layer normalisation. ``uniform``
+    (the reference ViT run, torch-pruning's default): each layer's share of ``n_remove`` is proportional to its
+    original size (largest remainders), taken from its own lowest scores, so every layer keeps the same fraction.
     Ties go by layer order, then unit index, so the choice is deterministic.
     """
+    if selection == "uniform":
+        return _choose_uniform(scores, masks, scopes, n_remove)
     candidates: list[tuple[float, int, int, LayerKey]] = []
     alive: dict[LayerKey, int] = {}
     for order, (key, m) in enumerate(masks.layers(scopes)):
@@ -480,6 +549,27 @@ def choose_pruned(
         chosen.setdefault(key, []).append(j)
         alive[key] -= 1
         n_remove -= 1
+    return chosen
+
+
+def _choose_uniform(
+    scores: Mapping[LayerKey, torch.Tensor], masks: UnitMasks, scopes: Sequence[str], n_remove: int
+) -> dict[LayerKey, list[int]]:
+    layers = masks.layers(scopes)
+    total = sum(m.numel() for _, m in layers)
+    exact = [n_remove * m.numel() / max(1, total) for _, m in layers]
+    share = [math.floor(e) for e in exact]
+    # largest remainders first (then layer order), so the shares add up to n_remove
+    for k in sorted(range(len(layers)), key=lambda k: (share[k] - exact[k], k))[: n_remove - sum(share)]:
+        share[k] += 1
+    chosen: dict[LayerKey, list[int]] = {}
+    for (key, m), n in zip(layers, share):
+        n = min(n, int(m.sum()) - 1)  # every layer keeps at least one unit
+        if n <= 0:
+            continue
+        s = scores[key].double()
+        order = sorted((float(s[j]), j) for j in range(len(m)) if m[j])
+        chosen[key] = [j for _, j in order[:n]]
     return chosen
 
 
@@ -531,9 +621,11 @@ def _train(
     cancel: CancelToken | None,
     checkpoint: Path | None = None,
     resume: bool = False,
+    trainable: str | None = None,
 ) -> None:
     """One training phase (the adapter training, or one step's recovery) through :func:`studio.train.fit`;
-    with ``checkpoint`` it saves every epoch and on cancel, and ``resume`` continues from it exactly."""
+    with ``checkpoint`` it saves every epoch and on cancel, and ``resume`` continues from it exactly.
+    ``trainable``: what trains (default: the series' task parameters; ``head`` for the ViT protocol's warm-up)."""
     if epochs <= 0:
         return
     spec = TrainSpec(
@@ -542,8 +634,9 @@ def _train(
         lr=lr,
         warmup_epochs=warmup,
         seed=seed,
-        trainable=trainable_rule(series == "finetune"),
+        trainable=trainable or trainable_rule(series == "finetune"),
         select="val",
+        **opts.training,
     )
     fit(
         model,
@@ -641,14 +734,32 @@ def run_series(
         masks = series.masks
     else:
         emit(cbs, "log", message=f"[{name}] training for {opts.epochs} epochs (lr {lr:g})")
+        # the ViT protocol trains the head alone for the first half (main_vit.py), then the task parameters
+        warm = opts.epochs // 2 if opts.protocol == "vit" else 0
+        if warm:
+            _train(
+                model,
+                splits,
+                name,
+                opts,
+                epochs=warm,
+                lr=lr,
+                warmup=0.0,
+                seed=opts.seed,
+                callbacks=_tagged(cbs, phase="train-head"),
+                cancel=cancel,
+                checkpoint=phase_checkpoint(checkpoint, 0).with_suffix(".head.pt") if checkpoint else None,
+                resume=resume,
+                trainable="head",
+            )
         _train(
             model,
             splits,
             name,
             opts,
-            epochs=opts.epochs,
+            epochs=opts.epochs - warm,
             lr=lr,
-            warmup=min(1.0, opts.epochs / 3),
+            warmup=min(1.0, opts.epochs / 3) if not warm else 0.0,
             seed=opts.seed,
             callbacks=_tagged(cbs, phase="train"),
             cancel=cancel,
@@ -670,7 +781,7 @@ def run_series(
         scores = raw_scores(
             model, opts.criterion, batches, n_batches=opts.score_batches, callbacks=cbs, cancel=cancel
         )
-        chosen = choose_pruned(scores, masks, opts.scope, n, opts.criterion)
+        chosen = choose_pruned(scores, masks, opts.scope, n, opts.criterion, opts.selection)
         if not chosen:
             emit(cbs, "log", message=f"[{name}] every layer is down to one unit; stopping at step {step}")
             break
