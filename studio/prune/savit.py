@@ -41,7 +41,7 @@ embedding they differ by design (gated LayerNorms still normalise over all chann
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,7 @@ from ..costs import ArchFacts, arch_facts, plan_cost
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..plan import BaseArch, BlockPlan, PrunePlan
-from . import DEFAULT_CALIB_BATCHES, MACS, METHODS, Method, Option, PruneRequest
+from . import DEFAULT_CALIB_BATCHES, LATENCY, MACS, METHODS, Method, Option, PruneRequest
 from .select import removed_score
 from .target import target_record
 
@@ -383,10 +383,12 @@ def run_savit(
 ) -> SavitOutcome:
     """Score, allocate and select for ``req`` (``target_macs`` required)."""
     p = req.params
-    target = p.get("target_macs")
+    latency_target = p.get("target_latency") if req.cost is not None else None
+    target = p.get("target_macs") if latency_target is None else 0.5  # under a latency target: solved below
     if target is None:
         raise StudioError(
-            "SAViT allocates under a MACs budget: give --target-macs F (fraction of MACs to keep)."
+            "SAViT allocates under a MACs budget: give --target-macs F (fraction of MACs to keep), or "
+            "--target-latency F."
         )
     base = req.loaded.base
     scores = savit_scores(
@@ -411,6 +413,19 @@ def run_savit(
             "log",
             message=f"warning: SAViT's Hessian comes from {scores.hvp_batches} HVP batches, not the {asked} asked "
             "(too few calibration batches: raise --calib-batches or leave it to the method)",
+        )
+    if (
+        latency_target is not None
+    ):  # the MACs target whose allocation the latency model puts on the latency one
+        assert req.cost is not None
+        target = _macs_for_latency(
+            base,
+            scores,
+            float(latency_target),
+            req.cost,
+            protect_fraction=protect_fraction,
+            tol=tol,
+            round_to=round_to,
         )
     spread = split_spread(
         base, scores, float(target), protect_fraction=protect_fraction, tol=tol, round_to=round_to
@@ -458,6 +473,45 @@ def run_savit(
     return SavitOutcome(plan, alloc, scores)
 
 
+def _macs_for_latency(
+    base: BaseArch,
+    scores: SavitScores,
+    target: float,
+    cost: Callable[[PrunePlan], float],
+    *,
+    protect_fraction: float,
+    tol: float,
+    round_to: int,
+    steps: int = 24,
+) -> float:
+    """Bisection on SAViT's MACs target until its allocation's predicted latency (``cost``, a fraction of the
+    dense model's) is ``target``: the allocation keeps the paper's objective, the budget becomes a latency.
+    Each step is one grid search (well under a second on DeiT-S)."""
+    facts = arch_facts(base)
+
+    def predicted(t: float) -> float | None:
+        try:
+            return cost(savit_plan(base, scores, t, facts=facts, protect_fraction=protect_fraction, tol=tol,
+                                   round_to=round_to)[0])  # fmt: skip
+        except StudioError:  # this MACs target is out of the protection's reach
+            return None
+
+    lo, hi = 0.0, 1.0 - tol  # predicted latency grows with the MACs kept
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        f = predicted(mid)
+        if f is None or f < target:
+            lo = mid
+        else:
+            hi = mid
+    if predicted(hi) is None:
+        raise StudioError(
+            f"SAViT cannot reach {target:.1%} of the dense latency: its protection keeps too much. Ask for a larger "
+            "--target-latency or lower --protect."
+        )
+    return hi
+
+
 def _calib_need(p: Any, _batch_size: int) -> int:
     """Enough calibration batches for ``hvp_batches`` HVP batches at ``hvp_every`` (the scores use them all)."""
     every, n = int(p.get("hvp_every", 1)), int(p.get("hvp_batches") or 0)
@@ -479,7 +533,7 @@ METHODS.add(
         options=(HESSIAN_EMBED, HVP_EVERY, HVP_BATCHES, PROTECT, FLOPS_TOL),
         needs_data=True,
         calib_need=_calib_need,
-        budgets=(MACS,),
+        budgets=(MACS, LATENCY),
         calibration="hessian",
     ),
 )
