@@ -66,6 +66,8 @@ with state.user_errors():
         st.session_state.pop("export_run", None)  # a run of another model, or deleted
     pick = st.selectbox("Model to export", list(names), format_func=names.get, key="export_run")
     run = RunDir(pick)
+    # every element below is keyed by the run: a chart or a download keyed alike across runs keeps showing the
+    # run picked before (the browser walk caught the shape and the zip of the previous run after a switch)
     manifest = read_manifest(run.export_dir)
     spec, results = run.spec(), run.results() or {}
     metrics = results.get("after") or manifest.get("metrics") or {}
@@ -75,7 +77,9 @@ with state.user_errors():
     k[2].metric("Test accuracy", pct(metrics.get("top1")))
     k[3].metric("Weights", f"{(run.export_dir / 'model.safetensors').stat().st_size / 2**20:.1f} MB")
     with st.expander("Shape: the widths this model keeps, per block", expanded=True):
-        shape.show_shape(manifest.get("plan"), key="export_shape", name=f"{run.path.name}-shape")
+        shape.show_shape(
+            manifest.get("plan"), key=f"export_shape_{run.path.name}", name=f"{run.path.name}-shape"
+        )
 
     # the whole lineage (e.g. prune -> retrain), each step replayed from the one before, paths relative to the
     # folder that holds the runs folder; the specs ship in the zip's lineage/ folder
@@ -98,7 +102,7 @@ with state.user_errors():
         export_zip(run.export_dir, extra),
         f"{run.path.name}.zip",
         "application/zip",
-        key="export_zip",
+        key=f"export_zip_{run.path.name}",
         type="primary",
         icon=":material/download:",
     )
@@ -107,7 +111,7 @@ with state.user_errors():
         card,
         "README.md",
         "text/markdown",
-        key="export_card",
+        key=f"export_card_{run.path.name}",
         icon=":material/description:",
     )
     if plan_json:
@@ -116,7 +120,7 @@ with state.user_errors():
             plan_json,
             "plan.json",
             "application/json",
-            key="export_plan",
+            key=f"export_plan_{run.path.name}",
             icon=":material/account_tree:",
         )
 
@@ -124,7 +128,7 @@ with state.user_errors():
     onnx_file, onnx_check = run.export_dir / "model.onnx", run.export_dir / "onnx.json"
     if st.button(
         "Export ONNX and check parity",
-        key="export_onnx",
+        key=f"export_onnx_{run.path.name}",
         icon=":material/swap_horiz:",
         disabled=onnx_file.exists(),
     ):
@@ -146,13 +150,15 @@ with state.user_errors():
             onnx_file.read_bytes(),
             "model.onnx",
             "application/octet-stream",
-            key="export_onnx_file",
+            key=f"export_onnx_file_{run.path.name}",
             icon=":material/download:",
         )
 
     st.subheader("Checked on", divider="gray")
     st.dataframe(
-        checks.backend_checks(run.export_dir, state.runs_root()), hide_index=True, key="export_checks"
+        checks.backend_checks(run.export_dir, state.runs_root()),
+        hide_index=True,
+        key=f"export_checks_{run.path.name}",
     )
 
     st.subheader("Load it, reproduce it", divider="gray")

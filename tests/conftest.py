@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 300.0, every: float = 0.1) -> object:
+    """Poll ``cond`` until it returns something truthy (returned), or fail after ``timeout`` seconds."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if value := cond():
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ IMPOSSIBLE = {
     "json_object": ["[1,2]", "3", '"patch_size=8"', "{bad", '{"x": NaN}'],
 }
 # commands with no numeric flag at all (listed, so a new one is a decision, not an oversight)
-NO_NUMBERS = {"jobs cancel", "jobs list", "jobs status", "plan diff", "plan show"}
+NO_NUMBERS = {"jobs cancel", "jobs dispatch", "jobs list", "jobs status", "plan diff", "plan show"}
 
 
 def _leaves(

@@ -4,8 +4,6 @@ ever starting; without ``queue`` a busy device is still refused, leaving nothing
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from studio import jobs
@@ -14,6 +12,7 @@ from studio.errors import StudioError
 from studio.flows.retrain import RecoverySpec
 from studio.models import ModelSpec
 from studio.runs import read_json
+from tests.conftest import wait_until
 
 DEMO = ModelSpec("demo", device="cpu")
 
@@ -22,15 +21,6 @@ def _spec(epochs: int) -> RecoverySpec:
     return RecoverySpec(
         DEMO, DataSpec("demo", limit=160), DEMO, overrides={"epochs": epochs, "batch_size": 16}, bench=False
     )
-
-
-def _wait(cond, timeout: float = 300.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if value := cond():
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_a_queued_job_starts_when_the_device_frees_and_a_cancelled_one_never_does(tmp_path):
@@ -54,7 +44,7 @@ def test_a_queued_job_starts_when_the_device_frees_and_a_cancelled_one_never_doe
     assert cancelled.state == "cancelled" and not (root / "third" / "job.json").exists()
 
     # nobody dispatches here: the first job's launcher starts the queue as its trainer exits
-    done = _wait(lambda: (s := jobs.job_status(second.run)).state == "done" and s, timeout=600)
+    done = wait_until(lambda: (s := jobs.job_status(second.run)).state == "done" and s, timeout=600)
     assert jobs.job_status(first.run).state == "done"
     assert (
         read_json(root / "second" / "job.json")["started"]

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from studio.flows.prune import PruneSpec
 from studio.flows.retrain import RecoverySpec
 from studio.models import ModelSpec, create_vit
 from studio.runs import JOB_FILE, RunDir, read_json, write_json
+from tests.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
@@ -165,10 +166,4 @@ def test_a_job_whose_folder_turns_read_only_mid_training_is_reported_failed(tmp_
             os.killpg(st.pid, signal.SIGKILL)
 
 
-def _wait(cond: Callable[[], object], timeout: float) -> object:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if value := cond():
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
+_wait = wait_until
