@@ -3,7 +3,7 @@ the benchmark run to show (this session's, else the newest of the model, so a re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -61,10 +61,9 @@ def speedup_bars(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([measured, ideal.assign(images_per_s=float("nan"), efficiency=1.0)])[keep]
 
 
-def last_benchmark(root: str | Path, source: str, session_run: str | None = None) -> RunDir | None:
-    """``session_run`` when it has results, else the newest finished benchmark run that timed ``source``."""
-    if session_run and RunDir(Path(session_run)).results():
-        return RunDir(Path(session_run))
+def benchmarks_of(root: str | Path, source: str) -> Iterator[tuple[RunDir, list[str]]]:
+    """Finished benchmark runs under ``root`` that timed ``source``, newest first, with the display names
+    ``source`` had in each (the Benchmark page shows the last one, the Export page what it measured)."""
     for run in list_runs(root):
         try:
             spec, res = run.spec(), run.results()
@@ -72,6 +71,13 @@ def last_benchmark(root: str | Path, source: str, session_run: str | None = None
             continue  # a damaged run is the Runs page's to report
         if spec.get("kind") != "benchmark" or not res or "benchmark" not in res:
             continue
-        if any((m.get("model") or {}).get("source") == source for m in spec.get("models", [])):
-            return run
-    return None
+        names = [m["name"] for m in spec.get("models", []) if (m.get("model") or {}).get("source") == source]
+        if names:
+            yield run, names
+
+
+def last_benchmark(root: str | Path, source: str, session_run: str | None = None) -> RunDir | None:
+    """``session_run`` when it has results, else the newest finished benchmark run that timed ``source``."""
+    if session_run and RunDir(Path(session_run)).results():
+        return RunDir(Path(session_run))
+    return next((run for run, _ in benchmarks_of(root, source)), None)

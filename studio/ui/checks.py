@@ -10,9 +10,8 @@ from typing import Any
 import pandas as pd
 
 from ..backends import BACKENDS
-from ..errors import StudioError
 from ..export import RELOAD_CHECK
-from ..runs import list_runs
+from .benchmark import benchmarks_of, rows_frame
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -24,29 +23,15 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _timed(export_dir: Path, root: str | Path) -> dict[str, str]:
     """backend -> what the newest benchmark run that timed this export measured on it."""
-    for run in list_runs(root):  # newest first
-        try:
-            spec, res = run.spec(), run.results() or {}
-        except (OSError, ValueError, StudioError):
-            continue
-        if spec.get("kind") != "benchmark" or "benchmark" not in res:
-            continue
-        names = [
-            m["name"]
-            for m in spec.get("models", [])
-            if (m.get("model") or {}).get("source") == str(export_dir)
-        ]
-        rows = [r for r in res["benchmark"]["rows"] if r["model"] in names]
-        if not rows:
-            continue
+    for run, names in benchmarks_of(root, str(export_dir)):
+        df = rows_frame(run.results()["benchmark"]["rows"])
         out: dict[str, str] = {}
-        for r in sorted(rows, key=lambda r: (r["batch_size"], r["dtype"])):
-            eff = r.get("efficiency", r["measured_speedup"] / r["ideal_speedup"])
+        for r in df[df["model"].isin(names)].sort_values(["batch_size", "dtype"]).to_dict("records"):
             text = (
                 f"bs {r['batch_size']} {r['dtype']}: {r['images_per_s']:.1f} img/s, ×{r['measured_speedup']:.2f} "
-                f"(efficiency {eff:.0%})"
+                f"(efficiency {r['efficiency']:.0%})"
             )
-            b = r.get("backend", "eager")
+            b = r["backend"]
             out[b] = f"{out[b]}; {text}" if b in out else f"{text} — run {run.path.name}"
         return out
     return {}
