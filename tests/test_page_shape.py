@@ -110,4 +110,4 @@ def test_export_page_draws_the_shape_of_the_exported_plan(tmp_path, monkeypatch)
     assert _values(traces["mlp base"]["x"]) == list(plan.base.mlp_hidden)
     assert _values(traces["heads base"]["x"]) == list(plan.base.num_heads)
     assert f"{plan.depth}/{depth} blocks" in shape["layout"]["title"]["text"]
-    assert "export_shape_csv" in [b.key for b in at.get("download_button")]
+    assert f"export_shape_{run.path.name}_csv" in [b.key for b in at.get("download_button")]
