@@ -6,6 +6,7 @@ import streamlit as st
 from studio.summary import measure_speed
 from studio.ui import cached, charts, guide, picker, state
 from studio.ui.charts import COLORS, human, pct
+from studio.ui.units import units_table
 
 DEMO_TITLES = {
     "demo": "Digits ViT (built-in demo, fine-tuned)",
@@ -113,6 +114,15 @@ with state.user_errors():
         key="model_block_table",
         column_config={"params": st.column_config.NumberColumn("params", format="localized")},
     )
+    with st.expander("What each method can prune in this model"):
+        variants, table = units_table(loaded.model)
+        st.caption(
+            "Family variants detected: "
+            + (", ".join(variants) or "none")
+            + ". A method prunes the units it is built for, where every variant allows them (the README's family "
+            "table says what the studio does with each variant's own modules)."
+        )
+        st.dataframe(table, hide_index=True, key="model_units")
     with st.expander("Data config (input size, normalisation)"):
         st.json(s["data_config"])
 

@@ -62,6 +62,9 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int], *, batch_size:
     # (attention flags, train/eval) while the other one times or trains it
     model = copy.deepcopy(model).eval()
     counter = FlopCounterMode(display=False)
+    # frozen: a module called on a view of a parameter (the attention pool's latent query) would hand the
+    # counter's module tracker a tensor that requires grad but has no grad_fn
+    model.requires_grad_(False)
     with unfused_attention(model), torch.inference_mode(), counter:
         model(x)
     by_op: dict[str, int] = {}

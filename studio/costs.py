@@ -38,8 +38,17 @@ class ArchFacts:
     fc2_bias: bool
     layer_scale: bool
     qk_norm_pc: int  # params per head-dim channel of q_norm + k_norm
+    attn_norm_pc: int  # params per attention channel of the attention output norm (scale_attn_norm)
+    mlp_norm_pc: int  # params per MLP neuron of the hidden norm (scale_mlp_norm)
     heads_out: int  # classifier heads reading the features (2 for distilled DeiT)
     head_bias: bool
+    # an attention-pool head (global_pool='map'): what depends on the kept embedding width E', per channel, and
+    # what does not (its latent query, q projection and q/k norms); all 0 without a pool
+    pool_params_pc: int = 0
+    pool_params_fixed: int = 0
+    pool_linear_pc: int = 0
+    pool_linear_fixed: int = 0
+    pool_attention: int = 0
 
 
 def _pc(module: nn.Module, width: int) -> int:
@@ -75,9 +84,44 @@ def arch_facts(base: BaseArch) -> ArchFacts:
         fc2_bias=blk.mlp.fc2.bias is not None,
         layer_scale=isinstance(blk.ls1, nn.Module) and hasattr(blk.ls1, "gamma"),
         qk_norm_pc=(_pc(blk.attn.q_norm, base.head_dim) + _pc(blk.attn.k_norm, base.head_dim)),
+        attn_norm_pc=_pc(blk.attn.norm, blk.attn.attn_dim),
+        mlp_norm_pc=_pc(blk.mlp.norm, blk.mlp.fc1.out_features),
         heads_out=len(heads),
         head_bias=bool(heads) and heads[0].bias is not None,
+        **_pool_facts(m, E),
     )
+
+
+def _pool_facts(m: nn.Module, E: int) -> dict[str, int]:
+    """The attention pool's costs, split into a part per kept embedding channel and a fixed part.
+
+    Per channel: ``kv`` input columns (``2A``), ``proj`` output rows (``A`` + bias), the norm, the MLP's input
+    columns and output rows (+ ``fc2`` bias) and its ``pos_embed``; fixed: the latent, ``q``, the q/k norms and
+    the ``kv``/``fc1`` biases. MACs: ``kv`` over the N pooled tokens, ``q``/``proj``/MLP over the latent tokens,
+    and the two attention matmuls (``2·L·N·A``), as :func:`studio.bench.count_macs` counts them.
+    """
+    pool = getattr(m, "attn_pool", None)
+    if pool is None:
+        return {}
+    A, L = pool.num_heads * pool.head_dim, pool.latent_len
+    N = m.patch_embed.num_patches + (m.num_prefix_tokens if m.pool_include_prefix else 0)
+    mlp = pool.mlp
+    M = mlp.fc1.out_features
+    q = pool.q if isinstance(pool.q, nn.Linear) else None
+    fixed = pool.latent.numel() + sum(p.numel() for p in (*pool.q.parameters(), *pool.q_norm.parameters()))
+    fixed += sum(p.numel() for p in pool.k_norm.parameters())
+    fixed += (2 * A if pool.kv.bias is not None else 0) + (M if mlp.fc1.bias is not None else 0)
+    per = 2 * A + A + (1 if pool.proj.bias is not None else 0) + _pc(pool.norm, E) + 2 * M
+    per += (1 if mlp.fc2.bias is not None else 0) + (
+        pool.pos_embed.shape[0] if pool.pos_embed is not None else 0
+    )
+    return {
+        "pool_params_pc": per,
+        "pool_params_fixed": fixed,
+        "pool_linear_pc": N * 2 * A + L * A + L * 2 * M,
+        "pool_linear_fixed": L * q.in_features * q.out_features if q is not None else 0,
+        "pool_attention": 2 * L * N * A,
+    }
 
 
 def plan_cost(plan: PrunePlan, facts: ArchFacts | None = None) -> dict[str, int]:
@@ -95,7 +139,9 @@ def plan_cost(plan: PrunePlan, facts: ArchFacts | None = None) -> dict[str, int]
     params += f.heads_out * (C * E + (C if f.head_bias else 0))
     conv = f.patches * E * f.patch_pixels
     linear = f.heads_out * C * E
-    attention = 0
+    params += f.pool_params_fixed + E * f.pool_params_pc
+    linear += f.pool_linear_fixed + E * f.pool_linear_pc
+    attention = f.pool_attention
     for b in plan.blocks:
         k = plan.kept(b.index)
         H, d, M = k["heads"], k["head_dim"], k["mlp"]
@@ -105,7 +151,9 @@ def plan_cost(plan: PrunePlan, facts: ArchFacts | None = None) -> dict[str, int]
         )
         params += a_in * f.norm1_pc + 3 * A * a_in + (3 * A if f.qkv_bias else 0) + d * f.qk_norm_pc
         params += a_out * A + (a_out if f.proj_bias else 0) + (a_out if f.layer_scale else 0)
-        params += m_in * f.norm2_pc + M * m_in + (M if f.fc1_bias else 0)
+        params += (
+            m_in * f.norm2_pc + M * m_in + (M if f.fc1_bias else 0) + A * f.attn_norm_pc + M * f.mlp_norm_pc
+        )
         params += m_out * M + (m_out if f.fc2_bias else 0) + (m_out if f.layer_scale else 0)
         linear += N * (3 * A * a_in + A * a_out + M * m_in + M * m_out)
         attention += 2 * H * N * N * d

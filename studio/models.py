@@ -19,11 +19,10 @@ from typing import Any
 
 import timm
 import torch
-from timm.layers import Mlp
-from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from . import families
 from .errors import StudioError
 from .plan import BaseArch, PrunePlan
 
@@ -167,48 +166,15 @@ def data_config(model: torch.nn.Module, overrides: Mapping[str, Any] | None = No
     return out
 
 
-SUPPORTED = (
-    "timm VisionTransformer models with pre-norm `Block`s of the standard Attention and Mlp: ViT, DeiT, "
-    "DeiT-distilled, DeiT-III (LayerScale), DINOv2, CLIP-style pre-norm, register tokens, average pooling, "
-    "qk-norm"
-)
-
-
 def check_family(model: nn.Module, *, blocks: tuple[type[nn.Module], ...] = (Block,)) -> VisionTransformer:
-    """Refuse, in one sentence naming the module and the block, a model the studio cannot prune exactly.
+    """Refuse, in one sentence naming the module and the block, a model the studio cannot prune exactly
+    (:func:`studio.families.check`, the registry of refused structures).
 
     Called where every model is created (:func:`create_vit`), so an unsupported family is refused at load,
     before any library code trips over a missing attribute. ``blocks``: the block types accepted (the surgery
     adds its pruned block).
     """
-    if not isinstance(model, VisionTransformer):
-        raise StudioError(
-            f"{type(model).__name__} models are not supported; the studio prunes {SUPPORTED}. "
-            "Pick one of those architectures."
-        )
-    if getattr(model, "attn_pool", None) is not None:
-        raise StudioError(
-            f"The attention-pool head ({type(model.attn_pool).__name__}, global_pool='map', e.g. SigLIP) is not "
-            "supported: create the model with global_pool='token' or 'avg' (--timm-kwargs "
-            '\'{"global_pool": "avg"}\') and fine-tune that head, or use another architecture.'
-        )
-    for i, blk in enumerate(model.blocks):
-        if type(blk) not in blocks:
-            raise StudioError(
-                f"Block {i} is a {type(blk).__name__} (e.g. a parallel block); the studio prunes timm's pre-norm "
-                f"`Block` only: {SUPPORTED}."
-            )
-        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
-        if attn is None or mlp is None:
-            continue  # a pruned block whose attention or MLP the plan removed
-        if type(attn) is not Attention or type(mlp) is not Mlp:
-            raise StudioError(
-                f"Block {i} uses {type(attn).__name__}/{type(mlp).__name__}; the studio supports timm's "
-                "standard Attention and Mlp (no fused, GLU/SwiGLU or rotary variants yet)."
-            )
-        if getattr(attn, "gate", None) is not None:
-            raise StudioError(f"Block {i} uses gated attention, which the studio does not support.")
-    return model
+    return families.check(model, blocks=blocks)
 
 
 def create_vit(arch: str, **kwargs: Any) -> VisionTransformer:
@@ -229,11 +195,6 @@ def create_vit(arch: str, **kwargs: Any) -> VisionTransformer:
                 "models (ViT, DeiT, DeiT-distilled)."
             ) from None
         raise StudioError(f"Architecture '{arch}' does not accept these options ({e}).") from None
-    if not isinstance(model, VisionTransformer):
-        raise StudioError(
-            f"'{arch}' is a timm {type(model).__name__}, not a Vision Transformer the studio can prune yet "
-            f"(EVA-02/RoPE, relative-position and hybrid models are not supported); it prunes {SUPPORTED}."
-        )
     return check_family(model)
 
 

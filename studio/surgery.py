@@ -33,7 +33,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-from timm.layers.attention import Attention
+import torch.nn.functional as F
+from timm.layers.attention import Attention, maybe_add_mask
+from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -208,29 +210,45 @@ def _prune_attention(attn: Attention, b: BlockPlan, read: Index, write: Index, s
     H, d = attn.num_heads, attn.head_dim
     heads = list(range(H)) if b.heads is None else list(b.heads)
     dims = list(range(d)) if b.head_dims is None else list(b.head_dims)
-    if b.head_dims is not None and not isinstance(attn.q_norm, nn.Identity):
-        raise StudioError(
-            "Head-dim pruning of attention with q/k normalisation (qk_norm) is not supported: it "
-            "changes the norm's statistics. Prune whole heads instead."
-        )
-    if (b.heads is not None or b.head_dims is not None) and not isinstance(attn.norm, nn.Identity):
-        raise StudioError("Head pruning of attention with an output norm (scale_norm) is not supported.")
     rows, cols = _attn_rows(attn.attn_dim, d, heads, dims)
     pruned = b.heads is not None or b.head_dims is not None
     _slice_linear(attn.qkv, rows if pruned else None, read)
     _slice_linear(attn.proj, write, cols if pruned else None)
+    # scale_attn_norm: the norm over the attention output keeps the kept (head, dim) channels
+    attn.norm = _slice_norm(attn.norm, cols if pruned else None)
     new_d = len(dims)
     attn.num_heads, attn.head_dim, attn.attn_dim = len(heads), new_d, len(heads) * new_d
     if b.head_dims is not None:
+        # qk-norm: q_norm/k_norm normalise one head's dims, shared by all heads, so they keep the kept dims
+        # (their statistics are then over the kept dims, which the masked reference reproduces with SubsetNorm)
+        attn.q_norm = _slice_norm(attn.q_norm, dims)
+        attn.k_norm = _slice_norm(attn.k_norm, dims)
         old_scale = float(attn.scale)
         attn.scale = new_d**-0.5
         if scale_policy == "keep":
             # SDPA divides by sqrt(new_d); fold the rest of the base temperature into q.
-            with torch.no_grad():
-                r = old_scale / attn.scale
-                attn.qkv.weight[: attn.attn_dim].mul_(r)
-                if attn.qkv.bias is not None:
-                    attn.qkv.bias[: attn.attn_dim].mul_(r)
+            _scale_q(attn, old_scale / attn.scale)
+
+
+def _scale_q(attn: Attention, r: float) -> None:
+    """Multiply the attention's queries by ``r``: in q's ``qkv`` rows, or, under qk-norm (which would undo a
+    scale of its input), in ``q_norm``'s affine weight and bias."""
+    with torch.no_grad():
+        if isinstance(attn.q_norm, nn.Identity):
+            attn.qkv.weight[: attn.attn_dim].mul_(r)
+            if attn.qkv.bias is not None:
+                attn.qkv.bias[: attn.attn_dim].mul_(r)
+            return
+        norm = attn.q_norm.norm if isinstance(attn.q_norm, SubsetNorm) else attn.q_norm
+        if not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise StudioError(
+                "Head-dim pruning of a qk-norm model whose q_norm has no affine weight cannot keep the "
+                "attention temperature; use --scale-policy reset, or prune whole heads."
+            )
+        for name in ("weight", "bias"):
+            p = getattr(norm, name, None)
+            if isinstance(p, torch.Tensor):
+                p.mul_(r)
 
 
 def _prune_block(
@@ -243,11 +261,8 @@ def _prune_block(
     _prune_attention(blk.attn, b, ch["attn_in"], ch["attn_out"], scale_policy)
     _slice_param(blk.ls1, "gamma", ch["attn_out"])
     blk.norm2 = _slice_norm(blk.norm2, ch["mlp_in"])
-    if b.mlp is not None and not isinstance(blk.mlp.norm, nn.Identity):
-        raise StudioError(
-            "MLP-neuron pruning of an MLP with a hidden norm (scale_mlp_norm) is not supported."
-        )
     _slice_linear(blk.mlp.fc1, b.mlp, ch["mlp_in"])
+    blk.mlp.norm = _slice_norm(blk.mlp.norm, b.mlp)  # scale_mlp_norm: over the kept neurons
     _slice_linear(blk.mlp.fc2, ch["mlp_out"], b.mlp)
     _slice_param(blk.ls2, "gamma", ch["mlp_out"])
     kept = embed if embed is not None else list(range(width))
@@ -282,10 +297,62 @@ def _prune_embed(model: VisionTransformer, embed: list[int]) -> None:
         head = getattr(model, name, None)
         if head is not None:
             _slice_linear(head, None, embed)
+    if getattr(model, "attn_pool", None) is not None:
+        _prune_pool(model.attn_pool, embed)
     width = len(embed)
     model.embed_dim = model.num_features = width
     if hasattr(model, "head_hidden_size"):
         model.head_hidden_size = width
+
+
+class PrunedAttentionPool(AttentionPoolLatent):
+    """timm's attention-pool head (``global_pool='map'``, SigLIP) reading and writing a pruned embedding.
+
+    Only the forward differs: timm reshapes the attention output to the *input* width, which equals the pool's
+    attention width only while the embedding is whole; here it is reshaped to ``num_heads * head_dim`` (the
+    attention width, which the plan keeps whole). The class is swapped in by :func:`apply_plan`, so the weight
+    names and the export stay those of timm's module.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+        width = self.num_heads * self.head_dim
+        q = self.q(self.latent.expand(B, -1, -1))
+        q = q.reshape(B, self.latent_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, attn_mask)
+            x = attn.softmax(dim=-1) @ v
+        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, self.latent_len, width)))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm(x))
+        if self.pool == "token":
+            return x[:, 0]
+        return x.mean(1) if self.pool == "avg" else x
+
+
+def _prune_pool(pool: AttentionPoolLatent, embed: list[int]) -> None:
+    """The pool over the kept embedding channels: what it reads (``kv`` input, its ``pos_embed``) and what it
+    writes (``proj`` output, its norm, its MLP's input and output); the latent query and the attention width
+    are not embedding channels and stay whole."""
+    _slice_param(pool, "pos_embed", embed)
+    _slice_linear(pool.kv, None, embed)
+    if getattr(pool, "mlp", None) is None:
+        raise StudioError(
+            "Embedding pruning of an attention-pool head without its projection and MLP (out_features=0) is not "
+            "supported; keep the embedding whole (SLS --embed none, --scope without embed)."
+        )
+    _slice_linear(pool.proj, embed, None)
+    pool.norm = _slice_norm(pool.norm, embed)
+    _slice_linear(pool.mlp.fc1, None, embed)
+    _slice_linear(pool.mlp.fc2, embed, None)
+    pool.__class__ = PrunedAttentionPool
 
 
 @torch.no_grad()
@@ -354,16 +421,23 @@ def mask_model(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
         zero(attn.qkv.weight, [p * A + c for p in range(3) for c in drop_cols], 0)
         zero(attn.qkv.bias, [p * A + c for p in range(3) for c in drop_cols], 0)
         zero(attn.proj.weight, drop_cols, 1)
+        if drop_cols and not isinstance(attn.norm, nn.Identity):  # scale_attn_norm over the kept channels
+            attn.norm = SubsetNorm(attn.norm, [c for c in range(A) if c not in set(drop_cols)])
+        if b.head_dims is not None and not isinstance(attn.q_norm, nn.Identity):
+            # qk-norm over the kept head dims only, zero on the dropped ones (what the sliced norms compute)
+            attn.q_norm = SubsetNorm(attn.q_norm, sorted(dims))
+            attn.k_norm = SubsetNorm(attn.k_norm, sorted(dims))
         if b.head_dims is not None and plan.scale_policy == "reset":
-            r = math.sqrt(d / len(dims))  # dense SDPA divides by sqrt(d); reset wants sqrt(len(dims))
-            attn.qkv.weight[:A].mul_(r)
-            if attn.qkv.bias is not None:
-                attn.qkv.bias[:A].mul_(r)
+            _scale_q(
+                attn, math.sqrt(d / len(dims))
+            )  # dense SDPA divides by sqrt(d); reset wants sqrt(len(dims))
         if b.mlp is not None:
             drop_m = sorted(set(range(mlp.fc1.out_features)) - set(b.mlp))
             zero(mlp.fc1.weight, drop_m, 0)
             zero(mlp.fc1.bias, drop_m, 0)
             zero(mlp.fc2.weight, drop_m, 1)
+            if not isinstance(mlp.norm, nn.Identity):  # scale_mlp_norm over the kept neurons
+                mlp.norm = SubsetNorm(mlp.norm, b.mlp)
         for norm_name, read in (("norm1", b.attn_in), ("norm2", b.mlp_in)):
             read = read if read is not None else embed
             if read is not None:
@@ -386,6 +460,17 @@ def mask_model(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
                 setattr(vit, name, SubsetNorm(getattr(vit, name), embed))
         if not isinstance(vit.patch_embed.norm, nn.Identity):
             vit.patch_embed.norm = SubsetNorm(vit.patch_embed.norm, embed)
+        pool = getattr(vit, "attn_pool", None)
+        if (
+            pool is not None and getattr(pool, "mlp", None) is not None
+        ):  # the pool writes zeros on the dropped channels and normalises the kept ones
+            if isinstance(pool.pos_embed, torch.Tensor):
+                zero(pool.pos_embed, drop_e, pool.pos_embed.ndim - 1)
+            for lin in (pool.proj, pool.mlp.fc2):
+                zero(lin.weight, drop_e, 0)
+                zero(lin.bias, drop_e, 0)
+            if not isinstance(pool.norm, nn.Identity):
+                pool.norm = SubsetNorm(pool.norm, embed)
     return vit
 
 

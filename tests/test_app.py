@@ -242,3 +242,16 @@ def test_prune_page_prunes_to_a_latency_target_and_shows_target_predicted_and_me
     assert not at.exception and not at.error, [e.value for e in at.error]
     said = [m.value for m in [*at.success, *at.warning] if m.value.startswith("Latency target 70%")]
     assert len(said) == 1 and "predicted" in said[0] and "batch 32, eager, float32" in said[0]
+
+
+def test_model_page_says_what_each_registered_method_can_prune():
+    from studio.prune import load_methods
+
+    at = _app().run()
+    assert not at.exception
+    units = next(d.value for d in at.dataframe if "method" in d.value.columns)
+    assert list(units["method"]) == load_methods().names()  # a new method shows up here the moment it exists
+    row = units.set_index("method")
+    assert row.loc["sls", "blocks (depth)"] == "✓" and row.loc["sls", "heads"] == ""
+    assert row.loc["savit", "heads"] == "✓" and row.loc["savit", "head dims"] == ""
+    assert "ViT (class token)" in " ".join(c.value for c in at.caption)

@@ -194,6 +194,31 @@ def test_demo_walkthrough_in_a_real_browser(server):
             zipped = runs / "download.zip"
             dl.value.save_as(zipped)
             _check(page, "11_export", problems)
+
+            # the SLS result is exportable too: cut to the suggested depth, then export that run
+            assert _go(page, "Layer separability")
+            page.locator('[data-testid="stSelectbox"]').filter(has_text="Retraining").click()
+            page.get_by_role("option", name="none", exact=True).click()
+            _settle(page)
+            page.get_by_role("button", name=re.compile(r"^Prune to \d+ blocks$")).click()
+            expect(page.get_by_text(re.compile(r"Result: \d+ of 12 blocks kept"))).to_be_visible()
+            _settle(page)
+            _check(page, "12_sls_cut", problems)
+            # the result's own Export button opens the Export page on this run
+            page.get_by_role("button", name="Export", exact=True).click()
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('h1')].some(h => h.innerText.trim().startsWith('Export'))"
+            )
+            _settle(page)
+            expect(page.get_by_text("Downloads")).to_be_visible()
+            with page.expect_download() as dl:
+                page.get_by_role("button", name=re.compile(r"^Model \(zip: safetensors")).click()
+            assert "sls" in dl.value.suggested_filename, (
+                dl.value.suggested_filename
+            )  # the SLS run, not the last
+            sls_zip = runs / "sls.zip"
+            dl.value.save_as(sls_zip)
+            _check(page, "12b_sls_export", problems)
         finally:
             browser.close()
     assert not problems, "\n".join(problems)
@@ -207,6 +232,11 @@ def test_demo_walkthrough_in_a_real_browser(server):
     loaded = load_exported(out, device="cpu")
     assert loaded.plan is not None and loaded.plan.method == "magnitude"
     assert sum(p.numel() for p in loaded.model.parameters()) < 1_363_498
+    # and the SLS download is the cut model: fewer blocks, reloading without pickles
+    with zipfile.ZipFile(sls_zip) as z:
+        z.extractall(runs / "sls-unzipped")
+    cut = load_exported(runs / "sls-unzipped", device="cpu")
+    assert cut.plan is not None and cut.plan.method == "sls" and len(cut.model.blocks) < 12
 
 
 def test_three_concurrent_browser_sessions_keep_their_own_plans(server):

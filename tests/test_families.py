@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import timm
@@ -17,31 +18,18 @@ from studio.analysis.criteria import CalibrationBatches
 from studio.bench import profile
 from studio.errors import StudioError
 from studio.export import export_loaded, load_exported
+from studio.families import FAMILIES, REFUSALS, UNITS, families_of, markdown_table, prunable_units
 from studio.models import LoadedModel, create_vit, data_config, describe_base
 from studio.prune import PruneRequest, load_methods, make_plan
 from studio.prune.target import TOLERANCE
 from studio.surgery import apply_plan, mask_model
 
-SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
-# family / variant -> (timm architecture, constructor arguments)
-FAMILIES = {
-    "vit (cls token)": ("vit_tiny_patch16_224", SMALL),
-    "deit distilled": ("deit_tiny_distilled_patch16_224", SMALL),
-    "deit-iii (layer scale)": ("deit3_small_patch16_224", {**SMALL, "init_values": 1e-1}),
-    "dinov2 (patch 14, layer scale)": (
-        "vit_small_patch14_dinov2",
-        {**SMALL, "img_size": 28, "patch_size": 14, "init_values": 1e-1},
-    ),
-    "clip (pre-norm)": ("vit_base_patch16_clip_224", {**SMALL, "pre_norm": True}),
-    "average pooling + fc_norm": ("vit_tiny_patch16_224", {**SMALL, "global_pool": "avg", "fc_norm": True}),
-    "register tokens": ("vit_tiny_patch16_224", {**SMALL, "reg_tokens": 2}),
-    "qk-norm": ("vit_tiny_patch16_224", {**SMALL, "qk_norm": True}),
-}
 PLANNERS = [n for n in load_methods().names() if load_methods().get(n).fn is not None]
 
 
 def _loaded(family: str) -> LoadedModel:
-    arch, kw = FAMILIES[family]
+    f = FAMILIES.get(family)
+    arch, kw = f.example, f.build_kwargs()
     torch.manual_seed(0)
     m = create_vit(arch, **kw).eval()
     with torch.no_grad():  # some variants start with zero-init parts: give every unit a score of its own
@@ -65,13 +53,11 @@ def _params(name: str, family: str) -> dict:
     params = {budget.option: budget.default}
     if name == "sls":
         params["embed"] = "none"
-    if name == "isomorphic" and FAMILIES[family][1].get("qk_norm"):
-        params["head_dim_ratio"] = 0.0  # head dims of a qk-norm model are refused (tested below)
     return params
 
 
 @pytest.mark.parametrize("name", PLANNERS)
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES.names())
 def test_every_method_prunes_every_supported_family_exactly(family, name, tmp_path):
     loaded = _loaded(family)
     method = load_methods().get(name)
@@ -98,7 +84,7 @@ def test_every_method_prunes_every_supported_family_exactly(family, name, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES.names())
 def test_onnx_parity_for_every_family(family, tmp_path):
     from studio.export import export_onnx
 
@@ -109,48 +95,62 @@ def test_onnx_parity_for_every_family(family, tmp_path):
     assert out["checked"] and out["max_abs_diff"] <= 1e-4
 
 
-REFUSED = {
-    "parallel blocks": ("vit_small_patch16_18x2_224", {**SMALL, "depth": 2}, "ParallelThingsBlock"),
-    "parallel scaling blocks": (
-        "vit_medium_patch16_gap_256",
-        {**SMALL, "block_fn": "ps"},
-        "ParallelScalingBlock",
-    ),
-    "attention-pool head (SigLIP)": ("vit_base_patch16_siglip_224", SMALL, "attention-pool head"),
-    "EVA-02 (RoPE, SwiGLU)": (
-        "eva02_tiny_patch14_224",
-        {"img_size": 28, "num_classes": 5},
-        "not a Vision Transformer",
-    ),
-    "relative-position ViT": (
-        "vit_srelpos_small_patch16_224",
-        {"img_size": 32, "num_classes": 5},
-        "not a Vision",
-    ),
-    "GLU MLP": ("vit_tiny_patch16_224", {**SMALL, "mlp_layer": "glu"}, "GluMlp"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(REFUSED))
+@pytest.mark.parametrize("case", REFUSALS.names())
 def test_unsupported_families_are_refused_at_load_naming_the_module(case):
-    arch, kw, says = REFUSED[case]
-    kw = dict(kw)
-    if kw.get("block_fn") == "ps":
-        from timm.models.vision_transformer import ParallelScalingBlock
-
-        kw["block_fn"] = ParallelScalingBlock
-    if kw.get("mlp_layer") == "glu":
-        from timm.layers import GluMlp
-
-        kw["mlp_layer"] = GluMlp
-    with pytest.raises(StudioError, match=says):
-        create_vit(arch, **kw)
+    refusal = REFUSALS.get(case)
+    with pytest.raises(StudioError, match=refusal.says) as e:
+        create_vit(refusal.example, **refusal.build_kwargs())
+    assert "\n" not in str(e.value) and len(str(e.value)) < 500
 
 
-def test_isomorphic_refuses_head_dims_of_a_qk_norm_model_and_names_the_fix():
+@pytest.mark.parametrize("family", FAMILIES.names())
+def test_each_family_detects_its_own_example_and_the_table_lists_it(family):
+    loaded = _loaded(family)
+    assert family in families_of(loaded.model)
+    assert set(prunable_units(loaded.model)) <= set(UNITS)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = "\n".join("  " + line for line in markdown_table().splitlines())  # indented under its list item
+    assert table in readme, "README's family table is stale: python -m studio.families"
+
+
+@pytest.mark.parametrize("scale_policy", ["keep", "reset"])
+def test_qk_norm_head_dims_are_pruned_exactly_with_the_norms_over_the_kept_dims(scale_policy):
+    """q_norm/k_norm are sliced to the kept head dims; the temperature fold goes into q_norm's affine weight
+    (a norm undoes any scale of its input), so masked and pruned logits agree under either policy."""
+    from studio.plan import BlockPlan, PrunePlan
+
     loaded = _loaded("qk-norm")
-    with pytest.raises(StudioError, match="--head-dim-ratio 0"):
-        make_plan("isomorphic", PruneRequest(loaded, {"target_macs": 0.5}, _batches(loaded)))
+    base = loaded.base
+    plan = PrunePlan(
+        base,
+        tuple(
+            BlockPlan(i, heads=(0, 2) if i == 1 else None, head_dims=tuple(range(i, base.head_dim, 2)))
+            for i in range(base.depth)
+        ),
+        scale_policy=scale_policy,
+    )
+    pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
+    for blk, b in zip(pruned.blocks, plan.blocks, strict=True):
+        assert blk.attn.q_norm.normalized_shape == (len(b.head_dims),) == blk.attn.k_norm.normalized_shape
+    x = torch.randn(4, *loaded.data_config["input_size"], generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        out = pruned(x)
+        torch.testing.assert_close(mask_model(copy.deepcopy(loaded.model), plan)(x), out, atol=1e-4, rtol=0)
+        assert not torch.allclose(out, loaded.model(x), atol=1e-3)  # a real cut, not the dense function
+
+
+def test_isomorphic_prunes_the_head_dims_of_a_qk_norm_model():
+    loaded = _loaded("qk-norm")
+    plan = make_plan(
+        "isomorphic", PruneRequest(loaded, {"target_macs": 0.5, "head_dim_ratio": 0.5}, _batches(loaded))
+    )
+    assert any(b.head_dims is not None for b in plan.blocks), plan.blocks
+    pruned = apply_plan(copy.deepcopy(loaded.model), plan).eval()
+    x = torch.randn(2, *loaded.data_config["input_size"], generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            mask_model(copy.deepcopy(loaded.model), plan)(x), pruned(x), atol=1e-4, rtol=0
+        )
 
 
 def test_a_sample_of_timm_vits_loads_or_is_refused_with_a_studio_error():

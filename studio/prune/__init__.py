@@ -41,6 +41,7 @@ from ..backends import BACKENDS
 from ..costs import arch_facts, with_summary
 from ..errors import StudioError
 from ..events import Callback, CancelToken
+from ..families import UNITS, prunable_units
 from ..latency import profile_latency
 from ..memory import MODES
 from ..models import LoadedModel
@@ -252,6 +253,7 @@ class Method:
         calib_need: the calibration batches it draws when ``--calib-batches`` is not given, as a function of
             its resolved options and the batch size (SLS: enough for its ``samples``; SAViT: its
             ``hvp_batches``); None: :data:`DEFAULT_CALIB_BATCHES`.
+        units: the plan units it can remove with some setting of its options (:data:`studio.families.UNITS`).
     """
 
     name: str
@@ -265,8 +267,11 @@ class Method:
     check: Callable[[Mapping[str, Any]], object] | None = None
     calibration: str = "backward"
     calib_need: Callable[[Mapping[str, Any], int], int] | None = None
+    units: tuple[str, ...] = ("heads", "head_dims", "mlp", "embed")
 
     def __post_init__(self) -> None:
+        if not self.units or set(self.units) - set(UNITS):
+            raise ValueError(f"method '{self.name}': units must be some of {UNITS}, not {self.units}")
         if (self.fn is None) == (self.flow == "prune"):
             raise ValueError(
                 f"method '{self.name}': give a plan function, or the flow it trains as (not both)"
@@ -342,6 +347,13 @@ def load_methods() -> Registry[Method]:
 
 def get_method(name: str) -> Method:
     return load_methods().get(name)
+
+
+def prunable_by_method(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """For each registered method, the units of ``model`` it can prune: its own units that every family
+    variant of the model allows (:func:`studio.families.prunable_units`)."""
+    allowed = set(prunable_units(model))
+    return {n: tuple(u for u in UNITS if u in allowed and u in m.units) for n, m in load_methods().items()}
 
 
 def require_unpruned(loaded: LoadedModel) -> LoadedModel:

@@ -99,9 +99,10 @@ def _pruner_copy(model: nn.Module, grads: Grads | None) -> nn.Module:
     """The copy torch-pruning ranks on: ``model`` with ``grads``, its per-head q/k norms (qk_norm) taken out.
 
     torch-pruning maps head channels onto ``q_norm``/``k_norm`` (a LayerNorm over one head's dims) as if they
-    spanned all heads and fails; removing whole heads never slices them, so the ranking runs without them and
-    the surgery keeps each kept head's norm as it is. Their weights are not scored: the paper has no rule for
-    them, and the qkv rows and proj columns carry the head's importance.
+    spanned all heads and fails, so the ranking runs without them. The plan still prunes them exactly: removing
+    a head leaves them as they are, and removing head dims slices them to the kept dims in the surgery (the
+    norm is shared by the heads, as the plan's head dims are). Their weights are not scored: the paper has no
+    rule for them, and the qkv rows and proj columns carry the units' importance.
     """
     m = with_grads(model, grads)
     for b in m.blocks:
@@ -324,11 +325,6 @@ def isomorphic_structure(
     """
     ratios.check()
     check_fits(model, base)
-    if ratios.head_dims > 0 and _has_qk_norm(model):
-        raise StudioError(
-            "This model normalises q and k per head (qk_norm), so its head dims cannot be pruned exactly: "
-            "give --head-dim-ratio 0 (heads, MLP and embedding are still pruned)."
-        )
     if keep_pruned and _has_qk_norm(model):
         raise StudioError("The torch-pruning parity module is not built for qk_norm models.")
     if importance == "taylor" and not grads:

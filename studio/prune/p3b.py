@@ -175,14 +175,15 @@ def branch_costs(block: nn.Module, dim: int) -> tuple[BranchCost, BranchCost]:
     qk_norm = _per_channel(attn.q_norm, d) + _per_channel(attn.k_norm, d)
     a = BranchCost(
         c_in=_per_channel(block.norm1, dim),
-        c_mid=(3 * H if attn.qkv.bias is not None else 0) + qk_norm,
+        # per head dim: q/k/v biases and qk-norms; an output norm (scale_attn_norm) has H channels per dim
+        c_mid=(3 * H if attn.qkv.bias is not None else 0) + qk_norm + H * _per_channel(attn.norm, H * d),
         c_out=(1 if attn.proj.bias is not None else 0) + ls1,
         c_in_mid=3 * H,
         c_mid_out=H,
     )
     m = BranchCost(
         c_in=_per_channel(block.norm2, dim),
-        c_mid=1 if mlp.fc1.bias is not None else 0,
+        c_mid=(1 if mlp.fc1.bias is not None else 0) + _per_channel(mlp.norm, mlp.fc1.out_features),
         c_out=(1 if mlp.fc2.bias is not None else 0) + ls2,
         c_in_mid=1,
         c_mid_out=1,
@@ -842,6 +843,7 @@ METHOD = Method(
     budgets=(Budget("prune_ratio", "Fraction of the parameters to remove", 0.05, 0.9, 0.5, 0.05),),
     rounds=False,
     flow="p3b",
+    units=("head_dims", "mlp", "residual"),
     check=check_params,
 )
 

@@ -77,9 +77,11 @@ def protect(scores: Sequence[float], fraction: float) -> np.ndarray:
 class CostModel:
     """Exact MACs of a SAViT structure as an affine function of the pooled kept counts.
 
-    ``macs = N·E·(4·d·H + 2·M) + 2·N²·d·H + E·(patches·patch_pixels + heads_out·C)`` with ``E`` kept embedding
-    channels, ``H`` kept heads and ``M`` kept MLP neurons summed over blocks, ``N`` tokens, ``d`` head dim — the
-    paper's ``F`` generalised (its ``F`` is the first two terms), equal to :func:`studio.costs.plan_cost`.
+    ``macs = N·E·(4·d·H + 2·M) + 2·N²·d·H + E·(patches·patch_pixels + heads_out·C) + fixed`` with ``E`` kept
+    embedding channels, ``H`` kept heads and ``M`` kept MLP neurons summed over blocks, ``N`` tokens, ``d`` head
+    dim — the paper's ``F`` generalised (its ``F`` is the first two terms), equal to
+    :func:`studio.costs.plan_cost`. An attention-pool head adds its cost per embedding channel to the stem's and
+    its latent query's to ``fixed``.
     """
 
     tokens: int
@@ -88,16 +90,20 @@ class CostModel:
     heads_total: int
     mlp_total: int
     embed: int
+    fixed: int = 0
 
     @classmethod
     def of(cls, base: BaseArch, facts: ArchFacts) -> CostModel:
         return cls(
             tokens=facts.tokens,
             head_dim=base.head_dim,
-            stem_per_channel=facts.patches * facts.patch_pixels + facts.heads_out * base.num_classes,
+            stem_per_channel=facts.patches * facts.patch_pixels
+            + facts.heads_out * base.num_classes
+            + facts.pool_linear_pc,
             heads_total=sum(base.num_heads),
             mlp_total=sum(base.mlp_hidden),
             embed=base.embed_dim,
+            fixed=facts.pool_linear_fixed + facts.pool_attention,
         )
 
     def blocks(self, heads: Any, mlp: Any, embed: Any) -> Any:
@@ -106,7 +112,7 @@ class CostModel:
         return N * embed * (4 * d * heads + 2 * mlp) + 2 * N * N * d * heads
 
     def total(self, heads: Any, mlp: Any, embed: Any) -> Any:
-        return self.blocks(heads, mlp, embed) + embed * self.stem_per_channel
+        return self.blocks(heads, mlp, embed) + embed * self.stem_per_channel + self.fixed
 
     @property
     def base_total(self) -> int:
@@ -535,5 +541,6 @@ METHODS.add(
         calib_need=_calib_need,
         budgets=(MACS, LATENCY),
         calibration="hessian",
+        units=("heads", "mlp", "embed"),
     ),
 )

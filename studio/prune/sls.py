@@ -192,6 +192,7 @@ METHODS.add(
         ),
         rounds=False,
         calibration="forward",
+        units=("blocks", "embed"),
     ),
 )
 

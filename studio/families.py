@@ -1,0 +1,395 @@
+"""Model families: which timm Vision Transformers the studio prunes exactly, and which it refuses at load.
+
+Two registries, so a new variant is one entry here and the tests, the README table (``python -m
+studio.families``) and the Model page follow without being edited:
+
+- :data:`FAMILIES`: the variants of timm's ``VisionTransformer`` the plan, surgery, masking, analytic costs,
+  export and every method handle (class token, distillation token, LayerScale, patch 14, pre-norm, average
+  pooling, register tokens, qk-norm, attention-pool heads). Each one detects itself on a built model, says which
+  plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
+  every planning method on.
+- :data:`REFUSALS`: structures the surgery cannot slice exactly (parallel blocks, fused or GLU MLPs, rotary or
+  relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
+  shown at load, naming the module type, the block index, what is supported and what the user can do; the
+  checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
+  or ``IndexError`` is ever the first thing a user sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from timm.layers import LayerScale, Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from .errors import StudioError
+from .registry import Registry
+
+# the plan's units (studio.plan): what a method may remove, in the order the UI lists them
+UNITS = ("blocks", "heads", "head_dims", "mlp", "embed", "residual")
+# constructor arguments of the small examples (random weights, 32 px, 3 blocks: about a second per method)
+SMALL: dict[str, Any] = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=5)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A supported variant of timm's VisionTransformer.
+
+    Attributes:
+        name: what the README and the Model page call it.
+        detect: whether a built model is of this variant (a model may be of several: DINOv2 is patch 14 with
+            LayerScale).
+        example: a timm architecture of the variant, and ``kwargs`` small constructor arguments for the tests.
+        docs: the architecture a user would bring (README).
+        units: the plan units a method may prune in this variant (all of them unless one is unsafe).
+        note: what the studio does with the variant's own modules, where a paper defines no rule for them.
+    """
+
+    name: str
+    detect: Callable[[VisionTransformer], bool]
+    example: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    docs: str = ""
+    units: tuple[str, ...] = UNITS
+    note: str = ""
+
+    def build_kwargs(self) -> dict[str, Any]:
+        return {**SMALL, **self.kwargs}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A structure the studio refuses at load.
+
+    Attributes:
+        find: the refusal sentence for a built model, or None where it does not apply. ``blocks`` are the block
+            types accepted (the surgery adds its own pruned block).
+        example: a timm architecture that is refused, with small ``kwargs`` (the tests build it on the meta
+            device and match ``says``); ``factory`` builds kwargs that hold classes (a block or MLP type).
+        rank: order of the checks (the first that applies is the one reported).
+    """
+
+    name: str
+    find: Callable[[nn.Module, tuple[type[nn.Module], ...]], str | None]
+    example: str
+    says: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    factory: Callable[[], Mapping[str, Any]] | None = None
+    docs: str = ""
+    rank: int = 50
+
+    def build_kwargs(self) -> dict[str, Any]:
+        return {**self.kwargs, **(self.factory() if self.factory else {})}
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+REFUSALS: Registry[Refusal] = Registry("refused model structure")
+
+SUPPORTED = (
+    "timm VisionTransformer models of pre-norm `Block`s with the standard Attention and Mlp (ViT, DeiT, DeiT-III, "
+    "DINOv2, CLIP, SigLIP, register tokens, qk-norm: the README's family table)"
+)
+
+
+# ---------------------------------------------------------------------------------------------- families
+def _blocks(m: VisionTransformer) -> list[nn.Module]:
+    return list(m.blocks)
+
+
+def _attn(m: VisionTransformer) -> list[nn.Module]:
+    return [b.attn for b in _blocks(m) if getattr(b, "attn", None) is not None]
+
+
+for _family in (
+    Family(
+        "ViT (class token)",
+        lambda m: getattr(m, "cls_token", None) is not None and m.global_pool == "token",
+        "vit_tiny_patch16_224",
+        docs="`vit_base_patch16_224`",
+    ),
+    Family(
+        "DeiT distilled",
+        lambda m: getattr(m, "dist_token", None) is not None,
+        "deit_tiny_distilled_patch16_224",
+        docs="`deit_small_distilled_patch16_224`",
+        note="both classifiers (`head`, `head_dist`) read the kept embedding channels",
+    ),
+    Family(
+        "DeiT-III (LayerScale)",
+        lambda m: any(isinstance(getattr(b, "ls1", None), LayerScale) for b in _blocks(m)),
+        "deit3_small_patch16_224",
+        {"init_values": 1e-1},
+        docs="`deit3_small_patch16_224`",
+        note="LayerScale's gamma follows the channels its branch writes",
+    ),
+    Family(
+        "DINOv2 (patch 14, LayerScale)",
+        lambda m: tuple(m.patch_embed.patch_size) == (14, 14),
+        "vit_small_patch14_dinov2",
+        {"img_size": 28, "patch_size": 14, "init_values": 1e-1},
+        docs="`vit_small_patch14_dinov2`",
+    ),
+    Family(
+        "CLIP (pre-norm)",
+        lambda m: not isinstance(m.norm_pre, nn.Identity),
+        "vit_base_patch16_clip_224",
+        {"pre_norm": True},
+        docs="`vit_base_patch16_clip_224`",
+    ),
+    Family(
+        "average pooling + fc_norm",
+        lambda m: m.global_pool == "avg",
+        "vit_tiny_patch16_224",
+        {"global_pool": "avg", "fc_norm": True},
+        docs="`vit_base_patch16_224` with `global_pool='avg'`",
+    ),
+    Family(
+        "register tokens",
+        lambda m: int(getattr(m, "num_reg_tokens", 0)) > 0,
+        "vit_tiny_patch16_224",
+        {"reg_tokens": 2},
+        docs="`vit_base_patch16_reg4_gap_256`",
+    ),
+    Family(
+        "qk-norm",
+        lambda m: any(not isinstance(getattr(a, "q_norm", nn.Identity()), nn.Identity) for a in _attn(m)),
+        "vit_tiny_patch16_224",
+        {"qk_norm": True},
+        docs="any ViT with `qk_norm=True`",
+        note="q_norm/k_norm are sliced to the kept head dims (their statistics are then over those dims); the "
+        "temperature fold of head-dim pruning goes into q_norm's affine weight; the norms are not scored",
+    ),
+    Family(
+        "scale norms (NormFormer)",
+        lambda m: any(
+            not isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity)
+            or not isinstance(getattr(b.mlp, "norm", nn.Identity()), nn.Identity)
+            for b in _blocks(m)
+            if getattr(b, "attn", None) is not None and getattr(b, "mlp", None) is not None
+        ),
+        "vit_tiny_patch16_224",
+        {"scale_attn_norm": True, "scale_mlp_norm": True},
+        docs="any ViT with `scale_attn_norm` / `scale_mlp_norm`",
+        note="the attention-output norm keeps the kept (head, dim) channels and the MLP's hidden norm the kept "
+        "neurons (statistics over those); the norms are not scored",
+    ),
+    Family(
+        "attention-pool head (SigLIP)",
+        lambda m: getattr(m, "attn_pool", None) is not None,
+        "vit_base_patch16_siglip_224",
+        docs="`vit_base_patch16_siglip_224` (`global_pool='map'`)",
+        note="the pool reads and writes the kept embedding channels (kv input, proj output, its norm and MLP); "
+        "its latent query and attention width are kept whole (no method scores them)",
+    ),
+):
+    FAMILIES.add(_family.name, _family)
+
+
+def families_of(model: VisionTransformer) -> list[str]:
+    """The supported variants ``model`` is of (names of :data:`FAMILIES`)."""
+    return [n for n in FAMILIES.names() if FAMILIES.get(n).detect(model)]
+
+
+def prunable_units(model: VisionTransformer) -> tuple[str, ...]:
+    """The plan units every variant of ``model`` lets a method prune."""
+    allowed = set(UNITS)
+    for name in families_of(model):
+        allowed &= set(FAMILIES.get(name).units)
+    return tuple(u for u in UNITS if u in allowed)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _not_a_vit(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
+    if isinstance(model, VisionTransformer):
+        return None
+    return (
+        f"A timm {type(model).__name__} is not a Vision Transformer the studio can prune (EVA-02/RoPE and "
+        f"relative-position ViTs are not supported yet); it prunes {SUPPORTED}. Pick one of those architectures."
+    )
+
+
+def _first(blocks: Iterable[nn.Module], bad: Callable[[nn.Module], str | None]) -> str | None:
+    for i, blk in enumerate(blocks):
+        why = bad(blk)
+        if why is not None:
+            return f"Block {i} {why}"
+    return None
+
+
+def _block_type(model: nn.Module, blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
+    return _first(
+        model.blocks,
+        lambda b: (
+            None
+            if type(b) in blocks_ok
+            else (
+                f"is a {type(b).__name__} (e.g. a parallel block); the studio prunes timm's pre-norm `Block` only: "
+                f"{SUPPORTED}. Use an architecture built of `Block`s."
+            )
+        ),
+    )
+
+
+def _branch_types(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
+    def bad(b: nn.Module) -> str | None:
+        attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
+        if attn is None or mlp is None:
+            return None  # a pruned block whose attention or MLP the plan removed
+        if type(attn) is not Attention or type(mlp) is not Mlp:
+            return (
+                f"uses {type(attn).__name__}/{type(mlp).__name__}; the studio supports timm's standard Attention "
+                "and Mlp (no fused, GLU/SwiGLU or rotary variants yet): build the model with the default "
+                "attention and mlp layers, or use another architecture."
+            )
+        return None
+
+    return _first(model.blocks, bad)
+
+
+def _gated(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
+    return _first(
+        model.blocks,
+        lambda b: (
+            "uses gated attention, which the studio does not support: build it with `gated=False`."
+            if getattr(getattr(b, "attn", None), "gate", None) is not None
+            else None
+        ),
+    )
+
+
+def _other_pool(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
+    from timm.layers.attention_pool import AttentionPoolLatent
+
+    pool = getattr(model, "attn_pool", None)
+    if pool is None or (isinstance(pool, AttentionPoolLatent) and getattr(pool, "mlp", None) is not None):
+        return None  # the surgery's pruned pool is an AttentionPoolLatent too
+    return (
+        f"The attention-pool head {type(pool).__name__} is not supported (the studio prunes timm's "
+        "AttentionPoolLatent with its projection and MLP, global_pool='map'): build the model with "
+        "global_pool='map', 'token' or 'avg'."
+    )
+
+
+def _glu() -> dict[str, Any]:
+    from timm.layers import GluMlp
+
+    return {"mlp_layer": GluMlp}
+
+
+def _gated_attention() -> dict[str, Any]:
+    class GatedAttention(Attention):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, gated=True, **kwargs)
+
+    return {"attn_layer": GatedAttention}
+
+
+def _parallel_scaling() -> dict[str, Any]:
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    return {"block_fn": ParallelScalingBlock}
+
+
+for _refusal in (
+    Refusal(
+        "not a VisionTransformer (EVA-02, RoPE)",
+        _not_a_vit,
+        "eva02_tiny_patch14_224",
+        "timm Eva is not a Vision Transformer",
+        {"img_size": 28, "num_classes": 5},
+        docs="`eva02_base_patch14_224`",
+        rank=0,
+    ),
+    Refusal(
+        "relative-position ViT",
+        _not_a_vit,
+        "vit_srelpos_small_patch16_224",
+        "VisionTransformerRelPos is not a Vision Transformer",
+        {"img_size": 32, "num_classes": 5},
+        docs="`vit_relpos_base_patch16_224`",
+        rank=1,
+    ),
+    Refusal(
+        "other attention pools",
+        _other_pool,
+        "vit_tiny_patch16_224",
+        "AttentionPoolPrr",
+        {**SMALL, "global_pool": "prr"},
+        docs="`global_pool='prr'`",
+        rank=10,
+    ),
+    Refusal(
+        "parallel blocks",
+        _block_type,
+        "vit_small_patch16_18x2_224",
+        "ParallelThingsBlock",
+        {**SMALL, "depth": 2},
+        docs="`vit_small_patch16_18x2_224`",
+        rank=20,
+    ),
+    Refusal(
+        "parallel scaling blocks",
+        _block_type,
+        "vit_medium_patch16_gap_256",
+        "ParallelScalingBlock",
+        SMALL,
+        factory=_parallel_scaling,
+        docs="timm's `*_pwee_*`, `block_fn=ParallelScalingBlock`",
+        rank=21,
+    ),
+    Refusal(
+        "GLU / SwiGLU MLP",
+        _branch_types,
+        "vit_tiny_patch16_224",
+        "GluMlp",
+        SMALL,
+        factory=_glu,
+        docs="`mlp_layer=GluMlp` / `SwiGLUPacked`",
+        rank=30,
+    ),
+    Refusal(
+        "gated attention",
+        _gated,
+        "vit_tiny_patch16_224",
+        "gated attention",
+        SMALL,
+        factory=_gated_attention,
+        docs="`Attention(gated=True)`",
+        rank=25,
+    ),
+):
+    REFUSALS.add(_refusal.name, _refusal)
+
+
+def check(model: nn.Module, *, blocks: tuple[type[nn.Module], ...] = (Block,)) -> VisionTransformer:
+    """Refuse, in one sentence naming the module and the block, a model the studio cannot prune exactly.
+
+    The checks of :data:`REFUSALS` run in rank order; the first that applies is raised as a
+    :class:`StudioError`.
+    """
+    for name in sorted(REFUSALS.names(), key=lambda n: REFUSALS.get(n).rank):
+        why = REFUSALS.get(name).find(model, blocks)
+        if why is not None:
+            raise StudioError(why)
+    return model  # type: ignore[return-value]  # _not_a_vit ran first
+
+
+def markdown_table() -> str:
+    """The README's table of supported and refused families (``python -m studio.families``)."""
+    rows = ["| family / variant | example timm architecture | supported |", "|---|---|---|"]
+    for name in FAMILIES.names():
+        f = FAMILIES.get(name)
+        units = "every unit" if f.units == UNITS else ", ".join(f.units)
+        rows.append(f"| {f.name} | {f.docs} | yes ({units}){': ' + f.note if f.note else ''} |")
+    for name in sorted(REFUSALS.names(), key=lambda n: REFUSALS.get(n).rank):
+        r = REFUSALS.get(name)
+        rows.append(f"| {r.name} | {r.docs} | refused at load |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
