@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .families import mlp_hidden, mlp_layout
 from .models import create_vit
 from .plan import BaseArch, PrunePlan
 
@@ -34,7 +35,8 @@ class ArchFacts:
     norm2_pc: int
     qkv_bias: bool
     proj_bias: bool
-    fc1_bias: bool
+    mlp_in_copies: int  # input rows per MLP neuron: 1, or 2 for a GLU (value and gate)
+    mlp_in_bias: int  # input bias entries per MLP neuron
     fc2_bias: bool
     layer_scale: bool
     qk_norm_pc: int  # params per head-dim channel of q_norm + k_norm
@@ -80,12 +82,13 @@ def arch_facts(base: BaseArch) -> ArchFacts:
         norm2_pc=_pc(blk.norm2, E),
         qkv_bias=blk.attn.qkv.bias is not None,
         proj_bias=blk.attn.proj.bias is not None,
-        fc1_bias=blk.mlp.fc1.bias is not None,
+        mlp_in_copies=mlp_layout(blk.mlp).copies(blk.mlp),
+        mlp_in_bias=mlp_layout(blk.mlp).biases(blk.mlp),
         fc2_bias=blk.mlp.fc2.bias is not None,
         layer_scale=isinstance(blk.ls1, nn.Module) and hasattr(blk.ls1, "gamma"),
         qk_norm_pc=(_pc(blk.attn.q_norm, base.head_dim) + _pc(blk.attn.k_norm, base.head_dim)),
         attn_norm_pc=_pc(blk.attn.norm, blk.attn.attn_dim),
-        mlp_norm_pc=_pc(blk.mlp.norm, blk.mlp.fc1.out_features),
+        mlp_norm_pc=_pc(blk.mlp.norm, mlp_hidden(blk.mlp)),
         heads_out=len(heads),
         head_bias=bool(heads) and heads[0].bias is not None,
         **_pool_facts(m, E),
@@ -152,10 +155,14 @@ def plan_cost(plan: PrunePlan, facts: ArchFacts | None = None) -> dict[str, int]
         params += a_in * f.norm1_pc + 3 * A * a_in + (3 * A if f.qkv_bias else 0) + d * f.qk_norm_pc
         params += a_out * A + (a_out if f.proj_bias else 0) + (a_out if f.layer_scale else 0)
         params += (
-            m_in * f.norm2_pc + M * m_in + (M if f.fc1_bias else 0) + A * f.attn_norm_pc + M * f.mlp_norm_pc
+            m_in * f.norm2_pc
+            + f.mlp_in_copies * M * m_in
+            + M * f.mlp_in_bias
+            + A * f.attn_norm_pc
+            + M * f.mlp_norm_pc
         )
         params += m_out * M + (m_out if f.fc2_bias else 0) + (m_out if f.layer_scale else 0)
-        linear += N * (3 * A * a_in + A * a_out + M * m_in + M * m_out)
+        linear += N * (3 * A * a_in + A * a_out + f.mlp_in_copies * M * m_in + M * m_out)
         attention += 2 * H * N * N * d
     return {
         "params": params,

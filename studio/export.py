@@ -7,13 +7,14 @@ then loads the weights strictly — so a pruned model reloads in a fresh process
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -417,6 +418,22 @@ def _names_known(manifest: Mapping[str, Any], names: list[str]) -> bool:
     return bool(names) and names != [str(i) for i in range(len(names))]
 
 
+@contextlib.contextmanager
+def _decomposed_rms_norm() -> Iterator[None]:
+    """timm's RmsNorm (AIMv2 and other SwiGLU ViTs) calls ``torch.rms_norm``, which the TorchScript exporter has
+    no symbolic for at opset 17; while exporting, it runs timm's own decomposed form (the same math in pow, mean
+    and rsqrt), restored afterwards."""
+    import timm.layers.fast_norm as fast
+    import timm.layers.norm as norm
+
+    saved = norm.rms_norm
+    norm.rms_norm = fast.rms_norm
+    try:
+        yield
+    finally:
+        norm.rms_norm = saved
+
+
 def export_onnx(
     model: torch.nn.Module,
     path: str | Path,
@@ -439,7 +456,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     x = torch.randn(2, *input_size[-3:], generator=torch.Generator().manual_seed(0)).to(device)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), _decomposed_rms_norm():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,

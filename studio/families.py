@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from timm.layers import LayerScale, Mlp
+from timm.layers import LayerScale
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -56,9 +56,10 @@ class Family:
     docs: str = ""
     units: tuple[str, ...] = UNITS
     note: str = ""
+    factory: Callable[[], Mapping[str, Any]] | None = None  # kwargs that hold classes (an MLP type)
 
     def build_kwargs(self) -> dict[str, Any]:
-        return {**SMALL, **self.kwargs}
+        return {**SMALL, **self.kwargs, **(self.factory() if self.factory else {})}
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,88 @@ SUPPORTED = (
     "timm VisionTransformer models of pre-norm `Block`s with the standard Attention and Mlp (ViT, DeiT, DeiT-III, "
     "DINOv2, CLIP, SigLIP, register tokens, qk-norm: the README's family table)"
 )
+
+
+# -------------------------------------------------------------------------------------------- MLP layouts
+@dataclass(frozen=True)
+class MlpLayout:
+    """Which weights an MLP hidden neuron owns, for every MLP kind the studio prunes.
+
+    A neuron ``n`` owns column ``n`` of ``fc2`` (the hidden width is ``fc2.in_features`` in every kind) and, in
+    each ``(linear, offset)`` of ``inputs``, row ``offset + n`` (weight and bias): one row of ``fc1`` in timm's
+    ``Mlp``; the value and the gate half of the packed ``fc1`` in ``GluMlp`` / ``SwiGLUPacked`` (both halves kept
+    as a pair); the rows of ``fc1_g`` and ``fc1_x`` in ``SwiGLU``. The hidden activation every gate and mask
+    reads is ``drop1``'s output (the product of value and gate in a GLU), the input of the hidden norm.
+    """
+
+    name: str
+    inputs: Callable[[nn.Module], tuple[tuple[str, int], ...]]
+
+    def linears(self, mlp: nn.Module) -> list[nn.Linear]:
+        """The distinct input linears (each once, in order)."""
+        return list(dict.fromkeys(getattr(mlp, a) for a, _ in self.inputs(mlp)))
+
+    def rows(self, mlp: nn.Module, neurons: Iterable[int]) -> dict[str, list[int]]:
+        """Input linear name -> the rows the ``neurons`` own in it, in the order the surgery keeps them."""
+        kept = list(neurons)
+        out: dict[str, list[int]] = {}
+        for attr, offset in self.inputs(mlp):
+            out.setdefault(attr, []).extend(offset + n for n in kept)
+        return out
+
+    def copies(self, mlp: nn.Module) -> int:
+        """Input rows per neuron (1 for ``Mlp``, 2 for a GLU)."""
+        return len(self.inputs(mlp))
+
+    def biases(self, mlp: nn.Module) -> int:
+        """Input bias entries per neuron."""
+        return sum(getattr(mlp, a).bias is not None for a, _ in self.inputs(mlp))
+
+
+MLP_LAYOUTS: Registry[MlpLayout] = Registry("MLP layout")
+MLP_LAYOUTS.add("Mlp", MlpLayout("Mlp", lambda m: (("fc1", 0),)))
+MLP_LAYOUTS.add("GluMlp", MlpLayout("GluMlp", lambda m: (("fc1", 0), ("fc1", m.fc2.in_features))))
+MLP_LAYOUTS.add("SwiGLU", MlpLayout("SwiGLU", lambda m: (("fc1_g", 0), ("fc1_x", 0))))
+
+
+def mlp_layout(mlp: nn.Module) -> MlpLayout:
+    """The layout of ``mlp`` (by its class name, so the surgery's own MLPs keep theirs)."""
+    return MLP_LAYOUTS.get(type(mlp).__name__)
+
+
+def mlp_hidden(mlp: nn.Module) -> int:
+    return int(mlp.fc2.in_features)
+
+
+def split_packed_glu(model: nn.Module) -> nn.Module:
+    """Make every packed ``GluMlp`` of ``model`` a timm ``SwiGLU`` computing the same function, **in place**.
+
+    For torch-pruning: its dependency graph does not follow the packed ``fc1``'s ``chunk`` (its index mapping
+    runs past the halves), while the two separate linears of a ``SwiGLU`` it couples exactly. The gate half
+    becomes ``fc1_g`` and the value half ``fc1_x``, weights, biases and ``.grad`` alike; the act, norm, dropouts
+    and ``fc2`` are the same modules. Neuron ``n`` owns the same weights before and after.
+    """
+    from timm.layers import SwiGLU
+
+    for blk in getattr(model, "blocks", ()):
+        glu = getattr(blk, "mlp", None)
+        if type(glu).__name__ != "GluMlp":
+            continue
+        M, fc1 = mlp_hidden(glu), glu.fc1
+        halves = (slice(M, 2 * M), slice(0, M)) if glu.gate_last else (slice(0, M), slice(M, 2 * M))
+        new = SwiGLU(fc1.in_features, M, glu.fc2.out_features, bias=(fc1.bias is not None, True))
+        new = new.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
+        for lin, rows in zip((new.fc1_g, new.fc1_x), halves, strict=True):
+            for name in ("weight", "bias"):
+                src = getattr(fc1, name)
+                if src is None:
+                    continue
+                p = nn.Parameter(src.detach()[rows].clone(), requires_grad=src.requires_grad)
+                p.grad = None if src.grad is None else src.grad[rows].clone()
+                setattr(lin, name, p)
+        new.act, new.drop1, new.norm, new.fc2, new.drop2 = glu.act, glu.drop1, glu.norm, glu.fc2, glu.drop2
+        blk.mlp = new
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- families
@@ -178,6 +261,22 @@ for _family in (
         "neurons (statistics over those); the norms are not scored",
     ),
     Family(
+        "GLU MLP (SwiGLUPacked: DINOv2-giant)",
+        lambda m: any(type(getattr(b, "mlp", None)).__name__ == "GluMlp" for b in _blocks(m)),
+        "vit_giant_patch14_dinov2",
+        {"img_size": 28, "patch_size": 14, "init_values": 1e-1},
+        docs="`vit_giant_patch14_dinov2` (`mlp_layer=SwiGLUPacked`)",
+        note="a neuron keeps its value and its gate row of the packed fc1 as a pair",
+    ),
+    Family(
+        "SwiGLU MLP (AIMv2)",
+        lambda m: any(type(getattr(b, "mlp", None)).__name__ == "SwiGLU" for b in _blocks(m)),
+        "aimv2_large_patch14_224",
+        {"img_size": 28, "patch_size": 14},
+        docs="`aimv2_large_patch14_224` (`mlp_layer=SwiGLU`, RmsNorm)",
+        note="a neuron keeps its fc1_g and fc1_x rows as a pair; RmsNorm is sliced like LayerNorm",
+    ),
+    Family(
         "attention-pool head (SigLIP)",
         lambda m: getattr(m, "attn_pool", None) is not None,
         "vit_base_patch16_siglip_224",
@@ -239,12 +338,14 @@ def _branch_types(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> 
         attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
         if attn is None or mlp is None:
             return None  # a pruned block whose attention or MLP the plan removed
-        if type(attn) is not Attention or type(mlp) is not Mlp:
+        if type(attn) is not Attention or type(mlp).__name__ not in MLP_LAYOUTS:
             return (
                 f"uses {type(attn).__name__}/{type(mlp).__name__}; the studio supports timm's standard Attention "
-                "and Mlp (no fused, GLU/SwiGLU or rotary variants yet): build the model with the default "
-                "attention and mlp layers, or use another architecture."
+                f"and the MLPs {', '.join(MLP_LAYOUTS.names())} (no fused or rotary variants yet): build the "
+                "model with those attention and mlp layers, or use another architecture."
             )
+        if getattr(mlp, "chunk_dim", -1) != -1:
+            return "uses a convolutional GluMlp (use_conv=True), which the studio does not support."
         return None
 
     return _first(model.blocks, bad)
@@ -274,10 +375,13 @@ def _other_pool(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> st
     )
 
 
-def _glu() -> dict[str, Any]:
-    from timm.layers import GluMlp
+def _custom_mlp() -> dict[str, Any]:
+    from timm.layers import Mlp
 
-    return {"mlp_layer": GluMlp}
+    class CustomMlp(Mlp):  # a user's own MLP: the studio cannot know which weights a neuron owns
+        pass
+
+    return {"mlp_layer": CustomMlp}
 
 
 def _gated_attention() -> dict[str, Any]:
@@ -342,13 +446,13 @@ for _refusal in (
         rank=21,
     ),
     Refusal(
-        "GLU / SwiGLU MLP",
+        "fused or custom MLP",
         _branch_types,
         "vit_tiny_patch16_224",
-        "GluMlp",
+        "CustomMlp",
         SMALL,
-        factory=_glu,
-        docs="`mlp_layer=GluMlp` / `SwiGLUPacked`",
+        factory=_custom_mlp,
+        docs="a custom `mlp_layer` class",
         rank=30,
     ),
     Refusal(

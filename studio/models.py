@@ -140,7 +140,7 @@ def describe_base(model: VisionTransformer, arch: str, kwargs: Mapping[str, Any]
         embed_dim=int(model.embed_dim),
         num_heads=tuple(int(b.attn.num_heads) for b in blocks),
         head_dim=int(blocks[0].attn.head_dim),
-        mlp_hidden=tuple(int(b.mlp.fc1.out_features) for b in blocks),
+        mlp_hidden=tuple(families.mlp_hidden(b.mlp) for b in blocks),
         num_classes=int(model.num_classes),
         num_prefix_tokens=int(model.num_prefix_tokens),
     )

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import StudioError
+from .families import mlp_layout
 from .train import TrainSpec, fit
 
 TARGETS = ("qkv", "proj", "fc1", "fc2")
@@ -135,7 +136,10 @@ def _block_linears(model: nn.Module, targets: Sequence[str], blocks: Sequence[in
         blk = all_blocks[i]
         for t in targets:
             parent = blk.attn if t in ("qkv", "proj") else blk.mlp
-            yield i, t, parent, getattr(parent, t)
+            # "fc1" is the MLP's input linears: one in timm's Mlp and a packed GLU, fc1_g and fc1_x in a SwiGLU
+            names = dict.fromkeys(a for a, _ in mlp_layout(parent).inputs(parent)) if t == "fc1" else [t]
+            for name in names:
+                yield i, name, parent, getattr(parent, name)
 
 
 def add_lora(model: nn.Module, spec: LoRASpec | None = None) -> list[str]:

@@ -17,6 +17,7 @@ from .device import describe_device
 from .errors import StudioError
 from .evaluate import evaluate
 from .events import Callback, CancelToken, progress
+from .families import mlp_hidden
 from .models import LoadedModel
 
 CHECK_DECODE_ALL = 2000  # splits up to this size are fully decoded when a dataset is chosen
@@ -32,7 +33,7 @@ def model_summary(loaded: LoadedModel) -> dict[str, Any]:
             "block": i,
             "heads": int(b.attn.num_heads) if hasattr(b, "attn") else None,
             "head_dim": int(b.attn.head_dim) if hasattr(b, "attn") else None,
-            "mlp": int(b.mlp.fc1.out_features) if hasattr(b, "mlp") else None,
+            "mlp": mlp_hidden(b.mlp) if hasattr(b, "mlp") else None,
             "width": int(b.attn.qkv.in_features) if hasattr(b, "attn") else None,
             "params": sum(p.numel() for p in b.parameters()),
         }

@@ -7,7 +7,8 @@ one code path. What is sliced (``index_select`` on the weights, in base-model in
 - heads and head dims: ``qkv`` rows of q, k and v of the kept (head, dim) pairs, ``proj`` input columns;
   ``num_heads``, ``head_dim``, ``attn_dim`` and ``scale`` are updated (timm's ``Attention.forward`` reads them,
   so no forward is replaced);
-- MLP neurons: ``fc1`` rows (+bias), ``fc2`` columns;
+- MLP neurons: ``fc1`` rows (+bias; both halves of a GLU, or ``fc1_g`` and ``fc1_x`` rows of a SwiGLU:
+  :class:`studio.families.MlpLayout`), ``fc2`` columns;
 - embedding channels: ``patch_embed.proj`` output channels, ``cls_token`` / ``reg_token`` / ``dist_token`` /
   ``pos_embed`` as data, every LayerNorm, the ``qkv``/``fc1`` input columns, ``proj``/``fc2`` output rows,
   LayerScale, and the input columns of ``head`` (and ``head_dist`` of distilled DeiT);
@@ -40,6 +41,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
+from .families import mlp_hidden, mlp_layout
 from .models import check_family, describe_base
 from .petl import check_unfused
 from .plan import BaseArch, BlockPlan, PrunePlan
@@ -261,7 +263,10 @@ def _prune_block(
     _prune_attention(blk.attn, b, ch["attn_in"], ch["attn_out"], scale_policy)
     _slice_param(blk.ls1, "gamma", ch["attn_out"])
     blk.norm2 = _slice_norm(blk.norm2, ch["mlp_in"])
-    _slice_linear(blk.mlp.fc1, b.mlp, ch["mlp_in"])
+    layout = mlp_layout(blk.mlp)  # the rows each neuron owns: one fc1 row, or both halves of a GLU
+    rows = layout.rows(blk.mlp, b.mlp) if b.mlp is not None else {}
+    for attr in dict.fromkeys(a for a, _ in layout.inputs(blk.mlp)):
+        _slice_linear(getattr(blk.mlp, attr), rows.get(attr), ch["mlp_in"])
     blk.mlp.norm = _slice_norm(blk.mlp.norm, b.mlp)  # scale_mlp_norm: over the kept neurons
     _slice_linear(blk.mlp.fc2, ch["mlp_out"], b.mlp)
     _slice_param(blk.ls2, "gamma", ch["mlp_out"])
@@ -432,9 +437,10 @@ def mask_model(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
                 attn, math.sqrt(d / len(dims))
             )  # dense SDPA divides by sqrt(d); reset wants sqrt(len(dims))
         if b.mlp is not None:
-            drop_m = sorted(set(range(mlp.fc1.out_features)) - set(b.mlp))
-            zero(mlp.fc1.weight, drop_m, 0)
-            zero(mlp.fc1.bias, drop_m, 0)
+            drop_m = sorted(set(range(mlp_hidden(mlp))) - set(b.mlp))
+            for attr, rows in mlp_layout(mlp).rows(mlp, drop_m).items():
+                zero(getattr(mlp, attr).weight, rows, 0)
+                zero(getattr(mlp, attr).bias, rows, 0)
             zero(mlp.fc2.weight, drop_m, 1)
             if not isinstance(mlp.norm, nn.Identity):  # scale_mlp_norm over the kept neurons
                 mlp.norm = SubsetNorm(mlp.norm, b.mlp)
@@ -484,10 +490,10 @@ def pruned_widths(model: nn.Module) -> list[dict[str, int]]:
             {
                 "heads": a.num_heads,
                 "head_dim": a.head_dim,
-                "mlp": blk.mlp.fc1.out_features,
+                "mlp": mlp_hidden(blk.mlp),
                 "attn_in": a.qkv.in_features,
                 "attn_out": a.proj.out_features,
-                "mlp_in": blk.mlp.fc1.in_features,
+                "mlp_in": mlp_layout(blk.mlp).linears(blk.mlp)[0].in_features,
                 "mlp_out": blk.mlp.fc2.out_features,
             }
         )

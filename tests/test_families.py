@@ -27,15 +27,16 @@ from studio.surgery import apply_plan, mask_model
 PLANNERS = [n for n in load_methods().names() if load_methods().get(n).fn is not None]
 
 
-def _loaded(family: str) -> LoadedModel:
+def _loaded(family: str, num_classes: int = 5) -> LoadedModel:
     f = FAMILIES.get(family)
-    arch, kw = f.example, f.build_kwargs()
+    arch, kw = f.example, {**f.build_kwargs(), "num_classes": num_classes}
     torch.manual_seed(0)
     m = create_vit(arch, **kw).eval()
     with torch.no_grad():  # some variants start with zero-init parts: give every unit a score of its own
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    return LoadedModel(m, describe_base(m, arch, kw), data_config(m), [str(i) for i in range(5)], "cpu")
+    names = [str(i) for i in range(num_classes)]
+    return LoadedModel(m, describe_base(m, arch, kw), data_config(m), names, torch.device("cpu"))
 
 
 def _batches(loaded: LoadedModel, n: int = 64) -> CalibrationBatches:
@@ -111,6 +112,96 @@ def test_each_family_detects_its_own_example_and_the_table_lists_it(family):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = "\n".join("  " + line for line in markdown_table().splitlines())  # indented under its list item
     assert table in readme, "README's family table is stale: python -m studio.families"
+
+
+TRAINING_JOBS = {  # one tiny job of each method that prunes while it trains
+    "p3b": {"prune_ratio": 0.5, "epochs": 2, "steps_per_update": 1},
+    "splora": {"rank": 2, "epochs": 1, "recovery_epochs": 1, "prune_step": 0.5, "target_density": 0.5},
+}
+
+
+def _job_spec(name: str, **params):
+    from studio.data import DataSpec
+    from studio.flows.prune import PruneSpec
+    from studio.models import ModelSpec
+
+    return PruneSpec(
+        model=ModelSpec("demo", device="cpu"),
+        method=name,
+        params=load_methods().get(name).resolve({**TRAINING_JOBS[name], **params}),
+        data=DataSpec("demo", limit=64),
+        batch_size=32,
+        bench=False,
+        export=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TRAINING_JOBS))
+@pytest.mark.parametrize("family", FAMILIES.names())
+def test_training_methods_run_a_tiny_job_on_every_family(family, name, tmp_path):
+    """P3B and SPLoRA on each family: the job prunes, its model matches the plan, its export reloads to the same
+    logits (the export's own reload check, reload.json) and SPLoRA's masked model is the pruned one. A unit a
+    method cannot mask exactly in a variant is refused before any work, in one sentence naming the fix; the run
+    then prunes what it can (SPLoRA: the scope the Model page lists)."""
+    import json
+
+    from studio.flows import run_folder
+    from studio.plan import PrunePlan
+    from studio.prune import prunable_by_method
+    from studio.runs import RunDir
+
+    loaded, spec = _loaded(family, num_classes=10), _job_spec(name)
+    method = load_methods().get(name)
+    run = RunDir.create(tmp_path / "run", spec.to_dict())
+    if method.refused_units(loaded.model):
+        with pytest.raises(StudioError, match=r"(cannot (gate|mask)|built for).* another method"):
+            run_folder(run, spec=spec, loaded=loaded)
+        assert not run.plan_file.exists() and not any(run.path.glob("*.pt"))  # refused before any work
+        can = prunable_by_method(loaded.model)[name]
+        if name == "p3b":
+            assert can == ()  # its gates prune every unit at once
+        if not can:
+            return
+        spec = _job_spec(name, scope=",".join(can))
+        run = RunDir.create(tmp_path / "scoped", spec.to_dict())
+    run_folder(run, spec=spec, loaded=loaded)
+    results = run.results()
+    plan = PrunePlan.load(run.plan_file)
+    assert not plan.is_dense and results["after"]["matches_plan"]
+    assert results["after"]["params"] < results["before"]["params"]
+    assert json.loads((run.export_dir / "reload.json").read_text())["max_abs_diff"] <= 1e-4
+    if name == "splora":  # the masked adapters computed what the pruned model computes
+        assert results["splora"]["series"]["splora"]["parity_max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES.names())
+def test_lora_adapters_cover_every_mlp_kind_and_fuse_into_a_prunable_model(family):
+    """The Retrain page's LoRA: ``fc1`` means the MLP's input linears of every kind (fc1_g and fc1_x of a
+    SwiGLU); the fused model is the adapted one and prunes like any other."""
+    from studio.families import mlp_layout
+    from studio.petl import TARGETS, LoRASpec, add_lora, fuse_lora
+
+    loaded = _loaded(family)
+    m = copy.deepcopy(loaded.model)
+    names = set(add_lora(m, LoRASpec(rank=2, targets=TARGETS)))
+    for i, blk in enumerate(loaded.model.blocks):
+        inputs = {f"blocks.{i}.mlp.{a}" for a, _ in mlp_layout(blk.mlp).inputs(blk.mlp)}
+        assert inputs <= names and {f"blocks.{i}.attn.qkv", f"blocks.{i}.mlp.fc2"} <= names
+    with torch.no_grad():  # a non-zero update, so fusing has something to carry
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    x = torch.randn(2, *loaded.data_config["input_size"], generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        adapted = m(x)
+        fused = fuse_lora(m).eval()
+        torch.testing.assert_close(fused(x), adapted, atol=1e-5, rtol=0)
+    plan = make_plan("magnitude", PruneRequest(loaded, {"target_macs": 0.6}))
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            mask_model(fused, plan)(x), apply_plan(copy.deepcopy(fused), plan)(x), atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize("scale_policy", ["keep", "reset"])

@@ -264,8 +264,9 @@ def group_scores(model: nn.Module, importance: tp.importance.Importance) -> dict
         chans.append(imp)
         heads.append(imp.mean(1))
         dims.append(imp.mean(0))
-        M = blk.mlp.fc1.out_features
-        g = DG.get_pruning_group(blk.mlp.fc1, tp.prune_linear_out_channels, idxs=list(range(M)))
+        # from fc2's input side: the hidden width in every MLP kind (the group reaches both rows of a GLU)
+        M = blk.mlp.fc2.in_features
+        g = DG.get_pruning_group(blk.mlp.fc2, tp.prune_linear_in_channels, idxs=list(range(M)))
         mlp.append(importance(g).detach().double().cpu())
     D = model.patch_embed.proj.out_channels
     g = DG.get_pruning_group(model.patch_embed.proj, tp.prune_conv_out_channels, idxs=list(range(D)))

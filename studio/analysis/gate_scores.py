@@ -96,7 +96,8 @@ def gated_model(model: nn.Module, base: BaseArch) -> tuple[nn.Module, SavitGates
     """A frozen deep copy of ``model`` with SAViT's gates installed (the original is not touched).
 
     Head gate: forward-pre-hook on ``attn.proj`` scaling each head's ``d`` input columns (the position of the
-    reference's ``attn_gate``, so the same gradient); MLP gate: forward hook on ``fc1`` (pre-GELU); residual
+    reference's ``attn_gate``, so the same gradient); MLP gate: forward hook on ``fc1`` (pre-GELU; on a GLU's
+    hidden product, which has no single pre-activation per neuron); residual
     gate: after ``pos_drop`` (position embedding added) and inside every block after each residual sum.
     """
     vit = check_supported(copy.deepcopy(model))
@@ -120,7 +121,10 @@ def gated_model(model: nn.Module, base: BaseArch) -> tuple[nn.Module, SavitGates
 
     for i, blk in enumerate(vit.blocks):
         blk.attn.proj.register_forward_pre_hook(head_hook(gates.heads[i]))
-        blk.mlp.fc1.register_forward_hook(scale_hook(gates.mlp[i]))
+        # Mlp: on fc1's output (pre-GELU, the reference's place); a GLU has no single pre-activation per neuron,
+        # so its gate scales the hidden product (drop1's output, fc2's input)
+        gate_at = blk.mlp.fc1 if type(blk.mlp).__name__ == "Mlp" else blk.mlp.drop1
+        gate_at.register_forward_hook(scale_hook(gates.mlp[i]))
     vit.pos_drop.register_forward_hook(scale_hook(gates.res))
     vit.blocks = nn.Sequential(*[_GatedBlock(b, gates.res) for b in vit.blocks])
     vit.savit_gates = gates  # registered, so .to(device) moves the gates too

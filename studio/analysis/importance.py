@@ -42,6 +42,7 @@ from .. import memory
 from ..data import DataSpec
 from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
+from ..families import split_packed_glu
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import BaseArch, BlockPlan, PrunePlan
@@ -136,7 +137,7 @@ def _grouped(
 ) -> UnitScores:
     """Scores from torch-pruning's ``importance`` on the model's dependency groups."""
     t0 = time.time()
-    g = group_scores(with_grads(loaded.model, grads), make_importance(importance))
+    g = group_scores(split_packed_glu(with_grads(loaded.model, grads)), make_importance(importance))
     return UnitScores.of_tensors(
         criterion,
         heads=g["heads"],

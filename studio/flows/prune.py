@@ -173,7 +173,10 @@ class PruneSpec:
 
 def model_for(spec: PruneSpec, loaded: LoadedModel | None) -> LoadedModel:
     """The unpruned model a spec starts from (the given one, e.g. the studio's cached model, else loaded)."""
-    return require_unpruned(loaded or load_model(spec.model))
+    loaded = require_unpruned(loaded or load_model(spec.model))
+    if spec.plan is None:  # a family variant the method cannot prune is refused before any work
+        get_method(spec.method).refuse(loaded.model, spec.params)
+    return loaded
 
 
 def calibration_estimate(spec: PruneSpec, loaded: LoadedModel) -> memory.Estimate | None:

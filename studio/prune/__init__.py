@@ -254,6 +254,10 @@ class Method:
             its resolved options and the batch size (SLS: enough for its ``samples``; SAViT: its
             ``hvp_batches``); None: :data:`DEFAULT_CALIB_BATCHES`.
         units: the plan units it can remove with some setting of its options (:data:`studio.families.UNITS`).
+        unit_refusals: for a model, the units this method cannot prune exactly in it (a family variant its
+            paper has no rule for), each with the sentence that says so; asked before any work starts
+            (:meth:`refuse`, for the units the run's options select) and shown on the Model page.
+        selects: the units a run with the given resolved options prunes (its ``scope``); None: all ``units``.
     """
 
     name: str
@@ -268,6 +272,8 @@ class Method:
     calibration: str = "backward"
     calib_need: Callable[[Mapping[str, Any], int], int] | None = None
     units: tuple[str, ...] = ("heads", "head_dims", "mlp", "embed")
+    unit_refusals: Callable[[torch.nn.Module], Mapping[str, str]] | None = None
+    selects: Callable[[Mapping[str, Any]], Sequence[str]] | None = None
 
     def __post_init__(self) -> None:
         if not self.units or set(self.units) - set(UNITS):
@@ -282,6 +288,22 @@ class Method:
             raise ValueError(f"method '{self.name}': budgets must name its options, not {missing}")
         if self.calibration not in MODES:
             raise ValueError(f"method '{self.name}': calibration must be one of {MODES}")
+
+    def refused_units(self, model: torch.nn.Module) -> Mapping[str, str]:
+        """The units of ``model`` this method cannot prune exactly, each with the reason."""
+        return self.unit_refusals(model) if self.unit_refusals is not None else {}
+
+    def refuse(self, model: torch.nn.Module, params: Mapping[str, Any] | None = None) -> None:
+        """Raise, as one :class:`StudioError` sentence, why a run with ``params`` cannot prune ``model``."""
+        refused = self.refused_units(model)
+        if not refused:
+            return
+        full = {o.name: o.default for o in self.accepted}
+        full.update({k: v for k, v in (params or {}).items() if v is not None})
+        chosen = self.selects(full) if self.selects is not None else self.units
+        for unit in chosen:
+            if unit in refused:
+                raise StudioError(refused[unit])
 
     def data_needed(self, params: Mapping[str, Any] | None = None) -> bool:
         """Whether a run with ``params`` (given or resolved; missing ones take their defaults) needs
@@ -353,7 +375,11 @@ def prunable_by_method(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     """For each registered method, the units of ``model`` it can prune: its own units that every family
     variant of the model allows (:func:`studio.families.prunable_units`)."""
     allowed = set(prunable_units(model))
-    return {n: tuple(u for u in UNITS if u in allowed and u in m.units) for n, m in load_methods().items()}
+    out = {}
+    for n, m in load_methods().items():
+        refused = m.refused_units(model)
+        out[n] = tuple(u for u in UNITS if u in allowed and u in m.units and u not in refused)
+    return out
 
 
 def require_unpruned(loaded: LoadedModel) -> LoadedModel:
@@ -417,6 +443,7 @@ def make_plan(
     if method.data_needed(params) and not req.batches:
         raise StudioError(f"Method '{name}' needs calibration data: give --data (and --calib-batches > 0).")
     require_unpruned(req.loaded)
+    method.refuse(req.loaded.model, params)
     cost, latency = req.cost, None
     if params.get("target_latency") is not None and cost is None:
         cost, latency = latency_cost(req.loaded, params, callbacks=callbacks, cancel=cancel)

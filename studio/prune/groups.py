@@ -4,7 +4,8 @@ A unit's group is every weight that disappears with it (DepGraph's notion of a g
 
 - head ``h`` of a block: the q, k and v rows of the head in ``qkv`` (weight and bias) and its ``proj`` columns;
 - head dim ``j`` of a block: row ``j`` of q, k and v in every head, and the matching ``proj`` columns;
-- MLP neuron ``n``: ``fc1`` row ``n`` (weight and bias) and ``fc2`` column ``n``;
+- MLP neuron ``n``: ``fc1`` row ``n`` (weight and bias; both rows of a GLU, :class:`studio.families.MlpLayout`)
+  and ``fc2`` column ``n``;
 - embedding channel ``c``: everything that reads or writes the residual stream at ``c`` — the patch convolution's
   output channel, ``cls``/``reg``/``dist`` tokens and ``pos_embed``, every LayerNorm, ``qkv``/``fc1`` input
   columns, ``proj``/``fc2`` output rows and biases, LayerScale, and the classifier input columns.
@@ -22,6 +23,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ..analysis.criteria import UnitScores
+from ..families import mlp_hidden, mlp_layout
 
 # (parameter-name pattern, axis that indexes the embedding channel)
 _EMBED_AXES: tuple[tuple[re.Pattern[str], int], ...] = tuple(
@@ -35,7 +37,7 @@ _EMBED_AXES: tuple[tuple[re.Pattern[str], int], ...] = tuple(
         (r"^blocks\.\d+\.attn\.qkv\.weight$", 1),
         (r"^blocks\.\d+\.attn\.proj\.(weight|bias)$", 0),
         (r"^blocks\.\d+\.ls[12]\.gamma$", 0),
-        (r"^blocks\.\d+\.mlp\.fc1\.weight$", 1),
+        (r"^blocks\.\d+\.mlp\.fc1(_g|_x)?\.weight$", 1),
         (r"^blocks\.\d+\.mlp\.fc2\.(weight|bias)$", 0),
         (r"^(head|head_dist)\.weight$", 1),
     )
@@ -87,11 +89,16 @@ def unit_scores(
             hs += proj_w.view(-1, H, d).sum(dim=0)
         heads.append(hs.sum(1))
         dims.append(hs.sum(0))
-        ms = torch.zeros(blk.mlp.fc1.out_features, dtype=torch.float64)
-        for name, axis in (("mlp.fc1.weight", 0), ("mlp.fc1.bias", 0), ("mlp.fc2.weight", 1)):
-            t = get(pre + name)
-            if t is not None:
-                ms += _sum_except(t, axis)
+        M = mlp_hidden(blk.mlp)
+        ms = torch.zeros(M, dtype=torch.float64)
+        for attr, offset in mlp_layout(blk.mlp).inputs(blk.mlp):  # a GLU neuron owns two input rows
+            for kind in ("weight", "bias"):
+                t = get(f"{pre}mlp.{attr}.{kind}")
+                if t is not None:
+                    ms += _sum_except(t, 0)[offset : offset + M]
+        t = get(pre + "mlp.fc2.weight")
+        if t is not None:
+            ms += _sum_except(t, 1)
         mlp.append(ms)
     embed = None
     if "embed" in scopes:

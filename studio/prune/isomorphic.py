@@ -52,6 +52,7 @@ from ..analysis.importance import grouped_criteria, torch_pruning_importance
 from ..costs import arch_facts
 from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
+from ..families import split_packed_glu
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_fits
 from . import LATENCY, MACS, METHODS, RATIO, Method, Option, PruneRequest
@@ -104,7 +105,7 @@ def _pruner_copy(model: nn.Module, grads: Grads | None) -> nn.Module:
     norm is shared by the heads, as the plan's head dims are). Their weights are not scored: the paper has no
     rule for them, and the qkv rows and proj columns carry the units' importance.
     """
-    m = with_grads(model, grads)
+    m = split_packed_glu(with_grads(model, grads))  # a GLU's halves as two linears torch-pruning couples
     for b in m.blocks:
         for name in ("q_norm", "k_norm"):
             if not isinstance(getattr(b.attn, name, nn.Identity()), nn.Identity):
@@ -154,7 +155,7 @@ def _read_groups(
     where = {}
     for i, blk in enumerate(m.blocks):
         where[(id(blk.attn.proj), False)] = ("attn", i)
-        where[(id(blk.mlp.fc1), True)] = ("mlp", i)
+        where[(id(blk.mlp.fc2), False)] = ("mlp", i)  # fc2's input: the hidden neurons in every MLP kind
     where[(id(m.patch_embed.proj), True)] = ("embed", -1)
     for group in pruner.step(interactive=True):
         for dep, idxs in group:

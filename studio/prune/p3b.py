@@ -75,6 +75,7 @@ from ..distributed import DistContext, average_
 from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, emit
+from ..families import mlp_hidden, mlp_layout
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_supported
 from . import METHODS, Budget, Method, Option
@@ -166,6 +167,45 @@ def _per_channel(module: nn.Module, width: int) -> int:
     return sum(p.numel() for p in module.parameters()) // width
 
 
+def _gate_refusal(i: int, blk: nn.Module) -> str | None:
+    """Why P3B's soft masks cannot stand for the pruned block ``i``, or None.
+
+    A mask multiplies a unit's output; a norm right after it (qk-norm on q/k, an attention-output or MLP-hidden
+    scale norm) renormalises the masked vector, so the masked model would not compute what the sliced one does.
+    The paper defines no rule for these norms, so the studio refuses them rather than train on a different model.
+    """
+    if not isinstance(blk.norm1, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm):
+        return (
+            f"P3B cannot gate the residual channels of block {i} exactly: its masks need LayerNorm pre-norms, "
+            f"the block uses {type(blk.norm1).__name__}. Prune this model with another method (Isomorphic, "
+            "SAViT, the baselines)."
+        )
+    for module, what in ((blk.attn.q_norm, "q/k (qk_norm)"), (blk.attn.norm, "attention output (scale_attn_norm)"),
+                         (blk.mlp.norm, "MLP hidden units (scale_mlp_norm)")):  # fmt: skip
+        if not isinstance(module, nn.Identity):
+            return (
+                f"P3B cannot gate a {what} that a norm follows (block {i}): the norm would undo its soft masks. "
+                "Prune this model with another method (Isomorphic, SAViT, the baselines), or build it without "
+                "that norm."
+            )
+    return None
+
+
+def unit_refusals(model: nn.Module) -> dict[str, str]:
+    """:attr:`Method.unit_refusals` of P3B: its gates prune every unit at once, so the first block they cannot
+    mask exactly refuses them all."""
+    for i, blk in enumerate(getattr(model, "blocks", ())):
+        if type(blk) is not Block:
+            why: str | None = (
+                f"Block {i} is already pruned ({type(blk).__name__}); P3B starts from an unpruned model."
+            )
+        else:
+            why = _gate_refusal(i, blk)
+        if why is not None:
+            return dict.fromkeys(("head_dims", "mlp", "residual"), why)
+    return {}
+
+
 def branch_costs(block: nn.Module, dim: int) -> tuple[BranchCost, BranchCost]:
     """(attention, MLP) cost functions of one timm ``Block`` (same counting as :func:`studio.costs.plan_cost`)."""
     attn, mlp = block.attn, block.mlp
@@ -181,11 +221,12 @@ def branch_costs(block: nn.Module, dim: int) -> tuple[BranchCost, BranchCost]:
         c_in_mid=3 * H,
         c_mid_out=H,
     )
+    layout, M = mlp_layout(mlp), mlp_hidden(mlp)
     m = BranchCost(
         c_in=_per_channel(block.norm2, dim),
-        c_mid=(1 if mlp.fc1.bias is not None else 0) + _per_channel(mlp.norm, mlp.fc1.out_features),
+        c_mid=layout.biases(mlp) + _per_channel(mlp.norm, M),
         c_out=(1 if mlp.fc2.bias is not None else 0) + ls2,
-        c_in_mid=1,
+        c_in_mid=layout.copies(mlp),  # a GLU neuron owns two input rows
         c_mid_out=1,
     )
     return a, m
@@ -479,16 +520,13 @@ class P3BPruner:
                 raise StudioError(
                     f"Block {i} is already pruned ({type(blk).__name__}); P3B starts from an unpruned model."
                 )
-            if not isinstance(blk.norm1, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm):
-                raise StudioError(
-                    f"P3B gates need LayerNorm pre-norms; block {i} uses {type(blk.norm1).__name__}."
-                )
-            if not isinstance(blk.mlp.norm, nn.Identity):
-                raise StudioError("P3B cannot gate MLP hidden units followed by a norm (scale_mlp_norm).")
+            why = _gate_refusal(i, blk)
+            if why is not None:
+                raise StudioError(why)
             ca, cm = branch_costs(blk, C)
             H, d = blk.attn.num_heads, blk.attn.head_dim
             ga = BranchGates("attn", i, (C, d, C), ca, self.device)
-            gm = BranchGates("mlp", i, (C, blk.mlp.fc1.out_features, C), cm, self.device)
+            gm = BranchGates("mlp", i, (C, mlp_hidden(blk.mlp), C), cm, self.device)
             exact = self._exact
             self._handles += [
                 blk.norm1.register_forward_hook(_norm_gate_hook(ga.masks["attn_in"], exact)),
@@ -844,6 +882,7 @@ METHOD = Method(
     rounds=False,
     flow="p3b",
     units=("head_dims", "mlp", "residual"),
+    unit_refusals=unit_refusals,
     check=check_params,
 )
 

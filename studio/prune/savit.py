@@ -77,7 +77,8 @@ def protect(scores: Sequence[float], fraction: float) -> np.ndarray:
 class CostModel:
     """Exact MACs of a SAViT structure as an affine function of the pooled kept counts.
 
-    ``macs = N·E·(4·d·H + 2·M) + 2·N²·d·H + E·(patches·patch_pixels + heads_out·C) + fixed`` with ``E`` kept
+    ``macs = N·E·(4·d·H + 2·M) + 2·N²·d·H + E·(patches·patch_pixels + heads_out·C) + fixed`` (``3·M`` for a GLU,
+    whose neurons own two input rows) with ``E`` kept
     embedding channels, ``H`` kept heads and ``M`` kept MLP neurons summed over blocks, ``N`` tokens, ``d`` head
     dim — the paper's ``F`` generalised (its ``F`` is the first two terms), equal to
     :func:`studio.costs.plan_cost`. An attention-pool head adds its cost per embedding channel to the stem's and
@@ -91,6 +92,7 @@ class CostModel:
     mlp_total: int
     embed: int
     fixed: int = 0
+    mlp_rows: int = 2  # linear rows + columns per MLP neuron: fc1 row and fc2 column, 3 for a GLU
 
     @classmethod
     def of(cls, base: BaseArch, facts: ArchFacts) -> CostModel:
@@ -104,12 +106,13 @@ class CostModel:
             mlp_total=sum(base.mlp_hidden),
             embed=base.embed_dim,
             fixed=facts.pool_linear_fixed + facts.pool_attention,
+            mlp_rows=facts.mlp_in_copies + 1,
         )
 
     def blocks(self, heads: Any, mlp: Any, embed: Any) -> Any:
         """The paper's ``F``: MACs of the transformer blocks only (numpy broadcasting)."""
         N, d = self.tokens, self.head_dim
-        return N * embed * (4 * d * heads + 2 * mlp) + 2 * N * N * d * heads
+        return N * embed * (4 * d * heads + self.mlp_rows * mlp) + 2 * N * N * d * heads
 
     def total(self, heads: Any, mlp: Any, embed: Any) -> Any:
         return self.blocks(heads, mlp, embed) + embed * self.stem_per_channel + self.fixed

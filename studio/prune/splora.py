@@ -1045,6 +1045,46 @@ def at_densities(
 
 
 # ------------------------------------------------------------------------------------------ registration
+def unit_refusals(model: nn.Module) -> dict[str, str]:
+    """:attr:`Method.unit_refusals` of SPLoRA: units whose masked form a norm would undo.
+
+    SPLoRA trains with masks on the adapted layers' rows and the residual LayerNorms; a norm after a masked
+    output renormalises its zeros, so the masked model would not be the pruned one: head dims under qk-norm,
+    heads and head dims under an attention-output norm, MLP neurons under a hidden norm, and the embedding
+    under an attention-pool head (its norm and MLP are not masked). The paper has no rule for them.
+    """
+    out: dict[str, str] = {}
+
+    def no(units: tuple[str, ...], what: str) -> None:
+        for u in units:
+            out.setdefault(
+                u,
+                f"SPLoRA cannot mask {u.replace('_', ' ')} of this model exactly ({what}): drop '{u}' from --scope "
+                "(e.g. --scope mlp), or prune it with another method.",
+            )
+
+    for blk in getattr(model, "blocks", ()):
+        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+        if attn is not None and not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity):
+            no(("head_dims",), "qk-norm normalises the masked q/k dims")
+        if attn is not None and not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            no(("heads", "head_dims"), "a norm over the attention output, scale_attn_norm")
+        if mlp is not None and not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            no(("mlp",), "a norm over the MLP's hidden units, scale_mlp_norm")
+    if getattr(model, "attn_pool", None) is not None:
+        no(("embed",), "the attention-pool head reads and writes the embedding unmasked")
+    glu = next(
+        (type(b.mlp).__name__ for b in getattr(model, "blocks", ()) if type(b.mlp).__name__ != "Mlp"), None
+    )
+    if glu is not None:  # its adapters wrap fc1 as one linear whose rows are the neurons
+        why = (
+            f"SPLoRA's adapters are built for timm's Mlp (one fc1 row per neuron), not a {glu}: prune this model "
+            "with another method (Isomorphic, SAViT, the baselines)."
+        )
+        out.update(dict.fromkeys(SCOPES, why))
+    return out
+
+
 METHODS.add(
     "splora",
     Method(
@@ -1058,5 +1098,7 @@ METHODS.add(
         rounds=False,
         flow="splora",
         check=SploraOptions.from_params,
+        unit_refusals=unit_refusals,
+        selects=lambda p: parse_scope(p["scope"]),
     ),
 )
