@@ -73,6 +73,7 @@ class Recipe:
     augment: bool = False
     auto_augment: str | None = None
     re_prob: float = 0.0
+    grad_checkpointing: bool = False  # TrainSpec.grad_checkpointing: recompute activations, bounded memory
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -80,7 +81,9 @@ class Recipe:
         # would train on NaN losses), and a negative decay or warm-up would go unnoticed, so check numbers first
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "kd", "trainable", "source", "augment", "auto_augment") or value is None:
+            if f.name in ("name", "kd", "trainable", "source", "augment", "auto_augment", "grad_checkpointing"):
+                continue
+            if value is None:
                 continue
             whole = f.name in ("epochs", "batch_size", "early_stop")
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -111,6 +114,10 @@ class Recipe:
         if self.accum_steps < 1 or self.accum_steps != int(self.accum_steps):
             raise StudioError(
                 f"Gradient accumulation steps must be a whole number ≥ 1, not {self.accum_steps}."
+            )
+        if not isinstance(self.grad_checkpointing, bool):
+            raise StudioError(
+                f"Recipe setting 'grad_checkpointing' is {self.grad_checkpointing!r}: it must be true or false."
             )
         if not isinstance(self.augment, bool):
             raise StudioError(
@@ -157,6 +164,7 @@ class Recipe:
             augment=self.augment,
             auto_augment=self.auto_augment,
             re_prob=float(self.re_prob),
+            grad_checkpointing=self.grad_checkpointing,
         )
 
     def to_dict(self) -> dict[str, Any]:

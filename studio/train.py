@@ -84,6 +84,10 @@ class TrainSpec:
     augment: bool = False
     auto_augment: str | None = None
     re_prob: float = 0.0
+    # activation checkpointing (timm's set_grad_checkpointing): each block's activations are recomputed in the
+    # backward pass instead of held, trading about a third more compute for a peak that no longer grows with
+    # depth x batch (bench/checkpointing.py measures it)
+    grad_checkpointing: bool = False
 
     def validate(self) -> TrainSpec:
         """Refuse settings the loop cannot honour, in one sentence each."""
@@ -278,6 +282,16 @@ def fit(
         )
     torch.manual_seed(spec.seed)
     select_trainable(model, spec.trainable)
+    if spec.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise StudioError("Activation checkpointing needs a timm model (set_grad_checkpointing); turn it off.")
+        # forward hooks on the model (P3B's gates and probes, SPLoRA's statistics) would run twice per step
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            raise StudioError(
+                "Activation checkpointing is for plain fine-tuning (the Retrain page, retrain): this training "
+                "runs hooks that would see every forward pass twice. Turn it off."
+            )
+        model.set_grad_checkpointing(True)
     mixer = _mixer(model, spec, hooks)
     soft_ce = SoftTargetCrossEntropy()
     ema = None if spec.ema_decay is None else ModelEmaV3(model, decay=spec.ema_decay)
@@ -466,6 +480,8 @@ def fit(
 
         for v in model.state_dict().values():
             dist.broadcast(v, src=0)
+    if spec.grad_checkpointing:
+        model.set_grad_checkpointing(False)  # the returned model runs as it came
     return TrainResult(
         epochs_run=len(state.history),
         steps=state.step,

@@ -111,3 +111,37 @@ def test_onecycle_is_torchs_onecyclelr_and_sgd_is_the_optimizer_asked_for():
         TrainSpec(optimizer="lamb").validate()
     with pytest.raises(StudioError, match="schedule must be one of cosine, onecycle"):
         TrainSpec(schedule="step").validate()
+
+
+def test_activation_checkpointing_trains_to_the_same_weights_and_is_switched_off_after():
+    from dataclasses import replace
+
+    plain, ckpt = _model(), _model()
+    fit(plain, _data(), None, replace(SPEC, epochs=1))
+    fit(ckpt, _data(), None, replace(SPEC, epochs=1, grad_checkpointing=True))
+    for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)  # recomputed activations: the same gradients
+    assert not ckpt.grad_checkpointing
+
+
+def test_activation_checkpointing_refuses_a_model_with_forward_hooks():
+    from dataclasses import replace
+
+    m = _model()
+    m.blocks[0].mlp.fc1.register_forward_hook(lambda *_: None)
+    with pytest.raises(StudioError, match="twice"):
+        fit(m, _data(), None, replace(SPEC, epochs=1, grad_checkpointing=True))
+
+
+def test_grad_checkpointing_flag_reaches_the_training_and_a_bad_value_is_refused():
+    from studio.cli import build_parser
+    from studio.commands.jobs import _spec_from_args
+    from studio.recovery import resolve_recipe
+
+    base = ["retrain", "--model", "demo", "--data", "demo", "--out", "runs/x"]
+    on = _spec_from_args(build_parser().parse_args([*base, "--grad-checkpointing"]))
+    assert on.recipe().train_spec().grad_checkpointing is True
+    off = _spec_from_args(build_parser().parse_args(base))
+    assert "grad_checkpointing" not in off.overrides and not off.recipe().train_spec().grad_checkpointing
+    with pytest.raises(StudioError, match="true or false"):
+        resolve_recipe("quick", overrides={"grad_checkpointing": "yes"})

@@ -95,6 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="timm's training transform (random resized crop + flip) on the training images; --no-augment with "
         "--auto-augment none --re-prob 0 turns a preset's augmentation off",
     )
+    r.add_argument(
+        "--grad-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute each block's activations in the backward pass instead of keeping them (about a third "
+        "more compute, a peak memory that no longer grows with depth x batch; bench/checkpointing.py)",
+    )
     p.set_defaults(func=cmd_retrain)
 
     j = sub.add_parser("jobs", help="background jobs: list, status, cancel, resume, logs, start, dispatch")
@@ -154,6 +161,7 @@ def _spec_from_args(args: argparse.Namespace) -> RecoverySpec:
     }
     overrides["kd"] = args.kd
     overrides["augment"] = args.augment
+    overrides["grad_checkpointing"] = args.grad_checkpointing
     spec = RecoverySpec(
         model=model,
         data=data_spec(args),
