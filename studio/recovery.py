@@ -81,7 +81,15 @@ class Recipe:
         # would train on NaN losses), and a negative decay or warm-up would go unnoticed, so check numbers first
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("name", "kd", "trainable", "source", "augment", "auto_augment", "grad_checkpointing"):
+            if f.name in (
+                "name",
+                "kd",
+                "trainable",
+                "source",
+                "augment",
+                "auto_augment",
+                "grad_checkpointing",
+            ):
                 continue
             if value is None:
                 continue

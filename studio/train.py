@@ -284,7 +284,9 @@ def fit(
     select_trainable(model, spec.trainable)
     if spec.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
-            raise StudioError("Activation checkpointing needs a timm model (set_grad_checkpointing); turn it off.")
+            raise StudioError(
+                "Activation checkpointing needs a timm model (set_grad_checkpointing); turn it off."
+            )
         # forward hooks on the model (P3B's gates and probes, SPLoRA's statistics) would run twice per step
         if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
             raise StudioError(
