@@ -5,11 +5,11 @@ studio.families``) and the Model page follow without being edited:
 
 - :data:`FAMILIES`: the variants of timm's ``VisionTransformer`` the plan, surgery, masking, analytic costs,
   export and every method handle (class token, distillation token, LayerScale, patch 14, pre-norm, average
-  pooling, register tokens, qk-norm, attention-pool heads). Each one detects itself on a built model, says which
+  pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads). Each one detects itself on a built model, says which
   plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
   every planning method on.
-- :data:`REFUSALS`: structures the surgery cannot slice exactly (parallel blocks, fused or GLU MLPs, rotary or
-  relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
+- :data:`REFUSALS`: structures the surgery cannot slice exactly (parallel blocks, custom MLPs, gated attention,
+  other attention pools, rotary or relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
   shown at load, naming the module type, the block index, what is supported and what the user can do; the
   checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
   or ``IndexError`` is ever the first thing a user sees.
@@ -91,8 +91,8 @@ FAMILIES: Registry[Family] = Registry("model family")
 REFUSALS: Registry[Refusal] = Registry("refused model structure")
 
 SUPPORTED = (
-    "timm VisionTransformer models of pre-norm `Block`s with the standard Attention and Mlp (ViT, DeiT, DeiT-III, "
-    "DINOv2, CLIP, SigLIP, register tokens, qk-norm: the README's family table)"
+    "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP): ViT, DeiT, "
+    "DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's family table"
 )
 
 
@@ -104,8 +104,9 @@ class MlpLayout:
     A neuron ``n`` owns column ``n`` of ``fc2`` (the hidden width is ``fc2.in_features`` in every kind) and, in
     each ``(linear, offset)`` of ``inputs``, row ``offset + n`` (weight and bias): one row of ``fc1`` in timm's
     ``Mlp``; the value and the gate half of the packed ``fc1`` in ``GluMlp`` / ``SwiGLUPacked`` (both halves kept
-    as a pair); the rows of ``fc1_g`` and ``fc1_x`` in ``SwiGLU``. The hidden activation every gate and mask
-    reads is ``drop1``'s output (the product of value and gate in a GLU), the input of the hidden norm.
+    as a pair); the rows of ``fc1_g`` and ``fc1_x`` in ``SwiGLU``. A GLU has no single pre-activation per neuron,
+    so gates that the reference puts on ``fc1``'s output (SAViT) scale the hidden product (``drop1``'s output)
+    there; P3B's mask on the activation's output zeroes the product in every kind.
     """
 
     name: str
@@ -306,8 +307,8 @@ def _not_a_vit(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str
     if isinstance(model, VisionTransformer):
         return None
     return (
-        f"A timm {type(model).__name__} is not a Vision Transformer the studio can prune (EVA-02/RoPE and "
-        f"relative-position ViTs are not supported yet); it prunes {SUPPORTED}. Pick one of those architectures."
+        f"A timm {type(model).__name__} is not a Vision Transformer the studio can prune yet (no RoPE or "
+        f"relative-position ViTs); it prunes {SUPPORTED}. Pick one of those architectures."
     )
 
 
