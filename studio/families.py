@@ -112,9 +112,13 @@ class MlpLayout:
     name: str
     inputs: Callable[[nn.Module], tuple[tuple[str, int], ...]]
 
+    def names(self, mlp: nn.Module) -> list[str]:
+        """The distinct input linears' attribute names (each once, in order: a packed GLU's fc1 once)."""
+        return list(dict.fromkeys(a for a, _ in self.inputs(mlp)))
+
     def linears(self, mlp: nn.Module) -> list[nn.Linear]:
         """The distinct input linears (each once, in order)."""
-        return list(dict.fromkeys(getattr(mlp, a) for a, _ in self.inputs(mlp)))
+        return [getattr(mlp, a) for a in self.names(mlp)]
 
     def rows(self, mlp: nn.Module, neurons: Iterable[int]) -> dict[str, list[int]]:
         """Input linear name -> the rows the ``neurons`` own in it, in the order the surgery keeps them."""

@@ -137,7 +137,7 @@ def _block_linears(model: nn.Module, targets: Sequence[str], blocks: Sequence[in
         for t in targets:
             parent = blk.attn if t in ("qkv", "proj") else blk.mlp
             # "fc1" is the MLP's input linears: one in timm's Mlp and a packed GLU, fc1_g and fc1_x in a SwiGLU
-            names = dict.fromkeys(a for a, _ in mlp_layout(parent).inputs(parent)) if t == "fc1" else [t]
+            names = mlp_layout(parent).names(parent) if t == "fc1" else [t]
             for name in names:
                 yield i, name, parent, getattr(parent, name)
 

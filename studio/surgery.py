@@ -265,7 +265,7 @@ def _prune_block(
     blk.norm2 = _slice_norm(blk.norm2, ch["mlp_in"])
     layout = mlp_layout(blk.mlp)  # the rows each neuron owns: one fc1 row, or both halves of a GLU
     rows = layout.rows(blk.mlp, b.mlp) if b.mlp is not None else {}
-    for attr in dict.fromkeys(a for a, _ in layout.inputs(blk.mlp)):
+    for attr in layout.names(blk.mlp):
         _slice_linear(getattr(blk.mlp, attr), rows.get(attr), ch["mlp_in"])
     blk.mlp.norm = _slice_norm(blk.mlp.norm, b.mlp)  # scale_mlp_norm: over the kept neurons
     _slice_linear(blk.mlp.fc2, ch["mlp_out"], b.mlp)
