@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from studio.analysis.criteria import accumulate_gradients, group_scores, make_importance, with_grads
+from studio.analysis.criteria import accumulate_gradients, with_grads
+from studio.analysis.groups import torch_pruning_scores
 from studio.costs import plan_cost
 from studio.errors import StudioError
 from studio.evaluate import logits_of
@@ -85,13 +86,13 @@ def test_gradients_are_summed_over_batches():
 def test_group_scores_are_torch_pruning_importance():
     """Head score = mean of its channels; head-dim score = mean over heads; MLP group = fc1 out + fc2 in."""
     m, _ = make()
-    s = group_scores(with_grads(m, None), make_importance("l1"))
-    for ch, h, d in zip(s["channels"], s["heads"], s["head_dims"]):
+    s = torch_pruning_scores(m, "l1")
+    for ch, h, d in zip(s.channels, s.heads, s.head_dims):
         assert torch.allclose(ch.mean(1), h) and torch.allclose(ch.mean(0), d)
     fc1, fc2 = m.blocks[0].mlp.fc1, m.blocks[0].mlp.fc2
     raw = (fc1.weight.abs().sum(1) + fc2.weight.abs().sum(0)).double() / 2  # mean over the two layers
-    assert torch.allclose(s["mlp"][0], raw / raw.mean(), atol=1e-6)  # torch-pruning's mean normaliser
-    assert s["embed"].shape == (48,)
+    assert torch.allclose(s.mlp[0], raw / raw.mean(), atol=1e-6)  # torch-pruning's mean normaliser
+    assert s.embed.shape == (48,)
 
 
 def test_guard_keeps_the_best_head_of_an_emptied_block():
@@ -112,7 +113,7 @@ def test_guard_keeps_the_best_head_of_an_emptied_block():
     st = isomorphic_structure(m, base, grads, IsoRatios(0.2, 0.5, 0.0))
     assert st.guarded_blocks == (1,)
     kept = st.plan.block(1).heads
-    scores = group_scores(with_grads(m, grads), make_importance("taylor"))["heads"][1]
+    scores = torch_pruning_scores(m, "taylor", grads).heads[1]
     assert kept == (int(torch.argmax(scores)),)
     assert all(st.plan.kept(i)["heads"] >= 1 for i in range(3))
     assert st.plan.params["guarded_blocks"] == [1]

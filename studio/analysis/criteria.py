@@ -1,17 +1,15 @@
-"""Grouped importance criteria on torch-pruning's dependency groups, shared by every user of a criterion.
+"""What every criterion shares: the one form of unit scores, calibration batches and gradients, and the
+torch-pruning importance objects Isomorphic's pruner (Fang et al., ECCV 2024) ranks with.
 
-The Importance analysis, Isomorphic pruning (Fang et al., ECCV 2024) and the baselines score units through
-the same torch-pruning ``Importance`` objects: a group is everything one unit's removal touches (qkv rows,
-proj columns, fc1 rows and fc2 columns, and for the embedding every residual tensor), so the scores are those
-the pruner itself ranks by. Gradients for the Taylor criteria are accumulated once (:func:`accumulate_gradients`)
-and attached to a copy (:func:`with_grads`): the cached model is never touched.
+The groups a criterion sums over are written out once, in :mod:`studio.analysis.groups`. Gradients for the Taylor
+criteria are accumulated once (:func:`accumulate_gradients`) and attached to a copy (:func:`with_grads`): the
+cached model is never touched.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -238,40 +236,6 @@ def with_grads(model: nn.Module, grads: Grads | None) -> nn.Module:
         g = None if grads is None else grads.get(n)
         p.grad = None if g is None else g.detach().clone().to(p.device)
     return m
-
-
-def dependency_graph(m: nn.Module) -> tp.DependencyGraph:
-    with warnings.catch_warnings(), torch.enable_grad():  # DepGraph traces with autograd
-        warnings.filterwarnings("ignore", message="Unwrapped parameters")
-        return tp.DependencyGraph().build_dependency(m, example_inputs=example_inputs(m))
-
-
-def group_scores(model: nn.Module, importance: tp.importance.Importance) -> dict[str, Any]:
-    """Per-unit scores of ``model``'s dependency groups, as torch-pruning computes them inside the pruner.
-
-    ``model`` carries gradients if the importance needs them (see :func:`with_grads`). Returns per block the
-    attention channel scores reshaped to (heads, head_dim), their means over dims (head scores, what the global
-    head ranking uses) and over heads (head-dim scores, what the ``qkv`` scope ranks), the MLP neuron scores, and
-    the embedding channel scores (the residual group), all as float64 CPU tensors.
-    """
-    DG = dependency_graph(model)
-    heads, dims, chans, mlp = [], [], [], []
-    for blk in model.blocks:
-        a = blk.attn
-        A = a.num_heads * a.head_dim
-        g = DG.get_pruning_group(a.proj, tp.prune_linear_in_channels, idxs=list(range(A)))
-        imp = importance(g).detach().double().cpu().view(a.num_heads, a.head_dim)
-        chans.append(imp)
-        heads.append(imp.mean(1))
-        dims.append(imp.mean(0))
-        # from fc2's input side: the hidden width in every MLP kind (the group reaches both rows of a GLU)
-        M = blk.mlp.fc2.in_features
-        g = DG.get_pruning_group(blk.mlp.fc2, tp.prune_linear_in_channels, idxs=list(range(M)))
-        mlp.append(importance(g).detach().double().cpu())
-    D = model.patch_embed.proj.out_channels
-    g = DG.get_pruning_group(model.patch_embed.proj, tp.prune_conv_out_channels, idxs=list(range(D)))
-    embed = importance(g).detach().double().cpu()
-    return {"heads": heads, "head_dims": dims, "channels": chans, "mlp": mlp, "embed": embed}
 
 
 class CalibrationBatches(Sequence[Batch]):

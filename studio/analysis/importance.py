@@ -13,8 +13,9 @@ The grouped criteria score whole dependency groups, not single layers: a head or
 rows of q, k and v together with the matching ``proj`` columns, an MLP neuron on ``fc1`` row + ``fc2`` column, an
 embedding channel on everything that reads or writes the residual stream (patch embedding, tokens, every norm and
 linear layer, the classifier input). Scores come straight from torch-pruning's importance objects on its
-DependencyGraph groups (:func:`studio.prune.isomorphic.group_scores`), so the ``taylor`` heat map shows exactly the
-numbers Isomorphic pruning ranks. Heads score as the mean of their channels, head dims as the mean over heads (how
+dependency groups, computed on the studio's one grouping (:func:`studio.analysis.groups.torch_pruning_scores`,
+checked against torch-pruning's DependencyGraph), so the ``taylor`` heat map shows exactly the numbers Isomorphic
+pruning ranks. Heads score as the mean of their channels, head dims as the mean over heads (how
 torch-pruning ranks heads and head dims). Per-unit scores are normalised by their group's mean (torch-pruning's
 default), so blocks are comparable.
 
@@ -42,7 +43,6 @@ from .. import memory
 from ..data import DataSpec
 from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
-from ..families import split_packed_glu
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..plan import BaseArch, BlockPlan, PrunePlan
@@ -53,12 +53,11 @@ from .criteria import (
     UnitScores,
     accumulate_gradients,
     calibration_batches,
-    group_scores,
     make_importance,
     micro_batches,
-    with_grads,
 )
 from .gate_scores import savit_scores
+from .groups import torch_pruning_scores
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -137,13 +136,13 @@ def _grouped(
 ) -> UnitScores:
     """Scores from torch-pruning's ``importance`` on the model's dependency groups."""
     t0 = time.time()
-    g = group_scores(split_packed_glu(with_grads(loaded.model, grads)), make_importance(importance))
+    g = torch_pruning_scores(loaded.model, importance, grads)
     return UnitScores.of_tensors(
         criterion,
-        heads=g["heads"],
-        head_dims=g["head_dims"],
-        mlp=g["mlp"],
-        embed=g["embed"],
+        heads=g.heads,
+        head_dims=g.head_dims,
+        mlp=g.mlp,
+        embed=g.embed,
         seconds=time.time() - t0,
     )
 
@@ -366,15 +365,20 @@ def grouped_criteria() -> tuple[str, ...]:
     return tuple(n for n in CRITERIA.names() if CRITERIA.get(n).torch_pruning is not None)
 
 
-def torch_pruning_importance(criterion: str) -> tp.importance.Importance:
-    """The torch-pruning importance object criterion ``criterion`` ranks with (refused, listing the choices, for
-    a criterion torch-pruning cannot rank by)."""
+def torch_pruning_name(criterion: str) -> str:
+    """The torch-pruning importance criterion ``criterion`` ranks with (refused, listing the choices, for a
+    criterion torch-pruning cannot rank by)."""
     tp_name = CRITERIA.get(criterion).torch_pruning
     if tp_name is None:
         raise StudioError(
             f"Criterion '{criterion}' cannot rank torch-pruning groups; use {', '.join(grouped_criteria())}."
         )
-    return make_importance(tp_name)
+    return tp_name
+
+
+def torch_pruning_importance(criterion: str) -> tp.importance.Importance:
+    """The torch-pruning importance object criterion ``criterion`` ranks with."""
+    return make_importance(torch_pruning_name(criterion))
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:

@@ -1,6 +1,6 @@
 """Baseline structured pruning: ``random``, ``magnitude`` (L1/L2 of grouped weights) and ``taylor`` (|w·g|).
 
-Each scores heads / head dims / MLP neurons / embedding channels (:mod:`studio.prune.groups`), then keeps the
+Each scores heads / head dims / MLP neurons / embedding channels (:mod:`studio.analysis.groups`), then keeps the
 top units at a uniform or global ratio (:mod:`studio.prune.select`), or at the ratio that lands on a MACs
 budget (:mod:`studio.prune.target`). Taylor follows Molchanov et al. 2019 / torch-pruning's
 ``TaylorImportance``: first-order estimate ``Σ_group |w ⊙ ḡ|`` with ``ḡ`` the gradient of the cross-entropy
@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from ..analysis.criteria import UnitScores
+from ..analysis.groups import unit_scores
 from ..costs import arch_facts
 from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..plan import PrunePlan
 from ..surgery import check_supported
 from . import LATENCY, MACS, METHODS, RATIO, Method, Option, PruneRequest
-from .groups import unit_scores
 from .select import MODES, parse_scopes, plan_from_scores
 from .target import TOLERANCE, solve_staged
 

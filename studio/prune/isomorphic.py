@@ -45,10 +45,10 @@ from ..analysis.criteria import (
     UnitScores,
     classifiers,
     example_inputs,
-    group_scores,
     with_grads,
 )
-from ..analysis.importance import grouped_criteria, torch_pruning_importance
+from ..analysis.groups import torch_pruning_scores, unit_scores
+from ..analysis.importance import grouped_criteria, torch_pruning_importance, torch_pruning_name
 from ..costs import arch_facts
 from ..errors import StudioError
 from ..events import Callback, CancelToken, check, emit, progress
@@ -56,7 +56,6 @@ from ..families import split_packed_glu
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_fits
 from . import LATENCY, MACS, METHODS, RATIO, Method, Option, PruneRequest
-from .groups import unit_scores
 from .select import SCOPES, removed_score
 from .target import TOLERANCE, solve_ratio, target_record
 
@@ -354,7 +353,7 @@ def isomorphic_structure(
             heads=False,
             prune=False,
         )
-        head_scores = group_scores(_pruner_copy(model, grads), torch_pruning_importance(importance))["heads"]
+        head_scores = list(torch_pruning_scores(model, torch_pruning_name(importance), grads).heads)
     blocks, embed = _plan(base, removed, dims_only, head_scores, empty)
     plan = PrunePlan(
         base=base,

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..analysis.groups import unit_scores
 from ..costs import arch_facts, plan_cost, with_summary
 from ..data import make_loader
 from ..errors import StudioError
@@ -86,7 +87,6 @@ from ..splora import (
 from ..surgery import apply_plan
 from ..train import TrainSpec, fit
 from . import METHODS, Budget, Method, Option
-from .groups import unit_scores
 from .select import SCOPES
 
 CRITERIA = ("weight", "l2", "grad", "taylor")
@@ -421,7 +421,7 @@ def raw_scores(
     E = int(model.embed_dim)
     out: dict[LayerKey, torch.Tensor] = {}
     if criterion in ("weight", "l2"):
-        # the whole group of each unit (the studio's one grouped sum, studio.prune.groups) on the adapted weights
+        # the whole group of each unit (the studio's one grouped sum, studio.analysis.groups) on the adapted weights
         power = 1 if criterion == "weight" else 2
         scores = unit_scores(
             model, {n: t.abs().pow(power) for n, t in adapted_tensors(model).items()}, SCOPES
