@@ -150,7 +150,8 @@ with cut_box:
         "What retrains",
         TRAINABLE,
         key="sls_trainable",
-        help="auto: adapters + head for PETL models, head + final norm otherwise",
+        help="auto: adapters + head for PETL models, head + final norm otherwise; lora / convpass: fresh "
+        "adapters (Convpass, the paper's, stays in the export; LoRA folds back) + head",
     )
     bench = r[2].checkbox(
         "Measure throughput", True, key="sls_bench", help="batch 1 (50 warm-up, 100 timed) and 64"

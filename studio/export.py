@@ -26,6 +26,7 @@ from . import __version__
 from .device import resolve_device
 from .errors import StudioError
 from .models import LoadedModel, create_vit, data_config
+from .petl import adapter_of, attach_adapter
 from .plan import BaseArch, PrunePlan
 from .runs import atomic_path, write_json
 from .surgery import apply_plan
@@ -167,6 +168,7 @@ def _write_export(
         "metrics": dict(metrics or {}),
         "versions": library_versions(),
         "weights_dtype": str(dtype or "float32").removeprefix("torch."),
+        "adapter": adapter_of(model),  # unfoldable PETL adapters the reload rebuilds (Convpass), or None
         **dict(extra or {}),
     }
     save_file(sd, str(folder / WEIGHTS), metadata={"format": "pt", "schema": MANIFEST_SCHEMA})
@@ -307,6 +309,13 @@ def build_from_manifest(manifest: Mapping[str, Any]) -> tuple[torch.nn.Module, B
             model = apply_plan(model, plan)
         except StudioError as e:
             raise StudioError(f"{MANIFEST}: the plan does not fit its base architecture: {e}") from None
+    adapter = manifest.get("adapter")
+    if adapter is not None and not isinstance(adapter, dict):
+        raise StudioError(f"{MANIFEST}: its 'adapter' is not an object: the export is damaged; export again.")
+    try:
+        attach_adapter(model, adapter)
+    except StudioError as e:
+        raise StudioError(f"{MANIFEST}: its adapter cannot be rebuilt: {e}") from None
     return model, base, plan
 
 

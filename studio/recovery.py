@@ -221,8 +221,8 @@ PRESETS: dict[str, Recipe] = {
         warmup_epochs=10,
         min_lr=1e-5,
         label_smoothing=0.0,
-        # the paper trains every parameter named "adapter" or "head"; the studio's adapters are LoRA
-        # (lora_A/lora_B): the same rule as PETL training, so the final norm stays frozen as in the paper
+        # the paper trains every parameter named "adapter" or "head": Convpass's adapter_attn/adapter_mlp and
+        # LoRA's lora_A/lora_B, the same rule as PETL training, so the final norm stays frozen as in the paper
         trainable=ADAPTER_TRAINABLE,
         source=(
             "SLS (Han et al., ECCV 2024, arXiv 2407.14330), RuiZiHan/SLS train.py: AdamW lr 1e-3, wd 1e-4, "

@@ -12,7 +12,7 @@ from studio.commands.prune import _prune_text
 from studio.errors import StudioError
 from studio.flows.prune import PruneSpec, calibration_estimate, run_prune
 from studio.models import LoadedModel, ModelSpec, create_vit, data_config, describe_base
-from studio.petl import LoRASpec, add_lora
+from studio.petl import ConvpassSpec, LoRASpec, add_convpass, add_lora
 from studio.prune import DEFAULT_CALIB_BATCHES, PruneRequest, get_method, make_plan
 from studio.prune.target import missed_message
 from studio.recovery import resolve_recipe
@@ -134,11 +134,17 @@ def test_sls_analyses_1000_samples_by_default(loaded):
         sls.resolve({"samples": 5})
 
 
-def test_paper_sls_recipe_trains_exactly_adapters_and_head(loaded):
+@pytest.mark.parametrize("adapter", ["lora", "convpass"])
+def test_paper_sls_recipe_trains_exactly_adapters_and_head(loaded, adapter):
     model = copy.deepcopy(loaded.model)
-    add_lora(model, LoRASpec(rank=2, targets=("qkv", "proj", "fc1", "fc2")))
+    if adapter == "lora":
+        add_lora(model, LoRASpec(rank=2, targets=("qkv", "proj", "fc1", "fc2")))
+    else:
+        add_convpass(model, ConvpassSpec(dim=4))
     names = set(select_trainable(model, resolve_recipe("paper:sls").trainable))
-    adapters = {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    adapters = {
+        n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B")) or ".adapter_" in n
+    }
     head = {n for n, _ in model.named_parameters() if n.startswith("head.")}
     assert adapters and head
     assert names == adapters | head  # and so not the final norm, which the paper keeps frozen

@@ -128,3 +128,126 @@ def test_width_surgery_refuses_unfused_lora_but_depth_cut_works():
         apply_plan(copy.deepcopy(model), heads)
     cut = PrunePlan.dense(base).with_(blocks=(BlockPlan(0), BlockPlan(1)))
     assert len(apply_plan(model, cut).blocks) == 2
+
+
+# ------------------------------------------------------------------------------------------------ Convpass
+def _convpass_model(tiny_vit, spec=None, seed: int = 0):
+    from studio.petl import ConvpassSpec, add_convpass
+
+    model = copy.deepcopy(tiny_vit)
+    assert add_convpass(model, spec or ConvpassSpec()) == len(model.blocks)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # trained-looking adapters: a non-zero up-projection
+        for n, p in model.named_parameters():
+            if ".adapter_" in f".{n}":
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_fresh_convpass_changes_nothing_and_only_adapters_train(tiny_vit):
+    from studio.petl import ConvpassBlock, ConvpassSpec, add_convpass, has_adapters
+
+    x = torch.randn(2, 3, 32, 32)
+    model = copy.deepcopy(tiny_vit)
+    add_convpass(model, ConvpassSpec(dim=4))
+    assert all(isinstance(b, ConvpassBlock) for b in model.blocks) and has_adapters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), tiny_vit(x), rtol=0, atol=0)  # zero up-projection
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapter_attn." in n or ".adapter_mlp." in n for n in trainable)
+    assert add_convpass(model, ConvpassSpec(dim=4)) == 0  # already adapted: nothing added twice
+
+
+def test_convpass_is_the_papers_bypass(tiny_vit):
+    """x + attn(n1 x) + s·C(n1 x), with C = up(drop(qgelu(conv3x3(qgelu(down(h)))))) on the 4x4 patch grid and the
+    class token through the same conv as a 1x1 image (only the kernel's centre)."""
+    import torch.nn.functional as F
+
+    from studio.petl import ConvpassSpec
+
+    model = _convpass_model(tiny_vit, ConvpassSpec(dim=4, scale=3.0))
+    blk = model.blocks[0]
+    x = torch.randn(2, 17, 48)
+
+    def qgelu(t):
+        return t * torch.sigmoid(1.702 * t)
+
+    def bypass(c, h):
+        z = qgelu(F.linear(h, c.adapter_down.weight, c.adapter_down.bias))  # (2, 17, 4)
+        w, b = c.adapter_conv.weight, c.adapter_conv.bias
+        out = torch.empty_like(z)
+        grid = z[:, 1:].reshape(2, 4, 4, 4)  # (B, row, col, channel)
+        padded = F.pad(grid, (0, 0, 1, 1, 1, 1))
+        for r in range(4):
+            for q in range(4):
+                patch = padded[:, r : r + 3, q : q + 3, :]  # (B, 3, 3, C_in)
+                out[:, 1 + 4 * r + q] = torch.einsum("bijc,ocij->bo", patch, w) + b
+        out[:, 0] = z[:, 0] @ w[:, :, 1, 1].T + b
+        return F.linear(qgelu(out), c.adapter_up.weight, c.adapter_up.bias)
+
+    with torch.no_grad():
+        h = blk.norm1(x)
+        want = x + blk.attn(h) + 3.0 * bypass(blk.adapter_attn, h)
+        want = want + blk.mlp(blk.norm2(want)) + 3.0 * bypass(blk.adapter_mlp, blk.norm2(want))
+        torch.testing.assert_close(blk(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_convpass_export_reloads_with_identical_logits_and_records_the_adapter(tiny_vit, tmp_path):
+    from studio.export import export, load_exported, read_manifest
+    from studio.models import describe_base
+    from studio.petl import ConvpassSpec, has_convpass
+
+    model = _convpass_model(tiny_vit, ConvpassSpec(dim=4, scale=0.5))
+    base = describe_base(tiny_vit, "vit_tiny_patch16_224", TINY)
+    folder = export(model, base, tmp_path / "export")
+    manifest = read_manifest(folder)
+    assert manifest["adapter"] == {
+        "kind": "convpass",
+        "dim": 4,
+        "scale": 0.5,
+        "dropout": 0.1,
+        "xavier_init": False,
+    }
+    again = load_exported(folder, device="cpu")
+    assert has_convpass(again.model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(again.model(x), model(x))
+        assert not torch.allclose(model(x), tiny_vit(x))  # the adapters do something
+
+
+def test_convpass_refuses_width_pruning_but_cuts_depth(tiny_vit):
+    from studio.models import describe_base
+    from studio.plan import PrunePlan
+    from studio.prune.sls import sls_plan
+    from studio.surgery import apply_plan
+
+    model = _convpass_model(tiny_vit)
+    base = describe_base(tiny_vit, "vit_tiny_patch16_224", TINY)
+    cut = apply_plan(copy.deepcopy(model), sls_plan(base, 2))
+    assert len(cut.blocks) == 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the cut model is the first two adapted blocks, then the reused norm and head
+        t = model.patch_embed(x)
+        t = model.norm_pre(model._pos_embed(t))
+        t = model.blocks[1](model.blocks[0](t))
+        torch.testing.assert_close(cut(x), model.forward_head(model.norm(t)))
+    narrow = PrunePlan.dense(base).with_(embed=tuple(range(24)))
+    with pytest.raises(StudioError, match="Convpass adapters, which read and write every embedding channel"):
+        apply_plan(copy.deepcopy(model), narrow)
+
+
+def test_bad_convpass_specs_are_refused(tiny_vit):
+    from studio.petl import ConvpassSpec, add_convpass
+
+    for bad, text in [
+        (ConvpassSpec(dim=0), "width must be at least 1"),
+        (ConvpassSpec(scale=0.0), "scale must be a positive number"),
+        (ConvpassSpec(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+    ]:
+        with pytest.raises(StudioError, match=text):
+            add_convpass(copy.deepcopy(tiny_vit), bad)
+    lora = copy.deepcopy(tiny_vit)
+    add_lora(lora, LoRASpec(rank=2))
+    with pytest.raises(StudioError, match="LoRA adapters; fuse them"):
+        add_convpass(lora)

@@ -98,3 +98,38 @@ def test_export_page_offers_the_sls_run_and_exports_its_retrained_model_for_the_
     at.button(key="export_active").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert "export-sls" in at.selectbox(key="export_run").value
+
+
+def test_convpass_retraining_trains_exactly_the_adapters_and_head_and_reloads(tmp_path, demo_loaded):
+    """``--trainable convpass``: fresh Convpass bypasses on the kept blocks, trained with the head (the paper's
+    "adapter or head" rule); the export records the adapter and reloads to the same logits, pickle-free."""
+    spec = SLSRunSpec(
+        model=ModelSpec("demo", device="cpu"),
+        data=DATA,
+        keep=3,
+        retrain="cpu",
+        epochs=1,
+        trainable="convpass",
+        bench=False,
+    )
+    run = create_run(spec, tmp_path / "runs" / "sls-convpass")
+    run_folder(run, loaded=demo_loaded)
+    res = run.results()
+    assert res["sls"]["retrain"]["trainable"] == "convpass"
+    again = load_exported(run.export_dir, device="cpu")
+    assert again.meta["adapter"]["kind"] == "convpass" and len(again.model.blocks) == 3
+    dense = demo_loaded.model.state_dict()
+    changed = {
+        k for k, v in again.model.state_dict().items() if k not in dense or not torch.equal(v, dense[k])
+    }
+    assert any(".adapter_attn." in k for k in changed) and "head.weight" in changed
+    assert all(".adapter_" in k or k.startswith(("head.", "fc_norm.")) for k in changed), sorted(changed)[:5]
+    x = _batch(demo_loaded)
+    ckpt = torch.load(run.checkpoint_file, map_location="cpu", weights_only=True)
+    from studio.petl import ConvpassSpec, add_convpass
+
+    trained = apply_plan(copy.deepcopy(demo_loaded.model), PrunePlan.load(run.plan_file))
+    add_convpass(trained, ConvpassSpec())
+    trained.load_state_dict(ckpt["best_weights"] or ckpt["model"])
+    with torch.inference_mode():
+        assert torch.equal(again.model.eval()(x), trained.eval()(x))

@@ -14,6 +14,7 @@ from typing import Any
 from ..analysis.separability import SeparabilitySpec, analyze
 from ..argtypes import fraction, nonnegative_int, positive_float, positive_int
 from ..flows.sls import SLSRunSpec
+from ..prune.sls import TRAINABLE
 from . import (
     Output,
     add_common,
@@ -71,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--trainable",
         default="auto",
-        choices=["auto", "head", "head+norm", "head+norm+last", "adapters", "lora"],
+        choices=list(TRAINABLE),
         help="what retrains (auto: adapters + head if the model has them, else head + final norm)",
     )
     g.add_argument("--epochs", type=positive_int, help="override the preset's epochs")

@@ -28,7 +28,16 @@ from ..evaluate import evaluate
 from ..events import Callback, CancelToken, check, emit
 from ..load import load_model
 from ..models import LoadedModel, ModelSpec
-from ..petl import LoRASpec, add_lora, fuse_lora, has_lora
+from ..petl import (
+    ConvpassSpec,
+    LoRASpec,
+    add_convpass,
+    add_lora,
+    deployable,
+    fuse_lora,
+    has_adapters,
+    has_lora,
+)
 from ..prune.sls import (
     PAPER_SELECTION_NOTE,
     RETRAIN_PRESETS,
@@ -143,8 +152,9 @@ def _speed(
     callbacks: Sequence[Callback],
     cancel: CancelToken | None,
 ) -> dict[str, Any]:
-    """Throughput of the deployable form (LoRA fused); batch 1 with SLS's 50 warm-up and 100 timed passes."""
-    m = fuse_lora(copy.deepcopy(model)) if has_lora(model) else model
+    """Throughput of the deployable form (LoRA fused, Convpass kept); batch 1 with SLS's 50 warm-up and 100 timed
+    passes."""
+    m = deployable(model)
     out = {}
     for bs in sizes:
         check(cancel)
@@ -229,7 +239,7 @@ def run_sls(
     def measure(name: str, model: torch.nn.Module) -> None:
         check(cancel)
         emit(callbacks, "status", state=f"measuring {name}")
-        plain = fuse_lora(copy.deepcopy(model)) if has_lora(model) else model
+        plain = deployable(model)
         s: dict[str, Any] = {"blocks": len(model.blocks), **profile(plain, input_size)}  # type: ignore[arg-type]
         s.update(
             _accuracy(model, {"val": split_data["val"], spec.eval_split: split_data[spec.eval_split]}, n_cls)
@@ -249,10 +259,14 @@ def run_sls(
     if preset != "none":
         check(cancel)
         kind = (
-            spec.trainable if spec.trainable != "auto" else ("adapters" if has_lora(pruned) else "head+norm")
+            spec.trainable
+            if spec.trainable != "auto"
+            else ("adapters" if has_adapters(pruned) else "head+norm")
         )
         if kind == "lora" and not has_lora(pruned):
             add_lora(pruned, LoRASpec())
+        if kind == "convpass" and not has_adapters(pruned):
+            add_convpass(pruned, ConvpassSpec())
         rule = trainable_rule(kind, keep, pruned)
         tspec = retrain_train_spec(preset, trainable=rule, epochs=spec.epochs, seed=spec.seed)
         emit(callbacks, "status", state="retraining", preset=preset, trainable=kind, epochs=tspec.epochs)
@@ -283,11 +297,12 @@ def run_sls(
             "seconds": result.seconds,
             "history": result.history,
         }
-        if kind in ("head+norm", "head+norm+last", "lora") and not has_lora(loaded.model):
+        if kind in ("head+norm", "head+norm+last", "lora", "convpass") and not has_adapters(loaded.model):
+            fresh = {"lora": "fresh LoRA adapters + head", "convpass": "fresh Convpass adapters + head"}
             notes.append(
                 "The model was fully fine-tuned (no adapters), so retraining trains "
-                f"{'fresh LoRA adapters + head' if kind == 'lora' else kind.replace('+', ' + ')}: an adaptation of "
-                "the paper, which retrains adapters + head."
+                f"{fresh.get(kind, kind.replace('+', ' + '))}: an adaptation of the paper, which retrains "
+                "adapters + head."
             )
     final = fuse_lora(pruned) if has_lora(pruned) else pruned
     last = stages.get("retrained", stages["cut"])

@@ -16,7 +16,8 @@ from per-layer CLS separability, then retraining of the head (and adapters).
 Retraining follows the SLS recipe (``paper:sls`` in :mod:`studio.recovery`: AdamW lr 1e-3, wd 1e-4, cosine with
 10 warm-up epochs to 1e-5, batch 64, 100 epochs; ``cpu`` shortens it to 20 epochs with 2 warm-up epochs). What
 trains: adapters + head for a PETL model (the paper); a fully fine-tuned model has no adapters, so it retrains
-head + final norm (optionally the last kept block, or fresh LoRA adapters) — an adaptation, not in the paper.
+head + final norm (optionally the last kept block, or fresh LoRA or Convpass adapters) — an adaptation, not in
+the paper.
 Model selection uses the **validation** split; the paper's code reports the best of ten **test** evaluations
 (pitfall P7), which overstates accuracy — the studio never selects on test.
 """
@@ -37,13 +38,13 @@ from ..errors import StudioError
 from ..events import Callback, CancelToken, emit
 from ..features import extract
 from ..models import LoadedModel
-from ..petl import ADAPTER_TRAINABLE, has_lora
+from ..petl import ADAPTER_TRAINABLE, has_adapters
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..recovery import resolve_recipe
 from . import METHODS, Budget, Method, Option, PruneRequest
 
 RETRAIN_PRESETS = ("paper", "cpu", "none")
-TRAINABLE = ("auto", "head", "head+norm", "head+norm+last", "adapters", "lora")
+TRAINABLE = ("auto", "head", "head+norm", "head+norm+last", "adapters", "lora", "convpass")
 PAPER_SELECTION_NOTE = (
     "The SLS paper's code reports the best of ten test-set evaluations during retraining (model selection on "
     "test); the studio selects the retrained model on the validation split and reports test once."
@@ -202,7 +203,7 @@ def trainable_rule(kind: str, keep: int, model: torch.nn.Module) -> str:
     """The ``TrainSpec.trainable`` rule of a retraining choice on a model cut to ``keep`` blocks."""
 
     if kind == "auto":
-        kind = "adapters" if has_lora(model) else "head+norm"
+        kind = "adapters" if has_adapters(model) else "head+norm"
     heads = r"^(head|head_dist|fc_norm)\."
     rules = {
         "head": "re:" + heads,
@@ -210,13 +211,14 @@ def trainable_rule(kind: str, keep: int, model: torch.nn.Module) -> str:
         "head+norm+last": rf"re:^(head|head_dist|fc_norm|norm)\.|^blocks\.{keep - 1}\.",
         "adapters": ADAPTER_TRAINABLE,
         "lora": ADAPTER_TRAINABLE,
+        "convpass": ADAPTER_TRAINABLE,
     }
     if kind not in rules:
         raise StudioError(f"Unknown retraining choice '{kind}': use one of {', '.join(TRAINABLE)}.")
-    if kind == "adapters" and not has_lora(model):
+    if kind == "adapters" and not has_adapters(model):
         raise StudioError(
-            "This model has no adapters to retrain. Use trainable 'head+norm' (fully fine-tuned models) or "
-            "'lora' (adds fresh LoRA adapters to the kept blocks)."
+            "This model has no adapters to retrain. Use trainable 'head+norm' (fully fine-tuned models), "
+            "'lora' or 'convpass' (add fresh adapters to the kept blocks)."
         )
     return rules[kind]
 
