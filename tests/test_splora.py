@@ -390,6 +390,11 @@ def test_schedule_end_to_end_with_comparison(tmp_path):
             dens[0] == 1.0 and dens[-1] == pytest.approx(0.5, abs=2e-3) and dens == sorted(dens, reverse=True)
         )
         assert all(0 <= c["val_top1"] <= 1 and "test_top1" in c for c in steps)
+        for c in steps:  # the density per unit type, and the overall one its weighted mean
+            by, kept = c["density_by_unit"], c["kept"]
+            assert set(by) == {"heads", "mlp", "embed"} and all(0 < v <= 1 for v in by.values())
+            full = {k: kept[k] / by[k] for k in by}
+            assert sum(kept.values()) / sum(full.values()) == pytest.approx(c["unit_density"])
         macs = [c["macs"] for c in steps]
         assert macs == sorted(macs, reverse=True) and macs[-1] < macs[0]
         assert result.section["series"][name]["parity_max_abs_diff"] <= 1e-5
@@ -491,10 +496,10 @@ def test_the_vit_protocol_is_the_reference_vit_run(monkeypatch):
     assert (opts.criterion, opts.selection) == ("l2", "uniform") and opts.lr_for("splora") == 3.0 * 16 / 256
     assert opts.lr_for("finetune") == pytest.approx(0.0125 * 16 / 32)
     assert SploraOptions.from_params({"protocol": "vit", "criterion": "taylor"}).criterion == "taylor"
-    assert (SploraOptions.from_params({}).criterion, SploraOptions.from_params({}).selection) == (
-        "taylor",
-        "global",
-    )
+    default = SploraOptions.from_params({})  # the ViT protocol is the default for ViTs
+    assert (default.protocol, default.criterion, default.selection) == ("vit", "l2", "uniform")
+    cnn = SploraOptions.from_params({"protocol": "cnn"})
+    assert (cnn.criterion, cnn.selection) == ("taylor", "global")
     with pytest.raises(StudioError, match="--protocol must be one of"):
         SploraOptions.from_params({"protocol": "resnet"})
 

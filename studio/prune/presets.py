@@ -236,8 +236,6 @@ PRESETS: dict[str, MethodPreset] = {
         },
         run={"batch_size": Setting(16, f"{_SPA}: batch 16 [§3.3]")},
         cpu_reasons={
-            "protocol": "cnn: the demo figures in docs/results/splora.md were measured with it (the paper's "
-            "ResNet protocol); vit is the reference ViT run",
             "target_density": "0.3: fewer pruning steps on a CPU",
             "epochs": "10: the demo's sized run (docs/results/splora.md)",
             "recovery_epochs": "2: the demo's sized run",
