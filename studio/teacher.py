@@ -35,6 +35,7 @@ from torch import nn
 
 from .device import resolve_device
 from .errors import StudioError
+from .load import load_model  # the demo and exported folders load as every model does
 from .models import DEMO_SOURCES, ModelSpec, data_config, plain_error, read_state_dict
 
 # timm interpolation names -> torch's resize modes. torch has no Lanczos, and timm's "random" (a training-time
@@ -289,8 +290,6 @@ def load_teacher(
     if is_checkpoint_source(spec.source):
         teacher = _from_checkpoint(spec, dev)
     else:
-        from .load import load_model  # the demo and exported folders load as every model does
-
         loaded = load_model(spec.with_(device=str(dev)))
         teacher = LoadedTeacher(
             module=Teacher(loaded.model, TeacherInput(loaded.data_config, loaded.data_config)),
