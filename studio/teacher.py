@@ -4,7 +4,8 @@ DeiT (Touvron et al., "Training data-efficient image transformers & distillation
 distils its students from a RegNetY-16GF CNN, and SAViT and Isomorphic Pruning fine-tune their pruned DeiTs the
 same way. A teacher is a :class:`~studio.models.ModelSpec` (the one spec form, in ``RecoverySpec.teacher``):
 
-- ``demo``, ``demo-backbone`` or an exported studio folder load as every model does (:func:`studio.load.load_model`);
+- ``demo``, ``demo-backbone``, an exported studio folder or a Google ViT ``.npz`` load as every model does
+  (:func:`studio.load.load_model`);
 - a checkpoint file with ``arch`` naming **any** timm architecture is built with ``timm.create_model`` (random
   init, no download) and filled from the file by the studio's pickle-free reader
   (:func:`studio.models.read_state_dict`), strictly: no family check, since a teacher is only run, never pruned.
@@ -140,8 +141,10 @@ class LoadedTeacher:
 
 # ------------------------------------------------------------------------------------------------ checks
 def is_checkpoint_source(source: str) -> bool:
-    """A teacher read from a checkpoint file (not the demo, not an exported folder)."""
-    return source not in DEMO_SOURCES and not Path(source).expanduser().is_dir()
+    """A teacher read here from a checkpoint file of any architecture: not the demo, not an exported folder, and
+    not a Google ViT ``.npz`` (a ViT by definition, which :func:`studio.load.load_model` reads)."""
+    path = Path(source).expanduser()
+    return source not in DEMO_SOURCES and not path.is_dir() and path.suffix.lower() != ".npz"
 
 
 def check_arch(arch: str) -> None:
@@ -155,16 +158,20 @@ def check_arch(arch: str) -> None:
         )
 
 
+def _bare(name: str) -> StudioError:
+    return StudioError(
+        f"The teacher {name} is a bare checkpoint: also give its timm architecture, e.g. --teacher-arch "
+        "regnety_160 (the Teacher architecture field on the Retrain page)."
+    )
+
+
 def check_teacher_spec(spec: ModelSpec) -> None:
     """The checks a teacher spec passes without loading or reading anything (run before a run folder is written,
     and by the Retrain page before its submit button): a known architecture, and one for a checkpoint file."""
     if spec.arch:
         check_arch(spec.arch)
     elif Path(spec.source).suffix.lower() in CHECKPOINT_SUFFIXES:
-        raise StudioError(
-            f"The teacher {Path(spec.source).name} is a bare checkpoint: also give its timm architecture, e.g. "
-            "--teacher-arch regnety_160 (the Teacher architecture field on the Retrain page)."
-        )
+        raise _bare(Path(spec.source).name)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -181,7 +188,8 @@ def _create(arch: str, kwargs: Mapping[str, Any], img_size: int | None) -> tuple
     """``timm.create_model`` with ``img_size`` where the architecture takes it (ViTs); whether it took it."""
     if img_size is not None:
         try:
-            return timm.create_model(arch, pretrained=False, img_size=img_size, **kwargs), True
+            sized = {**kwargs, "img_size": img_size}  # the spec's size wins over one in its timm kwargs
+            return timm.create_model(arch, pretrained=False, **sized), True
         except TypeError as e:
             if "img_size" not in str(e):
                 raise StudioError(
@@ -231,19 +239,11 @@ def _from_checkpoint(spec: ModelSpec, device: torch.device) -> LoadedTeacher:
             "(with --teacher-arch)."
         )
     if not spec.arch:
-        raise StudioError(
-            f"The teacher {path.name} is a bare checkpoint: also give its timm architecture, e.g. "
-            "--teacher-arch regnety_160 (the Teacher architecture field on the Retrain page)."
-        )
+        raise _bare(path.name)
     check_arch(spec.arch)
-    if path.suffix.lower() == ".npz":
-        raise StudioError(
-            f"The teacher {path.name} is a Google ViT .npz: convert it to .safetensors first (studio import), "
-            "or give an exported studio folder."
-        )
-    sd = read_state_dict(
-        path
-    )  # safetensors, or a plain state dict read with weights_only=True: no pickle runs
+    # the studio's one checkpoint reader: safetensors, or a plain state dict under weights_only=True (no pickled
+    # object is ever built)
+    sd = read_state_dict(path)
     key = _classifier_key(spec.arch)
     head = sd.get(key) if key else None
     ckpt_classes = int(head.shape[0]) if head is not None and head.ndim >= 2 else None
@@ -290,7 +290,7 @@ def load_teacher(
     if is_checkpoint_source(spec.source):
         teacher = _from_checkpoint(spec, dev)
     else:
-        loaded = load_model(spec.with_(device=str(dev)))
+        loaded = load_model(spec.with_(device=str(dev), reset_head=False))
         teacher = LoadedTeacher(
             module=Teacher(loaded.model, TeacherInput(loaded.data_config, loaded.data_config)),
             arch=loaded.base.arch,

@@ -173,6 +173,25 @@ def test_distillation_from_a_cnn_teacher_equals_the_hand_computed_loss(cnn_teach
     assert not any(p.requires_grad for p in teacher.module.parameters())
 
 
+def test_a_vit_checkpoint_teacher_of_another_size_loads_any_family_and_converts(tmp_path):
+    """A distilled DeiT checkpoint (two heads) at 48 px teaching a 32 px student: classes read off ``head``, both
+    heads averaged in eval mode, and the batch resized for it."""
+    kw = {**KW, "img_size": 48}
+    torch.manual_seed(2)
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **kw).eval()
+    path = tmp_path / "deit.safetensors"
+    save_file(deit.state_dict(), str(path))
+    kwargs = {k: v for k, v in kw.items() if k not in ("img_size", "num_classes")}
+    spec = ModelSpec(str(path), arch="deit_tiny_distilled_patch16_224", img_size=48, kwargs=kwargs)
+    teacher = load_teacher(spec, student_config=STUDENT, num_classes=10, device="cpu")
+    assert teacher.num_classes == 10 and teacher.data_config["input_size"] == [3, 48, 48]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    up = F.interpolate(x * 0.5 + 0.5, size=(48, 48), mode="bicubic", align_corners=False, antialias=True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(teacher.module(x), deit((up - mean) / std), atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ refusals
 def test_each_refusal_is_one_sentence_saying_what_to_fix(cnn_teacher):
     def refuse(spec: ModelSpec, classes: int = 10) -> str:
