@@ -52,14 +52,25 @@ teacher_spec = infer_teacher(model)
 
 st.markdown("##### Recipe")
 with state.user_errors():
-    choice = recipe_form(picked["method"], teacher_spec.source if teacher_spec else "demo")
+    choice = recipe_form(
+        picked["method"],
+        teacher_spec.source if teacher_spec else "demo",
+        (teacher_spec.arch or "") if teacher_spec else "",
+    )
     device, nproc = device_picker("retrain")
     data = state.data_spec()
     st.caption(f"Data: {data} (train to fit, val to select and stop early, test for the final number).")
+teacher = None
+if choice.kd != "none" and choice.teacher:
+    teacher = ModelSpec(choice.teacher, arch=choice.teacher_arch or None, device=device)
+    t = teacher_spec
+    if t is not None and t.source == teacher.source and t.arch == teacher.arch:
+        teacher = t.with_(device=device)  # the inferred one, with its timm kwargs and data config
+# an unknown architecture, or a checkpoint without one, is refused beside the button (RecoverySpec.validate)
 spec = RecoverySpec(
     model=ModelSpec(model, device=device),
     data=data,
-    teacher=ModelSpec(choice.teacher, device=device) if choice.kd != "none" and choice.teacher else None,
+    teacher=teacher,
     preset=choice.preset,
     overrides=choice.overrides,
 )

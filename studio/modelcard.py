@@ -167,6 +167,15 @@ def model_card(
             f"- **Recovery**: preset `{r.get('name')}`, {r.get('epochs')} epochs, distillation "
             f"`{r.get('kd')}` ({r.get('source', '')})"
         )
+        t = recovery.get("teacher") or (results.get("retrain") or {}).get("teacher")
+        if isinstance(t, Mapping) and r.get("kd") not in (None, "none"):
+            top1 = f", test top-1 {_fmt(t['top1'], True)}" if t.get("top1") is not None else ""
+            size = (
+                f", fed at {t['input_size'][-1]} px"
+                if t.get("converts_input") and t.get("input_size")
+                else ""
+            )
+            lines.append(f"- **Teacher**: `{t.get('arch') or 'ViT'}` from `{t.get('source')}`{top1}{size}")
     elif plan is not None:
         lines.append(
             "- **Recovery**: none; the accuracy below is measured right after pruning (retrain to recover)"

@@ -21,7 +21,8 @@ are validated and kept) and ``accum_steps`` (gradient accumulation). The paper r
 recipe (P3B, SAViT, Isomorphic, DeiT) set its RandAugment and random erasing 0.25, and Mixup 0.8 / CutMix 1.0
 where they train without distillation (P3B, SAViT); ``quick`` leaves all of it off, as it was sized without it.
 Repeated augmentation (DeiT's ``RASampler``) is not reproduced, EMA and accumulation are left off, and each paper
-distils from its own teacher (e.g. RegNetY-160 for Isomorphic) where the studio uses the unpruned model.
+distils from its own teacher (e.g. RegNetY-160 for Isomorphic) where the studio uses the unpruned model unless
+another is given: a teacher of any timm architecture, fed at its own input size and mean/std (:mod:`studio.teacher`).
 """
 
 from __future__ import annotations
@@ -284,7 +285,8 @@ PRESETS: dict[str, Recipe] = {
         source=(
             "Isomorphic Pruning (Fang et al., ECCV 2024, arXiv 2407.04616), VainF/Isomorphic-Pruning "
             "scripts/finetuning/deit_*.sh: 300 epochs, AdamW lr 5e-4, wd 0.05, cosine without warm-up, label "
-            "smoothing 0.1, DeiT hard distillation (from RegNetY-160 there; from the unpruned model here); "
+            "smoothing 0.1, DeiT hard distillation (from RegNetY-160 there; here from the unpruned model, or "
+            "a RegNetY-160 checkpoint given with --teacher FILE --teacher-arch regnety_160); "
             "--auto-augment ra (torchvision's RandAugment, 2 ops at magnitude 9 of 31 bins: timm's "
             "rand-m3-n2-inc1 here) and --random-erase 0.25 (torchvision erases to zero, timm's pixel mode to "
             "noise); --ra-sampler (repeated augmentation) is not reproduced, and its --mixup-alpha 0.8 and "

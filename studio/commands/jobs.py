@@ -84,7 +84,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--kd", choices=KD_MODES, help="distillation: none, soft (Hinton) or hard (DeiT)")
     r.add_argument(
         "--teacher",
-        help="unpruned model to distil from (default: the model the export was pruned from), or 'none'",
+        help="model to distil from: an exported folder, 'demo', a checkpoint file (with --teacher-arch), or "
+        "'none' (default: the model the export was pruned from)",
+    )
+    r.add_argument(
+        "--teacher-arch",
+        help="timm architecture of a --teacher checkpoint, any family (e.g. regnety_160, DeiT's teacher); its "
+        "own input size and mean/std are used, the student's batches converted for it",
+    )
+    r.add_argument(
+        "--teacher-img-size",
+        type=positive_int,
+        help="input resolution of the --teacher checkpoint when it differs from its architecture's default",
     )
     for flag, (typ, _, text) in _RECIPE_FLAGS.items():
         r.add_argument(flag, type=typ, help=text)
@@ -148,10 +159,16 @@ def _spec_from_args(args: argparse.Namespace) -> RecoverySpec:
         raise StudioError("Give the pruned model with --model (e.g. runs/NAME/export), or a run with --run.")
     model = model_spec(args)
     teacher: ModelSpec | None
+    if (args.teacher_arch or args.teacher_img_size) and not (args.teacher and args.teacher.lower() != "none"):
+        raise StudioError(
+            "--teacher-arch and --teacher-img-size describe a --teacher checkpoint: also give --teacher FILE."
+        )
     if args.teacher and args.teacher.lower() == "none":
         teacher = None
     elif args.teacher:
-        teacher = ModelSpec(source=args.teacher, device=args.device)
+        teacher = ModelSpec(
+            source=args.teacher, arch=args.teacher_arch, img_size=args.teacher_img_size, device=args.device
+        )
     else:
         teacher = infer_teacher(args.model)
         if teacher is not None:

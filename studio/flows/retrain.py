@@ -24,6 +24,7 @@ from ..load import load_model
 from ..models import LoadedModel, ModelSpec
 from ..recovery import Distillation, Recipe, is_distilled, resolve_recipe
 from ..runs import RunDir
+from ..teacher import check_teacher_spec, load_teacher
 from ..train import fit, select_trainable
 from . import FLOWS, Flow
 from .stages import Measure, RunResult, finish
@@ -36,7 +37,9 @@ class RecoverySpec:
     Attributes:
         model: the pruned model (usually an exported folder, ``runs/NAME/export``).
         data: the labelled data (train for training, val for selection, ``eval_split`` for the final number).
-        teacher: the unpruned model to distil from (needed unless the recipe's ``kd`` is ``none``).
+        teacher: the model to distil from (needed unless the recipe's ``kd`` is ``none``): the unpruned model, or
+            a checkpoint of any timm architecture (``arch``: a CNN such as DeiT's RegNetY-160, or a ViT), fed the
+            student's batches converted to its own input size and mean/std (:mod:`studio.teacher`).
         preset: ``quick``, ``paper`` or ``paper:<method>`` (see :data:`PRESETS`).
         overrides: recipe fields to change (``epochs``, ``lr``, ``kd``, ``temperature``, ``alpha``, ...).
     """
@@ -59,6 +62,8 @@ class RecoverySpec:
     def validate(self) -> None:
         """Refuse an unknown preset or bad override before any work starts (one sentence, what to fix)."""
         self.recipe()
+        if self.teacher is not None:
+            check_teacher_spec(self.teacher)  # a known timm architecture, and one for a checkpoint file
         for k, v in self.overrides.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise StudioError(f"--{k.replace('_', '-')} must be a finite number, got {v}.")
@@ -176,15 +181,14 @@ def run_recovery(
                     f"Distillation '{recipe.kd}' needs a teacher: give --teacher (the unpruned model), "
                     "or --kd none."
                 )
-            teacher = load_model(replace(spec.teacher, device=device))
-            if teacher.base.num_classes != n_classes:
-                raise StudioError(
-                    f"The teacher classifies {teacher.base.num_classes} classes, the student {n_classes}: "
-                    "distil from the unpruned model the student was pruned from."
-                )
+            # any timm architecture, fed the student's batches converted to its own preprocessing (DeiT's
+            # RegNet teacher); a wrong architecture, checkpoint or class count is refused here, before training
+            teacher = load_teacher(
+                spec.teacher, student_config=loaded.data_config, num_classes=n_classes, device=device
+            )
             hooks.append(
                 Distillation(
-                    teacher.model,
+                    teacher.module,
                     loaded.model,
                     mode=recipe.kd,
                     temperature=recipe.temperature,
@@ -192,8 +196,19 @@ def run_recovery(
                     label_smoothing=recipe.label_smoothing,
                 )
             )
+            teacher_info = teacher.describe()
             if main and test is not None:
-                teacher_info = {"source": teacher.source, "top1": evaluate(teacher.model, test).top1}
+                teacher_info["top1"] = evaluate(teacher.module, test).top1
+            emit(
+                cbs,
+                "log",
+                message=f"teacher {teacher.arch} ({teacher.source})"
+                + (
+                    f", its input converted to {teacher.data_config['input_size'][-1]} px and its mean/std"
+                    if teacher_info["converts_input"]
+                    else ""
+                ),
+            )
 
         before: dict[str, Any] = profile(loaded.model, loaded.data_config["input_size"])
         if main and test is not None:
@@ -237,7 +252,9 @@ def run_recovery(
             started=t0,
             eval_data=test,
             before=before,
-            export_extra={"recovery": {"recipe": recipe.to_dict(), "from": loaded.source}},
+            export_extra={
+                "recovery": {"recipe": recipe.to_dict(), "from": loaded.source, "teacher": teacher_info}
+            },
             section=lambda before, after: {
                 "recipe": recipe.to_dict(),
                 "teacher": teacher_info,

@@ -33,16 +33,19 @@ RECIPE_KEYS = [
 
 @dataclass(frozen=True)
 class RecipeChoice:
-    """What the form chose: the preset, the distillation mode and teacher, and the overrides of the preset."""
+    """What the form chose: the preset, the distillation mode and teacher (source, and the timm architecture of a
+    checkpoint file, empty otherwise), and the overrides of the preset."""
 
     preset: str
     kd: str
     teacher: str
     overrides: dict[str, Any]
+    teacher_arch: str = ""
 
 
-def recipe_form(method: str, teacher_default: str) -> RecipeChoice:
-    """Draw the recipe widgets for a model pruned by ``method``; ``teacher_default``: the inferred teacher."""
+def recipe_form(method: str, teacher_default: str, teacher_arch_default: str = "") -> RecipeChoice:
+    """Draw the recipe widgets for a model pruned by ``method``; ``teacher_default``: the inferred teacher (and
+    ``teacher_arch_default`` its architecture, when it is a checkpoint file)."""
     r1, r2 = st.columns([1, 2])
     preset = r1.selectbox(
         "Preset",
@@ -79,12 +82,24 @@ def recipe_form(method: str, teacher_default: str) -> RecipeChoice:
         key="retrain_alpha",
         disabled=kd == "none",
     )
-    teacher = st.text_input(
-        "Teacher (the unpruned model)",
+    t1, t2 = st.columns([2, 1])
+    teacher = t1.text_input(
+        "Teacher",
         value=teacher_default,
         key="retrain_teacher",
         disabled=kd == "none",
+        help="the unpruned model (an exported folder or demo), or a checkpoint file of any timm architecture.",
     )
+    teacher_arch = t2.text_input(
+        "Teacher architecture",
+        value=teacher_arch_default,
+        key="retrain_teacher_arch",
+        disabled=kd == "none",
+        placeholder="e.g. regnety_160",
+        help="the timm architecture of a teacher checkpoint file, CNN or ViT (DeiT distils from RegNetY-160); "
+        "empty for an exported folder. The teacher keeps its own input size and mean/std: each batch is "
+        "converted for it.",
+    ).strip()
     o1, o2, o3, o4 = st.columns(4)
     epochs = o1.number_input("Epochs", 1, 1000, recipe.epochs, key="retrain_epochs")
     lr = o2.number_input("Learning rate", 1e-6, 1.0, recipe.lr, format="%.1e", key="retrain_lr")
@@ -152,4 +167,4 @@ def recipe_form(method: str, teacher_default: str) -> RecipeChoice:
         "mixup": float(mixup) if kd == "none" else 0.0,
         "cutmix": float(cutmix) if kd == "none" else 0.0,
     }
-    return RecipeChoice(preset, kd, teacher, overrides)
+    return RecipeChoice(preset, kd, teacher, overrides, teacher_arch)
