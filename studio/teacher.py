@@ -39,9 +39,9 @@ from .errors import StudioError
 from .load import load_model  # the demo and exported folders load as every model does
 from .models import DEMO_SOURCES, ModelSpec, data_config, plain_error, read_state_dict
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".npz")  # what studio.models reads
 # timm interpolation names -> torch's resize modes. torch has no Lanczos, and timm's "random" (a training-time
 # draw) has no single meaning for a teacher: both resize bicubically, the closest of torch's filters
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".npz")  # what studio.models reads
 _MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "area": "area"}
 
 
