@@ -294,22 +294,25 @@ def test_weight_and_l2_criteria_score_whole_groups_of_the_adapted_weights():
 
 
 def test_uniform_selection_takes_the_same_fraction_from_every_layer():
+    """The default (ViT) protocol prunes heads, head dims and MLP neurons uniformly per layer."""
     _, base = tiny()
     masks = UnitMasks.full(base)
-    scopes = ("head_dims", "mlp")
+    scopes = ("heads", "head_dims", "mlp")
+    default = SploraOptions.from_params({})
     g = torch.Generator().manual_seed(0)
     scores = {k: torch.rand(len(m), dtype=torch.float64, generator=g) for k, m in masks.layers(scopes)}
     half = len(scores[("mlp", 1)]) // 2
     scores[("mlp", 1)][:half] = 1e-9  # many near-dead units in one layer: the global ranking takes them all
     total = sum(m.numel() for _, m in masks.layers(scopes))
     n = total // 4
-    chosen = choose_pruned(scores, masks, scopes, n, "l2", "uniform")
+    chosen = choose_pruned(scores, masks, scopes, n, default.criterion, default.selection)
     assert sum(len(v) for v in chosen.values()) == n
     for key, m in masks.layers(scopes):
         taken = chosen.get(key, [])
         assert abs(len(taken) - m.numel() / 4) <= 1, key  # the same fraction of every layer
         rest = [j for j in range(m.numel()) if j not in taken]
-        assert max(float(scores[key][j]) for j in taken) <= min(float(scores[key][j]) for j in rest)
+        if taken:  # a 3-head layer may lose none of its heads at a quarter
+            assert max(float(scores[key][j]) for j in taken) <= min(float(scores[key][j]) for j in rest)
     glob = choose_pruned(scores, masks, scopes, n, "l2", "global")
     assert len(glob[("mlp", 1)]) >= min(n, half) > len(chosen[("mlp", 1)])
 
