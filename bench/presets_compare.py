@@ -89,6 +89,14 @@ def differences(method: str, fixed: tuple[str, ...]) -> list[str]:
     return out
 
 
+def used(method: str, res: dict[str, Any]) -> str | None:
+    """What a run could use of what its preset asked for, where the demo is smaller than the paper's data."""
+    params = (res.get("plan") or {}).get("params") or {}
+    if method == "savit" and params.get("hvp_batches_used") is not None:
+        return f"{params['hvp_batches_used']} of the {params['hvp_batches']} HVP batches asked for"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the runs (must not exist)")
@@ -116,7 +124,7 @@ def main() -> None:
     )
     for method in a.methods:
         case = CASES[method]
-        rows = []
+        rows, notes = [], []
         for preset in ("cpu", "paper"):
             run = a.out / f"{method}-{preset}"
             res, secs = studio(
@@ -130,6 +138,8 @@ def main() -> None:
                     "--no-bench", "--out", str(a.out / f"{method}-{preset}-recovered"),
                 )  # fmt: skip
                 recovered, secs = rt["after"]["top1"], secs + more
+            if (u := used(method, res)) is not None:
+                notes.append(f"{'studio default' if preset == 'cpu' else 'paper preset'}: {u}")
             rows.append(
                 (
                     preset,
@@ -163,6 +173,12 @@ def main() -> None:
             line = f"| {'studio default' if preset == 'cpu' else 'paper preset'} | {pct(macs)}{' (missed)' if missed else ''} | {pct(params)} | {pct(top1)} |"
             line += f" {pct(rec)} |" if case.recover else ""
             print(line + f" {secs:.0f} |")
+        if notes:
+            print(
+                "\nUsed (the demo's training split is smaller than the paper's data): "
+                + "; ".join(notes)
+                + "."
+            )
         diffs = differences(method, case.fixed)
         print(
             "\nWhat the paper preset sets differently: " + ("; ".join(diffs) if diffs else "nothing") + ".\n"

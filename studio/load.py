@@ -27,6 +27,7 @@ from .models import (
     plain_error,
     read_state_dict,
 )
+from .petl import ConvpassSpec, add_convpass
 
 
 def _head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
@@ -100,7 +101,10 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
             )
         num_classes = spec.num_classes if spec.num_classes is not None else ckpt_classes
         kwargs = _ctor_kwargs(spec, num_classes)
+        adapter = _convpass_in(sd, spec, path)
         model = create_vit(spec.arch, **kwargs)
+        if adapter is not None:  # a PETL-tuned checkpoint: the backbone with its trained bypasses
+            add_convpass(model, adapter)
         _load_strict(model, sd, path, allow_missing_head=spec.reset_head)
     model.eval().to(device)
     base = describe_base(model, spec.arch, kwargs)
@@ -112,6 +116,25 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
         device=device,
         source=str(path),
     )
+
+
+def _convpass_in(sd: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) -> ConvpassSpec | None:
+    """The Convpass adapters a checkpoint carries (their width read off the weights, their scale from the spec),
+    or None; refused when the scale, which no checkpoint records, is missing or given for a plain checkpoint."""
+    downs = sorted(k for k in sd if k.endswith(".adapter_attn.adapter_down.weight"))
+    if not downs:
+        if spec.convpass_scale is not None:
+            raise StudioError(
+                f"--convpass-scale was given but {path.name} carries no Convpass adapters (no "
+                "blocks.N.adapter_attn.* weights): drop the option."
+            )
+        return None
+    if spec.convpass_scale is None:
+        raise StudioError(
+            f"{path.name} carries Convpass adapters ({downs[0]}): give the scale s they were trained with "
+            "(--convpass-scale S; the SLS reference sets it per dataset, e.g. 10 for EuroSAT)."
+        )
+    return ConvpassSpec(dim=int(sd[downs[0]].shape[0]), scale=float(spec.convpass_scale)).validate()
 
 
 def _load_strict(

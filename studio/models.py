@@ -48,6 +48,8 @@ class ModelSpec:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         data: data-config overrides (``mean``, ``std``, ``interpolation``, ``crop_pct``).
         kwargs: extra timm constructor arguments (``patch_size``, ``embed_dim``, ...).
+        convpass_scale: the scale ``s`` of the Convpass adapters a PETL-tuned checkpoint carries (the SLS
+            reference sets it per dataset); the checkpoint itself does not record it.
     """
 
     source: str = "demo"
@@ -58,6 +60,7 @@ class ModelSpec:
     device: str = "auto"
     data: Mapping[str, Any] = field(default_factory=dict)
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    convpass_scale: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +72,7 @@ class ModelSpec:
             "device": self.device,
             "data": dict(self.data),
             "kwargs": dict(self.kwargs),
+            "convpass_scale": self.convpass_scale,
         }
 
     @classmethod

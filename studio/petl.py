@@ -191,18 +191,25 @@ def fuse_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_unfused(model: nn.Module) -> None:
-    """Refuse width surgery on adapted models (their adapters would not be sliced)."""
+def width_refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s widths cannot be pruned (its adapters would not be sliced), or None."""
     if has_lora(model):
-        raise StudioError(
+        return (
             "This model carries LoRA adapters; fuse them first (studio.petl.fuse_lora) before pruning widths. "
             "Depth cuts (SLS) work on adapted models directly."
         )
     if has_convpass(model):
-        raise StudioError(
+        return (
             "This model carries Convpass adapters, which read and write every embedding channel and cannot be "
             "folded: prune its depth (SLS), or prune the backbone before adapting it."
         )
+    return None
+
+
+def check_unfused(model: nn.Module) -> None:
+    """Refuse width surgery on adapted models (their adapters would not be sliced)."""
+    if (why := width_refusal(model)) is not None:
+        raise StudioError(why)
 
 
 def petl_finetune(

@@ -251,3 +251,32 @@ def test_bad_convpass_specs_are_refused(tiny_vit):
     add_lora(lora, LoRASpec(rank=2))
     with pytest.raises(StudioError, match="LoRA adapters; fuse them"):
         add_convpass(lora)
+
+
+def test_a_convpass_tuned_checkpoint_loads_with_its_scale_and_only_its_depth_is_prunable(tiny_vit, tmp_path):
+    from safetensors.torch import save_file
+
+    from studio.load import load_model
+    from studio.models import ModelSpec
+    from studio.petl import ConvpassSpec, has_convpass
+    from studio.prune import load_methods
+
+    model = _convpass_model(tiny_vit, ConvpassSpec(dim=4, scale=2.0))
+    path = tmp_path / "petl.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    spec = ModelSpec(str(path), arch="vit_tiny_patch16_224", kwargs=TINY, device="cpu")
+    with pytest.raises(StudioError, match=r"carries Convpass adapters .*--convpass-scale S"):
+        load_model(spec)
+    loaded = load_model(spec.with_(convpass_scale=2.0))
+    assert has_convpass(loaded.model) and loaded.model.blocks[0].convpass.dim == 4
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(x), model(x))
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(plain))
+    with pytest.raises(StudioError, match="carries no Convpass adapters"):
+        load_model(ModelSpec(str(plain), arch="vit_tiny_patch16_224", kwargs=TINY, convpass_scale=2.0))
+    methods = load_methods()
+    with pytest.raises(StudioError, match="Convpass adapters, which read and write"):
+        methods.get("magnitude").refuse(loaded.model, {"target_macs": 0.5})
+    assert "blocks" not in methods.get("sls").refused_units(loaded.model)

@@ -50,6 +50,11 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False) -> Non
     g.add_argument("--img-size", type=positive_int, help="input resolution if not the architecture default")
     g.add_argument("--reset-head", action="store_true", help="start a fresh classifier of --num-classes")
     g.add_argument(
+        "--convpass-scale",
+        type=positive_float,
+        help="the scale s of the Convpass adapters a PETL-tuned checkpoint carries (SLS; not stored in the file)",
+    )
+    g.add_argument(
         "--timm-kwargs",
         type=json_object,
         default="{}",  # a string default goes through ``type``: a fresh dict per parse
@@ -109,6 +114,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         device=args.device,
         data=data,
         kwargs=kwargs,
+        convpass_scale=getattr(args, "convpass_scale", None),
     )
 
 

@@ -45,6 +45,7 @@ from ..families import UNITS, prunable_units
 from ..latency import profile_latency
 from ..memory import MODES
 from ..models import LoadedModel
+from ..petl import width_refusal
 from ..plan import PrunePlan
 from ..registry import Registry
 from ..surgery import apply_plan
@@ -290,8 +291,12 @@ class Method:
             raise ValueError(f"method '{self.name}': calibration must be one of {MODES}")
 
     def refused_units(self, model: torch.nn.Module) -> Mapping[str, str]:
-        """The units of ``model`` this method cannot prune exactly, each with the reason."""
-        return self.unit_refusals(model) if self.unit_refusals is not None else {}
+        """The units of ``model`` this method cannot prune exactly, each with the reason (every width unit of a
+        model carrying PETL adapters, which the surgery would not slice)."""
+        out = dict(self.unit_refusals(model)) if self.unit_refusals is not None else {}
+        if (why := width_refusal(model)) is not None:
+            out.update({u: why for u in self.units if u != "blocks" and u not in out})
+        return out
 
     def refuse(self, model: torch.nn.Module, params: Mapping[str, Any] | None = None) -> None:
         """Raise, as one :class:`StudioError` sentence, why a run with ``params`` cannot prune ``model``."""

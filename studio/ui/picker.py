@@ -68,9 +68,17 @@ def model_widgets() -> ModelSpec:
     arch = c1.text_input("timm architecture", "vit_small_patch16_224", key="pick_arch")
     classes = c2.number_input("Classes (0: from the checkpoint)", 0, 100_000, 0, key="pick_classes")
     img = c3.number_input("Image size (0: the architecture's)", 0, 4096, 0, key="pick_img")
-    c1, c2 = st.columns([3, 1])
+    c1, c2, c3 = st.columns([3, 1, 1])
     kwargs_text = c1.text_input("Extra timm kwargs (JSON)", "{}", key="pick_kwargs")
     reset = c2.checkbox("New classifier", key="pick_reset", help="drop the checkpoint's head (needs Classes)")
+    scale = c3.number_input(
+        "Convpass scale (0: none)",
+        0.0,
+        1e4,
+        0.0,
+        key="pick_convpass_scale",
+        help="for a PETL-tuned checkpoint with Convpass adapters (SLS): the scale s they were trained with",
+    )
     if source == "checkpoint":
         file = check_path(path, what="Checkpoint", kind="file")
     elif up is None:
@@ -92,6 +100,7 @@ def model_widgets() -> ModelSpec:
         reset_head=reset,
         device=device,
         kwargs=kwargs,
+        convpass_scale=float(scale) or None,
     )
 
 
