@@ -27,6 +27,7 @@ from .models import (
     plain_error,
     read_state_dict,
 )
+from .parallel import split_state_dict
 
 
 def _head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
@@ -101,6 +102,7 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
         num_classes = spec.num_classes if spec.num_classes is not None else ckpt_classes
         kwargs = _ctor_kwargs(spec, num_classes)
         model = create_vit(spec.arch, **kwargs)
+        sd = split_state_dict(sd, model)  # timm's fused ParallelScalingBlock names -> the split block's
         _load_strict(model, sd, path, allow_missing_head=spec.reset_head)
     model.eval().to(device)
     base = describe_base(model, spec.arch, kwargs)

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import families
 from .errors import StudioError
+from .parallel import split_parallel
 from .plan import BaseArch, PrunePlan
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -195,7 +196,9 @@ def create_vit(arch: str, **kwargs: Any) -> VisionTransformer:
                 "models (ViT, DeiT, DeiT-distilled)."
             ) from None
         raise StudioError(f"Architecture '{arch}' does not accept these options ({e}).") from None
-    return check_family(model)
+    # ParallelScalingBlock -> the studio's ParallelBlock of the same function (studio.parallel), before the
+    # family check, so every model the studio creates has the split structure its plans refer to
+    return check_family(split_parallel(model))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
