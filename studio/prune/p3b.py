@@ -79,8 +79,8 @@ from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, emit
 from ..families import mlp_hidden, mlp_layout
-from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..parallel import ParallelBlock
+from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_supported
 from . import METHODS, Budget, Method, Option
 
@@ -206,9 +206,7 @@ def unit_refusals(model: nn.Module) -> dict[str, str]:
                 "does not have. Prune this model with another method (Isomorphic, SAViT, SLS, the baselines)."
             )
         elif type(blk) is not Block:
-            why = (
-                f"Block {i} is already pruned ({type(blk).__name__}); P3B starts from an unpruned model."
-            )
+            why = f"Block {i} is already pruned ({type(blk).__name__}); P3B starts from an unpruned model."
         else:
             why = _gate_refusal(i, blk)
         if why is not None:

@@ -1,0 +1,153 @@
+"""ViT-22B's parallel blocks (issue 14): timm's fused ``ParallelScalingBlock`` split at load into the studio's
+``ParallelBlock`` of the same function, in each of its configurations (separate or fused output projection,
+``in_proj`` bias or ``mlp_bias``, qk-norm, LayerScale, the ``*_xp_*`` pre-norm RmsNorm variant), pruned in
+every unit exactly; ParallelThingsBlock and an unsplit block refused in one sentence.
+
+The every-method sweep (targets, export -> reload, ONNX, P3B/SPLoRA jobs) runs on this family in
+``tests/test_families.py``; these cases cover the configurations its one example does not.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models.vision_transformer import ParallelScalingBlock
+
+from studio.bench import profile
+from studio.costs import with_summary
+from studio.errors import StudioError
+from studio.families import SMALL, check
+from studio.load import load_model
+from studio.models import ModelSpec, create_vit, data_config, describe_base
+from studio.parallel import ParallelBlock, split_parallel, split_state_dict
+from studio.plan import BlockPlan, PrunePlan
+from studio.prune import load_methods
+from studio.surgery import apply_plan, mask_model
+
+PWEE = "vit_pwee_patch16_reg1_gap_256"
+_FUSED = partial(ParallelScalingBlock, fuse_out_proj=True)
+VARIANTS = {
+    "separate out projections, mlp_bias": (PWEE, {}),
+    "fused out_proj, in_proj bias": (PWEE, {"block_fn": _FUSED, "qkv_bias": True}),
+    "fused out_proj, qk-norm, no proj bias": (
+        PWEE,
+        {"block_fn": _FUSED, "qk_norm": True, "proj_bias": False, "init_values": 0.1},
+    ),
+    "xp: pre-norm, RmsNorm, qk-norm": ("vit_base_patch16_xp_224", {}),
+}
+
+
+def _timm(arch: str, kw: dict) -> torch.nn.Module:
+    """timm's own model with the fused blocks, random weights nudged off their zero inits."""
+    torch.manual_seed(0)
+    m = timm.create_model(arch, **{**SMALL, **kw}).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.randn(
+        3, 3, SMALL["img_size"], SMALL["img_size"], generator=torch.Generator().manual_seed(seed)
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_split_block_computes_timms_fused_block_with_the_same_weights(variant):
+    arch, kw = VARIANTS[variant]
+    fused = _timm(arch, kw)
+    x = _x()
+    with torch.inference_mode():
+        ref = fused(x)
+    sd = {k: v.clone() for k, v in fused.state_dict().items()}
+    split = split_parallel(copy.deepcopy(fused))
+    assert all(type(b) is ParallelBlock for b in split.blocks)
+    assert sum(p.numel() for p in split.parameters()) == sum(p.numel() for p in fused.parameters())
+    # what the studio builds (create_vit splits) takes timm's checkpoint once renamed
+    built = create_vit(arch, **{**SMALL, **kw}).eval()
+    built.load_state_dict(split_state_dict(sd, built), strict=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(split(x), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(built(x), ref, atol=1e-5, rtol=0)
+
+
+def test_a_timm_checkpoint_of_parallel_blocks_loads_split(tmp_path):
+    fused = _timm(PWEE, {})
+    path = tmp_path / "pwee.safetensors"
+    save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, str(path))
+    loaded = load_model(ModelSpec(str(path), arch=PWEE, kwargs=SMALL, device="cpu"))
+    assert all(type(b) is ParallelBlock for b in loaded.model.blocks)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(_x()), fused(_x()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_unit_of_a_parallel_block_is_cut_exactly(variant):
+    """Heads, head dims, MLP neurons and embedding channels at once: masked = pruned logits, counted = analytic
+    params and MACs, and the pruned block is narrower where the plan says."""
+    arch, kw = VARIANTS[variant]
+    m = split_parallel(_timm(arch, kw))
+    base = describe_base(m, arch, {**SMALL, **kw})
+    d, E = base.head_dim, base.embed_dim
+    plan = PrunePlan(
+        base,
+        tuple(
+            BlockPlan(
+                i,
+                heads=(0, 2) if i == 1 else None,
+                head_dims=tuple(range(i % 2, d, 2)),
+                mlp=tuple(range(0, base.mlp_hidden[i], 3)),
+            )
+            for i in range(base.depth)
+        ),
+        embed=tuple(c for c in range(E) if c % 4),
+    )
+    plan = with_summary(plan)
+    pruned = apply_plan(copy.deepcopy(m), plan).eval()
+    blk = pruned.blocks[1]
+    assert type(blk) is ParallelBlock and blk.attn.num_heads == 2 and blk.attn.head_dim == len(range(1, d, 2))
+    assert blk.mlp.fc1.out_features == len(range(0, base.mlp_hidden[1], 3)) and blk.norm1.weight.shape == (
+        E * 3 // 4,
+    )
+    counted = profile(pruned, data_config(m)["input_size"])
+    assert counted["params"] == plan.summary["params_after"] and counted["macs"] == plan.summary["macs_after"]
+    x = _x(1)
+    with torch.inference_mode():
+        out = pruned(x)
+        torch.testing.assert_close(mask_model(m, plan)(x), out, atol=1e-4, rtol=0)
+        assert not torch.allclose(out, m(x), atol=1e-3)  # a real cut, not the dense function
+
+
+def test_a_removed_parallel_block_adds_nothing():
+    m = split_parallel(_timm(PWEE, {"init_values": 0.1}))
+    base = describe_base(m, PWEE, SMALL)
+    plan = with_summary(PrunePlan(base, (BlockPlan(0), BlockPlan(2))))
+    pruned = apply_plan(copy.deepcopy(m), plan).eval()
+    assert len(pruned.blocks) == 2
+    assert profile(pruned, data_config(m)["input_size"])["macs"] == plan.summary["macs_after"]
+    with torch.inference_mode():
+        torch.testing.assert_close(mask_model(m, plan)(_x()), pruned(_x()), atol=1e-4, rtol=0)
+
+
+def test_unsupported_parallel_structures_are_refused_in_one_sentence():
+    with pytest.raises(StudioError, match=r"ParallelScalingBlock.*Load the model through the studio"):
+        check(_timm(PWEE, {}))  # built outside create_vit: still fused
+    for arch, says in (("vit_small_patch16_18x2_224", "ParallelThingsBlock"),
+                       ("vit_dpwee_patch16_reg1_gap_256", "DiffParallelScalingBlock")):  # fmt: skip
+        with pytest.raises(StudioError, match=says) as e, torch.device("meta"):
+            create_vit(arch, **SMALL)
+        assert "\n" not in str(e.value) and "ParallelScalingBlock" in str(e.value)
+
+
+def test_p3b_refuses_parallel_blocks_before_any_work_and_the_others_prune_them():
+    m = create_vit(PWEE, **SMALL)
+    why = load_methods().get("p3b").refused_units(m)
+    assert why and all("parallel block" in s and "another method" in s for s in why.values())
+    for name in ("isomorphic", "savit", "sls", "magnitude", "taylor", "random", "splora"):
+        assert not load_methods().get(name).refused_units(m), name
