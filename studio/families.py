@@ -6,10 +6,11 @@ studio.families``) and the Model page follow without being edited:
 - :data:`FAMILIES`: the variants of timm's ``VisionTransformer`` the plan, surgery, masking, analytic costs,
   export and every method handle (class token, distillation token, LayerScale, patch 14, pre-norm, average
   pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads, ViT-22B's parallel
-  scaling blocks, split at load by :mod:`studio.parallel`). Each one detects itself on a built model, says which
+  scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`). Each one detects itself on a built model, says which
   plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
   every planning method on.
-- :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock, differential attention, custom MLPs, gated attention,
+- :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock branches with their own
+  qk-norm or scale norms, differential attention, custom MLPs, gated attention,
   other attention pools, rotary or relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
   shown at load, naming the module type, the block index, what is supported and what the user can do; the
   checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
@@ -28,7 +29,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
-from .parallel import ParallelBlock
+from .parallel import MERGED, ParallelBlock, things_refusal
 from .registry import Registry
 
 # the plan's units (studio.plan): what a method may remove, in the order the UI lists them
@@ -94,7 +95,7 @@ REFUSALS: Registry[Refusal] = Registry("refused model structure")
 
 SUPPORTED = (
     "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP) or "
-    "`ParallelScalingBlock`s: ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's "
+    "`ParallelScalingBlock`/`ParallelThingsBlock`s: ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's "
     "family table"
 )
 
@@ -297,6 +298,16 @@ for _family in (
         "needs the stream between the branches)",
     ),
     Family(
+        "parallel things block (18x2)",
+        lambda m: any(getattr(b, MERGED, 0) > 1 for b in _blocks(m)),
+        "vit_small_patch16_18x2_224",
+        {"init_values": 1e-1},
+        docs="`vit_small_patch16_18x2_224` (`block_fn=ParallelThingsBlock`)",
+        note="merged at load into one Block of P·H heads and P·M neurons (each branch's norm affine folded into "
+        "its qkv/fc1, its LayerScale into its proj/fc2; the merged linears have biases); a unit is one "
+        "branch's head or neuron; exports carry the merged block",
+    ),
+    Family(
         "attention-pool head (SigLIP)",
         lambda m: getattr(m, "attn_pool", None) is not None,
         "vit_base_patch16_siglip_224",
@@ -348,9 +359,18 @@ def _block_type(model: nn.Module, blocks_ok: tuple[type[nn.Module], ...]) -> str
                 "is timm's fused ParallelScalingBlock; the studio prunes it split (studio.parallel.split_parallel, "
                 "which studio.models.create_vit applies). Load the model through the studio."
             )
+        if type(b).__name__ == "ParallelThingsBlock":
+            why = things_refusal(b)
+            return (
+                f"is a ParallelThingsBlock whose branches cannot be merged into one Block: {why}. Build it "
+                "without those (timm's Attention and Mlp, no qk_norm or scale norms)."
+                if why is not None
+                else "is timm's ParallelThingsBlock; the studio prunes it merged (studio.parallel.split_parallel, "
+                "which studio.models.create_vit applies). Load the model through the studio."
+            )
         return (
-            f"is a {type(b).__name__}; the studio prunes timm's pre-norm `Block` and `ParallelScalingBlock` "
-            f"only (no ParallelThingsBlock or differential attention): {SUPPORTED}. Use an architecture built of "
+            f"is a {type(b).__name__}; the studio prunes timm's pre-norm `Block`, `ParallelScalingBlock` and "
+            "`ParallelThingsBlock` only (no differential attention or other blocks): use an architecture built of "
             "those blocks."
         )
 
@@ -445,12 +465,12 @@ for _refusal in (
         rank=10,
     ),
     Refusal(
-        "parallel blocks",
+        "parallel things blocks with qk-norm or scale norms",
         _block_type,
         "vit_small_patch16_18x2_224",
-        "ParallelThingsBlock",
-        {**SMALL, "depth": 2},
-        docs="`vit_small_patch16_18x2_224`",
+        "ParallelThingsBlock whose branches cannot be merged",
+        {**SMALL, "depth": 2, "qk_norm": True},
+        docs="`vit_small_patch16_18x2_224` with `qk_norm=True`",
         rank=20,
     ),
     Refusal(

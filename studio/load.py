@@ -27,7 +27,7 @@ from .models import (
     plain_error,
     read_state_dict,
 )
-from .parallel import split_state_dict
+from .parallel import split_parallel
 
 
 def _head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
@@ -79,7 +79,7 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
     assert spec.arch is not None
     if path.suffix.lower() == ".npz":
         kwargs = _ctor_kwargs(spec, spec.num_classes)
-        model = create_vit(spec.arch, **kwargs)
+        model = create_vit(spec.arch, split=False, **kwargs)
         try:
             model.load_pretrained(str(path))
         except (KeyError, ValueError, RuntimeError, OSError) as e:
@@ -101,9 +101,10 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
             )
         num_classes = spec.num_classes if spec.num_classes is not None else ckpt_classes
         kwargs = _ctor_kwargs(spec, num_classes)
-        model = create_vit(spec.arch, **kwargs)
-        sd = split_state_dict(sd, model)  # timm's fused ParallelScalingBlock names -> the split block's
+        model = create_vit(spec.arch, split=False, **kwargs)
         _load_strict(model, sd, path, allow_missing_head=spec.reset_head)
+    # timm's checkpoint went into timm's own blocks: parallel ones become the studio's now (studio.parallel)
+    model = split_parallel(model)
     model.eval().to(device)
     base = describe_base(model, spec.arch, kwargs)
     return LoadedModel(

@@ -1,4 +1,6 @@
-"""timm's ``ParallelScalingBlock`` (ViT-22B's parallel block) as a studio :class:`ParallelBlock` of the same function.
+"""timm's parallel blocks as blocks the studio prunes, computing the same function.
+
+**ParallelScalingBlock** (ViT-22B) becomes a studio :class:`ParallelBlock`:
 
 timm's block fuses the MLP's input and the attention's q, k, v into one ``in_proj`` (rows ``[mlp | q | k | v]``,
 ``in_split``), adds ``mlp_bias`` to the MLP part when ``in_proj`` has no bias, and writes through one fused
@@ -12,8 +14,15 @@ the ``in_proj`` rows and ``out_proj`` columns it owned before, so the split bloc
 to float summation order) and the one plan format, surgery, masking, costs, grouping and every method apply to
 it unchanged: a head's group is its q/k/v rows of ``in_proj`` and its ``out_proj`` columns, a neuron's its MLP row
 of ``in_proj``, its ``mlp_bias`` entry and its ``out_proj`` column. Exports carry the split names
-(``blocks.i.attn.qkv``...), which the reload rebuilds the same way; a timm checkpoint of the fused block is
-renamed on load (:func:`split_state_dict`).
+(``blocks.i.attn.qkv``...), which the reload rebuilds the same way; a timm checkpoint is loaded into timm's own
+blocks first and split after (:func:`studio.load.load_model`).
+
+**ParallelThingsBlock** ("Three things", ``vit_*_18x2_*``: P attention branches, then P MLP branches, each with
+its own norm and LayerScale) becomes one timm ``Block`` of ``P·H`` heads and ``P·M`` MLP neurons
+(:func:`merge_things`): each branch's norm affine is folded into its input linear and its LayerScale into its
+output linear, so the branches share one plain norm and concatenate; head ``i·H + h`` is branch ``i``'s head
+``h``. The merged block carries :data:`MERGED` (its branch count), which is how the family finds it. Branches
+with their own qk-norm or scale norms, or other attention/MLP layers, cannot share one norm and stay refused.
 
 Why split rather than slice the fused layers in place: every part of the studio (surgery, costs, SAViT's gates,
 P3B's masks, torch-pruning's tracing, LoRA) addresses a block's ``attn.qkv``/``mlp.fc1``; the split keeps one
@@ -22,13 +31,16 @@ code path for all of them, and torch-pruning traces two linears exactly where it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
 
 import torch
 from timm.layers import Mlp
 from timm.layers.attention import Attention
-from timm.models.vision_transformer import ParallelScalingBlock
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ParallelThingsBlock
 from torch import nn
+
+#: timm's block types :func:`split_parallel` replaces
+PARALLEL_TYPES: tuple[type[nn.Module], ...] = (ParallelScalingBlock, ParallelThingsBlock)
 
 
 class ParallelBlock(nn.Module):
@@ -101,51 +113,124 @@ def split_block(blk: ParallelScalingBlock) -> ParallelBlock:
 
 
 def split_parallel(model: nn.Module) -> nn.Module:
-    """Replace every ``ParallelScalingBlock`` of ``model`` by its :func:`split_block`, **in place**."""
+    """Replace every ``ParallelScalingBlock`` of ``model`` by its :func:`split_block` and every mergeable
+    ``ParallelThingsBlock`` by its :func:`merge_things`, **in place** (other blocks are left as they are; the
+    family check refuses what stays)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
         return model
     for i, blk in enumerate(blocks):
         if type(blk) is ParallelScalingBlock:
             blocks[i] = split_block(blk)
+        elif type(blk) is ParallelThingsBlock and things_refusal(blk) is None:
+            blocks[i] = merge_things(blk)
     return model
 
 
-def split_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A timm ``ParallelScalingBlock`` state dict renamed and split to ``model``'s :class:`ParallelBlock` keys
-    (``in_proj`` -> ``attn.qkv`` + ``mlp.fc1``, ``mlp_bias`` -> ``mlp.fc1.bias``, ``out_proj`` or
-    ``attn_out_proj``/``mlp_out_proj`` -> ``attn.proj`` + ``mlp.fc2``, ``in_norm`` -> ``norm1``, ``ls`` -> ``ls1``).
-    Keys of other blocks, and a state dict already split, pass through unchanged."""
-    out = dict(sd)
-    for i, blk in enumerate(getattr(model, "blocks", ())):
-        p = f"blocks.{i}."
-        if not isinstance(blk, ParallelBlock) or p + "in_proj.weight" not in out:
-            continue
-        M, D = mlp_hidden_of(blk), blk.attn.attn_dim
-        w = out.pop(p + "in_proj.weight")
-        out[p + "attn.qkv.weight"], out[p + "mlp.fc1.weight"] = w[M:], w[:M]
-        if (b := out.pop(p + "in_proj.bias", None)) is not None:
-            out[p + "attn.qkv.bias"], out[p + "mlp.fc1.bias"] = b[M:], b[:M]
-        if (mb := out.pop(p + "mlp_bias", None)) is not None:
-            out[p + "mlp.fc1.bias"] = mb
-        if (ow := out.pop(p + "out_proj.weight", None)) is not None:
-            out[p + "attn.proj.weight"], out[p + "mlp.fc2.weight"] = ow[:, :D], ow[:, D:]
-            if (ob := out.pop(p + "out_proj.bias", None)) is not None:
-                out[p + "attn.proj.bias"] = ob
-        renames = {
-            "attn_out_proj.": "attn.proj.",
-            "mlp_out_proj.": "mlp.fc2.",
-            "in_norm.": "norm1.",
-            "ls.": "ls1.",
-        }
-        renames.update({"q_norm.": "attn.q_norm.", "k_norm.": "attn.k_norm."})
-        for k in [k for k in out if k.startswith(p)]:
-            for old, new in renames.items():
-                if k.startswith(p + old):
-                    out[p + new + k[len(p + old) :]] = out.pop(k)
-                    break
+# ------------------------------------------------------------------------------------- ParallelThingsBlock
+#: attribute a merged ParallelThingsBlock carries (its branch count): how the family finds it
+MERGED = "parallel_branches"
+
+
+def things_refusal(blk: ParallelThingsBlock) -> str | None:
+    """Why the branches of ``blk`` cannot be merged into one ``Block`` exactly, or None.
+
+    A branch's own norm after q/k (qk-norm) or on its output (scale norms) is not shared by the merged heads or
+    neurons, and only timm's ``Attention``/``Mlp`` have the layout the merge concatenates.
+    """
+    for s in blk.attns:
+        a = s.attn
+        if type(a) is not Attention or getattr(a, "gate", None) is not None:
+            return f"its attention branch is a {type(a).__name__} (gated or not timm's Attention)"
+        if not all(isinstance(getattr(a, n), nn.Identity) for n in ("q_norm", "k_norm", "norm")):
+            return "its attention branches use qk-norm or a scale norm (each branch's own)"
+    for s in blk.ffns:
+        if type(s.mlp).__name__ != "Mlp" or not isinstance(s.mlp.norm, nn.Identity):
+            return f"its MLP branch is a {type(s.mlp).__name__} (a GLU, or with a scale norm)"
+    return None
+
+
+def _affine(norm: nn.Module, width: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a pre-norm's affine (ones / zeros where it has none)."""
+    w, b = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    one = torch.ones(width, dtype=like.dtype, device=like.device)
+    return (w.detach() if isinstance(w, torch.Tensor) else one), (
+        b.detach() if isinstance(b, torch.Tensor) else torch.zeros_like(one)
+    )
+
+
+def _gamma(ls: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    g = getattr(ls, "gamma", None)
+    return (
+        g.detach() if isinstance(g, torch.Tensor) else torch.ones(width, dtype=like.dtype, device=like.device)
+    )
+
+
+def _fold_in(lin: nn.Linear, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of ``lin ∘ norm``'s affine on the norm's plain output: ``W·diag(w)``, ``W·b + c``."""
+    W = lin.weight.detach()
+    w, b = _affine(norm, W.shape[1], W)
+    c = lin.bias.detach() if lin.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+    return W * w, W @ b + c
+
+
+def _fold_out(lin: nn.Linear, ls: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of ``ls ∘ lin``: LayerScale's gamma folded into the output rows."""
+    W = lin.weight.detach()
+    g = _gamma(ls, W.shape[0], W)
+    c = lin.bias.detach() if lin.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+    return W * g[:, None], c * g
+
+
+def _plain_norm(norm: nn.Module) -> nn.Module:
+    """A copy of ``norm`` with its affine at the identity (weight 1, bias 0): the branches' affines are folded."""
+    out = copy.deepcopy(norm)
+    for name, fill in (("weight", 1.0), ("bias", 0.0)):
+        p = getattr(out, name, None)
+        if isinstance(p, torch.Tensor):
+            setattr(out, name, nn.Parameter(torch.full_like(p.detach(), fill), requires_grad=p.requires_grad))
     return out
 
 
-def mlp_hidden_of(blk: ParallelBlock) -> int:
-    return int(blk.mlp.fc2.in_features)
+def merge_things(blk: ParallelThingsBlock) -> Block:
+    """One timm ``Block`` computing what ``blk``'s parallel branches compute (up to float rounding).
+
+    ``x + Σ_i ls_i(attn_i(norm_i(x)))`` is one attention of ``P·H`` heads on a shared plain norm: each branch's
+    norm affine folds into its ``qkv`` (``W·diag(w)``, bias ``W·b + c``), its LayerScale into its ``proj`` rows, the
+    ``qkv`` rows concatenate per q/k/v (head ``i·H + h`` is branch ``i``'s head ``h``), the ``proj`` columns
+    concatenate and their biases add; the MLPs likewise become one ``Mlp`` of ``P·M`` neurons (neuron ``i·M + n``).
+    The merged layers always have biases (a folded norm bias needs one). Stochastic depth drops the summed
+    branches together (timm drops each branch alone), which matters only in training with ``drop_path > 0``.
+    """
+    P = len(blk.attns)
+    a0, m0 = blk.attns[0].attn, blk.ffns[0].mlp
+    E, H, d = a0.qkv.in_features, a0.num_heads, a0.head_dim
+    M = m0.fc1.out_features
+    with torch.device("meta"):  # shapes only: every weight is set below
+        out = Block(E, num_heads=1, mlp_ratio=M * P / E)
+        out.attn = Attention(E, num_heads=P * H, attn_head_dim=d, qkv_bias=True, proj_bias=True)
+        out.mlp = Mlp(E, P * M, E, bias=True)
+    qkv = [_fold_in(s.attn.qkv, s.norm) for s in blk.attns]
+    A = H * d
+    out.attn.qkv.weight = _param(
+        torch.cat([w[k * A : (k + 1) * A] for k in range(3) for w, _ in qkv]), a0.qkv.weight
+    )
+    out.attn.qkv.bias = _param(
+        torch.cat([b[k * A : (k + 1) * A] for k in range(3) for _, b in qkv]), a0.qkv.weight
+    )
+    proj = [_fold_out(s.attn.proj, s.ls) for s in blk.attns]
+    out.attn.proj.weight = _param(torch.cat([w for w, _ in proj], dim=1), a0.proj.weight)
+    out.attn.proj.bias = _param(sum(b for _, b in proj), a0.proj.weight)
+    out.attn.attn_drop, out.attn.proj_drop = a0.attn_drop, a0.proj_drop
+    fc1 = [_fold_in(s.mlp.fc1, s.norm) for s in blk.ffns]
+    out.mlp.fc1.weight = _param(torch.cat([w for w, _ in fc1]), m0.fc1.weight)
+    out.mlp.fc1.bias = _param(torch.cat([b for _, b in fc1]), m0.fc1.weight)
+    fc2 = [_fold_out(s.mlp.fc2, s.ls) for s in blk.ffns]
+    out.mlp.fc2.weight = _param(torch.cat([w for w, _ in fc2], dim=1), m0.fc2.weight)
+    out.mlp.fc2.bias = _param(sum(b for _, b in fc2), m0.fc2.weight)
+    out.mlp.act, out.mlp.drop1, out.mlp.drop2 = m0.act, m0.drop1, m0.drop2
+    out.norm1, out.norm2 = _plain_norm(blk.attns[0].norm), _plain_norm(blk.ffns[0].norm)
+    out.ls1, out.ls2 = nn.Identity(), nn.Identity()
+    out.drop_path1, out.drop_path2 = blk.attns[0].drop_path, blk.ffns[0].drop_path
+    setattr(out, MERGED, P)
+    return out
