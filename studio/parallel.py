@@ -77,15 +77,17 @@ def _parts(blk: ParallelScalingBlock) -> tuple[int, int]:
 
 def split_block(blk: ParallelScalingBlock) -> ParallelBlock:
     """The :class:`ParallelBlock` computing what ``blk`` computes, holding copies of its weights."""
-    M, D = _parts(blk)
+    M, D = _parts(blk)  # D: the attention width (timm's block keeps it equal to the embedding width)
     w, b = blk.in_proj.weight, blk.in_proj.bias
+    E = w.shape[1]
     fused = blk.out_proj is not None
     out_w = blk.out_proj.weight if fused else None
     proj_bias = (blk.out_proj if fused else blk.attn_out_proj).bias is not None
     with torch.device("meta"):  # shapes only: the weights below are the block's own
         attn = Attention(
-            D,
+            E,
             num_heads=blk.num_heads,
+            attn_head_dim=blk.head_dim,
             qkv_bias=b is not None,
             qk_norm=False,
             proj_bias=proj_bias,
@@ -93,7 +95,7 @@ def split_block(blk: ParallelScalingBlock) -> ParallelBlock:
         )
         # a fused out_proj has one bias: it stays with the attention half; the MLP half has none
         mlp_out_bias = (not fused) and blk.mlp_out_proj.bias is not None
-        mlp = Mlp(D, M, w.shape[1], bias=(True, mlp_out_bias))
+        mlp = Mlp(E, M, E, bias=(True, mlp_out_bias))
     attn.q_norm, attn.k_norm, attn.attn_drop = blk.q_norm, blk.k_norm, blk.attn_drop
     attn.head_dim, attn.scale = blk.head_dim, blk.scale
     attn.qkv.weight = _param(w[M:], w)
