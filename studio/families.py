@@ -304,8 +304,9 @@ for _family in (
         {"init_values": 1e-1},
         docs="`vit_small_patch16_18x2_224` (`block_fn=ParallelThingsBlock`)",
         note="merged at load into one Block of P·H heads and P·M neurons (each branch's norm affine folded into "
-        "its qkv/fc1, its LayerScale into its proj/fc2; the merged linears have biases); a unit is one "
-        "branch's head or neuron; exports carry the merged block",
+        "its qkv/fc1, its LayerScale into its proj/fc2; one norm per kind and biased linears, so up to 0.1 % fewer "
+        "parameters than timm counts); a unit is one branch's head or neuron; exports carry the merged block; "
+        "stochastic depth drops the summed branches together",
     ),
     Family(
         "attention-pool head (SigLIP)",
