@@ -38,7 +38,8 @@ class ArchFacts:
     mlp_in_copies: int  # input rows per MLP neuron: 1, or 2 for a GLU (value and gate)
     mlp_in_bias: int  # input bias entries per MLP neuron
     fc2_bias: bool
-    layer_scale: bool
+    layer_scale: bool  # LayerScale after the attention branch (after both branches in a parallel block)
+    layer_scale2: bool  # LayerScale after the MLP branch (none in a parallel block)
     qk_norm_pc: int  # params per head-dim channel of q_norm + k_norm
     attn_norm_pc: int  # params per attention channel of the attention output norm (scale_attn_norm)
     mlp_norm_pc: int  # params per MLP neuron of the hidden norm (scale_mlp_norm)
@@ -85,7 +86,8 @@ def arch_facts(base: BaseArch) -> ArchFacts:
         mlp_in_copies=mlp_layout(blk.mlp).copies(blk.mlp),
         mlp_in_bias=mlp_layout(blk.mlp).biases(blk.mlp),
         fc2_bias=blk.mlp.fc2.bias is not None,
-        layer_scale=isinstance(blk.ls1, nn.Module) and hasattr(blk.ls1, "gamma"),
+        layer_scale=hasattr(blk.ls1, "gamma"),
+        layer_scale2=hasattr(blk.ls2, "gamma"),
         qk_norm_pc=(_pc(blk.attn.q_norm, base.head_dim) + _pc(blk.attn.k_norm, base.head_dim)),
         attn_norm_pc=_pc(blk.attn.norm, blk.attn.attn_dim),
         mlp_norm_pc=_pc(blk.mlp.norm, mlp_hidden(blk.mlp)),
@@ -161,7 +163,7 @@ def plan_cost(plan: PrunePlan, facts: ArchFacts | None = None) -> dict[str, int]
             + A * f.attn_norm_pc
             + M * f.mlp_norm_pc
         )
-        params += m_out * M + (m_out if f.fc2_bias else 0) + (m_out if f.layer_scale else 0)
+        params += m_out * M + (m_out if f.fc2_bias else 0) + (m_out if f.layer_scale2 else 0)
         linear += N * (3 * A * a_in + A * a_out + f.mlp_in_copies * M * m_in + M * m_out)
         attention += 2 * H * N * N * d
     return {

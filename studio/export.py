@@ -330,6 +330,13 @@ def _check_kwargs_fit(base: BaseArch) -> None:
     if len(set(base.num_heads)) == 1:
         sizes["num_heads"] = base.num_heads[0]
     for name, expected in sizes.items():
+        if (
+            name == "num_heads"
+            and isinstance(kw.get(name), int)
+            and kw[name] > 0
+            and expected % kw[name] == 0
+        ):
+            continue  # a merged ParallelThingsBlock runs its P branches' heads as one block (studio.parallel)
         if name in kw and kw[name] != expected:
             raise StudioError(
                 f"{MANIFEST}: its base architecture does not fit its base's own sizes: kwargs give "

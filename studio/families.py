@@ -5,10 +5,12 @@ studio.families``) and the Model page follow without being edited:
 
 - :data:`FAMILIES`: the variants of timm's ``VisionTransformer`` the plan, surgery, masking, analytic costs,
   export and every method handle (class token, distillation token, LayerScale, patch 14, pre-norm, average
-  pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads). Each one detects itself on a built model, says which
+  pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads, ViT-22B's parallel
+  scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`). Each one detects itself on a built model, says which
   plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
   every planning method on.
-- :data:`REFUSALS`: structures the surgery cannot slice exactly (parallel blocks, custom MLPs, gated attention,
+- :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock branches with their own
+  qk-norm or scale norms, differential attention, custom MLPs, gated attention,
   other attention pools, rotary or relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
   shown at load, naming the module type, the block index, what is supported and what the user can do; the
   checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
@@ -27,6 +29,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
+from .parallel import MERGED, ParallelBlock, things_refusal
 from .registry import Registry
 
 # the plan's units (studio.plan): what a method may remove, in the order the UI lists them
@@ -91,8 +94,9 @@ FAMILIES: Registry[Family] = Registry("model family")
 REFUSALS: Registry[Refusal] = Registry("refused model structure")
 
 SUPPORTED = (
-    "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP): ViT, DeiT, "
-    "DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's family table"
+    "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP) or "
+    "`ParallelScalingBlock`/`ParallelThingsBlock`s: ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's "
+    "family table"
 )
 
 
@@ -282,6 +286,29 @@ for _family in (
         note="a neuron keeps its fc1_g and fc1_x rows as a pair; RmsNorm is sliced like LayerNorm",
     ),
     Family(
+        "parallel scaling block (ViT-22B)",
+        lambda m: any(isinstance(b, ParallelBlock) for b in _blocks(m)),
+        "vit_pwee_patch16_reg1_gap_256",
+        {"init_values": 1e-1},
+        docs="`vit_pwee_patch16_reg1_gap_256`, `vit_base_patch16_xp_224` (`block_fn=ParallelScalingBlock`)",
+        units=tuple(u for u in UNITS if u != "residual"),
+        note="split at load into timm's Attention and Mlp of the same function (a head keeps its q/k/v rows of "
+        "`in_proj` and its `out_proj` columns, a neuron its MLP row, `mlp_bias` entry and `out_proj` column); "
+        "exports carry the split names; no residual subsets (both branches read one norm); P3B refused (it "
+        "needs the stream between the branches)",
+    ),
+    Family(
+        "parallel things block (18x2)",
+        lambda m: any(getattr(b, MERGED, 0) > 1 for b in _blocks(m)),
+        "vit_small_patch16_18x2_224",
+        {"init_values": 1e-1},
+        docs="`vit_small_patch16_18x2_224` (`block_fn=ParallelThingsBlock`)",
+        note="merged at load into one Block of P·H heads and P·M neurons (each branch's norm affine folded into "
+        "its qkv/fc1, its LayerScale into its proj/fc2; one norm per kind and biased linears, so up to 0.1 % fewer "
+        "parameters than timm counts); a unit is one branch's head or neuron; exports carry the merged block; "
+        "stochastic depth drops the summed branches together",
+    ),
+    Family(
         "attention-pool head (SigLIP)",
         lambda m: getattr(m, "attn_pool", None) is not None,
         "vit_base_patch16_siglip_224",
@@ -325,17 +352,30 @@ def _first(blocks: Iterable[nn.Module], bad: Callable[[nn.Module], str | None]) 
 
 
 def _block_type(model: nn.Module, blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
-    return _first(
-        model.blocks,
-        lambda b: (
-            None
-            if type(b) in blocks_ok
-            else (
-                f"is a {type(b).__name__} (e.g. a parallel block); the studio prunes timm's pre-norm `Block` only: "
-                f"{SUPPORTED}. Use an architecture built of `Block`s."
+    def bad(b: nn.Module) -> str | None:
+        if type(b) in blocks_ok or type(b) is ParallelBlock:
+            return None
+        if type(b).__name__ == "ParallelScalingBlock":  # built outside studio.models.create_vit
+            return (
+                "is timm's fused ParallelScalingBlock; the studio prunes it split (studio.parallel.split_parallel, "
+                "which studio.models.create_vit applies). Load the model through the studio."
             )
-        ),
-    )
+        if type(b).__name__ == "ParallelThingsBlock":
+            why = things_refusal(b)
+            return (
+                f"is a ParallelThingsBlock whose branches cannot be merged into one Block: {why}. Build it "
+                "without those (timm's Attention and Mlp, no qk_norm or scale norms)."
+                if why is not None
+                else "is timm's ParallelThingsBlock; the studio prunes it merged (studio.parallel.split_parallel, "
+                "which studio.models.create_vit applies). Load the model through the studio."
+            )
+        return (
+            f"is a {type(b).__name__}; the studio prunes timm's pre-norm `Block`, `ParallelScalingBlock` and "
+            "`ParallelThingsBlock` only (no differential attention or other blocks): use an architecture built of "
+            "those blocks."
+        )
+
+    return _first(model.blocks, bad)
 
 
 def _branch_types(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
@@ -397,12 +437,6 @@ def _gated_attention() -> dict[str, Any]:
     return {"attn_layer": GatedAttention}
 
 
-def _parallel_scaling() -> dict[str, Any]:
-    from timm.models.vision_transformer import ParallelScalingBlock
-
-    return {"block_fn": ParallelScalingBlock}
-
-
 for _refusal in (
     Refusal(
         "not a VisionTransformer (EVA-02, RoPE)",
@@ -432,22 +466,21 @@ for _refusal in (
         rank=10,
     ),
     Refusal(
-        "parallel blocks",
+        "parallel things blocks with qk-norm or scale norms",
         _block_type,
         "vit_small_patch16_18x2_224",
-        "ParallelThingsBlock",
-        {**SMALL, "depth": 2},
-        docs="`vit_small_patch16_18x2_224`",
+        "ParallelThingsBlock whose branches cannot be merged",
+        {**SMALL, "depth": 2, "qk_norm": True},
+        docs="`vit_small_patch16_18x2_224` with `qk_norm=True`",
         rank=20,
     ),
     Refusal(
-        "parallel scaling blocks",
+        "differential-attention parallel blocks",
         _block_type,
-        "vit_medium_patch16_gap_256",
-        "ParallelScalingBlock",
+        "vit_dpwee_patch16_reg1_gap_256",
+        "DiffParallelScalingBlock",
         SMALL,
-        factory=_parallel_scaling,
-        docs="timm's `*_pwee_*`, `block_fn=ParallelScalingBlock`",
+        docs="`vit_dpwee_patch16_reg1_gap_256`",
         rank=21,
     ),
     Refusal(

@@ -27,6 +27,7 @@ from .models import (
     plain_error,
     read_state_dict,
 )
+from .parallel import split_parallel
 from .petl import ConvpassSpec, add_convpass
 
 
@@ -79,7 +80,7 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
     assert spec.arch is not None
     if path.suffix.lower() == ".npz":
         kwargs = _ctor_kwargs(spec, spec.num_classes)
-        model = create_vit(spec.arch, **kwargs)
+        model = create_vit(spec.arch, split=False, **kwargs)
         try:
             model.load_pretrained(str(path))
         except (KeyError, ValueError, RuntimeError, OSError) as e:
@@ -102,10 +103,12 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
         num_classes = spec.num_classes if spec.num_classes is not None else ckpt_classes
         kwargs = _ctor_kwargs(spec, num_classes)
         adapter = _convpass_in(sd, spec, path)
-        model = create_vit(spec.arch, **kwargs)
+        model = create_vit(spec.arch, split=False, **kwargs)
         if adapter is not None:  # a PETL-tuned checkpoint: the backbone with its trained bypasses
             add_convpass(model, adapter)
         _load_strict(model, sd, path, allow_missing_head=spec.reset_head)
+    # timm's checkpoint went into timm's own blocks: parallel ones become the studio's now (studio.parallel)
+    model = split_parallel(model)
     model.eval().to(device)
     base = describe_base(model, spec.arch, kwargs)
     return LoadedModel(

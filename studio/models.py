@@ -24,6 +24,7 @@ from torch import nn
 
 from . import families
 from .errors import StudioError
+from .parallel import PARALLEL_TYPES, split_parallel
 from .plan import BaseArch, PrunePlan
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -181,8 +182,25 @@ def check_family(model: nn.Module, *, blocks: tuple[type[nn.Module], ...] = (Blo
     return families.check(model, blocks=blocks)
 
 
-def create_vit(arch: str, **kwargs: Any) -> VisionTransformer:
-    """``timm.create_model`` restricted to VisionTransformer-family models, with a clear refusal otherwise."""
+def create_vit(arch: str, *, split: bool = True, **kwargs: Any) -> VisionTransformer:
+    """``timm.create_model`` restricted to VisionTransformer-family models, with a clear refusal otherwise.
+
+    Parallel blocks become the studio's of the same function (:func:`studio.parallel.split_parallel`), the
+    structure every plan and export refers to. ``split=False`` keeps timm's own blocks, to load a timm checkpoint
+    into before splitting (the family check then runs on a split copy built on the meta device).
+    """
+    model = _timm_model(arch, kwargs)
+    if split:
+        return check_family(split_parallel(model))
+    if any(type(b) in PARALLEL_TYPES for b in getattr(model, "blocks", ())):
+        with torch.device("meta"):
+            check_family(split_parallel(_timm_model(arch, {**kwargs, "weight_init": "skip"})))
+    else:
+        check_family(model)
+    return model
+
+
+def _timm_model(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
     try:
         model = timm.create_model(arch, pretrained=False, **kwargs)
     except RuntimeError as e:
@@ -199,7 +217,7 @@ def create_vit(arch: str, **kwargs: Any) -> VisionTransformer:
                 "models (ViT, DeiT, DeiT-distilled)."
             ) from None
         raise StudioError(f"Architecture '{arch}' does not accept these options ({e}).") from None
-    return check_family(model)
+    return model
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from torch import nn
 from .errors import StudioError
 from .families import mlp_hidden, mlp_layout
 from .models import check_family, describe_base
+from .parallel import ParallelBlock
 from .petl import ConvpassBlock, check_unfused
 from .plan import BaseArch, BlockPlan, PrunePlan
 
@@ -122,7 +123,7 @@ class SubsetNorm(nn.Module):
 def check_supported(model: nn.Module) -> VisionTransformer:
     """Refuse models the surgery cannot slice exactly, saying what is unsupported (the family check of
     :func:`studio.models.check_family`, also accepting blocks this surgery has already pruned)."""
-    return check_family(model, blocks=(Block, ResidualSubsetBlock, ConvpassBlock))
+    return check_family(model, blocks=(Block, ResidualSubsetBlock, ParallelBlock, ConvpassBlock))
 
 
 def check_fits(model: nn.Module, base: BaseArch) -> None:

@@ -557,7 +557,7 @@ def integer_weights(tmp: Path) -> str:
 def unsupported_family(tmp: Path) -> str:
     from studio.models import create_vit
 
-    return engine(lambda: create_vit("vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2))
+    return engine(lambda: create_vit("vit_dpwee_patch16_reg1_gap_256", img_size=32, patch_size=8, depth=2))
 
 
 @dataclass(frozen=True)
@@ -733,9 +733,9 @@ CASES = [
     Case(integer_weights, "a checkpoint with int32 weights", "Model page", "non-float weights"),
     Case(
         unsupported_family,
-        "a timm ViT with parallel blocks (`vit_small_patch16_18x2_224`)",
+        "a timm ViT with differential-attention parallel blocks (`vit_dpwee_patch16_reg1_gap_256`)",
         "Model page",
-        "ParallelThingsBlock",
+        "DiffParallelScalingBlock",
     ),
 ]
 

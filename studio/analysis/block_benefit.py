@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import StudioError
+from ..parallel import ParallelBlock
 from ..runs import RunDir, list_runs
 from .benefit_budget import BudgetSettings, importance_from_benefits, solve_keep_ratios
 
@@ -62,6 +63,11 @@ class FeatureTaps:
 
     def __init__(self, model: nn.Module) -> None:
         blocks = list(model.blocks)  # type: ignore[attr-defined]
+        if any(isinstance(b, ParallelBlock) for b in blocks):  # its norm2 never runs: no z_{2i+1} to tap
+            raise StudioError(
+                "Block benefit needs the residual stream between each attention and MLP branch; a parallel block "
+                "(ParallelScalingBlock) has none. Analyse a model of sequential blocks."
+            )
         self.depth = len(blocks)
         self.features: list[torch.Tensor | None] = [None] * (2 * self.depth + 1)
         self._handles = []

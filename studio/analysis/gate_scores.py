@@ -24,6 +24,7 @@ from ..bench import unfused_attention
 from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, CancelToken, check, progress
+from ..parallel import ParallelBlock
 from ..plan import BaseArch, PrunePlan
 from ..surgery import check_supported
 from .criteria import micro_batches
@@ -77,7 +78,8 @@ class SavitGates(nn.Module):
 
 
 class _GatedBlock(nn.Module):
-    """A timm ``Block`` whose two residual sums are multiplied by the shared residual gate (SAViT's placement)."""
+    """A timm ``Block`` whose two residual sums (a parallel block's one) are multiplied by the shared residual
+    gate (SAViT's placement)."""
 
     def __init__(self, block: nn.Module, res_gate: nn.Parameter) -> None:
         super().__init__()
@@ -88,6 +90,8 @@ class _GatedBlock(nn.Module):
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         b, g = self.block, self.res_gate
+        if isinstance(b, ParallelBlock):  # one residual sum: both branches read the same input
+            return g * b(x, attn_mask=attn_mask, is_causal=is_causal)
         x = g * (x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=attn_mask, is_causal=is_causal))))
         return g * (x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))))
 

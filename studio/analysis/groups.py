@@ -15,6 +15,12 @@ sensitivity sweep, the Importance analysis and Isomorphic's guard -- sums its pe
   columns, ``proj``/``fc2`` output rows and biases, LayerScale, an attention pool's ``kv`` input columns and its
   output side (the surgery keeps the pool's output on the kept embedding), and the classifier input columns.
 
+Parallel blocks need no rule of their own: :mod:`studio.parallel` splits timm's ``ParallelScalingBlock`` at load
+so that ``attn.qkv`` holds the q/k/v rows of its fused ``in_proj``, ``mlp.fc1`` the MLP rows (bias: ``mlp_bias``)
+and ``attn.proj``/``mlp.fc2`` the columns of its ``out_proj`` (a head owns exactly those rows and columns of the
+fused layers; its one ``in_norm`` is ``norm1``), and merges a ``ParallelThingsBlock``'s branches into one block
+whose head ``i·H + h`` is branch ``i``'s head ``h``.
+
 Per-weight scores are given as a mapping from parameter name to a tensor of the parameter's shape (``|w|``,
 ``w²``, ``|w·g|``...). :func:`unit_scores` sums them per unit; :func:`torch_pruning_scores` gives the numbers
 torch-pruning's ``Group*Importance`` computes on its dependency groups (weights of linear, conv and LayerNorm

@@ -43,6 +43,9 @@ Where this differs from the reference code, deliberately (see research notes §2
   (the reference flags such a block ``skip_block``); a κ = 0 block therefore keeps a few dozen parameters.
 - The soft-mask centre sits half a position after the last pruned element, so ``m ≥ 0.5`` keeps exactly the
   elements the threshold keeps.
+- Models the masks cannot stand for are refused before any work (:func:`unit_refusals`): qk-norm, scale norms,
+  non-LayerNorm pre-norms, and parallel blocks (ViT-22B's ``ParallelScalingBlock``: no residual stream between
+  its attention and MLP branch for the benefit probes and the residual masks).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ from ..errors import StudioError
 from ..evaluate import logits_of
 from ..events import Callback, emit
 from ..families import mlp_hidden, mlp_layout
+from ..parallel import ParallelBlock
 from ..plan import BaseArch, BlockPlan, PrunePlan
 from ..surgery import check_supported
 from . import METHODS, Budget, Method, Option
@@ -195,10 +199,14 @@ def unit_refusals(model: nn.Module) -> dict[str, str]:
     """:attr:`Method.unit_refusals` of P3B: its gates prune every unit at once, so the first block they cannot
     mask exactly refuses them all."""
     for i, blk in enumerate(getattr(model, "blocks", ())):
-        if type(blk) is not Block:
+        if isinstance(blk, ParallelBlock):
             why: str | None = (
-                f"Block {i} is already pruned ({type(blk).__name__}); P3B starts from an unpruned model."
+                f"P3B cannot gate the parallel block {i} (ViT-22B's ParallelScalingBlock): its benefit probes and "
+                "residual masks need the stream between the attention and the MLP branch, which a parallel block "
+                "does not have. Prune this model with another method (Isomorphic, SAViT, SLS, the baselines)."
             )
+        elif type(blk) is not Block:
+            why = f"Block {i} is already pruned ({type(blk).__name__}); P3B starts from an unpruned model."
         else:
             why = _gate_refusal(i, blk)
         if why is not None:
