@@ -6,12 +6,15 @@ studio.families``) and the Model page follow without being edited:
 - :data:`FAMILIES`: the variants of timm's ``VisionTransformer`` the plan, surgery, masking, analytic costs,
   export and every method handle (class token, distillation token, LayerScale, patch 14, pre-norm, average
   pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads, ViT-22B's parallel
-  scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`). Each one detects itself on a built model, says which
+  scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`), and
+  timm's EVA-02/EVA-01 (``Eva``), rebuilt at load as a VisionTransformer of rotary attentions by
+  :mod:`studio.eva` (no head dims with RoPE). Each one detects itself on a built model, says which
   plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
   every planning method on.
 - :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock branches with their own
   qk-norm or scale norms, differential attention, custom MLPs, gated attention,
-  other attention pools, rotary or relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
+  other attention pools, EVA structures the rebuild cannot express (post-norm, AttentionRope, dynamic size),
+  relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
   shown at load, naming the module type, the block index, what is supported and what the user can do; the
   checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
   or ``IndexError`` is ever the first thing a user sees.
@@ -96,8 +99,8 @@ REFUSALS: Registry[Refusal] = Registry("refused model structure")
 
 SUPPORTED = (
     "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP) or "
-    "`ParallelScalingBlock`/`ParallelThingsBlock`s: ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's "
-    "family table"
+    "`ParallelScalingBlock`/`ParallelThingsBlock`s, and timm's pre-norm EVA-02/EVA-01: ViT, DeiT, DeiT-III, "
+    "DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's family table"
 )
 
 
