@@ -19,9 +19,10 @@ hands it to every block), so the studio rebuilds it, once, where every model is 
 
 Every weight keeps its value, so the rebuilt model gives timm's logits (up to float rounding) and the plan, surgery,
 masking, costs, grouping and every method apply to it as to any ViT. Heads, MLP neurons, embedding channels and
-blocks are pruned; **head dims are not** (:data:`HEAD_DIMS_REFUSED`): a rotation mixes dims in pairs at one
-frequency each, so a kept dim needs its partner and its frequency's row of the table, which the plan's per-dim
-scores do not keep together.
+blocks are pruned by every method; **head dims are not** (:data:`HEAD_DIMS_REFUSED`): a rotation mixes dims in
+pairs at one frequency each, so a kept dim needs its partner and its frequency's column of the table, which the
+methods' per-dim scores do not keep together. The surgery and the masks do cut a plan's head dims exactly when
+they are whole pairs (:func:`check_rope_dims`, :func:`slice_rope`: a plan written by hand or imported).
 
 What the rebuild cannot express is refused at load (:func:`eva_refusal`, one sentence each): post-norm blocks
 (``EvaBlockPostNorm``), timm's ``AttentionRope`` (``attn_type='rope'``, grouped-query), gated attention, rotary
@@ -31,6 +32,7 @@ and attention-pool or max pooling heads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,11 +44,52 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-#: why EVA's head dims are not pruned (the family's units leave them out; methods say it before any work)
+from .errors import StudioError
+
+#: why no method prunes EVA-02's head dims (the family's units leave them out; methods say it before any work)
 HEAD_DIMS_REFUSED = (
-    "EVA's rotary embedding (RoPE) mixes head dims in pairs at one frequency each, so the studio does not prune "
-    "EVA head dims; prune heads, MLP neurons, embedding channels or blocks."
+    "EVA-02's rotary embedding (RoPE) rotates head dims in pairs at one frequency each, which the methods' "
+    "per-dim scores do not keep together, so no method prunes EVA-02 head dims: prune heads, MLP neurons, "
+    "embedding channels or blocks."
 )
+
+
+def rope_pairs(head_dim: int, rotate_half: bool) -> list[tuple[int, int]]:
+    """The head-dim pairs one rotation mixes: ``(2i, 2i+1)`` (interleaved) or ``(i, i + d/2)`` (rotate-half)."""
+    h = head_dim // 2
+    return [(i, i + h) for i in range(h)] if rotate_half else [(2 * i, 2 * i + 1) for i in range(h)]
+
+
+def check_rope_dims(attn: nn.Module, dims: Sequence[int], block: int) -> None:
+    """Refuse kept head dims of a rotary attention that split a pair or break the rotation's layout.
+
+    The kept dims must be whole pairs, laid out as the rotation reads them (interleaved: each pair's two dims
+    next to each other; rotate-half: the pairs' first dims, then their second dims in the same order); then the
+    sliced rotation (:func:`slice_rope`) rotates each kept pair at its own frequency and a dropped pair is an
+    exact zero in the masked model.
+    """
+    if getattr(attn, "rope", None) is None:
+        return
+    kept = list(dims)
+    half = bool(attn.rotate_half)
+    n = len(kept) // 2
+    pairs = set(rope_pairs(attn.head_dim, half))
+    got = (
+        list(zip(kept[:n], kept[n:], strict=True)) if half else list(zip(kept[::2], kept[1::2], strict=False))
+    )
+    if len(kept) % 2 or any(p not in pairs for p in got):
+        layout = "(i, i + d/2), first dims then second dims" if half else "(2i, 2i+1), side by side"
+        raise StudioError(
+            f"Block {block}'s kept head dims {kept[:8]}... split EVA-02's rotary pairs {layout}: a rotation mixes "
+            "the two dims of a pair, so keep or drop them together."
+        )
+
+
+def slice_rope(rope: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """The rotary table ``cat(sin, cos)`` of the kept head dims: each kept dim keeps its own frequency."""
+    sin, cos = rope.chunk(2, -1)
+    idx = torch.as_tensor(list(dims), dtype=torch.long, device=rope.device)
+    return torch.cat([sin.index_select(-1, idx), cos.index_select(-1, idx)], dim=-1)
 
 
 class RopeAttention(Attention):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from studio.bench import profile
 from studio.costs import with_summary
 from studio.errors import StudioError
-from studio.eva import HEAD_DIMS_REFUSED, RopeAttention, convert_eva
+from studio.eva import HEAD_DIMS_REFUSED, RopeAttention, convert_eva, rope_pairs
 from studio.families import SMALL, check
 from studio.load import load_model
 from studio.models import ModelSpec, create_vit, data_config, describe_base
@@ -94,10 +94,19 @@ def test_a_timm_eva_checkpoint_loads_rebuilt(tmp_path):
         torch.testing.assert_close(loaded.model(_x()), eva(_x()), atol=1e-5, rtol=0)
 
 
+def _pairs_kept(attn: torch.nn.Module, i: int) -> tuple[int, ...]:
+    """Every other rotary pair of a head (which ones by block), as sorted kept head dims."""
+    return tuple(
+        sorted(
+            j for k, p in enumerate(rope_pairs(attn.head_dim, attn.rotate_half)) if k % 2 == i % 2 for j in p
+        )
+    )
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_supported_unit_of_an_eva_is_cut_exactly(variant):
-    """Heads, MLP neurons and embedding channels at once (head dims too without RoPE): masked = pruned logits,
-    counted = analytic params and MACs, and the pruned block is narrower where the plan says."""
+def test_every_unit_of_an_eva_is_cut_exactly(variant):
+    """Heads, head dims (whole rotary pairs under RoPE), MLP neurons and embedding channels at once: masked =
+    pruned logits, counted = analytic params and MACs, and the pruned block is narrower where the plan says."""
     arch, kw = VARIANTS[variant]
     eva = _timm(arch, kw)
     m = convert_eva(copy.deepcopy(eva)).eval()
@@ -109,7 +118,7 @@ def test_every_supported_unit_of_an_eva_is_cut_exactly(variant):
             BlockPlan(
                 i,
                 heads=(0, 2) if i == 1 else None,
-                head_dims=None if rope else tuple(range(i % 2, d, 2)),
+                head_dims=_pairs_kept(m.blocks[i].attn, i) if rope else tuple(range(i % 2, d, 2)),
                 mlp=tuple(range(0, base.mlp_hidden[i], 3)),
             )
             for i in range(base.depth)
@@ -119,7 +128,11 @@ def test_every_supported_unit_of_an_eva_is_cut_exactly(variant):
     plan = with_summary(plan)
     pruned = apply_plan(copy.deepcopy(m), plan).eval()
     blk = pruned.blocks[1]
-    assert blk.attn.num_heads == 2 and blk.norm1.weight.shape == (E * 3 // 4,)
+    assert blk.attn.num_heads == 2 and blk.norm1.weight.shape == (E * 3 // 4,) and blk.attn.head_dim == d // 2
+    if rope:  # each kept dim keeps its own frequency's sin/cos columns
+        full, cut = m.blocks[1].attn.rope, blk.attn.rope
+        kept = list(_pairs_kept(m.blocks[1].attn, 1))
+        assert torch.equal(cut, torch.cat([full[:, kept], full[:, [d + j for j in kept]]], dim=1))
     assert blk.mlp.fc2.in_features == len(range(0, base.mlp_hidden[1], 3))
     counted = profile(pruned, data_config(m)["input_size"])
     assert counted["params"] == plan.summary["params_after"] and counted["macs"] == plan.summary["macs_after"]
@@ -127,6 +140,18 @@ def test_every_supported_unit_of_an_eva_is_cut_exactly(variant):
         out = pruned(_x(1))
         torch.testing.assert_close(mask_model(m, plan)(_x(1)), out, atol=1e-4, rtol=0)
         assert not torch.allclose(out, m(_x(1)), atol=1e-3)  # a real cut, not the dense function
+
+
+@pytest.mark.parametrize("rotate_half", [False, True])
+def test_head_dims_that_split_a_rotary_pair_are_refused_in_one_sentence(rotate_half):
+    m = create_vit(TINY, **SMALL, rope_rotate_half=rotate_half).eval()
+    base = describe_base(m, TINY, {**SMALL, "rope_rotate_half": rotate_half})
+    half_a_pair = (0, 2, 4, 6) if not rotate_half else (0, 1, 2, 3)  # first dims of pairs only
+    plan = PrunePlan(base, tuple(BlockPlan(i, head_dims=half_a_pair if i == 1 else None) for i in range(3)))
+    for cut in (apply_plan, mask_model):
+        with pytest.raises(StudioError, match=r"Block 1's kept head dims .* rotary pairs") as e:
+            cut(copy.deepcopy(m), plan)
+        assert "\n" not in str(e.value)
 
 
 def test_a_removed_eva_block_adds_nothing():
