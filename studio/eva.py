@@ -253,7 +253,7 @@ def _block(blk: EvaBlock, rope: torch.Tensor | None) -> Block:
     E = blk.norm1.normalized_shape[0]
     with torch.device("meta"):
         out = Block(E, num_heads=1)
-    out.norm1, out.attn, out.ls1, out.drop_path1 = blk.norm1, _attention(blk.attn, rope), None, blk.drop_path1
+    out.norm1, out.attn, out.drop_path1 = blk.norm1, _attention(blk.attn, rope), blk.drop_path1
     out.ls1 = _layer_scale(blk.gamma_1)
     out.norm2, out.mlp, out.drop_path2 = blk.norm2, blk.mlp, blk.drop_path2
     out.ls2 = _layer_scale(blk.gamma_2)

@@ -205,7 +205,7 @@ def unit_refusals(model: nn.Module) -> dict[str, str]:
                 "residual masks need the stream between the attention and the MLP branch, which a parallel block "
                 "does not have. Prune this model with another method (Isomorphic, SAViT, SLS, the baselines)."
             )
-        elif getattr(blk.attn, "rope", None) is not None:
+        elif getattr(getattr(blk, "attn", None), "rope", None) is not None:
             why = (
                 f"P3B cannot gate block {i}'s head dims exactly: EVA-02's rotary embedding (RoPE) rotates them in "
                 "pairs, so a masked dim is not a removed one. Prune this model with another method (Isomorphic, "
