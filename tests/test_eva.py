@@ -204,3 +204,24 @@ def test_eva_structures_the_rebuild_cannot_express_are_refused_in_one_sentence(k
 def test_an_eva_built_outside_the_studio_is_refused_naming_the_fix():
     with pytest.raises(StudioError, match="Load the model through the studio"):
         check(_timm(TINY, {}))
+
+
+def test_a_plan_of_whole_rotary_pairs_exports_reloads_and_converts_to_onnx_identically(tmp_path):
+    from studio.export import export_loaded, export_onnx, load_exported
+    from studio.models import LoadedModel
+
+    kw = {**SMALL, "init_values": 0.1, "rope_rotate_half": True}
+    m = create_vit(TINY, **kw).eval()
+    loaded = LoadedModel.from_module(m, TINY, kw)
+    plan = with_summary(
+        PrunePlan(
+            loaded.base,
+            tuple(BlockPlan(i, heads=(0, 1), head_dims=_pairs_kept(m.blocks[i].attn, i)) for i in range(3)),
+        )
+    )
+    pruned = apply_plan(copy.deepcopy(m), plan).eval()
+    back = load_exported(export_loaded(pruned, loaded, tmp_path / "export", plan=plan), device="cpu").model
+    with torch.inference_mode():
+        assert torch.equal(back(_x()), pruned(_x()))
+    out = export_onnx(pruned, tmp_path / "m.onnx", loaded.data_config["input_size"])
+    assert out["checked"] and out["max_abs_diff"] <= 1e-4
