@@ -217,7 +217,8 @@ def _timm_model(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
             ) from None
         raise
     except TypeError as e:
-        if "vision_transformer" not in timm.models.model_entrypoint(arch).__module__ and "deit" not in arch:
+        module = timm.models.model_entrypoint(arch).__module__
+        if "vision_transformer" not in module and not module.endswith(".eva") and "deit" not in arch:
             raise StudioError(
                 f"'{arch}' is not a Vision Transformer; Pruning Studio prunes timm VisionTransformer "
                 "models (ViT, DeiT, DeiT-distilled)."
