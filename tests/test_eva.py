@@ -37,6 +37,10 @@ VARIANTS = {
         {"global_pool": "token", "scale_attn_inner": True, "rope_rotate_half": True, "qkv_bias": False},
     ),
     "register tokens, qk-norm": (TINY, {"num_reg_tokens": 2, "qk_norm": True, "init_values": 0.1}),
+    "no class token or absolute position embedding, pre-norm": (
+        TINY,
+        {"class_token": False, "use_abs_pos_emb": False, "use_pre_transformer_norm": True},
+    ),
     "EVA-01 (no RoPE, plain Mlp)": ("eva_giant_patch14_224", {"mlp_ratio": 4.0}),
 }
 
