@@ -321,7 +321,8 @@ for _family in (
         units=tuple(u for u in UNITS if u != "head_dims"),
         note="rebuilt at load as a ViT of the same function (studio.eva: rotary attention on timm's Attention, "
         "q/k/v biases or separate projections fused into qkv with a zero, trainable k bias, gamma_1/gamma_2 as "
-        "LayerScale); no head dims (RoPE rotates them in pairs)",
+        "LayerScale); no method prunes head dims (RoPE rotates them in pairs; a plan's whole pairs are cut "
+        "exactly, the rotary table sliced with them)",
     ),
     Family(
         "EVA-01",

@@ -1,8 +1,9 @@
 """EVA (issue 14): timm's ``Eva`` rebuilt at load (:func:`studio.eva.convert_eva`) into a ViT of rotary
 attentions with the same function, in each configuration the studio supports (EVA-02 tiny's packed SwiGLU,
 EVA-02 base's separate q/k/v and SwiGLU with a hidden norm, class-token pooling with a sub-LayerNorm and
-half-rotation RoPE, register tokens with qk-norm, EVA-01 without RoPE); every supported unit cut exactly; head
-dims and the structures the rebuild cannot express refused in one sentence.
+half-rotation RoPE, register tokens with qk-norm, no class token or absolute position embedding, EVA-01 without
+RoPE); every unit cut exactly (EVA-02's head dims as whole rotary pairs, half a pair refused); the methods'
+refusal of EVA-02 head dims and the structures the rebuild cannot express, each in one sentence.
 
 The every-method sweep (targets, export -> reload, ONNX, P3B/SPLoRA jobs) runs on the EVA families in
 ``tests/test_families.py``; these cases cover the configurations their examples do not.
