@@ -6,12 +6,15 @@ studio.families``) and the Model page follow without being edited:
 - :data:`FAMILIES`: the variants of timm's ``VisionTransformer`` the plan, surgery, masking, analytic costs,
   export and every method handle (class token, distillation token, LayerScale, patch 14, pre-norm, average
   pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads, ViT-22B's parallel
-  scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`). Each one detects itself on a built model, says which
+  scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`), and
+  timm's EVA-02/EVA-01 (``Eva``), rebuilt at load as a VisionTransformer of rotary attentions by
+  :mod:`studio.eva` (no head dims with RoPE). Each one detects itself on a built model, says which
   plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
   every planning method on.
 - :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock branches with their own
   qk-norm or scale norms, differential attention, custom MLPs, gated attention,
-  other attention pools, rotary or relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
+  other attention pools, EVA structures the rebuild cannot express (post-norm, AttentionRope, dynamic size),
+  relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
   shown at load, naming the module type, the block index, what is supported and what the user can do; the
   checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
   or ``IndexError`` is ever the first thing a user sees.
@@ -29,6 +32,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
+from .eva import RopeAttention, eva_refusal, has_rope, is_eva
 from .parallel import MERGED, ParallelBlock, things_refusal
 from .registry import Registry
 
@@ -95,8 +99,8 @@ REFUSALS: Registry[Refusal] = Registry("refused model structure")
 
 SUPPORTED = (
     "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP) or "
-    "`ParallelScalingBlock`/`ParallelThingsBlock`s: ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's "
-    "family table"
+    "`ParallelScalingBlock`/`ParallelThingsBlock`s, and timm's pre-norm EVA-02/EVA-01: ViT, DeiT, DeiT-III, "
+    "DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's family table"
 )
 
 
@@ -309,6 +313,27 @@ for _family in (
         "stochastic depth drops the summed branches together",
     ),
     Family(
+        "EVA-02 (RoPE, SwiGLU)",
+        has_rope,
+        "eva02_tiny_patch14_224",
+        {"init_values": 1e-1},
+        docs="`eva02_tiny_patch14_224`, `eva02_base_patch14_224` (timm `Eva`, `use_rot_pos_emb=True`)",
+        units=tuple(u for u in UNITS if u != "head_dims"),
+        note="rebuilt at load as a ViT of the same function (studio.eva: rotary attention on timm's Attention, "
+        "q/k/v biases or separate projections fused into qkv with a zero, trainable k bias, gamma_1/gamma_2 as "
+        "LayerScale); no method prunes head dims (RoPE rotates them in pairs; a plan's whole pairs are cut "
+        "exactly, the rotary table sliced with them)",
+    ),
+    Family(
+        "EVA-01",
+        lambda m: is_eva(m) and not has_rope(m),
+        "eva_giant_patch14_224",
+        {"mlp_ratio": 4.0},
+        docs="`eva_giant_patch14_224` (timm `Eva`, no RoPE)",
+        note="rebuilt at load as a ViT of the same function (studio.eva; q/v biases fused into qkv with a zero, "
+        "trainable k bias)",
+    ),
+    Family(
         "attention-pool head (SigLIP)",
         lambda m: getattr(m, "attn_pool", None) is not None,
         "vit_base_patch16_siglip_224",
@@ -338,8 +363,19 @@ def _not_a_vit(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str
     if isinstance(model, VisionTransformer):
         return None
     return (
-        f"A timm {type(model).__name__} is not a Vision Transformer the studio can prune yet (no RoPE or "
+        f"A timm {type(model).__name__} is not a Vision Transformer the studio can prune yet (no "
         f"relative-position ViTs); it prunes {SUPPORTED}. Pick one of those architectures."
+    )
+
+
+def _eva(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
+    from timm.models.eva import Eva
+
+    if not isinstance(model, Eva):
+        return None
+    return eva_refusal(model) or (  # an Eva that studio.eva.convert_eva left as it is, or never saw
+        "This timm Eva is pruned rebuilt as a Vision Transformer of rotary attentions (studio.eva.convert_eva, "
+        "which studio.models.create_vit applies). Load the model through the studio."
     )
 
 
@@ -383,7 +419,7 @@ def _branch_types(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> 
         attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
         if attn is None or mlp is None:
             return None  # a pruned block whose attention or MLP the plan removed
-        if type(attn) is not Attention or type(mlp).__name__ not in MLP_LAYOUTS:
+        if type(attn) not in (Attention, RopeAttention) or type(mlp).__name__ not in MLP_LAYOUTS:
             return (
                 f"uses {type(attn).__name__}/{type(mlp).__name__}; the studio supports timm's standard Attention "
                 f"and the MLPs {', '.join(MLP_LAYOUTS.names())} (no fused or rotary variants yet): build the "
@@ -439,13 +475,40 @@ def _gated_attention() -> dict[str, Any]:
 
 for _refusal in (
     Refusal(
-        "not a VisionTransformer (EVA-02, RoPE)",
-        _not_a_vit,
+        "EVA post-norm blocks",
+        _eva,
         "eva02_tiny_patch14_224",
-        "timm Eva is not a Vision Transformer",
-        {"img_size": 28, "num_classes": 5},
-        docs="`eva02_base_patch14_224`",
+        "EvaBlockPostNorm",
+        {**SMALL, "use_post_norm": True},
+        docs="`Eva` with `use_post_norm=True`",
         rank=0,
+    ),
+    Refusal(
+        "EVA with AttentionRope (grouped-query)",
+        _eva,
+        "eva02_tiny_patch14_224",
+        "AttentionRope",
+        {**SMALL, "attn_type": "rope"},
+        docs="`Eva` with `attn_type='rope'`",
+        rank=0,
+    ),
+    Refusal(
+        "EVA at a dynamic image size",
+        _eva,
+        "eva02_tiny_patch14_224",
+        "dynamic_img_size",
+        {**SMALL, "dynamic_img_size": True},
+        docs="`Eva` with `dynamic_img_size=True`",
+        rank=0,
+    ),
+    Refusal(
+        "not a VisionTransformer (BEiT)",
+        _not_a_vit,
+        "beit_base_patch16_224",
+        "timm Beit is not a Vision Transformer",
+        {"img_size": 32, "num_classes": 5},
+        docs="`beit_base_patch16_224`",
+        rank=1,
     ),
     Refusal(
         "relative-position ViT",
@@ -454,7 +517,7 @@ for _refusal in (
         "VisionTransformerRelPos is not a Vision Transformer",
         {"img_size": 32, "num_classes": 5},
         docs="`vit_relpos_base_patch16_224`",
-        rank=1,
+        rank=2,
     ),
     Refusal(
         "other attention pools",

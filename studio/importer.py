@@ -321,8 +321,12 @@ def plan_for(base: BaseArch, w: Widths, *, source: str) -> PrunePlan:
 def _meta_vit(arch: str, kwargs: Mapping[str, Any]) -> VisionTransformer:
     """The architecture on the meta device: sizes only, no memory, and no weight init (timm's truncated normal
     takes most of a second per model on meta, and detection builds a dozen)."""
+    from timm.models import is_model, model_entrypoint
+
+    eva = is_model(arch) and model_entrypoint(arch).__module__.endswith(".eva")
+    skip = {} if eva else {"weight_init": "skip"}  # timm's Eva takes no weight_init
     with torch.device("meta"):
-        return create_vit(arch, **{**kwargs, "weight_init": "skip"})
+        return create_vit(arch, **{**kwargs, **skip})
 
 
 def _base_of(arch: str, kwargs: Mapping[str, Any]) -> BaseArch:

@@ -16,6 +16,7 @@ import torch
 
 from .device import resolve_device
 from .errors import StudioError
+from .eva import convert_eva
 from .export import load_exported
 from .models import (
     DEMO_SOURCES,
@@ -107,8 +108,9 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
         if adapter is not None:  # a PETL-tuned checkpoint: the backbone with its trained bypasses
             add_convpass(model, adapter)
         _load_strict(model, sd, path, allow_missing_head=spec.reset_head)
-    # timm's checkpoint went into timm's own blocks: parallel ones become the studio's now (studio.parallel)
-    model = split_parallel(model)
+    # timm's checkpoint went into timm's own blocks: parallel ones become the studio's now (studio.parallel), an
+    # EVA the studio's ViT of rotary attentions (studio.eva)
+    model = split_parallel(convert_eva(model))
     model.eval().to(device)
     base = describe_base(model, spec.arch, kwargs)
     return LoadedModel(

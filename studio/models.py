@@ -19,11 +19,13 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import families
 from .errors import StudioError
+from .eva import convert_eva
 from .parallel import PARALLEL_TYPES, split_parallel
 from .plan import BaseArch, PrunePlan
 
@@ -185,14 +187,18 @@ def check_family(model: nn.Module, *, blocks: tuple[type[nn.Module], ...] = (Blo
 def create_vit(arch: str, *, split: bool = True, **kwargs: Any) -> VisionTransformer:
     """``timm.create_model`` restricted to VisionTransformer-family models, with a clear refusal otherwise.
 
-    Parallel blocks become the studio's of the same function (:func:`studio.parallel.split_parallel`), the
-    structure every plan and export refers to. ``split=False`` keeps timm's own blocks, to load a timm checkpoint
+    Parallel blocks become the studio's of the same function (:func:`studio.parallel.split_parallel`) and timm's
+    EVA a VisionTransformer of rotary attentions (:func:`studio.eva.convert_eva`), the structure every plan and
+    export refers to. ``split=False`` keeps timm's own blocks, to load a timm checkpoint
     into before splitting (the family check then runs on a split copy built on the meta device).
     """
     model = _timm_model(arch, kwargs)
     if split:
-        return check_family(split_parallel(model))
-    if any(type(b) in PARALLEL_TYPES for b in getattr(model, "blocks", ())):
+        return check_family(split_parallel(convert_eva(model)))
+    if isinstance(model, Eva):  # rebuilt after the checkpoint is loaded: check the rebuild of a meta copy
+        with torch.device("meta"):
+            check_family(convert_eva(_timm_model(arch, kwargs)))
+    elif any(type(b) in PARALLEL_TYPES for b in getattr(model, "blocks", ())):
         with torch.device("meta"):
             check_family(split_parallel(_timm_model(arch, {**kwargs, "weight_init": "skip"})))
     else:
@@ -211,7 +217,8 @@ def _timm_model(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
             ) from None
         raise
     except TypeError as e:
-        if "vision_transformer" not in timm.models.model_entrypoint(arch).__module__ and "deit" not in arch:
+        module = timm.models.model_entrypoint(arch).__module__
+        if "vision_transformer" not in module and not module.endswith(".eva") and "deit" not in arch:
             raise StudioError(
                 f"'{arch}' is not a Vision Transformer; Pruning Studio prunes timm VisionTransformer "
                 "models (ViT, DeiT, DeiT-distilled)."

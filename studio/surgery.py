@@ -41,6 +41,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
+from .eva import check_rope_dims, slice_rope
 from .families import mlp_hidden, mlp_layout
 from .models import check_family, describe_base
 from .parallel import ParallelBlock
@@ -219,6 +220,9 @@ def _prune_attention(attn: Attention, b: BlockPlan, read: Index, write: Index, s
     _slice_linear(attn.proj, write, cols if pruned else None)
     # scale_attn_norm: the norm over the attention output keeps the kept (head, dim) channels
     attn.norm = _slice_norm(attn.norm, cols if pruned else None)
+    if b.head_dims is not None and getattr(attn, "rope", None) is not None:
+        check_rope_dims(attn, dims, b.index)  # EVA-02: whole rotary pairs only
+        attn.rope = slice_rope(attn.rope, dims)  # each kept dim keeps its frequency
     new_d = len(dims)
     attn.num_heads, attn.head_dim, attn.attn_dim = len(heads), new_d, len(heads) * new_d
     if b.head_dims is not None:
@@ -423,6 +427,10 @@ def mask_model(model: nn.Module, plan: PrunePlan) -> VisionTransformer:
         H, d, A = attn.num_heads, attn.head_dim, attn.attn_dim
         heads = set(range(H)) if b.heads is None else set(b.heads)
         dims = set(range(d)) if b.head_dims is None else set(b.head_dims)
+        if b.head_dims is not None:
+            check_rope_dims(
+                attn, b.head_dims, i
+            )  # a dropped rotary pair is an exact zero, half a pair is not
         drop_cols = [h * d + j for h in range(H) for j in range(d) if h not in heads or j not in dims]
         zero(attn.qkv.weight, [p * A + c for p in range(3) for c in drop_cols], 0)
         zero(attn.qkv.bias, [p * A + c for p in range(3) for c in drop_cols], 0)

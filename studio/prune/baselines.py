@@ -18,6 +18,7 @@ from ..analysis.criteria import UnitScores
 from ..analysis.groups import unit_scores
 from ..costs import arch_facts
 from ..errors import StudioError
+from ..eva import HEAD_DIMS_REFUSED, has_rope
 from ..events import Callback, CancelToken, emit
 from ..plan import PrunePlan
 from ..surgery import check_supported
@@ -122,7 +123,10 @@ def plan_baseline(
 
 def _scopes(req: PruneRequest) -> tuple[str, ...]:
     check_supported(req.loaded.model)
-    return parse_scopes(str(req.params.get("scope") or SCOPE.default))
+    scopes = parse_scopes(str(req.params.get("scope") or SCOPE.default))
+    if "head_dims" in scopes and has_rope(req.loaded.model):
+        raise StudioError(HEAD_DIMS_REFUSED)
+    return scopes
 
 
 def prune_random(

@@ -51,6 +51,7 @@ from ..analysis.groups import torch_pruning_scores, unit_scores
 from ..analysis.importance import grouped_criteria, torch_pruning_importance, torch_pruning_name
 from ..costs import arch_facts
 from ..errors import StudioError
+from ..eva import HEAD_DIMS_REFUSED, has_rope
 from ..events import Callback, CancelToken, check, emit, progress
 from ..families import split_packed_glu
 from ..plan import BaseArch, BlockPlan, PrunePlan
@@ -103,9 +104,15 @@ def _pruner_copy(model: nn.Module, grads: Grads | None) -> nn.Module:
     a head leaves them as they are, and removing head dims slices them to the kept dims in the surgery (the
     norm is shared by the heads, as the plan's head dims are). Their weights are not scored: the paper has no
     rule for them, and the qkv rows and proj columns carry the units' importance.
+
+    EVA-02's rotary table is taken out too: torch-pruning reads its token-axis ``cat`` as a channel concat,
+    and the rotation only mixes dims inside a head, which are never pruned there (the gradients of Taylor
+    importance come from the real model).
     """
     m = split_packed_glu(with_grads(model, grads))  # a GLU's halves as two linears torch-pruning couples
     for b in m.blocks:
+        if getattr(b.attn, "rope", None) is not None:
+            b.attn.rope = None
         for name in ("q_norm", "k_norm"):
             if not isinstance(getattr(b.attn, name, nn.Identity()), nn.Identity):
                 setattr(b.attn, name, nn.Identity())
@@ -490,6 +497,10 @@ def prune_isomorphic(
     """``--ratio`` (ρ, default 0.5) with ``--head-ratio``/``--head-dim-ratio``, or the scaled triple at ``--target-macs``."""
     p = req.params
     ratios = ratios_of(p)
+    if ratios.head_dims > 0 and has_rope(req.loaded.model):
+        # RoPE rotates head dims in pairs (EVA-02): the triple keeps its ρ and ρ_head, without head dims
+        ratios = IsoRatios(ratios.embed_mlp, ratios.heads, 0.0)
+        emit(callbacks, "log", message=f"note: {HEAD_DIMS_REFUSED} Isomorphic prunes no head dims here.")
     importance = str(p.get("importance") or "taylor")
     round_to = int(p.get("round_to") or 1)
     if round_to < 1:

@@ -205,6 +205,12 @@ def unit_refusals(model: nn.Module) -> dict[str, str]:
                 "residual masks need the stream between the attention and the MLP branch, which a parallel block "
                 "does not have. Prune this model with another method (Isomorphic, SAViT, SLS, the baselines)."
             )
+        elif getattr(getattr(blk, "attn", None), "rope", None) is not None:
+            why = (
+                f"P3B cannot gate block {i}'s head dims exactly: EVA-02's rotary embedding (RoPE) rotates them in "
+                "pairs, so a masked dim is not a removed one. Prune this model with another method (Isomorphic, "
+                "SAViT, SLS, the baselines)."
+            )
         elif type(blk) is not Block:
             why = f"Block {i} is already pruned ({type(blk).__name__}); P3B starts from an unpruned model."
         else:

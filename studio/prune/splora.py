@@ -1073,6 +1073,8 @@ def unit_refusals(model: nn.Module) -> dict[str, str]:
         attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
         if attn is not None and not isinstance(getattr(attn, "q_norm", nn.Identity()), nn.Identity):
             no(("head_dims",), "qk-norm normalises the masked q/k dims")
+        if getattr(attn, "rope", None) is not None:
+            no(("head_dims",), "EVA-02's rotary embedding rotates head dims in pairs")
         if attn is not None and not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
             no(("heads", "head_dims"), "a norm over the attention output, scale_attn_norm")
         if mlp is not None and not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):

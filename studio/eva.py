@@ -1,0 +1,300 @@
+"""timm's EVA models (``timm.models.eva.Eva``) as VisionTransformers the studio prunes, computing the same function.
+
+EVA-02 (Fang et al. 2023, "EVA-02: A Visual Representation for Neon Genesis") is a pre-norm ViT whose attention
+applies 2-D rotary position embeddings (RoPE; Su et al. 2021, "RoFormer") to q and k of the patch tokens, with
+a SwiGLU MLP (packed ``GluMlp``, or ``SwiGLU`` with a hidden norm), q and v biases but no k bias, optionally a
+sub-LayerNorm before ``proj`` and LayerScale as bare ``gamma_1``/``gamma_2`` parameters. EVA-01 (``eva_*``) is the
+same block without RoPE. timm's ``Eva`` is not a ``VisionTransformer`` (its forward computes the rotary table and
+hands it to every block), so the studio rebuilds it, once, where every model is created
+(:func:`studio.models.create_vit`, and after a timm checkpoint is loaded into timm's own model,
+:func:`studio.load.load_model`), into a timm ``VisionTransformer`` of timm ``Block``s (:func:`convert_eva`):
+
+- the attention is a :class:`RopeAttention`, timm's ``Attention`` (same parameter names: ``qkv``, ``proj``, ``norm``,
+  ``q_norm``/``k_norm``) that rotates q and k of the non-prefix tokens with the model's rotary table, held as a
+  non-persistent buffer (the table is a function of the grid, recomputed by every rebuild, never exported);
+- the fused ``qkv`` takes ``cat(q_bias, 0, v_bias)`` as its bias, or the rows of separate ``q_proj``/``k_proj``/
+  ``v_proj``; the k rows' bias starts at zero (EVA has none) and is one more trainable vector per block;
+- ``gamma_1``/``gamma_2`` become ``LayerScale`` ``ls1``/``ls2``; the patch embedding, tokens, position embedding,
+  norms and head are the model's own modules.
+
+Every weight keeps its value, so the rebuilt model gives timm's logits (up to float rounding) and the plan, surgery,
+masking, costs, grouping and every method apply to it as to any ViT. Heads, MLP neurons, embedding channels and
+blocks are pruned by every method; **head dims are not** (:data:`HEAD_DIMS_REFUSED`): a rotation mixes dims in
+pairs at one frequency each, so a kept dim needs its partner and its frequency's column of the table, which the
+methods' per-dim scores do not keep together. The surgery and the masks do cut a plan's head dims exactly when
+they are whole pairs (:func:`check_rope_dims`, :func:`slice_rope`: a plan written by hand or imported).
+
+What the rebuild cannot express is refused at load (:func:`eva_refusal`, one sentence each): post-norm blocks
+(``EvaBlockPostNorm``), timm's ``AttentionRope`` (``attn_type='rope'``, grouped-query), gated attention, rotary
+tables other than EVA-02's ``cat`` type or varying per forward (``dynamic_img_size``, patch dropout, mixed RoPE),
+and attention-pool or max pooling heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerScale
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from .errors import StudioError
+
+#: why no method prunes EVA-02's head dims (the family's units leave them out; methods say it before any work)
+HEAD_DIMS_REFUSED = (
+    "EVA-02's rotary embedding (RoPE) rotates head dims in pairs at one frequency each, which the methods' "
+    "per-dim scores do not keep together, so no method prunes EVA-02 head dims: prune heads, MLP neurons, "
+    "embedding channels or blocks."
+)
+
+
+def rope_pairs(head_dim: int, rotate_half: bool) -> list[tuple[int, int]]:
+    """The head-dim pairs one rotation mixes: ``(2i, 2i+1)`` (interleaved) or ``(i, i + d/2)`` (rotate-half)."""
+    h = head_dim // 2
+    return [(i, i + h) for i in range(h)] if rotate_half else [(2 * i, 2 * i + 1) for i in range(h)]
+
+
+def check_rope_dims(attn: nn.Module, dims: Sequence[int], block: int) -> None:
+    """Refuse kept head dims of a rotary attention that split a pair or break the rotation's layout.
+
+    The kept dims must be whole pairs, laid out as the rotation reads them (interleaved: each pair's two dims
+    next to each other; rotate-half: the pairs' first dims, then their second dims in the same order); then the
+    sliced rotation (:func:`slice_rope`) rotates each kept pair at its own frequency and a dropped pair is an
+    exact zero in the masked model.
+    """
+    if getattr(attn, "rope", None) is None:
+        return
+    kept = list(dims)
+    half = bool(attn.rotate_half)
+    n = len(kept) // 2
+    pairs = set(rope_pairs(attn.head_dim, half))
+    got = (
+        list(zip(kept[:n], kept[n:], strict=True)) if half else list(zip(kept[::2], kept[1::2], strict=False))
+    )
+    if len(kept) % 2 or any(p not in pairs for p in got):
+        layout = "(i, i + d/2), first dims then second dims" if half else "(2i, 2i+1), side by side"
+        raise StudioError(
+            f"Block {block}'s kept head dims {kept[:8]}... split EVA-02's rotary pairs {layout}: a rotation mixes "
+            "the two dims of a pair, so keep or drop them together."
+        )
+
+
+def slice_rope(rope: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """The rotary table ``cat(sin, cos)`` of the kept head dims: each kept dim keeps its own frequency."""
+    sin, cos = rope.chunk(2, -1)
+    idx = torch.as_tensor(list(dims), dtype=torch.long, device=rope.device)
+    return torch.cat([sin.index_select(-1, idx), cos.index_select(-1, idx)], dim=-1)
+
+
+class RopeAttention(Attention):
+    """timm's ``Attention`` with EVA-02's rotary position embedding on q and k of the patch tokens (RoFormer).
+
+    ``rope`` is the model's table ``cat(sin, cos)`` of shape ``(patches, 2·head_dim)`` (a non-persistent buffer,
+    ``None`` for EVA-01: then this is timm's ``Attention``); the first ``num_prefix_tokens`` tokens (class,
+    registers) are not rotated, as in timm's ``EvaAttention``. ``rotate_half`` pairs dim ``i`` with ``i + d/2``
+    instead of ``2i`` with ``2i + 1``. The rotation is elementwise, so it is not counted in the MACs.
+    """
+
+    rope: torch.Tensor | None
+
+    def __init__(
+        self, *args: Any, rope: torch.Tensor | None, num_prefix_tokens: int, rotate_half: bool, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("rope", rope, persistent=False)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.rotate_half = rotate_half
+
+    def _rotate(self, t: torch.Tensor) -> torch.Tensor:
+        n = self.num_prefix_tokens
+        rot = apply_rot_embed_cat(t[:, :, n:, :], self.rope, half=self.rotate_half)
+        return torch.cat([t[:, :, :n, :], rot.type_as(t)], dim=2)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self._rotate(q), self._rotate(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal,
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+def is_eva(model: nn.Module) -> bool:
+    """Whether ``model`` is a rebuilt EVA (:func:`convert_eva`): one of its attentions is a RopeAttention."""
+    return any(isinstance(getattr(b, "attn", None), RopeAttention) for b in getattr(model, "blocks", ()))
+
+
+def has_rope(model: nn.Module) -> bool:
+    """Whether ``model`` is a rebuilt EVA whose attentions rotate q and k (EVA-02; EVA-01 has no RoPE)."""
+    return any(
+        getattr(getattr(b, "attn", None), "rope", None) is not None for b in getattr(model, "blocks", ())
+    )
+
+
+def eva_refusal(model: nn.Module) -> str | None:
+    """Why timm's ``Eva`` ``model`` cannot be rebuilt as a studio ViT exactly (one sentence), or None."""
+    if not isinstance(model, Eva):
+        return None
+    if model.dynamic_img_size:
+        return (
+            "This timm Eva uses dynamic_img_size, whose rotary table changes with every input size; the studio "
+            "prunes EVA at one fixed image size: build it with dynamic_img_size=False."
+        )
+    if model.patch_drop is not None:
+        return (
+            "This timm Eva uses patch dropout, which drops rows of the rotary table per forward; build it with "
+            "patch_drop_rate=0."
+        )
+    if model.rope is not None and (
+        getattr(model, "rope_mixed", False) or type(model.rope) is not RotaryEmbeddingCat
+    ):
+        return (
+            f"This timm Eva's rotary embedding is a {type(model.rope).__name__}; the studio supports EVA-02's "
+            "RotaryEmbeddingCat (rope_type='cat') only: build it with rope_type='cat'."
+        )
+    if model.global_pool not in ("avg", "token", ""):
+        return (
+            f"This timm Eva pools with global_pool='{model.global_pool}'; the studio prunes EVA with "
+            "global_pool='avg' or 'token'."
+        )
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not EvaBlock:
+            return (
+                f"Block {i} is a {type(blk).__name__}; the studio prunes EVA's pre-norm EvaBlock only (no "
+                "post-norm EvaBlockPostNorm, use_post_norm=False)."
+            )
+        if type(blk.attn) is not EvaAttention:
+            return (
+                f"Block {i} uses {type(blk.attn).__name__}; the studio prunes EVA's EvaAttention only (no "
+                "attn_type='rope' or grouped-query attention): build it with attn_type='eva'."
+            )
+        if blk.attn.gate is not None:
+            return f"Block {i} uses gated attention, which the studio does not support: build it with gated_attn=False."
+    return None
+
+
+def _param(t: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=requires_grad)
+
+
+def _qkv(a: EvaAttention) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(weight, bias or None, requires_grad) of the fused qkv that computes ``a``'s q, k and v."""
+    if a.qkv is not None:
+        w, grad = a.qkv.weight, a.qkv.weight.requires_grad
+        if a.q_bias is None:
+            return w, None, grad
+        # EVA has no k bias (timm keeps a zero buffer): the fused bias starts at zero there
+        return w, torch.cat((a.q_bias.detach(), torch.zeros_like(a.q_bias), a.v_bias.detach())), grad
+    lins = (a.q_proj, a.k_proj, a.v_proj)
+    w = torch.cat([lin.weight.detach() for lin in lins])
+    if all(lin.bias is None for lin in lins):
+        return w, None, a.q_proj.weight.requires_grad
+    zero = torch.zeros(lins[0].out_features, dtype=w.dtype, device=w.device)
+    b = torch.cat([lin.bias.detach() if lin.bias is not None else zero for lin in lins])
+    return w, b, a.q_proj.weight.requires_grad
+
+
+def _attention(a: EvaAttention, rope: torch.Tensor | None) -> RopeAttention:
+    E = a.proj.out_features
+    w, b, grad = _qkv(a)
+    with torch.device("meta"):  # shapes only: every weight is the block's own
+        out = RopeAttention(
+            E,
+            num_heads=a.num_heads,
+            attn_head_dim=a.head_dim,
+            qkv_bias=b is not None,
+            proj_bias=a.proj.bias is not None,
+            rope=None,
+            num_prefix_tokens=a.num_prefix_tokens,
+            rotate_half=bool(a.rotate_half),
+        )
+    out.qkv.weight = _param(w, grad)
+    out.qkv.bias = None if b is None else _param(b, grad)
+    out.register_buffer("rope", rope, persistent=False)
+    out.proj, out.proj_drop, out.attn_drop = a.proj, a.proj_drop, a.attn_drop
+    out.q_norm, out.k_norm, out.norm = a.q_norm, a.k_norm, a.norm
+    out.scale, out.fused_attn = a.scale, a.fused_attn
+    return out
+
+
+def _layer_scale(gamma: nn.Parameter | None) -> nn.Module:
+    if gamma is None:
+        return nn.Identity()
+    with torch.device("meta"):
+        ls = LayerScale(gamma.shape[0])
+    ls.gamma = _param(gamma, gamma.requires_grad)
+    return ls
+
+
+def _block(blk: EvaBlock, rope: torch.Tensor | None) -> Block:
+    E = blk.norm1.normalized_shape[0]
+    with torch.device("meta"):
+        out = Block(E, num_heads=1)
+    out.norm1, out.attn, out.drop_path1 = blk.norm1, _attention(blk.attn, rope), blk.drop_path1
+    out.ls1 = _layer_scale(blk.gamma_1)
+    out.norm2, out.mlp, out.drop_path2 = blk.norm2, blk.mlp, blk.drop_path2
+    out.ls2 = _layer_scale(blk.gamma_2)
+    return out
+
+
+def convert_eva(model: nn.Module) -> nn.Module:
+    """The timm ``VisionTransformer`` computing what timm's ``Eva`` ``model`` computes (other models unchanged).
+
+    Raises nothing: an Eva that :func:`eva_refusal` refuses is returned as it is, and the family check
+    (:func:`studio.families.check`) reports the sentence.
+    """
+    if not isinstance(model, Eva) or eva_refusal(model) is not None:
+        return model
+    pe = model.patch_embed
+    E = model.embed_dim
+    with torch.device("meta"):  # the skeleton only: every module below is replaced by the model's own
+        vit = VisionTransformer(
+            img_size=pe.img_size,
+            patch_size=pe.patch_size,
+            embed_dim=E,
+            depth=0,
+            num_heads=1,
+            num_classes=model.num_classes,
+            global_pool=model.global_pool,
+            class_token=model.cls_token is not None,
+            reg_tokens=0 if model.reg_token is None else model.reg_token.shape[1],
+            no_embed_class=model.no_embed_class,
+            fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        )
+    rope = None
+    if model.rope is not None:
+        rope = model.rope.get_embed().detach()  # fixed grid: the same table in every forward
+    vit.patch_embed, vit.cls_token, vit.reg_token = pe, model.cls_token, model.reg_token
+    vit.pos_embed, vit.pos_drop, vit.norm_pre = model.pos_embed, model.pos_drop, model.norm_pre
+    vit.patch_drop = nn.Identity()
+    vit.blocks = nn.Sequential(*[_block(b, rope) for b in model.blocks])
+    vit.norm, vit.fc_norm, vit.head_drop, vit.head = model.norm, model.fc_norm, model.head_drop, model.head
+    vit.num_prefix_tokens, vit.has_class_token = model.num_prefix_tokens, model.cls_token is not None
+    vit.feature_info = list(getattr(model, "feature_info", vit.feature_info))
+    for name in ("pretrained_cfg", "default_cfg", "pretrained_cfg_overlay"):
+        if hasattr(model, name):
+            setattr(vit, name, getattr(model, name))
+    return vit.train(model.training)
