@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 from safetensors.torch import save_file
 
@@ -28,6 +27,7 @@ from studio.models import ModelSpec, create_vit, data_config, describe_base
 from studio.plan import BlockPlan, PrunePlan
 from studio.prune import PruneRequest, load_methods, make_plan
 from studio.surgery import apply_plan, mask_model
+from tests.test_parallel import _timm, _x  # timm's own model, nudged off its zero inits; a seeded batch
 
 TINY, BASE = "eva02_tiny_patch14_224", "eva02_base_patch14_224"
 VARIANTS = {
@@ -44,21 +44,6 @@ VARIANTS = {
     ),
     "EVA-01 (no RoPE, plain Mlp)": ("eva_giant_patch14_224", {"mlp_ratio": 4.0}),
 }
-
-
-def _timm(arch: str, kw: dict) -> torch.nn.Module:
-    """timm's own Eva, random weights nudged off their zero inits (q/v biases, head)."""
-    torch.manual_seed(0)
-    m = timm.create_model(arch, **{**SMALL, **kw}).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return m
-
-
-def _x(seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(3, 3, SMALL["img_size"], SMALL["img_size"], generator=g)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
