@@ -105,7 +105,8 @@ def test_adapters_page_follows_a_cancelled_splora_job_and_offers_resume(root):
     params = {"epochs": 2, "recovery_epochs": 0, "prune_step": 0.5, "score_batches": 1, "rank": 2.0}
     spec = PruneSpec(DEMO, "splora", {**params, "target_density": 0.5}, DATA, batch_size=32, bench=False)
     run = _cancelled_job(spec, root / "splora-cancelled")
-    assert [p.name for p in run.checkpoints()] == ["splora-splora.step0.pt"]  # the adapter training is kept
+    # the adapter training is kept (the default ViT protocol's head-only first half)
+    assert [p.name for p in run.checkpoints()] == ["splora-splora.step0.head.pt"]
 
     at = _page("pages/5_adapters.py")  # a fresh session: nothing started here, the page finds the job
     assert not at.error, [e.value for e in at.error]
