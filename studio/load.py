@@ -142,9 +142,11 @@ def _convpass_in(sd: Mapping[str, torch.Tensor], spec: ModelSpec, path: Path) ->
     return ConvpassSpec(dim=int(sd[downs[0]].shape[0]), scale=float(spec.convpass_scale)).validate()
 
 
-def _load_strict(
-    model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, *, allow_missing_head: bool
-) -> None:
+def misfits(
+    model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, allow_missing_head: bool = False
+) -> list[str]:
+    """How state dict ``sd`` does not fit ``model`` (shape mismatches, missing and unexpected keys), as phrases
+    for one error sentence; empty when it fits. Shared by every strict load (models and teachers)."""
     own = model.state_dict()
     missing = [
         k for k in own if k not in sd and not (allow_missing_head and k.startswith(("head.", "head_dist.")))
@@ -155,24 +157,37 @@ def _load_strict(
         for k, v in own.items()
         if k in sd and sd[k].shape != v.shape
     ]
-    if missing or unexpected or shape:
-        parts = []
-        if shape:
-            parts.append(f"shape mismatch: {'; '.join(shape[:3])}")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    parts = []
+    if shape:
+        parts.append(f"shape mismatch: {'; '.join(shape[:3])}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    return parts
+
+
+def non_float(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Float weights of ``model`` that ``sd`` stores as integers (``load_state_dict`` would cast them silently)."""
+    own = model.state_dict()
+    return [
+        f"{k} ({sd[k].dtype})"
+        for k, v in own.items()
+        if k in sd and v.is_floating_point() and not sd[k].is_floating_point()
+    ]
+
+
+def _load_strict(
+    model: torch.nn.Module, sd: Mapping[str, torch.Tensor], path: Path, *, allow_missing_head: bool
+) -> None:
+    parts = misfits(model, sd, allow_missing_head=allow_missing_head)
+    if parts:
         raise StudioError(
             f"{path.name} does not fit the architecture: {'; '.join(parts)}. Check --arch, --img-size and the "
             "timm kwargs (patch size, width, depth); for a different classifier use --num-classes N --reset-head."
         )
     # load_state_dict casts silently: integer (e.g. quantised) weights would become a different model
-    cast = [
-        f"{k} ({sd[k].dtype})"
-        for k, v in own.items()
-        if k in sd and v.is_floating_point() and not sd[k].is_floating_point()
-    ]
+    cast = non_float(model, sd)
     if cast:
         raise StudioError(
             f"{path.name} stores non-float weights ({', '.join(cast[:2])}): a quantised or non-weight file. "

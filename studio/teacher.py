@@ -36,7 +36,7 @@ from torch import nn
 
 from .device import resolve_device
 from .errors import StudioError
-from .load import load_model  # the demo and exported folders load as every model does
+from .load import load_model, misfits, non_float  # the demo and exported folders load as every model does
 from .models import DEMO_SOURCES, ModelSpec, data_config, plain_error, read_state_dict
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".npz")  # what studio.models reads
@@ -205,23 +205,8 @@ def _create(arch: str, kwargs: Mapping[str, Any], img_size: int | None) -> tuple
 
 
 def _fit_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    cast = [k for k, v in own.items() if k in sd and v.is_floating_point() and not sd[k].is_floating_point()]
-    parts = []
-    if shape:
-        parts.append(f"shape mismatch: {'; '.join(shape[:2])}")
-    if missing:
-        parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:2])}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:2])}")
-    if cast:
+    parts = misfits(model, sd)
+    if cast := non_float(model, sd):
         parts.append(f"non-float weights in {', '.join(cast[:2])}")
     if parts:
         raise StudioError(
