@@ -19,10 +19,12 @@ hands it to every block), so the studio rebuilds it, once, where every model is 
 
 Every weight keeps its value, so the rebuilt model gives timm's logits (up to float rounding) and the plan, surgery,
 masking, costs, grouping and every method apply to it as to any ViT. Heads, MLP neurons, embedding channels and
-blocks are pruned by every method; **head dims are not** (:data:`HEAD_DIMS_REFUSED`): a rotation mixes dims in
-pairs at one frequency each, so a kept dim needs its partner and its frequency's column of the table, which the
-methods' per-dim scores do not keep together. The surgery and the masks do cut a plan's head dims exactly when
-they are whole pairs (:func:`check_rope_dims`, :func:`slice_rope`: a plan written by hand or imported).
+blocks are pruned as in any ViT. **Head dims go in rotary pairs**: a rotation mixes two dims at one frequency, so
+a kept dim needs its partner and its frequency's column of the table. The surgery and the masks cut a plan's head
+dims exactly when they are whole pairs laid out as the rotation reads them (:func:`check_rope_dims`,
+:func:`slice_rope`); the score-based methods keep or drop whole pairs (:func:`head_dim_pairs`, ranked by their
+summed scores: the baselines through :func:`studio.prune.select.plan_from_scores`, Isomorphic after
+torch-pruning's per-dim ranking); SPLoRA and P3B, whose masks act on single dims during training, refuse them.
 
 What the rebuild cannot express is refused at load (:func:`eva_refusal`, one sentence each): post-norm blocks
 (``EvaBlockPostNorm``), timm's ``AttentionRope`` (``attn_type='rope'``, grouped-query), gated attention, rotary
@@ -45,14 +47,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
-
-#: why no method prunes EVA-02's head dims (the family's units leave them out; methods say it before any work)
-HEAD_DIMS_REFUSED = (
-    "EVA-02's rotary embedding (RoPE) rotates head dims in pairs at one frequency each, which the methods' "
-    "per-dim scores do not keep together, so no method prunes EVA-02 head dims: prune heads, MLP neurons, "
-    "embedding channels or blocks."
-)
-
 
 def rope_pairs(head_dim: int, rotate_half: bool) -> list[tuple[int, int]]:
     """The head-dim pairs one rotation mixes: ``(2i, 2i+1)`` (interleaved) or ``(i, i + d/2)`` (rotate-half)."""
@@ -152,6 +146,29 @@ def has_rope(model: nn.Module) -> bool:
     return any(
         getattr(getattr(b, "attn", None), "rope", None) is not None for b in getattr(model, "blocks", ())
     )
+
+
+def head_dim_pairs(model: nn.Module) -> tuple[tuple[int, int], ...] | None:
+    """The head-dim pairs every rotary attention of ``model`` mixes (EVA-02), or None without RoPE.
+
+    What a method keeps or drops together when it prunes head dims (:func:`studio.prune.select.plan_from_scores`
+    ``tied_dims``): every block of a rebuilt EVA has one head dim and one rotation layout.
+    """
+    rotary = [
+        b.attn
+        for b in getattr(model, "blocks", ())
+        if getattr(getattr(b, "attn", None), "rope", None) is not None
+    ]
+    if not rotary:
+        return None
+    layouts = {(int(a.head_dim), bool(a.rotate_half)) for a in rotary}
+    if len(layouts) > 1:  # never built by convert_eva; a hand-made model
+        raise StudioError(
+            f"This model's rotary attentions differ in head dim or rotation layout {sorted(layouts)}; the "
+            "studio prunes head dims of one layout per model: prune heads, MLP neurons, embedding or blocks."
+        )
+    ((d, half),) = layouts
+    return tuple(rope_pairs(d, half))
 
 
 def eva_refusal(model: nn.Module) -> str | None:

@@ -8,7 +8,7 @@ studio.families``) and the Model page follow without being edited:
   pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads, ViT-22B's parallel
   scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`), and
   timm's EVA-02/EVA-01 (``Eva``), rebuilt at load as a VisionTransformer of rotary attentions by
-  :mod:`studio.eva` (no head dims with RoPE). Each one detects itself on a built model, says which
+  :mod:`studio.eva` (head dims in whole rotary pairs). Each one detects itself on a built model, says which
   plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
   every planning method on.
 - :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock branches with their own
@@ -318,11 +318,10 @@ for _family in (
         "eva02_tiny_patch14_224",
         {"init_values": 1e-1},
         docs="`eva02_tiny_patch14_224`, `eva02_base_patch14_224` (timm `Eva`, `use_rot_pos_emb=True`)",
-        units=tuple(u for u in UNITS if u != "head_dims"),
         note="rebuilt at load as a ViT of the same function (studio.eva: rotary attention on timm's Attention, "
         "q/k/v biases or separate projections fused into qkv with a zero, trainable k bias, gamma_1/gamma_2 as "
-        "LayerScale); no method prunes head dims (RoPE rotates them in pairs; a plan's whole pairs are cut "
-        "exactly, the rotary table sliced with them)",
+        "LayerScale); head dims are kept or dropped in whole rotary pairs (ranked by summed score), the rotary "
+        "table sliced with them; SPLoRA and P3B do not prune them",
     ),
     Family(
         "EVA-01",

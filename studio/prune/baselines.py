@@ -18,7 +18,7 @@ from ..analysis.criteria import UnitScores
 from ..analysis.groups import unit_scores
 from ..costs import arch_facts
 from ..errors import StudioError
-from ..eva import HEAD_DIMS_REFUSED, has_rope
+from ..eva import head_dim_pairs
 from ..events import Callback, CancelToken, emit
 from ..plan import PrunePlan
 from ..surgery import check_supported
@@ -90,11 +90,12 @@ def plan_baseline(
         raise StudioError(f"--round-to must be a positive integer, got {round_to}.")
 
     groups = [g for g in _STAGES if any(s in g for s in scopes)]
+    tied = head_dim_pairs(req.loaded.model)  # EVA-02: rotary pairs are kept or dropped together
 
     def build(ratios: Sequence[float]) -> PrunePlan:
         by_scope = {s: r for g, r in zip(groups, ratios) for s in g if s in scopes}
         return plan_from_scores(
-            base, scores, by_scope, mode=mode, round_to=round_to, method=method, params=params
+            base, scores, by_scope, mode=mode, round_to=round_to, method=method, params=params, tied_dims=tied
         )
 
     target = req.target()
@@ -124,8 +125,6 @@ def plan_baseline(
 def _scopes(req: PruneRequest) -> tuple[str, ...]:
     check_supported(req.loaded.model)
     scopes = parse_scopes(str(req.params.get("scope") or SCOPE.default))
-    if "head_dims" in scopes and has_rope(req.loaded.model):
-        raise StudioError(HEAD_DIMS_REFUSED)
     return scopes
 
 

@@ -26,14 +26,18 @@ What differs from the reference, and why:
 - attention temperature after head-dim pruning: ``scale_policy="reset"`` uses ``1/sqrt(d_kept)`` as the
   reference (``prune.py`` resets ``scale``; timm's fused kernel does so anyway); the default ``keep`` folds the
   base temperature into ``q`` so the pruned model computes the same function on the kept dims, which is what a
-  short recovery needs.
+  short recovery needs;
+- EVA-02's rotary pairs (the paper has no rule for them): torch-pruning ranks head dims one at a time on a copy
+  without the rotation; each block then keeps as many whole pairs as it kept dims (rounded up), the pairs of
+  highest summed importance, so the plan's dims are what the rotation reads.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,13 +49,14 @@ from ..analysis.criteria import (
     UnitScores,
     classifiers,
     example_inputs,
+    top_k,
     with_grads,
 )
 from ..analysis.groups import torch_pruning_scores, unit_scores
 from ..analysis.importance import grouped_criteria, torch_pruning_importance, torch_pruning_name
 from ..costs import arch_facts
 from ..errors import StudioError
-from ..eva import HEAD_DIMS_REFUSED, has_rope
+from ..eva import has_rope, head_dim_pairs
 from ..events import Callback, CancelToken, check, emit, progress
 from ..families import split_packed_glu
 from ..plan import BaseArch, BlockPlan, PrunePlan
@@ -299,6 +304,20 @@ def _plan(
     return tuple(blocks), embed
 
 
+def _whole_pairs(b: BlockPlan, pairs: Sequence[tuple[int, int]], scores: torch.Tensor) -> BlockPlan:
+    """``b`` with its head dims as whole rotary pairs (EVA-02): as many pairs as torch-pruning kept dims, rounded
+    up, the pairs of highest summed score (the grouped importance torch-pruning ranked the dims by).
+
+    The paper has no rule for rotary pairs; torch-pruning ranks the dims one at a time (on a copy without the
+    rotation), and keeping half a pair would not be the masked model's function.
+    """
+    if b.head_dims is None:
+        return b
+    keep = top_k(scores[torch.tensor(pairs)].sum(-1), math.ceil(len(b.head_dims) / 2))
+    dims = None if keep is None else tuple(sorted(j for p in keep for j in pairs[p]))
+    return replace(b, head_dims=dims)
+
+
 @dataclass(frozen=True)
 class IsoStructure:
     """One isomorphic pruning run: the plan, the ratios used, guarded blocks, and (optionally) tp's pruned module."""
@@ -332,8 +351,10 @@ def isomorphic_structure(
     """
     ratios.check()
     check_fits(model, base)
-    if keep_pruned and _has_qk_norm(model):
-        raise StudioError("The torch-pruning parity module is not built for qk_norm models.")
+    if keep_pruned and (_has_qk_norm(model) or has_rope(model)):
+        raise StudioError(
+            "The torch-pruning parity module is not built for qk_norm or rotary (EVA-02) models."
+        )
     if importance == "taylor" and not grads:
         raise StudioError(
             "Isomorphic pruning with Taylor importance needs calibration gradients: give --data."
@@ -362,6 +383,10 @@ def isomorphic_structure(
         )
         head_scores = list(torch_pruning_scores(model, torch_pruning_name(importance), grads).heads)
     blocks, embed = _plan(base, removed, dims_only, head_scores, empty)
+    pairs = head_dim_pairs(model)
+    if pairs is not None and any(b.head_dims is not None for b in blocks):
+        dim_scores = torch_pruning_scores(model, torch_pruning_name(importance), grads).head_dims
+        blocks = tuple(_whole_pairs(b, pairs, dim_scores[b.index]) for b in blocks)
     plan = PrunePlan(
         base=base,
         blocks=blocks,
@@ -497,10 +522,6 @@ def prune_isomorphic(
     """``--ratio`` (ρ, default 0.5) with ``--head-ratio``/``--head-dim-ratio``, or the scaled triple at ``--target-macs``."""
     p = req.params
     ratios = ratios_of(p)
-    if ratios.head_dims > 0 and has_rope(req.loaded.model):
-        # RoPE rotates head dims in pairs (EVA-02): the triple keeps its ρ and ρ_head, without head dims
-        ratios = IsoRatios(ratios.embed_mlp, ratios.heads, 0.0)
-        emit(callbacks, "log", message=f"note: {HEAD_DIMS_REFUSED} Isomorphic prunes no head dims here.")
     importance = str(p.get("importance") or "taylor")
     round_to = int(p.get("round_to") or 1)
     if round_to < 1:

@@ -6,6 +6,12 @@ Units are heads, head dims (shared by q, k, v of all heads of a block), MLP neur
 and embedding can be rounded *up* to a multiple of ``round_to`` (hardware-friendly GEMMs); heads are not
 rounded. The kept set is always the top-scored units (ties: lower index), listed in increasing order, so
 plans are nested as the ratio grows and MACs fall monotonically.
+
+Head dims a model ties together (EVA-02's rotary pairs, :func:`studio.eva.head_dim_pairs`) are ranked and kept
+as one unit each (``tied_dims``): a pair's score is the sum of its dims' scores, the ratio removes that
+fraction of the pairs, and ``round_to`` rounds the kept dims up to a multiple of both it and the pair size.
+The papers score dims one at a time; summing a pair's scores is the studio's rule, the group sum every
+grouped criterion already uses for a unit of several channels.
 """
 
 from __future__ import annotations
@@ -91,6 +97,25 @@ def _counts(scores: Sequence[torch.Tensor], ratio: float, mode: str, round_to: i
     return [keep_count(len(s), ratio, round_to) for s in scores]
 
 
+def _tied_top(
+    per: PerBlock, ratio: float, mode: str, round_to: int, tied: Sequence[Sequence[int]]
+) -> list[tuple[int, ...] | None]:
+    """Per block, the kept head dims when whole ``tied`` groups are ranked by their summed scores."""
+    size = len(tied[0])
+    if any(len(g) != size for g in tied) or sorted(j for g in tied for j in g) != list(range(len(per[0]))):
+        raise StudioError(  # a family's own tie groups; never from user input
+            f"internal: tied head-dim groups {list(tied)[:4]}... do not partition the {len(per[0])} head dims."
+        )
+    index = torch.tensor([list(g) for g in tied])
+    grouped = tuple(s[index].sum(-1) for s in per)
+    counts = _counts(grouped, ratio, mode, math.lcm(size, round_to) // size)
+    out: list[tuple[int, ...] | None] = []
+    for s, k in zip(grouped, counts):
+        keep = top_k(s, k)
+        out.append(None if keep is None else tuple(sorted(j for g in keep for j in tied[g])))
+    return out
+
+
 def plan_from_scores(
     base: BaseArch,
     scores: UnitScores,
@@ -100,6 +125,7 @@ def plan_from_scores(
     round_to: int = 1,
     method: str = "manual",
     params: Mapping[str, Any] | None = None,
+    tied_dims: Sequence[Sequence[int]] | None = None,
 ) -> PrunePlan:
     """The plan keeping the top-scored units when removing ``ratios[scope]`` of each scope.
 
@@ -108,6 +134,7 @@ def plan_from_scores(
             given (or 0) is kept whole. 1 keeps one unit per block (the surgery never empties a block).
         mode: ``uniform`` (same ratio in every block) or ``global`` (ranked across blocks).
         round_to: round kept head-dim / MLP / embedding widths up to a multiple of this.
+        tied_dims: groups of head dims kept or dropped together (equal sizes, covering every dim), or None.
     """
     if mode not in MODES:
         raise StudioError(f"Pruning mode '{mode}' is unknown; use {' or '.join(MODES)}.")
@@ -125,6 +152,9 @@ def plan_from_scores(
         per: PerBlock | None = scores.tensors(scope)  # type: ignore[assignment]
         if r <= 0 or per is None:
             kept[scope] = [None] * depth
+            continue
+        if scope == "head_dims" and tied_dims:
+            kept[scope] = _tied_top(per, r, mode, round_to, tied_dims)
             continue
         counts = _counts(per, r, mode, 1 if scope == "heads" else round_to)
         kept[scope] = [top_k(s, k) for s, k in zip(per, counts)]
