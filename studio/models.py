@@ -197,8 +197,8 @@ def create_vit(arch: str, *, split: bool = True, **kwargs: Any) -> VisionTransfo
     model = _timm_model(arch, kwargs)
     if split:
         return check_family(split_parallel(convert_relpos(convert_eva(model))))
-    if isinstance(model, Eva | REBUILT_TYPES):  # rebuilt after the checkpoint is loaded: check a meta copy's
-        with torch.device("meta"):
+    if isinstance(model, (Eva, *REBUILT_TYPES)):  # rebuilt after the checkpoint loads
+        with torch.device("meta"):  # so check the rebuild of a meta copy
             check_family(convert_relpos(convert_eva(_timm_model(arch, kwargs))))
     elif any(type(b) in PARALLEL_TYPES for b in getattr(model, "blocks", ())):
         with torch.device("meta"):
