@@ -38,8 +38,9 @@ surgery calls), and the masked model stays exact (a dropped head's v is zero, wh
 (:meth:`RelPosMlpBias.costs`) rather than cache its output, so it stays trainable and exportable.
 
 What the rebuild cannot express is refused at load (:func:`relpos_refusal`, one sentence each): timm's post-norm
-``ResPostRelPosBlock`` (``vit_relpos_*_rpn_*``), other blocks, attentions or bias modules, and attention-pool
-heads.
+``ResPostRelPosBlock`` (``vit_relpos_*_rpn_*``: a norm on each branch's output, which timm's pre-norm ``Block``
+cannot express), other blocks or MLPs, and bias modules other than ``RelPosBias`` and ``RelPosMlp``. Neither
+model has a dynamic image size or an attention-pool head to refuse (timm's constructors allow none).
 """
 
 from __future__ import annotations
@@ -234,8 +235,8 @@ def relpos_refusal(model: nn.Module) -> str | None:
     for i, blk in enumerate(model.blocks):
         if type(blk).__name__ == "ResPostRelPosBlock":
             return (
-                f"Block {i} is timm's post-norm ResPostRelPosBlock, whose norms after each branch the surgery "
-                "cannot slice per head; the studio prunes the pre-norm RelPosBlock only: use a vit_relpos_* "
+                f"Block {i} is timm's post-norm ResPostRelPosBlock (a norm on each branch's output), which timm's "
+                "pre-norm Block cannot express; the studio prunes the pre-norm RelPosBlock only: use a vit_relpos_* "
                 "architecture without '_rpn' (block_fn=RelPosBlock)."
             )
         if type(blk) is not RelPosBlock or type(blk.mlp).__name__ != "Mlp":
