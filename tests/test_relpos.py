@@ -229,3 +229,12 @@ def test_p3b_and_splora_refuse_no_unit_of_the_new_families(family, method):
     with torch.device("meta"):
         m = create_vit(f.example, **f.build_kwargs())
     assert load_methods().get(method).refused_units(m) == {}
+
+
+def test_the_bias_tables_take_no_weight_decay_as_in_timms_beit():
+    from studio.train import _param_groups
+
+    m = create_vit(BEIT, **SMALL)
+    decay, no_decay = _param_groups(m, 0.05)
+    tables = {id(b.attn.rel_pos.relative_position_bias_table) for b in m.blocks}
+    assert tables <= {id(p) for p in no_decay["params"]} and not tables & {id(p) for p in decay["params"]}
