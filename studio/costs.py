@@ -106,12 +106,17 @@ def arch_facts(base: BaseArch) -> ArchFacts:
 
 
 def _bias_facts(attn: nn.Module) -> dict[str, int]:
-    """A relative position bias's costs per block (its ``costs()``: the same in every block of a base model)."""
+    """A relative position bias's costs per block (the same in every block of a base model)."""
     rel_pos = getattr(attn, "rel_pos", None)
     if rel_pos is None:
         return {}
-    names = ("bias_params_ph", "bias_params_fixed", "bias_macs_ph", "bias_macs_fixed")
-    return dict(zip(names, rel_pos.costs(), strict=True))
+    c = rel_pos.costs()  # studio.relpos.BiasCosts
+    return {
+        "bias_params_ph": c.params_per_head,
+        "bias_params_fixed": c.params_fixed,
+        "bias_macs_ph": c.macs_per_head,
+        "bias_macs_fixed": c.macs_fixed,
+    }
 
 
 def _pool_facts(m: nn.Module, E: int) -> dict[str, int]:

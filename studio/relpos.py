@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import RelPosBias, RelPosMlp
-from timm.layers.attention import Attention, maybe_add_mask
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -67,6 +67,15 @@ REBUILT_TYPES: tuple[type[nn.Module], ...] = (Beit, VisionTransformerRelPos)
 ORIGIN = "relpos_origin"
 #: attribute a rebuilt model carries: whether timm's model shared one bias across its blocks
 SHARED = "relpos_shared"
+
+
+class BiasCosts(NamedTuple):
+    """What one block's relative position bias costs in one forward (:func:`studio.costs.plan_cost`)."""
+
+    params_per_head: int
+    params_fixed: int
+    macs_per_head: int
+    macs_fixed: int
 
 
 class RelPosTable(nn.Module):
@@ -98,9 +107,9 @@ class RelPosTable(nn.Module):
             t.detach().index_select(1, idx), requires_grad=t.requires_grad
         )
 
-    def costs(self) -> tuple[int, int, int, int]:
-        """(params per head, fixed params, MACs per head, fixed MACs) of one forward: a lookup, no MACs."""
-        return int(self.relative_position_bias_table.shape[0]), 0, 0, 0
+    def costs(self) -> BiasCosts:
+        """A table column per head; the lookup has no MACs."""
+        return BiasCosts(int(self.relative_position_bias_table.shape[0]), 0, 0, 0)
 
 
 class RelPosMlpBias(nn.Module):
@@ -156,8 +165,8 @@ class RelPosMlpBias(nn.Module):
             )
         fc2.out_features = len(idx)
 
-    def costs(self) -> tuple[int, int, int, int]:
-        """(params per head, fixed params, MACs per head, fixed MACs) of one forward (the MLP on every offset).
+    def costs(self) -> BiasCosts:
+        """The MLP on every offset: ``fc1`` is fixed, each head owns an ``fc2`` row.
 
         The MLP runs once per forward, whatever the batch: its MACs are counted per image at batch size 1, as
         :func:`studio.bench.count_macs` counts them.
@@ -166,7 +175,11 @@ class RelPosMlpBias(nn.Module):
         offsets = self.rel_coords_log.numel() // self.rel_coords_log.shape[-1]
         fixed = sum(p.numel() for p in fc1.parameters())
         per = fc2.in_features + (1 if fc2.bias is not None else 0)
-        return per, fixed, offsets * fc2.in_features, offsets * fc1.in_features * fc1.out_features
+        return BiasCosts(per, fixed, offsets * fc2.in_features, offsets * fc1.in_features * fc1.out_features)
+
+
+#: the per-head bias modules a :class:`RelPosAttention` holds
+RelPosModule = RelPosTable | RelPosMlpBias
 
 
 class RelPosAttention(Attention):
@@ -174,7 +187,7 @@ class RelPosAttention(Attention):
     ``rel_pos=None``, timm's ``Attention``). The bias is added before the softmax on the fused (SDPA's float
     mask) and the explicit path alike; an ``attn_mask`` given by the caller adds to it."""
 
-    def __init__(self, *args: Any, rel_pos: nn.Module | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, rel_pos: RelPosModule | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rel_pos = rel_pos
 
@@ -198,7 +211,8 @@ class RelPosAttention(Attention):
                 is_causal=is_causal,
             )
         else:
-            attn = maybe_add_mask((q * self.scale) @ k.transpose(-2, -1), bias)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, bias, is_causal))
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         return self.proj_drop(self.proj(self.norm(x)))
@@ -256,11 +270,14 @@ def relpos_refusal(model: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- rebuild
-def _table(src: nn.Module, index: torch.Tensor, tokens: int, shared: nn.Module | None = None) -> RelPosTable:
-    """A :class:`RelPosTable` of ``src``'s table (plus ``shared``'s, which uses the same index)."""
+def _table(src: nn.Module, tokens: int, shared: nn.Module | None = None) -> RelPosTable:
+    """A :class:`RelPosTable` copying ``src``'s table and index (plus ``shared``'s table: same layout, and
+    BEiT adds the two biases)."""
     t = src.relative_position_bias_table
     data = t.detach() if shared is None else t.detach() + shared.relative_position_bias_table.detach()
-    return RelPosTable(param_copy(data, t.requires_grad), index.detach().clone(), tokens)
+    return RelPosTable(
+        param_copy(data, t.requires_grad), src.relative_position_index.detach().clone(), tokens
+    )
 
 
 def _mlp_bias(src: RelPosMlp) -> RelPosMlpBias:
@@ -276,7 +293,7 @@ def _mlp_bias(src: RelPosMlp) -> RelPosMlpBias:
 
 
 def _attention(
-    src: nn.Module, qkv: tuple[torch.Tensor, torch.Tensor | None, bool], rel_pos: nn.Module | None
+    src: nn.Module, qkv: tuple[torch.Tensor, torch.Tensor | None, bool], rel_pos: RelPosModule | None
 ) -> RelPosAttention:
     E = src.proj.out_features
     w, b, grad = qkv
@@ -314,11 +331,10 @@ def _beit(model: Beit) -> VisionTransformer:
     blocks = []
     for blk in model.blocks:
         a = blk.attn
-        own = a if a.relative_position_bias_table is not None else None
-        if own is not None:
-            rel_pos: nn.Module | None = _table(own, own.relative_position_index, N, shared)
+        if a.relative_position_bias_table is not None:
+            rel_pos: RelPosModule | None = _table(a, N, shared)
         elif shared is not None:
-            rel_pos = _table(shared, shared.relative_position_index, N)
+            rel_pos = _table(shared, N)
         else:
             rel_pos = None
         blocks.append(
@@ -339,9 +355,9 @@ def _relpos(model: VisionTransformerRelPos) -> VisionTransformer:
         a = blk.attn
         src = a.rel_pos if a.rel_pos is not None else shared  # timm's block uses its own bias first
         if isinstance(src, RelPosMlp):
-            rel_pos: nn.Module | None = _mlp_bias(src)
+            rel_pos: RelPosModule | None = _mlp_bias(src)
         elif src is not None:
-            rel_pos = _table(src, src.relative_position_index, N)
+            rel_pos = _table(src, N)
         else:
             rel_pos = None
         qkv = (a.qkv.weight, a.qkv.bias, a.qkv.weight.requires_grad)
