@@ -121,6 +121,7 @@ def test_a_timm_checkpoint_loads_rebuilt(arch, kw, tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     loaded = load_model(ModelSpec(str(path), arch=arch, kwargs={**SMALL, **kw}, device="cpu"))
     assert all(type(b.attn) is RelPosAttention for b in loaded.model.blocks)
+    assert loaded.data_config["mean"] == list(src.pretrained_cfg["mean"])  # the model's own normalisation
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(_x()), src(_x()), atol=1e-5, rtol=0)
 
