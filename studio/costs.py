@@ -4,7 +4,8 @@ Exact by construction for what :func:`studio.surgery.apply_plan` builds: ``param
 ``sum(p.numel() for p in pruned.parameters())`` and the MACs equal what :func:`studio.bench.count_macs` counts
 at the dispatcher (``FlopCounterMode``, explicit attention): the patch-embedding convolution, every linear layer
 (``mm``/``addmm``, biases not counted) and the two attention matmuls ``q·kᵀ`` and ``attn·v``
-(``2·heads·N²·head_dim`` per block). Norms, softmax, GELU and the residual index ops are not counted, as by the
+(``2·heads·N²·head_dim`` per block), and a relative position bias's MLP where it has one (``RelPosMlp``, once per
+forward: per image at batch size 1, as counted). Norms, softmax, GELU and the residual index ops are not counted, as by the
 counter. Cheap enough to call in a bisection loop (pass ``facts`` to skip reading the base architecture).
 """
 
@@ -52,6 +53,12 @@ class ArchFacts:
     pool_linear_pc: int = 0
     pool_linear_fixed: int = 0
     pool_attention: int = 0
+    # a per-head relative position bias (studio.relpos), per block: params and MACs per kept head and fixed ones
+    # (the RelPosMlp's first layer); all 0 without one
+    bias_params_ph: int = 0
+    bias_params_fixed: int = 0
+    bias_macs_ph: int = 0
+    bias_macs_fixed: int = 0
 
 
 def _pc(module: nn.Module, width: int) -> int:
@@ -94,7 +101,22 @@ def arch_facts(base: BaseArch) -> ArchFacts:
         heads_out=len(heads),
         head_bias=bool(heads) and heads[0].bias is not None,
         **_pool_facts(m, E),
+        **_bias_facts(blk.attn),
     )
+
+
+def _bias_facts(attn: nn.Module) -> dict[str, int]:
+    """A relative position bias's costs per block (the same in every block of a base model)."""
+    rel_pos = getattr(attn, "rel_pos", None)
+    if rel_pos is None:
+        return {}
+    c = rel_pos.costs()  # studio.relpos.BiasCosts
+    return {
+        "bias_params_ph": c.params_per_head,
+        "bias_params_fixed": c.params_fixed,
+        "bias_macs_ph": c.macs_per_head,
+        "bias_macs_fixed": c.macs_fixed,
+    }
 
 
 def _pool_facts(m: nn.Module, E: int) -> dict[str, int]:
@@ -165,6 +187,8 @@ def plan_cost(plan: PrunePlan, facts: ArchFacts | None = None) -> dict[str, int]
         )
         params += m_out * M + (m_out if f.fc2_bias else 0) + (m_out if f.layer_scale2 else 0)
         linear += N * (3 * A * a_in + A * a_out + f.mlp_in_copies * M * m_in + M * m_out)
+        params += H * f.bias_params_ph + f.bias_params_fixed
+        linear += H * f.bias_macs_ph + f.bias_macs_fixed
         attention += 2 * H * N * N * d
     return {
         "params": params,

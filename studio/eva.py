@@ -48,6 +48,7 @@ from torch import nn
 
 from .errors import StudioError
 
+
 def rope_pairs(head_dim: int, rotate_half: bool) -> list[tuple[int, int]]:
     """The head-dim pairs one rotation mixes: ``(2i, 2i+1)`` (interleaved) or ``(i, i + d/2)`` (rotate-half)."""
     h = head_dim // 2
@@ -213,12 +214,17 @@ def eva_refusal(model: nn.Module) -> str | None:
     return None
 
 
-def _param(t: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+def param_copy(t: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """A parameter holding a copy of ``t``."""
     return nn.Parameter(t.detach().clone(), requires_grad=requires_grad)
 
 
-def _qkv(a: EvaAttention) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(weight, bias or None, requires_grad) of the fused qkv that computes ``a``'s q, k and v."""
+def fused_qkv(a: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(weight, bias or None, requires_grad) of the fused qkv that computes ``a``'s q, k and v.
+
+    ``a`` is an attention with a ``qkv`` linear and ``q_bias``/``v_bias`` (EVA, BEiT), or, in EVA, separate
+    ``q_proj``/``k_proj``/``v_proj``.
+    """
     if a.qkv is not None:
         w, grad = a.qkv.weight, a.qkv.weight.requires_grad
         if a.q_bias is None:
@@ -236,7 +242,7 @@ def _qkv(a: EvaAttention) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
 
 def _attention(a: EvaAttention, rope: torch.Tensor | None) -> RopeAttention:
     E = a.proj.out_features
-    w, b, grad = _qkv(a)
+    w, b, grad = fused_qkv(a)
     with torch.device("meta"):  # shapes only: every weight is the block's own
         out = RopeAttention(
             E,
@@ -248,8 +254,8 @@ def _attention(a: EvaAttention, rope: torch.Tensor | None) -> RopeAttention:
             num_prefix_tokens=a.num_prefix_tokens,
             rotate_half=bool(a.rotate_half),
         )
-    out.qkv.weight = _param(w, grad)
-    out.qkv.bias = None if b is None else _param(b, grad)
+    out.qkv.weight = param_copy(w, grad)
+    out.qkv.bias = None if b is None else param_copy(b, grad)
     out.register_buffer("rope", rope, persistent=False)
     out.proj, out.proj_drop, out.attn_drop = a.proj, a.proj_drop, a.attn_drop
     out.q_norm, out.k_norm, out.norm = a.q_norm, a.k_norm, a.norm
@@ -257,12 +263,13 @@ def _attention(a: EvaAttention, rope: torch.Tensor | None) -> RopeAttention:
     return out
 
 
-def _layer_scale(gamma: nn.Parameter | None) -> nn.Module:
+def layer_scale(gamma: nn.Parameter | None) -> nn.Module:
+    """timm's ``LayerScale`` holding a copy of a bare ``gamma`` parameter (EVA, BEiT), or an identity."""
     if gamma is None:
         return nn.Identity()
     with torch.device("meta"):
         ls = LayerScale(gamma.shape[0])
-    ls.gamma = _param(gamma, gamma.requires_grad)
+    ls.gamma = param_copy(gamma, gamma.requires_grad)
     return ls
 
 
@@ -271,9 +278,9 @@ def _block(blk: EvaBlock, rope: torch.Tensor | None) -> Block:
     with torch.device("meta"):
         out = Block(E, num_heads=1)
     out.norm1, out.attn, out.drop_path1 = blk.norm1, _attention(blk.attn, rope), blk.drop_path1
-    out.ls1 = _layer_scale(blk.gamma_1)
+    out.ls1 = layer_scale(blk.gamma_1)
     out.norm2, out.mlp, out.drop_path2 = blk.norm2, blk.mlp, blk.drop_path2
-    out.ls2 = _layer_scale(blk.gamma_2)
+    out.ls2 = layer_scale(blk.gamma_2)
     return out
 
 
@@ -285,31 +292,58 @@ def convert_eva(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, Eva) or eva_refusal(model) is not None:
         return model
+    rope = None
+    if model.rope is not None:
+        rope = model.rope.get_embed().detach()  # fixed grid: the same table in every forward
+    return as_vit(
+        model,
+        [_block(b, rope) for b in model.blocks],
+        reg_token=model.reg_token,
+        no_embed_class=model.no_embed_class,
+        norm_pre=model.norm_pre,
+    )
+
+
+def as_vit(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    *,
+    reg_token: nn.Parameter | None = None,
+    no_embed_class: bool = False,
+    norm_pre: nn.Module | None = None,
+) -> VisionTransformer:
+    """A timm ``VisionTransformer`` of ``blocks`` around ``model``'s own stem and head (EVA, BEiT, relpos ViT).
+
+    ``model`` has timm's usual attribute names (``patch_embed``, ``cls_token``, ``pos_embed`` or None,
+    ``norm``, ``fc_norm``, ``head_drop``, ``head``, ``global_pool``); its ``pos_drop`` (an identity where it has
+    none) runs after the tokens are concatenated, as in the model. Without a position embedding timm's
+    ``VisionTransformer`` skips ``pos_drop``, so the same module is also its ``patch_drop`` (one call either way).
+    """
     pe = model.patch_embed
-    E = model.embed_dim
+    cls_token = getattr(model, "cls_token", None)
     with torch.device("meta"):  # the skeleton only: every module below is replaced by the model's own
         vit = VisionTransformer(
             img_size=pe.img_size,
             patch_size=pe.patch_size,
-            embed_dim=E,
+            embed_dim=model.embed_dim,
             depth=0,
             num_heads=1,
             num_classes=model.num_classes,
             global_pool=model.global_pool,
-            class_token=model.cls_token is not None,
-            reg_tokens=0 if model.reg_token is None else model.reg_token.shape[1],
-            no_embed_class=model.no_embed_class,
+            class_token=cls_token is not None,
+            reg_tokens=0 if reg_token is None else reg_token.shape[1],
+            no_embed_class=no_embed_class,
             fc_norm=not isinstance(model.fc_norm, nn.Identity),
         )
-    rope = None
-    if model.rope is not None:
-        rope = model.rope.get_embed().detach()  # fixed grid: the same table in every forward
-    vit.patch_embed, vit.cls_token, vit.reg_token = pe, model.cls_token, model.reg_token
-    vit.pos_embed, vit.pos_drop, vit.norm_pre = model.pos_embed, model.pos_drop, model.norm_pre
-    vit.patch_drop = nn.Identity()
-    vit.blocks = nn.Sequential(*[_block(b, rope) for b in model.blocks])
+    vit.patch_embed, vit.cls_token, vit.reg_token = pe, cls_token, reg_token
+    vit.pos_embed = getattr(model, "pos_embed", None)
+    pos_drop = getattr(model, "pos_drop", None)
+    vit.pos_drop = nn.Identity() if pos_drop is None else pos_drop
+    vit.patch_drop = nn.Identity() if vit.pos_embed is not None else vit.pos_drop
+    vit.norm_pre = nn.Identity() if norm_pre is None else norm_pre
+    vit.blocks = nn.Sequential(*blocks)
     vit.norm, vit.fc_norm, vit.head_drop, vit.head = model.norm, model.fc_norm, model.head_drop, model.head
-    vit.num_prefix_tokens, vit.has_class_token = model.num_prefix_tokens, model.cls_token is not None
+    vit.num_prefix_tokens, vit.has_class_token = model.num_prefix_tokens, cls_token is not None
     vit.feature_info = list(getattr(model, "feature_info", vit.feature_info))
     for name in ("pretrained_cfg", "default_cfg", "pretrained_cfg_overlay"):
         if hasattr(model, name):

@@ -8,14 +8,16 @@ studio.families``) and the Model page follow without being edited:
   pooling, register tokens, qk-norm, scale norms, GLU/SwiGLU MLPs, attention-pool heads, ViT-22B's parallel
   scaling blocks and "three things" parallel blocks, split or merged at load by :mod:`studio.parallel`), and
   timm's EVA-02/EVA-01 (``Eva``), rebuilt at load as a VisionTransformer of rotary attentions by
-  :mod:`studio.eva` (head dims in whole rotary pairs). Each one detects itself on a built model, says which
+  :mod:`studio.eva` (head dims in whole rotary pairs), and BEiT (``Beit``) and timm's relative-position ViTs
+  (``VisionTransformerRelPos``), rebuilt at load as a VisionTransformer of attentions with a per-head relative
+  position bias by :mod:`studio.relpos`. Each one detects itself on a built model, says which
   plan units it lets a method prune, and carries a small example that ``tests/test_families.py`` builds and runs
   every planning method on.
 - :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock branches with their own
   qk-norm or scale norms, differential attention, custom MLPs, gated attention,
   other attention pools, EVA structures the rebuild cannot express (post-norm, AttentionRope, dynamic size),
-  relative-position attention, non-ViT models). Each finds itself on a built model and returns the one sentence
-  shown at load, naming the module type, the block index, what is supported and what the user can do; the
+  the relative-position ViTs' post-norm ``ResPostRelPosBlock``, non-ViT models). Each finds itself on a built
+  model and returns the one sentence shown at load, naming the module type, the block index, what is supported and what the user can do; the
   checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
   or ``IndexError`` is ever the first thing a user sees.
 """
@@ -35,6 +37,7 @@ from .errors import StudioError
 from .eva import RopeAttention, eva_refusal, has_rope, is_eva
 from .parallel import MERGED, ParallelBlock, things_refusal
 from .registry import Registry
+from .relpos import ORIGIN, SHARED, RelPosAttention, RelPosMlpBias, RelPosTable, bias_kind, relpos_refusal
 
 # the plan's units (studio.plan): what a method may remove, in the order the UI lists them
 UNITS = ("blocks", "heads", "head_dims", "mlp", "embed", "residual")
@@ -99,8 +102,8 @@ REFUSALS: Registry[Refusal] = Registry("refused model structure")
 
 SUPPORTED = (
     "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP) or "
-    "`ParallelScalingBlock`/`ParallelThingsBlock`s, and timm's pre-norm EVA-02/EVA-01: ViT, DeiT, DeiT-III, "
-    "DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's family table"
+    "`ParallelScalingBlock`/`ParallelThingsBlock`s, timm's pre-norm EVA-02/EVA-01, BEiT and relative-position "
+    "ViTs: ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's family table"
 )
 
 
@@ -333,6 +336,54 @@ for _family in (
         "trainable k bias)",
     ),
     Family(
+        "BEiT (relative position bias)",
+        lambda m: getattr(m, ORIGIN, None) == "beit" and not getattr(m, SHARED, False),
+        "beit_base_patch16_224",
+        docs="`beit_base_patch16_224`, `beitv2_base_patch16_224` (timm `Beit`)",
+        note="rebuilt at load as a ViT of the same function (studio.relpos: timm's Attention adding a per-head bias "
+        "table to the logits, q/v biases fused into qkv with a zero, trainable k bias, gamma_1/gamma_2 as "
+        "LayerScale); a pruned head keeps its table column",
+    ),
+    Family(
+        "BEiT shared relative position bias",
+        lambda m: getattr(m, ORIGIN, None) == "beit" and bool(getattr(m, SHARED, False)),
+        "beit_base_patch16_224",
+        {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True},
+        docs="`Beit` with `use_shared_rel_pos_bias=True`",
+        note="the model-level table becomes one copy per block (heads are pruned per block); fine-tuning trains "
+        "the copies apart",
+    ),
+    Family(
+        "relative-position ViT (RelPosMlp)",
+        lambda m: (
+            getattr(m, ORIGIN, None) == "vit_relpos"
+            and bias_kind(m) is RelPosMlpBias
+            and not getattr(m, SHARED, False)
+        ),
+        "vit_relpos_small_patch16_224",
+        {"init_values": 1e-1},
+        docs="`vit_relpos_base_patch16_224`, `vit_relpos_medium_patch16_cls_224` (timm `VisionTransformerRelPos`)",
+        note="rebuilt at load as a ViT of the same function (studio.relpos); a pruned head keeps its output row of "
+        "the bias MLP (Swin-V2's log-spaced continuous position bias), whose MACs the costs count",
+    ),
+    Family(
+        "relative-position ViT (RelPosBias, class token)",
+        lambda m: getattr(m, ORIGIN, None) == "vit_relpos" and bias_kind(m) is RelPosTable,
+        "vit_relpos_small_patch16_224",
+        {"init_values": 1e-1, "rel_pos_type": "bias", "class_token": True, "global_pool": "token"},
+        docs="`VisionTransformerRelPos` with `rel_pos_type='bias'`",
+        note="rebuilt at load as a ViT of the same function (studio.relpos); a pruned head keeps its table column",
+    ),
+    Family(
+        "relative-position ViT, shared bias (srelpos)",
+        lambda m: getattr(m, ORIGIN, None) == "vit_relpos" and bool(getattr(m, SHARED, False)),
+        "vit_srelpos_small_patch16_224",
+        {"init_values": 1e-1, "rel_pos_dim": 16},
+        docs="`vit_srelpos_small_patch16_224`",
+        note="the shared bias module becomes one copy per block (heads are pruned per block); fine-tuning trains "
+        "the copies apart",
+    ),
+    Family(
         "attention-pool head (SigLIP)",
         lambda m: getattr(m, "attn_pool", None) is not None,
         "vit_base_patch16_siglip_224",
@@ -362,8 +413,8 @@ def _not_a_vit(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str
     if isinstance(model, VisionTransformer):
         return None
     return (
-        f"A timm {type(model).__name__} is not a Vision Transformer the studio can prune yet (no "
-        f"relative-position ViTs); it prunes {SUPPORTED}. Pick one of those architectures."
+        f"A timm {type(model).__name__} is not a Vision Transformer the studio can prune yet; it prunes "
+        f"{SUPPORTED}. Pick one of those architectures."
     )
 
 
@@ -375,6 +426,18 @@ def _eva(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | Non
     return eva_refusal(model) or (  # an Eva that studio.eva.convert_eva left as it is, or never saw
         "This timm Eva is pruned rebuilt as a Vision Transformer of rotary attentions (studio.eva.convert_eva, "
         "which studio.models.create_vit applies). Load the model through the studio."
+    )
+
+
+def _relpos(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
+    from .relpos import REBUILT_TYPES
+
+    if not isinstance(model, REBUILT_TYPES):
+        return None
+    return relpos_refusal(model) or (  # a model that studio.relpos.convert_relpos left as it is, or never saw
+        f"This timm {type(model).__name__} is pruned rebuilt as a Vision Transformer of relative-position "
+        "attentions (studio.relpos.convert_relpos, which studio.models.create_vit applies). Load the model "
+        "through the studio."
     )
 
 
@@ -418,7 +481,10 @@ def _branch_types(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> 
         attn, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
         if attn is None or mlp is None:
             return None  # a pruned block whose attention or MLP the plan removed
-        if type(attn) not in (Attention, RopeAttention) or type(mlp).__name__ not in MLP_LAYOUTS:
+        if (
+            type(attn) not in (Attention, RopeAttention, RelPosAttention)
+            or type(mlp).__name__ not in MLP_LAYOUTS
+        ):
             return (
                 f"uses {type(attn).__name__}/{type(mlp).__name__}; the studio supports timm's standard Attention "
                 f"and the MLPs {', '.join(MLP_LAYOUTS.names())} (no fused or rotary variants yet): build the "
@@ -501,22 +567,13 @@ for _refusal in (
         rank=0,
     ),
     Refusal(
-        "not a VisionTransformer (BEiT)",
-        _not_a_vit,
-        "beit_base_patch16_224",
-        "timm Beit is not a Vision Transformer",
-        {"img_size": 32, "num_classes": 5},
-        docs="`beit_base_patch16_224`",
-        rank=1,
-    ),
-    Refusal(
-        "relative-position ViT",
-        _not_a_vit,
-        "vit_srelpos_small_patch16_224",
-        "VisionTransformerRelPos is not a Vision Transformer",
-        {"img_size": 32, "num_classes": 5},
-        docs="`vit_relpos_base_patch16_224`",
-        rank=2,
+        "relative-position ViT post-norm blocks",
+        _relpos,
+        "vit_relpos_small_patch16_rpn_224",
+        "ResPostRelPosBlock",
+        {**SMALL, "init_values": 1e-1},
+        docs="`vit_relpos_small_patch16_rpn_224` (`block_fn=ResPostRelPosBlock`)",
+        rank=0,
     ),
     Refusal(
         "other attention pools",

@@ -323,8 +323,8 @@ def _meta_vit(arch: str, kwargs: Mapping[str, Any]) -> VisionTransformer:
     takes most of a second per model on meta, and detection builds a dozen)."""
     from timm.models import is_model, model_entrypoint
 
-    eva = is_model(arch) and model_entrypoint(arch).__module__.endswith(".eva")
-    skip = {} if eva else {"weight_init": "skip"}  # timm's Eva takes no weight_init
+    no_init = is_model(arch) and model_entrypoint(arch).__module__.endswith((".eva", ".beit"))
+    skip = {} if no_init else {"weight_init": "skip"}  # timm's Eva and Beit take no weight_init
     with torch.device("meta"):
         return create_vit(arch, **{**kwargs, **skip})
 

@@ -30,6 +30,7 @@ from .models import (
 )
 from .parallel import split_parallel
 from .petl import ConvpassSpec, add_convpass
+from .relpos import convert_relpos
 
 
 def _head_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
@@ -109,8 +110,9 @@ def _load_checkpoint(path: Path, spec: ModelSpec, device: torch.device) -> Loade
             add_convpass(model, adapter)
         _load_strict(model, sd, path, allow_missing_head=spec.reset_head)
     # timm's checkpoint went into timm's own blocks: parallel ones become the studio's now (studio.parallel), an
-    # EVA the studio's ViT of rotary attentions (studio.eva)
-    model = split_parallel(convert_eva(model))
+    # EVA the studio's ViT of rotary attentions (studio.eva), BEiT and the relative-position ViTs one of
+    # relative-position attentions (studio.relpos)
+    model = split_parallel(convert_relpos(convert_eva(model)))
     model.eval().to(device)
     base = describe_base(model, spec.arch, kwargs)
     return LoadedModel(

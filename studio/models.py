@@ -28,6 +28,7 @@ from .errors import StudioError
 from .eva import convert_eva
 from .parallel import PARALLEL_TYPES, split_parallel
 from .plan import BaseArch, PrunePlan
+from .relpos import REBUILT_TYPES, convert_relpos
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_DIR = ASSETS / "demo"
@@ -188,16 +189,17 @@ def create_vit(arch: str, *, split: bool = True, **kwargs: Any) -> VisionTransfo
     """``timm.create_model`` restricted to VisionTransformer-family models, with a clear refusal otherwise.
 
     Parallel blocks become the studio's of the same function (:func:`studio.parallel.split_parallel`) and timm's
-    EVA a VisionTransformer of rotary attentions (:func:`studio.eva.convert_eva`), the structure every plan and
+    EVA a VisionTransformer of rotary attentions (:func:`studio.eva.convert_eva`), BEiT and the relative-position
+    ViTs one of relative-position attentions (:func:`studio.relpos.convert_relpos`), the structure every plan and
     export refers to. ``split=False`` keeps timm's own blocks, to load a timm checkpoint
     into before splitting (the family check then runs on a split copy built on the meta device).
     """
     model = _timm_model(arch, kwargs)
     if split:
-        return check_family(split_parallel(convert_eva(model)))
-    if isinstance(model, Eva):  # rebuilt after the checkpoint is loaded: check the rebuild of a meta copy
-        with torch.device("meta"):
-            check_family(convert_eva(_timm_model(arch, kwargs)))
+        return check_family(split_parallel(convert_relpos(convert_eva(model))))
+    if isinstance(model, (Eva, *REBUILT_TYPES)):  # rebuilt after the checkpoint loads
+        with torch.device("meta"):  # so check the rebuild of a meta copy
+            check_family(convert_relpos(convert_eva(_timm_model(arch, kwargs))))
     elif any(type(b) in PARALLEL_TYPES for b in getattr(model, "blocks", ())):
         with torch.device("meta"):
             check_family(split_parallel(_timm_model(arch, {**kwargs, "weight_init": "skip"})))
@@ -218,7 +220,11 @@ def _timm_model(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
         raise
     except TypeError as e:
         module = timm.models.model_entrypoint(arch).__module__
-        if "vision_transformer" not in module and not module.endswith(".eva") and "deit" not in arch:
+        if (
+            "vision_transformer" not in module
+            and not module.endswith((".eva", ".beit"))
+            and "deit" not in arch
+        ):
             raise StudioError(
                 f"'{arch}' is not a Vision Transformer; Pruning Studio prunes timm VisionTransformer "
                 "models (ViT, DeiT, DeiT-distilled)."

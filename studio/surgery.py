@@ -6,7 +6,8 @@ one code path. What is sliced (``index_select`` on the weights, in base-model in
 - depth: blocks absent from the plan are dropped (``model.blocks = nn.Sequential(kept)``);
 - heads and head dims: ``qkv`` rows of q, k and v of the kept (head, dim) pairs, ``proj`` input columns;
   ``num_heads``, ``head_dim``, ``attn_dim`` and ``scale`` are updated (timm's ``Attention.forward`` reads them,
-  so no forward is replaced);
+  so no forward is replaced); an attention's per-head bias module (``rel_pos``, :mod:`studio.relpos`) keeps the
+  kept heads' through its ``keep_heads``;
 - MLP neurons: ``fc1`` rows (+bias; both halves of a GLU, or ``fc1_g`` and ``fc1_x`` rows of a SwiGLU:
   :class:`studio.families.MlpLayout`), ``fc2`` columns;
 - embedding channels: ``patch_embed.proj`` output channels, ``cls_token`` / ``reg_token`` / ``dist_token`` /
@@ -223,6 +224,9 @@ def _prune_attention(attn: Attention, b: BlockPlan, read: Index, write: Index, s
     if b.head_dims is not None and getattr(attn, "rope", None) is not None:
         check_rope_dims(attn, dims, b.index)  # EVA-02: whole rotary pairs only
         attn.rope = slice_rope(attn.rope, dims)  # each kept dim keeps its frequency
+    rel_pos = getattr(attn, "rel_pos", None)
+    if b.heads is not None and rel_pos is not None:
+        rel_pos.keep_heads(heads)  # BEiT / relpos ViT: a per-head bias keeps the kept heads' (studio.relpos)
     new_d = len(dims)
     attn.num_heads, attn.head_dim, attn.attn_dim = len(heads), new_d, len(heads) * new_d
     if b.head_dims is not None:

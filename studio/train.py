@@ -218,14 +218,17 @@ def select_trainable(model: torch.nn.Module, rule: str) -> list[str]:
     return names
 
 
+#: parameter names (endings) that take no weight decay, besides every vector
+NO_DECAY = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (
-            no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay
-        ).append(p)
+        # position tables are not decayed, as timm's no_weight_decay says (BEiT's relative position bias too)
+        (no_decay if p.ndim <= 1 or name.endswith(NO_DECAY) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

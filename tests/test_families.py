@@ -245,9 +245,10 @@ def test_isomorphic_prunes_the_head_dims_of_a_qk_norm_model():
 
 
 def test_a_sample_of_timm_vits_loads_or_is_refused_with_a_studio_error():
-    """At least 40 of timm's vit_*/deit*/eva* architectures: built (on the meta device: no memory) or refused
-    with one StudioError sentence, never another exception type."""
+    """At least 40 of timm's vit_*/deit*/eva*/beit* architectures: built (on the meta device: no memory) or
+    refused with one StudioError sentence, never another exception type."""
     names = timm.list_models("vit_*") + timm.list_models("deit*") + timm.list_models("eva*")
+    names += timm.list_models("beit*")
     random.Random(0).shuffle(names)
     loaded, refused = 0, 0
     for name in names[:48]:

@@ -51,6 +51,11 @@ def test_the_studio_groups_give_torch_prunings_scores(family: str, importance: s
         # dims inside a head only, so the groups are the same without it (as Isomorphic's copy runs)
         if getattr(blk.attn, "rope", None) is not None:
             blk.attn.rope = None
+        # BEiT / relpos ViTs: the per-head bias adds to the logits and owns no qkv/proj weight, and the studio
+        # does not score it; torch-pruning would put a RelPosMlp's output rows in the heads' groups (but not a
+        # table's columns, an untraced lookup), so it traces without the bias, as Isomorphic's copy runs
+        if getattr(blk.attn, "rel_pos", None) is not None:
+            blk.attn.rel_pos = None
     oracle = _torch_pruning_groups(traced, make_importance(importance))
     ours = torch_pruning_scores(loaded.model, importance, grads)
     for theirs, mine in zip(oracle["channels"] + oracle["mlp"], ours.channels + ours.mlp):

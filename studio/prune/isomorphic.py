@@ -112,12 +112,15 @@ def _pruner_copy(model: nn.Module, grads: Grads | None) -> nn.Module:
 
     EVA-02's rotary table is taken out too: torch-pruning reads its token-axis ``cat`` as a channel concat,
     and the rotation only mixes dims inside a head, which are never pruned there (the gradients of Taylor
-    importance come from the real model).
+    importance come from the real model). So is a relative position bias (BEiT, relpos ViTs, ``rel_pos``): it
+    adds to the logits and owns no qkv or proj weight, so the groups are the same without it.
     """
     m = split_packed_glu(with_grads(model, grads))  # a GLU's halves as two linears torch-pruning couples
     for b in m.blocks:
         if getattr(b.attn, "rope", None) is not None:
             b.attn.rope = None
+        if getattr(b.attn, "rel_pos", None) is not None:
+            b.attn.rel_pos = None
         for name in ("q_norm", "k_norm"):
             if not isinstance(getattr(b.attn, name, nn.Identity()), nn.Identity):
                 setattr(b.attn, name, nn.Identity())

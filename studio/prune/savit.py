@@ -82,7 +82,8 @@ class CostModel:
     embedding channels, ``H`` kept heads and ``M`` kept MLP neurons summed over blocks, ``N`` tokens, ``d`` head
     dim — the paper's ``F`` generalised (its ``F`` is the first two terms), equal to
     :func:`studio.costs.plan_cost`. An attention-pool head adds its cost per embedding channel to the stem's and
-    its latent query's to ``fixed``.
+    its latent query's to ``fixed``; a relative position bias MLP (studio.relpos) adds ``head_extra`` per kept
+    head and its first layer to ``fixed``.
     """
 
     tokens: int
@@ -93,6 +94,9 @@ class CostModel:
     embed: int
     fixed: int = 0
     mlp_rows: int = 2  # linear rows + columns per MLP neuron: fc1 row and fc2 column, 3 for a GLU
+    head_extra: int = (
+        0  # MACs per kept head that do not depend on E (a relative position bias MLP's output row)
+    )
 
     @classmethod
     def of(cls, base: BaseArch, facts: ArchFacts) -> CostModel:
@@ -105,8 +109,9 @@ class CostModel:
             heads_total=sum(base.num_heads),
             mlp_total=sum(base.mlp_hidden),
             embed=base.embed_dim,
-            fixed=facts.pool_linear_fixed + facts.pool_attention,
+            fixed=facts.pool_linear_fixed + facts.pool_attention + base.depth * facts.bias_macs_fixed,
             mlp_rows=facts.mlp_in_copies + 1,
+            head_extra=facts.bias_macs_ph,
         )
 
     def blocks(self, heads: Any, mlp: Any, embed: Any) -> Any:
@@ -115,7 +120,12 @@ class CostModel:
         return N * embed * (4 * d * heads + self.mlp_rows * mlp) + 2 * N * N * d * heads
 
     def total(self, heads: Any, mlp: Any, embed: Any) -> Any:
-        return self.blocks(heads, mlp, embed) + embed * self.stem_per_channel + self.fixed
+        return (
+            self.blocks(heads, mlp, embed)
+            + embed * self.stem_per_channel
+            + self.head_extra * heads
+            + self.fixed
+        )
 
     @property
     def base_total(self) -> int:
