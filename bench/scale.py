@@ -8,7 +8,7 @@ table (the one in ``docs/results/scale.md``)::
 
     .venv/bin/python bench/scale.py --models deit_small_patch16_224 vit_base_patch16_224 --threads 2
 
-``--steps`` picks a subset (``load eval sls importance isomorphic savit recovery bench export``); ``--quick``
+``--steps`` picks a subset (``load eval sls importance isomorphic savit export recovery bench``); ``--quick``
 runs a reduced form (few images, no t-SNE) as a smoke test of the code paths.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STEPS = ("load", "eval", "sls", "importance", "isomorphic", "savit", "recovery", "bench", "export")
+STEPS = ("load", "eval", "sls", "importance", "isomorphic", "savit", "export", "recovery", "bench")
 CLASSES = 6
 
 
@@ -162,8 +162,8 @@ def steps_for(arch: str, ckpt: Path, data: str, work: Path, quick: bool) -> dict
         ],
         "recovery": [
             "retrain",
-            "--model",
-            str(work / f"savit-{arch}" / "export"),
+            "--model",  # the SAViT plan's export (the export step): recovery starts from a pruned checkpoint
+            str(work / f"export-{arch}"),
             "--kd",
             "soft",
             "--data",
@@ -230,7 +230,7 @@ def main() -> None:
                 except json.JSONDecodeError:
                     d = {}
                 after = d.get("after") or {}
-                if "macs" in after and "macs" in (d.get("before") or {}):
+                if argv[0] == "prune" and "macs" in after and "macs" in (d.get("before") or {}):
                     figure = f"MACs kept {after['macs'] / d['before']['macs']:.1%}"
                 if after.get("top1") is not None:
                     figure += f"{', ' if figure else ''}top-1 after {after['top1']:.3f}"
