@@ -26,10 +26,19 @@ dims exactly when they are whole pairs laid out as the rotation reads them (:fun
 summed scores: the baselines through :func:`studio.prune.select.plan_from_scores`, Isomorphic after
 torch-pruning's per-dim ranking); SPLoRA and P3B, whose masks act on single dims during training, refuse them.
 
+DINOv3 (Siméoni et al. 2025, "DINOv3"; timm's ``vit_*_dinov3*`` are ``Eva``s) is the same block with its own
+rotary table (``RotaryEmbeddingDinoV3``: periods over a centred, normalised grid, rotate-half, same
+``cat(sin, cos)`` layout), register tokens, LayerScale and no absolute position embedding; it is rebuilt the
+same way. Models built with ``dynamic_img_size`` (DINOv3's default) are pruned at one image size, the loaded
+one: the table is computed for its patch grid and the patch embedding flattens to tokens as a fixed-size one
+does, so the rebuilt model computes timm's function at that size (and the export is fixed-size). Rotary
+coordinate augmentation (``rope_shift_coords``/``rope_jitter_coords``/``rope_rescale_coords``)
+acts in training only: the rebuilt model holds the un-augmented table, so it computes timm's function in eval
+and a recovery fine-tunes without the augmentation.
+
 What the rebuild cannot express is refused at load (:func:`eva_refusal`, one sentence each): post-norm blocks
 (``EvaBlockPostNorm``), timm's ``AttentionRope`` (``attn_type='rope'``, grouped-query), gated attention, rotary
-tables other than EVA-02's ``cat`` type or varying per forward (``dynamic_img_size``, patch dropout, mixed RoPE),
-and attention-pool or max pooling heads.
+tables other than the ``cat`` and DINOv3 types or varying per forward (patch dropout, mixed RoPE), and attention-pool or max pooling heads.
 """
 
 from __future__ import annotations
@@ -39,14 +48,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerScale
+from timm.layers import Format, LayerScale
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
-from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, apply_rot_embed_cat
+from timm.layers.pos_embed_sincos import RotaryEmbeddingCat, RotaryEmbeddingDinoV3, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
+
+#: attribute a rebuilt EVA carries: the class name of timm's rotary embedding it came with (None: EVA-01)
+ROPE_TYPE = "eva_rope_type"
 
 
 def rope_pairs(head_dim: int, rotate_half: bool) -> list[tuple[int, int]]:
@@ -176,22 +188,18 @@ def eva_refusal(model: nn.Module) -> str | None:
     """Why timm's ``Eva`` ``model`` cannot be rebuilt as a studio ViT exactly (one sentence), or None."""
     if not isinstance(model, Eva):
         return None
-    if model.dynamic_img_size:
-        return (
-            "This timm Eva uses dynamic_img_size, whose rotary table changes with every input size; the studio "
-            "prunes EVA at one fixed image size: build it with dynamic_img_size=False."
-        )
     if model.patch_drop is not None:
         return (
             "This timm Eva uses patch dropout, which drops rows of the rotary table per forward; build it with "
             "patch_drop_rate=0."
         )
     if model.rope is not None and (
-        getattr(model, "rope_mixed", False) or type(model.rope) is not RotaryEmbeddingCat
+        getattr(model, "rope_mixed", False)
+        or type(model.rope) not in (RotaryEmbeddingCat, RotaryEmbeddingDinoV3)
     ):
         return (
             f"This timm Eva's rotary embedding is a {type(model.rope).__name__}; the studio supports EVA-02's "
-            "RotaryEmbeddingCat (rope_type='cat') only: build it with rope_type='cat'."
+            "RotaryEmbeddingCat (rope_type='cat') and DINOv3's RotaryEmbeddingDinoV3 (rope_type='dinov3') only."
         )
     if model.global_pool not in ("avg", "token", ""):
         return (
@@ -292,16 +300,26 @@ def convert_eva(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, Eva) or eva_refusal(model) is not None:
         return model
+    pe = model.patch_embed
     rope = None
-    if model.rope is not None:
-        rope = model.rope.get_embed().detach()  # fixed grid: the same table in every forward
-    return as_vit(
+    if model.rope is not None:  # fixed grid: the same table in every forward
+        was = model.rope.training
+        model.rope.eval()  # the un-augmented table (coordinate augmentation acts in training only)
+        rope = model.rope.get_embed(shape=list(pe.grid_size)).detach()
+        model.rope.train(was)
+    if model.dynamic_img_size:
+        # the studio prunes at one image size (the model's): its patch grid is the table's, and the patch
+        # embedding flattens to tokens as a fixed-size one does (timm's dynamic mode leaves it NHWC)
+        pe.flatten, pe.output_fmt, pe.strict_img_size = True, Format.NCHW, True
+    vit = as_vit(
         model,
         [_block(b, rope) for b in model.blocks],
         reg_token=model.reg_token,
         no_embed_class=model.no_embed_class,
         norm_pre=model.norm_pre,
     )
+    setattr(vit, ROPE_TYPE, None if model.rope is None else type(model.rope).__name__)
+    return vit
 
 
 def as_vit(

@@ -15,7 +15,7 @@ studio.families``) and the Model page follow without being edited:
   every planning method on.
 - :data:`REFUSALS`: structures the surgery cannot slice exactly (ParallelThingsBlock branches with their own
   qk-norm or scale norms, differential attention, custom MLPs, gated attention,
-  other attention pools, EVA structures the rebuild cannot express (post-norm, AttentionRope, dynamic size),
+  other attention pools, EVA structures the rebuild cannot express (post-norm, AttentionRope, mixed RoPE),
   the relative-position ViTs' post-norm ``ResPostRelPosBlock``, non-ViT models). Each finds itself on a built
   model and returns the one sentence shown at load, naming the module type, the block index, what is supported and what the user can do; the
   checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .errors import StudioError
-from .eva import RopeAttention, eva_refusal, has_rope, is_eva
+from .eva import ROPE_TYPE, RopeAttention, eva_refusal, has_rope, is_eva
 from .parallel import MERGED, ParallelBlock, things_refusal
 from .registry import Registry
 from .relpos import ORIGIN, SHARED, RelPosAttention, RelPosMlpBias, RelPosTable, bias_kind, relpos_refusal
@@ -102,7 +102,7 @@ REFUSALS: Registry[Refusal] = Registry("refused model structure")
 
 SUPPORTED = (
     "timm VisionTransformers of pre-norm `Block`s (standard Attention; Mlp, GLU or SwiGLU MLP) or "
-    "`ParallelScalingBlock`/`ParallelThingsBlock`s, timm's pre-norm EVA-02/EVA-01, BEiT and relative-position "
+    "`ParallelScalingBlock`/`ParallelThingsBlock`s, timm's pre-norm EVA-02/EVA-01/DINOv3, BEiT and relative-position "
     "ViTs: ViT, DeiT, DeiT-III, DINOv2, CLIP, SigLIP, AIMv2 and the rest of the README's family table"
 )
 
@@ -325,6 +325,18 @@ for _family in (
         "q/k/v biases or separate projections fused into qkv with a zero, trainable k bias, gamma_1/gamma_2 as "
         "LayerScale); head dims are kept or dropped in whole rotary pairs (ranked by summed score), the rotary "
         "table sliced with them; SPLoRA and P3B do not prune them",
+    ),
+    Family(
+        "DINOv3 (RoPE, register tokens, dynamic size)",
+        lambda m: getattr(m, ROPE_TYPE, None) == "RotaryEmbeddingDinoV3",
+        "vit_small_patch16_dinov3",
+        {"init_values": 1e-1},
+        docs="`vit_small_patch16_dinov3`, `vit_base_patch16_dinov3`, `vit_huge_plus_patch16_dinov3` (timm `Eva`, "
+        "`rope_type='dinov3'`)",
+        note="rebuilt at load as EVA-02 is (studio.eva), with DINOv3's rotary table; `dynamic_img_size` models "
+        "are pruned at the loaded image size (the table is computed for its grid, the export is fixed-size); "
+        "training-time rotary coordinate augmentation is left out of recovery; head dims in whole "
+        "rotary pairs",
     ),
     Family(
         "EVA-01",
@@ -555,15 +567,6 @@ for _refusal in (
         "AttentionRope",
         {**SMALL, "attn_type": "rope"},
         docs="`Eva` with `attn_type='rope'`",
-        rank=0,
-    ),
-    Refusal(
-        "EVA at a dynamic image size",
-        _eva,
-        "eva02_tiny_patch14_224",
-        "dynamic_img_size",
-        {**SMALL, "dynamic_img_size": True},
-        docs="`Eva` with `dynamic_img_size=True`",
         rank=0,
     ),
     Refusal(

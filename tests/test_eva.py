@@ -43,6 +43,20 @@ VARIANTS = {
         {"class_token": False, "use_abs_pos_emb": False, "use_pre_transformer_norm": True},
     ),
     "EVA-01 (no RoPE, plain Mlp)": ("eva_giant_patch14_224", {"mlp_ratio": 4.0}),
+    "EVA-02 at a dynamic image size, pruned at the loaded one": (TINY, {"dynamic_img_size": True}),
+    "DINOv3: its rotary table, register tokens, dynamic size": (
+        "vit_small_patch16_dinov3",
+        {"init_values": 0.1},
+    ),
+    "DINOv3 with q/k/v biases, token pool": (
+        "vit_small_patch16_dinov3_qkvb",
+        {"init_values": 0.1, "global_pool": "token"},
+    ),
+    "DINOv3 huge+: SwiGLU": ("vit_huge_plus_patch16_dinov3", {"init_values": 0.1}),
+    "DINOv3, rotary coordinate augmentation in training only": (
+        "vit_small_patch16_dinov3",
+        {"init_values": 0.1, "rope_rescale_coords": 2.0},
+    ),
 }
 
 
@@ -214,7 +228,6 @@ def test_methods_whose_masks_act_on_single_dims_refuse_eva02_head_dims_in_one_se
     [
         ({"use_post_norm": True}, "EvaBlockPostNorm"),
         ({"attn_type": "rope"}, "AttentionRope"),
-        ({"dynamic_img_size": True}, "dynamic_img_size"),
         ({"patch_drop_rate": 0.1}, "patch dropout"),
         ({"rope_type": "mixed"}, "RotaryEmbeddingCat"),
         ({"global_pool": "map"}, "global_pool='map'"),
@@ -250,3 +263,15 @@ def test_a_plan_of_whole_rotary_pairs_exports_reloads_and_converts_to_onnx_ident
         assert torch.equal(back(_x()), pruned(_x()))
     out = export_onnx(pruned, tmp_path / "m.onnx", loaded.data_config["input_size"])
     assert out["checked"] and out["max_abs_diff"] <= 1e-4
+
+
+def test_training_time_rotary_coordinate_augmentation_stays_out_of_the_rebuilt_table():
+    """A DINOv3 built with rope_rescale_coords rescales its rotary coordinates at random in training: a model
+    rebuilt in train mode holds the same un-augmented table as one rebuilt in eval mode, every time."""
+    arch, kw = VARIANTS["DINOv3, rotary coordinate augmentation in training only"]
+    eva = _timm(arch, kw)
+    assert eva.rope.aug_active
+    tables = [
+        convert_eva(copy.deepcopy(eva).train(train)).blocks[0].attn.rope for train in (True, True, False)
+    ]
+    assert all(torch.equal(t, tables[-1]) for t in tables)
