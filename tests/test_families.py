@@ -7,7 +7,6 @@ Random weights at 32 px, 3 blocks, so each case takes about a second.
 from __future__ import annotations
 
 import copy
-import random
 from pathlib import Path
 
 import pytest
@@ -244,19 +243,17 @@ def test_isomorphic_prunes_the_head_dims_of_a_qk_norm_model():
         )
 
 
-def test_a_sample_of_timm_vits_loads_or_is_refused_with_a_studio_error():
-    """At least 40 of timm's vit_*/deit*/eva*/beit* architectures: built (on the meta device: no memory) or
-    refused with one StudioError sentence, never another exception type."""
-    names = timm.list_models("vit_*") + timm.list_models("deit*") + timm.list_models("eva*")
-    names += timm.list_models("beit*")
-    random.Random(0).shuffle(names)
+def test_every_timm_vit_loads_or_is_refused_with_a_studio_error():
+    """Every one of timm's vit_*/deit*/eva*/beit* architectures (over 250): built (on the meta device: no memory)
+    or refused with one StudioError sentence, never another exception type."""
+    names = sorted({n for pattern in ("vit_*", "deit*", "eva*", "beit*") for n in timm.list_models(pattern)})
     loaded, refused = 0, 0
-    for name in names[:48]:
+    for name in names:
         try:
             with torch.device("meta"):
                 create_vit(name, num_classes=5)
             loaded += 1
         except StudioError as e:
-            assert "\n" not in str(e) and len(str(e)) < 400
+            assert "\n" not in str(e) and len(str(e)) < 400, name
             refused += 1
-    assert loaded + refused == 48 and loaded >= 10 and refused >= 5
+    assert loaded + refused == len(names) >= 250 and loaded >= 0.8 * len(names), (loaded, refused)
