@@ -126,27 +126,42 @@ class RopeAttention(Attention):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads_qkv(self, x)
         if self.rope is not None:
             q, k = self._rotate(q), self._rotate(k)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal,
-            )
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
+        return attend(self, q, k, v, attn_mask, is_causal)
+
+
+def heads_qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of ``x`` per head, ``(B, heads, N, head_dim)``, q and k through the qk-norm (timm's Attention)."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attend(
+    attn: Attention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """timm Attention's core from per-head q, k, v, with an additive ``mask`` (a bias, for studio.relpos): fused
+    SDPA or the explicit path (the same function; studio.attention reads the probabilities of the latter),
+    then the output norm and ``proj``. One copy for the studio's attention subclasses."""
+    B, _, N, _ = q.shape
+    if attn.fused_attn:
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal
+        )
+    else:
+        a = (q * attn.scale) @ k.transpose(-2, -1)
+        a = maybe_add_mask(a, resolve_self_attn_mask(N, a, mask, is_causal))
+        x = attn.attn_drop(a.softmax(dim=-1)) @ v
+    x = x.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
+    return attn.proj_drop(attn.proj(attn.norm(x)))
 
 
 def is_eva(model: nn.Module) -> bool:

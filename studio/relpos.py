@@ -52,14 +52,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from timm.layers import RelPosBias, RelPosMlp
-from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
+from timm.layers.attention import Attention, maybe_add_mask
 from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer_relpos import RelPosBlock, VisionTransformerRelPos
 from torch import nn
 
-from .eva import as_vit, fused_qkv, layer_scale, param_copy
+from .eva import as_vit, attend, fused_qkv, heads_qkv, layer_scale, param_copy
 
 #: timm's model types :func:`convert_relpos` rebuilds
 REBUILT_TYPES: tuple[type[nn.Module], ...] = (Beit, VisionTransformerRelPos)
@@ -194,28 +194,11 @@ class RelPosAttention(Attention):
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads_qkv(self, x)
         bias = attn_mask
         if self.rel_pos is not None:
             bias = maybe_add_mask(self.rel_pos().to(q.dtype), attn_mask)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=bias,
-                dropout_p=self.attn_drop.p if self.training else 0.0,
-                is_causal=is_causal,
-            )
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, bias, is_causal))
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
+        return attend(self, q, k, v, bias, is_causal)
 
 
 def is_relpos(model: nn.Module) -> bool:
