@@ -263,26 +263,43 @@ def fused_qkv(a: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     return w, b, a.q_proj.weight.requires_grad
 
 
-def _attention(a: EvaAttention, rope: torch.Tensor | None) -> RopeAttention:
-    E = a.proj.out_features
-    w, b, grad = fused_qkv(a)
-    with torch.device("meta"):  # shapes only: every weight is the block's own
-        out = RopeAttention(
-            E,
-            num_heads=a.num_heads,
-            attn_head_dim=a.head_dim,
+def as_attention(
+    cls: type[Attention], src: nn.Module, qkv: tuple[torch.Tensor, torch.Tensor | None, bool], **extra: Any
+) -> Attention:
+    """A ``cls`` (timm's ``Attention`` or a studio subclass) holding ``src``'s weights: the fused ``qkv``
+    (weight, bias or None, requires_grad: :func:`fused_qkv`), and ``src``'s own proj, dropouts, qk-norm and
+    output norm where it has them, scale and fused flag; ``extra`` are ``cls``'s own arguments (EVA, BEiT,
+    relpos ViT)."""
+    w, b, grad = qkv
+    with torch.device("meta"):  # shapes only: every weight is the source's own
+        out = cls(
+            src.proj.out_features,
+            num_heads=src.num_heads,
+            attn_head_dim=w.shape[0] // 3 // src.num_heads,
             qkv_bias=b is not None,
-            proj_bias=a.proj.bias is not None,
-            rope=None,
-            num_prefix_tokens=a.num_prefix_tokens,
-            rotate_half=bool(a.rotate_half),
+            proj_bias=src.proj.bias is not None,
+            **extra,
         )
     out.qkv.weight = param_copy(w, grad)
     out.qkv.bias = None if b is None else param_copy(b, grad)
+    out.proj, out.proj_drop, out.attn_drop = src.proj, src.proj_drop, src.attn_drop
+    for name in ("q_norm", "k_norm", "norm"):  # where the source has none, timm's identities stay
+        if hasattr(src, name):
+            setattr(out, name, getattr(src, name))
+    out.scale, out.fused_attn = src.scale, src.fused_attn
+    return out
+
+
+def _attention(a: EvaAttention, rope: torch.Tensor | None) -> Attention:
+    out = as_attention(
+        RopeAttention,
+        a,
+        fused_qkv(a),
+        rope=None,
+        num_prefix_tokens=a.num_prefix_tokens,
+        rotate_half=bool(a.rotate_half),
+    )
     out.register_buffer("rope", rope, persistent=False)
-    out.proj, out.proj_drop, out.attn_drop = a.proj, a.proj_drop, a.attn_drop
-    out.q_norm, out.k_norm, out.norm = a.q_norm, a.k_norm, a.norm
-    out.scale, out.fused_attn = a.scale, a.fused_attn
     return out
 
 
@@ -296,15 +313,17 @@ def layer_scale(gamma: nn.Parameter | None) -> nn.Module:
     return ls
 
 
-def _block(blk: EvaBlock, rope: torch.Tensor | None) -> Block:
-    E = blk.norm1.normalized_shape[0]
+def as_block(src: nn.Module, attn: nn.Module, ls1: nn.Module, ls2: nn.Module) -> Block:
+    """A timm pre-norm ``Block`` of ``attn``, ``src``'s norms, MLP and drop paths, and the LayerScales given."""
     with torch.device("meta"):
-        out = Block(E, num_heads=1)
-    out.norm1, out.attn, out.drop_path1 = blk.norm1, _attention(blk.attn, rope), blk.drop_path1
-    out.ls1 = layer_scale(blk.gamma_1)
-    out.norm2, out.mlp, out.drop_path2 = blk.norm2, blk.mlp, blk.drop_path2
-    out.ls2 = layer_scale(blk.gamma_2)
+        out = Block(src.norm1.normalized_shape[0], num_heads=1)
+    out.norm1, out.attn, out.ls1, out.drop_path1 = src.norm1, attn, ls1, src.drop_path1
+    out.norm2, out.mlp, out.ls2, out.drop_path2 = src.norm2, src.mlp, ls2, src.drop_path2
     return out
+
+
+def _block(blk: EvaBlock, rope: torch.Tensor | None) -> Block:
+    return as_block(blk, _attention(blk.attn, rope), layer_scale(blk.gamma_1), layer_scale(blk.gamma_2))
 
 
 def convert_eva(model: nn.Module) -> nn.Module:

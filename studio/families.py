@@ -17,8 +17,8 @@ studio.families``) and the Model page follow without being edited:
   qk-norm or scale norms, differential attention, custom MLPs, gated attention,
   other attention pools, EVA structures the rebuild cannot express (post-norm, AttentionRope, mixed RoPE),
   the relative-position ViTs' post-norm ``ResPostRelPosBlock``, non-ViT models). Each finds itself on a built
-  model and returns the one sentence shown at load, naming the module type, the block index, what is supported and what the user can do; the
-  checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
+  model and returns the one sentence shown at load, naming the module type, the block index, what is supported
+  and what the user can do; the checks run in ``rank`` order where every model is created (:func:`check`), so no library ``AttributeError``
   or ``IndexError`` is ever the first thing a user sees.
 """
 
@@ -37,7 +37,16 @@ from .errors import StudioError
 from .eva import ROPE_TYPE, RopeAttention, eva_refusal, has_rope, is_eva
 from .parallel import MERGED, ParallelBlock, things_refusal
 from .registry import Registry
-from .relpos import ORIGIN, SHARED, RelPosAttention, RelPosMlpBias, RelPosTable, bias_kind, relpos_refusal
+from .relpos import (
+    ORIGIN,
+    REBUILT_TYPES,
+    SHARED,
+    RelPosAttention,
+    RelPosMlpBias,
+    RelPosTable,
+    bias_kind,
+    relpos_refusal,
+)
 
 # the plan's units (studio.plan): what a method may remove, in the order the UI lists them
 UNITS = ("blocks", "heads", "head_dims", "mlp", "embed", "residual")
@@ -442,8 +451,6 @@ def _eva(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | Non
 
 
 def _relpos(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> str | None:
-    from .relpos import REBUILT_TYPES
-
     if not isinstance(model, REBUILT_TYPES):
         return None
     return relpos_refusal(model) or (  # a model that studio.relpos.convert_relpos left as it is, or never saw
@@ -499,7 +506,7 @@ def _branch_types(model: nn.Module, _blocks_ok: tuple[type[nn.Module], ...]) -> 
         ):
             return (
                 f"uses {type(attn).__name__}/{type(mlp).__name__}; the studio supports timm's standard Attention "
-                f"and the MLPs {', '.join(MLP_LAYOUTS.names())} (no fused or rotary variants yet): build the "
+                f"and the MLPs {', '.join(MLP_LAYOUTS.names())} (no fused variants): build the "
                 "model with those attention and mlp layers, or use another architecture."
             )
         if getattr(mlp, "chunk_dim", -1) != -1:

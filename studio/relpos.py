@@ -55,11 +55,11 @@ from timm.layers import RelPosBias, RelPosMlp
 from timm.layers.attention import Attention, maybe_add_mask
 from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer_relpos import RelPosBlock, VisionTransformerRelPos
 from torch import nn
 
-from .eva import as_vit, attend, fused_qkv, heads_qkv, layer_scale, param_copy
+from .eva import as_attention, as_block, as_vit, attend, fused_qkv, heads_qkv, layer_scale, param_copy
 
 #: timm's model types :func:`convert_relpos` rebuilds
 REBUILT_TYPES: tuple[type[nn.Module], ...] = (Beit, VisionTransformerRelPos)
@@ -278,33 +278,8 @@ def _mlp_bias(src: RelPosMlp) -> RelPosMlpBias:
 def _attention(
     src: nn.Module, qkv: tuple[torch.Tensor, torch.Tensor | None, bool], rel_pos: RelPosModule | None
 ) -> RelPosAttention:
-    E = src.proj.out_features
-    w, b, grad = qkv
-    with torch.device("meta"):  # shapes only: every weight is the block's own
-        out = RelPosAttention(
-            E,
-            num_heads=src.num_heads,
-            attn_head_dim=w.shape[0] // 3 // src.num_heads,
-            qkv_bias=b is not None,
-            proj_bias=src.proj.bias is not None,
-            rel_pos=None,
-        )
-    out.qkv.weight = param_copy(w, grad)
-    out.qkv.bias = None if b is None else param_copy(b, grad)
+    out = as_attention(RelPosAttention, src, qkv, rel_pos=None)
     out.rel_pos = rel_pos
-    out.proj, out.proj_drop, out.attn_drop = src.proj, src.proj_drop, src.attn_drop
-    for name in ("q_norm", "k_norm"):  # BEiT has none: timm's Attention's identities stay
-        if hasattr(src, name):
-            setattr(out, name, getattr(src, name))
-    out.scale, out.fused_attn = src.scale, src.fused_attn
-    return out
-
-
-def _block(src: nn.Module, attn: RelPosAttention, ls1: nn.Module, ls2: nn.Module) -> Block:
-    with torch.device("meta"):
-        out = Block(src.norm1.normalized_shape[0], num_heads=1)
-    out.norm1, out.attn, out.ls1, out.drop_path1 = src.norm1, attn, ls1, src.drop_path1
-    out.norm2, out.mlp, out.ls2, out.drop_path2 = src.norm2, src.mlp, ls2, src.drop_path2
     return out
 
 
@@ -321,7 +296,7 @@ def _beit(model: Beit) -> VisionTransformer:
         else:
             rel_pos = None
         blocks.append(
-            _block(
+            as_block(
                 blk, _attention(a, fused_qkv(a), rel_pos), layer_scale(blk.gamma_1), layer_scale(blk.gamma_2)
             )
         )
@@ -344,7 +319,7 @@ def _relpos(model: VisionTransformerRelPos) -> VisionTransformer:
         else:
             rel_pos = None
         qkv = (a.qkv.weight, a.qkv.bias, a.qkv.weight.requires_grad)
-        blocks.append(_block(blk, _attention(a, qkv, rel_pos), blk.ls1, blk.ls2))
+        blocks.append(as_block(blk, _attention(a, qkv, rel_pos), blk.ls1, blk.ls2))
     vit = as_vit(model, blocks)
     setattr(vit, SHARED, shared is not None)
     return vit

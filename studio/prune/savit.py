@@ -94,9 +94,8 @@ class CostModel:
     embed: int
     fixed: int = 0
     mlp_rows: int = 2  # linear rows + columns per MLP neuron: fc1 row and fc2 column, 3 for a GLU
-    head_extra: int = (
-        0  # MACs per kept head that do not depend on E (a relative position bias MLP's output row)
-    )
+    # MACs per kept head that do not depend on E (a relative position bias MLP's output row)
+    head_extra: int = 0
 
     @classmethod
     def of(cls, base: BaseArch, facts: ArchFacts) -> CostModel:
