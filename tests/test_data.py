@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -97,3 +98,31 @@ def test_label_out_of_range_for_model(tmp_path):
 def test_unknown_dataset_kind_lists_valid_ones():
     with pytest.raises(StudioError, match="Valid dataset kinds: demo, imagefolder, vtab"):
         DataSpec.parse("coco:/x")
+
+
+def test_only_splits_within_the_byte_budget_are_kept_in_memory(monkeypatch):
+    import studio.data as data
+
+    kept = prepare(DataSpec(), "val", DEMO_DATA_CONFIG, 10, class_names=None)
+    assert isinstance(kept, data.TensorData)
+    # 270 images of 3x32x32 float32 are 3.3 MB: over a 1 MB budget the split is decoded per pass instead
+    monkeypatch.setattr(data, "IN_MEMORY_BYTES", 1 << 20)
+    lazy = prepare(DataSpec(), "val", DEMO_DATA_CONFIG, 10, class_names=None)
+    assert not isinstance(lazy, data.TensorData) and len(lazy) == len(kept)
+    assert torch.equal(lazy[5][0], kept[5][0]) and int(lazy[5][1]) == int(kept[5][1])
+    asked = prepare(DataSpec(), "val", DEMO_DATA_CONFIG, 10, class_names=None, keep_in_memory=False)
+    assert not isinstance(asked, data.TensorData)
+
+
+def test_calibration_decodes_only_the_batches_it_draws(demo_loaded, monkeypatch):
+    import studio.data as data
+    from studio.analysis.criteria import calibration_batches, largest_batch
+
+    decoded = []
+    real = data.ImageList.__getitem__
+    monkeypatch.setattr(data.ImageList, "__getitem__", lambda self, i: decoded.append(i) or real(self, i))
+    batches = calibration_batches(demo_loaded, DataSpec(), "train", 2, 16)
+    assert decoded == [] and largest_batch(batches) == 16  # sizing a micro-batch decodes nothing
+    drawn = list(batches)
+    assert len(decoded) == 32 and [len(y) for _, y in drawn] == [16, 16]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(drawn, batches))  # every pass draws the same images

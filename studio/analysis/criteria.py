@@ -183,11 +183,19 @@ def micro_batches(
         yield x[s : s + size], y[s : s + size], min(size, n - s) / n
 
 
+def largest_batch(batches: Sequence[Batch]) -> int:
+    """The most images in one of ``batches`` (at least 1), without a pass over drawn batches: sizing a
+    micro-batch must not decode the calibration images once more."""
+    if isinstance(batches, CalibrationBatches):
+        return max(1, min(batches.batch_size, len(batches.dataset)))  # type: ignore[arg-type]
+    return max((len(y) for _, y in batches), default=1)
+
+
 def calibration_micro_batch(
     model: nn.Module, base: BaseArch, batches: Sequence[Batch], mode: str, asked: int
 ) -> int:
     """The micro-batch a calibration pass uses: ``asked`` (> 0) or the largest within the activation budget."""
-    biggest = max((len(y) for _, y in batches), default=1)
+    biggest = largest_batch(batches)
     device = next(model.parameters()).device
     explicit = mode == "hessian" or not any(getattr(m, "fused_attn", False) for m in model.modules())
     return memory.micro_batch(base, biggest, mode, device, asked=asked, explicit=explicit)
@@ -254,11 +262,13 @@ class CalibrationBatches(Sequence[Batch]):
         return self._len
 
     def __iter__(self) -> Iterator[Batch]:
+        if self._len == 0:
+            return
         loader = make_loader(self.dataset, batch_size=self.batch_size, shuffle=True, seed=self.seed)
         for i, (x, y) in enumerate(loader):
-            if i >= self._len:
-                return
             yield x.to(self.device), torch.as_tensor(y).to(self.device)
+            if i + 1 == self._len:  # stop before the loader decodes a batch nobody asked for
+                return
 
     def __getitem__(self, i: int) -> Batch:  # type: ignore[override]
         if not -self._len <= i < self._len:
@@ -273,7 +283,13 @@ def calibration_batches(
     loaded: LoadedModel, data: DataSpec, split: str, n: int, batch_size: int, seed: int = 0
 ) -> CalibrationBatches:
     """``n`` shuffled (seeded) batches of a split, on the model's device (see :class:`CalibrationBatches`)."""
+    # the split is read lazily: a calibration decodes only the images it draws, not the whole split
     ds = prepare(
-        data, split, loaded.data_config, loaded.base.num_classes, class_names=loaded.known_class_names
+        data,
+        split,
+        loaded.data_config,
+        loaded.base.num_classes,
+        class_names=loaded.known_class_names,
+        keep_in_memory=False,
     )
     return CalibrationBatches(ds, n, batch_size, seed, loaded.device)

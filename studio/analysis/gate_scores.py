@@ -8,6 +8,7 @@ of the model, so the cached model is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from ..events import Callback, CancelToken, check, progress
 from ..parallel import ParallelBlock
 from ..plan import BaseArch, PrunePlan
 from ..surgery import check_supported
-from .criteria import micro_batches
+from .criteria import largest_batch, micro_batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -247,13 +248,17 @@ def savit_scores(
     rng = random.Random(seed)
     n_hvp = 0
     index = {id(p): k for k, p in enumerate(params)}
-    biggest = max(len(y) for _, y in batches)
-    with unfused_attention(gm):
-        for t, (x, y) in enumerate(batches):
-            check(cancel)
-            x, y = x.to(device), torch.as_tensor(y).to(device).long()
-            do_h = hvp_every > 0 and t % hvp_every == 0 and (hvp_batches is None or n_hvp < hvp_batches)
-            mb = micro_batch or memory.micro_batch(base, biggest, "hessian" if do_h else "backward", device)
+    biggest = largest_batch(batches)
+    fused = any(getattr(m, "fused_attn", False) for m in gm.modules())
+    for t, (x, y) in enumerate(batches):
+        check(cancel)
+        x, y = x.to(device), torch.as_tensor(y).to(device).long()
+        do_h = hvp_every > 0 and t % hvp_every == 0 and (hvp_batches is None or n_hvp < hvp_batches)
+        mode = "hessian" if do_h else "backward"
+        mb = micro_batch or memory.micro_batch(base, biggest, mode, device, explicit=do_h or not fused)
+        # Hessian products need double backward, which only timm's explicit attention math has; a batch
+        # without them keeps the fused kernel (the same function, less time and memory)
+        with unfused_attention(gm) if do_h else contextlib.nullcontext():
             # the layer pairs of this batch's HVPs, drawn in the reference's order (l1, then l2 per i, j)
             pairs: list[tuple[int, list[int]]] = []
             if do_h:
