@@ -166,6 +166,10 @@ def steps_for(arch: str, ckpt: Path, data: str, work: Path, quick: bool) -> dict
             str(work / f"export-{arch}"),
             "--kd",
             "soft",
+            "--teacher",  # a standalone export does not name its unpruned model: the teacher is given
+            str(ckpt),
+            "--teacher-arch",
+            arch,
             "--data",
             data,
             "--epochs",

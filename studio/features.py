@@ -87,10 +87,12 @@ def extract(
 
     def hook(i: int):
         def fn(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            outs[i].append(out[:, 0].float().cpu())
+            # a copy, not a view: on the CPU ``.float().cpu()`` returns the slice itself, which kept every
+            # block's whole output alive (12 x 77 MB per batch of 128 on ViT-B: 9 GB for 1,000 images)
+            outs[i].append(out[:, 0].to("cpu", torch.float32, copy=True))
             pools[i].append(out[:, prefix:].float().mean(1).cpu())
             if with_inputs:
-                ins[i].append(args[0][:, 0].float().cpu())
+                ins[i].append(args[0][:, 0].to("cpu", torch.float32, copy=True))
 
         return fn
 

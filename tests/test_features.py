@@ -46,3 +46,20 @@ def test_fingerprint_tells_apart_models_whose_weights_are_permutations():
         w.copy_(w.flip(1))  # same sums and shapes, other model
     assert model_fingerprint(a) != model_fingerprint(b)
     assert model_fingerprint(a) == model_fingerprint(copy.deepcopy(a))
+
+
+def test_the_bank_keeps_only_the_tokens_it_captures_not_whole_block_outputs(tiny_vit, monkeypatch):
+    """Held per batch until the end, a slice that is a view kept each block's whole output alive (9 GB for
+    1,000 images on ViT-B): every captured piece must own just its own bytes."""
+    held = []
+    real_cat = torch.cat
+
+    def cat(ts, *a, **kw):
+        held.extend(ts)
+        return real_cat(ts, *a, **kw)
+
+    monkeypatch.setattr(torch, "cat", cat)
+    extract(tiny_vit, TensorData(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    captured = [t for t in held if t.dim() == 2]  # per batch: (images, embed) CLS tokens and patch means
+    assert len(captured) == 2 * 2 * len(tiny_vit.blocks)
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in captured)

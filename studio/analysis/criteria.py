@@ -187,7 +187,7 @@ def largest_batch(batches: Sequence[Batch]) -> int:
     """The most images in one of ``batches`` (at least 1), without a pass over drawn batches: sizing a
     micro-batch must not decode the calibration images once more."""
     if isinstance(batches, CalibrationBatches):
-        return max(1, min(batches.batch_size, len(batches.dataset)))  # type: ignore[arg-type]
+        return max(1, min(batches.batch_size, len(batches.dataset)))
     return max((len(y) for _, y in batches), default=1)
 
 
