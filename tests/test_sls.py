@@ -286,3 +286,26 @@ def test_sls_spec_round_trips_through_spec_json():
     assert spec_from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(StudioError, match="--alpha"):
         SLSRunSpec(alpha=3.0).validate()
+
+
+def test_the_feature_bank_is_found_whatever_working_directory_names_the_folder(
+    demo_loaded, tmp_path, monkeypatch
+):
+    """``imagefolder:data`` from the project and ``imagefolder:/abs/.../data`` are the same images: one bank."""
+    from PIL import Image
+
+    from studio.analysis.separability import SeparabilitySpec, features_cached, layer_features
+    from studio.data import DataSpec
+
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        for i in range(2):
+            d = tmp_path / "data" / "train" / str(c)
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    monkeypatch.setenv("STUDIO_CACHE", str(tmp_path / "cache"))
+    absolute = DataSpec.parse(f"imagefolder:{tmp_path / 'data'}")
+    layer_features(demo_loaded, absolute, samples=None)
+    monkeypatch.chdir(tmp_path)
+    relative = SeparabilitySpec(data=DataSpec.parse("imagefolder:data"), samples=None)
+    assert features_cached(demo_loaded, relative)
