@@ -126,7 +126,9 @@ def test_retrain_page_starts_a_job_follows_it_and_shows_a_killed_job_as_failed(r
     at = _poll(at, lambda a: any(p.proto.text.startswith("train") for p in a.get("progress")))
     assert f"**{run.name}** · running" in _texts(at)
     events = _frame(at, "kind")
-    assert "status" in set(events["kind"])
+    # the table shows the last 30 events: a fast machine may be many epochs in, with only metrics left in view
+    kinds = set(events["kind"])
+    assert kinds <= {"status", "log", "metric"} and ("status" in kinds or len(events) == 30), kinds
     assert len(at.get("plotly_chart")) >= 1
 
     # a reload (a fresh session, nothing in its state) follows the running job, not an empty page
