@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,10 @@ class DataSpec:
                 f"Data limit must be a positive whole number of samples, not {self.limit!r}: "
                 "pass --limit N with N >= 1, or leave it out to use every sample."
             )
+        if self.path:
+            # absolute from the start: a stored spec (a job resumed from another directory, a cache key) then
+            # names the same folder whatever the working directory
+            object.__setattr__(self, "path", os.path.abspath(os.path.expanduser(self.path)))
 
     @classmethod
     def parse(cls, text: str, **kw: Any) -> DataSpec:

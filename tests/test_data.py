@@ -116,7 +116,7 @@ def test_only_splits_within_the_byte_budget_are_kept_in_memory(monkeypatch):
 
 def test_calibration_decodes_only_the_batches_it_draws(demo_loaded, monkeypatch):
     import studio.data as data
-    from studio.analysis.criteria import calibration_batches, largest_batch
+    from studio.analysis.criteria import batch_sizes, calibration_batches, largest_batch
 
     decoded = []
     real = data.ImageList.__getitem__
@@ -126,3 +126,16 @@ def test_calibration_decodes_only_the_batches_it_draws(demo_loaded, monkeypatch)
     drawn = list(batches)
     assert len(decoded) == 32 and [len(y) for _, y in drawn] == [16, 16]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(drawn, batches))  # every pass draws the same images
+    # sizes are known without drawing, down to the short last batch of a split smaller than n x batch
+    whole = calibration_batches(demo_loaded, DataSpec(), "val", 3, 100)
+    decoded.clear()
+    assert batch_sizes(whole) == [100, 100, 70] and decoded == []
+    assert batch_sizes(whole) == [len(y) for _, y in whole]
+
+
+def test_a_data_folder_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    """A spec stored in a run (resumed from another directory) or used as a cache key names one folder."""
+    monkeypatch.chdir(tmp_path)
+    spec = DataSpec.parse("imagefolder:data")
+    assert spec.path == str(tmp_path / "data") and spec == DataSpec.parse(f"imagefolder:{tmp_path / 'data'}")
+    assert DataSpec.from_dict(spec.to_dict()) == spec and DataSpec().path is None

@@ -183,12 +183,17 @@ def micro_batches(
         yield x[s : s + size], y[s : s + size], min(size, n - s) / n
 
 
-def largest_batch(batches: Sequence[Batch]) -> int:
-    """The most images in one of ``batches`` (at least 1), without a pass over drawn batches: sizing a
-    micro-batch must not decode the calibration images once more."""
+def batch_sizes(batches: Sequence[Batch]) -> list[int]:
+    """The number of images in each of ``batches``, without a pass over drawn batches: sizing a micro-batch or
+    counting the images must not decode the calibration images once more."""
     if isinstance(batches, CalibrationBatches):
-        return max(1, min(batches.batch_size, len(batches.dataset)))
-    return max((len(y) for _, y in batches), default=1)
+        return batches.sizes()
+    return [len(y) for _, y in batches]
+
+
+def largest_batch(batches: Sequence[Batch]) -> int:
+    """The most images in one of ``batches`` (at least 1)."""
+    return max(batch_sizes(batches), default=1)
 
 
 def calibration_micro_batch(
@@ -260,6 +265,10 @@ class CalibrationBatches(Sequence[Batch]):
 
     def __len__(self) -> int:
         return self._len
+
+    def sizes(self) -> list[int]:
+        """Images per batch (the last one may be short), known without drawing them."""
+        return [min(self.batch_size, len(self.dataset) - i * self.batch_size) for i in range(self._len)]
 
     def __iter__(self) -> Iterator[Batch]:
         if self._len == 0:

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import memory
 from ..bench import unfused_attention
 from ..errors import StudioError
 from ..evaluate import logits_of
@@ -28,7 +27,7 @@ from ..events import Callback, CancelToken, check, progress
 from ..parallel import ParallelBlock
 from ..plan import BaseArch, PrunePlan
 from ..surgery import check_supported
-from .criteria import largest_batch, micro_batches
+from .criteria import calibration_micro_batch, micro_batches
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -248,14 +247,11 @@ def savit_scores(
     rng = random.Random(seed)
     n_hvp = 0
     index = {id(p): k for k, p in enumerate(params)}
-    biggest = largest_batch(batches)
-    fused = any(getattr(m, "fused_attn", False) for m in gm.modules())
     for t, (x, y) in enumerate(batches):
         check(cancel)
         x, y = x.to(device), torch.as_tensor(y).to(device).long()
         do_h = hvp_every > 0 and t % hvp_every == 0 and (hvp_batches is None or n_hvp < hvp_batches)
-        mode = "hessian" if do_h else "backward"
-        mb = micro_batch or memory.micro_batch(base, biggest, mode, device, explicit=do_h or not fused)
+        mb = calibration_micro_batch(gm, base, batches, "hessian" if do_h else "backward", micro_batch)
         # Hessian products need double backward, which only timm's explicit attention math has; a batch
         # without them keeps the fused kernel (the same function, less time and memory)
         with unfused_attention(gm) if do_h else contextlib.nullcontext():

@@ -52,7 +52,9 @@ from .criteria import (
     Matrix,
     UnitScores,
     accumulate_gradients,
+    batch_sizes,
     calibration_batches,
+    largest_batch,
     make_importance,
     micro_batches,
 )
@@ -258,7 +260,7 @@ def head_ablation(
     for i, blk in enumerate(blocks):
         blk.attn.proj.register_forward_pre_hook(masker(i))
     # images in one stacked pass (copies x images): bounded by the activation budget, not by the batch
-    widest = max((len(y) for _, y in batches), default=1) * max(blk.attn.num_heads for blk in blocks)
+    widest = largest_batch(batches) * max(blk.attn.num_heads for blk in blocks)
     mb = micro_batch or memory.micro_batch(loaded.base, widest, "forward", device)
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     left = samples if samples > 0 else None
@@ -452,7 +454,7 @@ def compute_importance(
         scores=tuple(scores),
         correlation=corr,
         batches=len(batches),
-        samples=sum(len(y) for _, y in batches),
+        samples=sum(batch_sizes(batches)),
     )
 
 

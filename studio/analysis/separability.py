@@ -24,7 +24,6 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -192,8 +191,7 @@ def _subset(
     if samples is not None and samples < len(ds):
         idx = np.sort(np.random.default_rng(seed).permutation(len(ds))[:samples])
     key = {
-        # the folder by its absolute path: the same images named from another working directory share a bank
-        "data": {**data.to_dict(), "path": None if data.path is None else str(Path(data.path).resolve())},
+        "data": data.to_dict(),
         "split": split,
         "transform": loaded.data_config,
         "subset": _digest(idx.astype(np.int64).tobytes()),

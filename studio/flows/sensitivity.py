@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..analysis.criteria import calibration_batches
+from ..analysis.criteria import batch_sizes, calibration_batches
 from ..analysis.importance import CRITERIA
 from ..analysis.sensitivity import DEFAULT_FRACTIONS, SCOPES, SensitivityResult, check_fractions, sensitivity
 from ..data import DataSpec, prepare
@@ -175,7 +175,7 @@ def _sweep(
         callbacks=callbacks,
         cancel=cancel,
     )
-    return {**result.to_dict(), "calibration_images": sum(len(y) for _, y in batches)}
+    return {**result.to_dict(), "calibration_images": sum(batch_sizes(batches))}
 
 
 # the sweep keeps no checkpoints: a resumed run simply runs again
