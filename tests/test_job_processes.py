@@ -108,9 +108,15 @@ def test_a_forced_cancel_signals_the_trainers_whole_group(tmp_path, stand_in):
     jobs.cancel_job(run, force=True)
     _wait(lambda: not _alive(st.pid) and not _alive(grandchild))  # the trainer and its worker
     st = _wait(lambda: (s := jobs.job_status(run)).state not in jobs.ACTIVE_STATES and s)
+
     # the wrapper outlived the signal and records how the trainer ended (the status may see the trainer gone
-    # a moment before the wrapper has written its exit code)
-    job = _wait(lambda: (j := read_json(run / "job.json")).get("exit_code") is not None and j)
+    # a moment before the wrapper has written its exit code: a later status poll records it in job.json)
+    def recorded() -> dict | None:
+        jobs.job_status(run)
+        j = read_json(run / "job.json")
+        return j if j.get("exit_code") is not None else None
+
+    job = _wait(recorded)
     assert job["exit_code"] == 128 + signal.SIGTERM
     st = jobs.job_status(run)
     assert "SIGTERM" in (st.error or ""), st
